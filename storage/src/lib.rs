@@ -1,0 +1,109 @@
+//! redb storage for weldr-agent.
+//!
+//! Everything the agent must not lose lives here: projects and branches, the per-branch event
+//! log, and (as later features land) workflows, the tool journal, the mirror outbox, the
+//! integration queue and sessions. Every value is a [`record`] envelope (postcard plus a version
+//! marker) so that records can evolve. All writes go through one [`writer`] thread that batches
+//! many small transactions into one commit (one fsync); reads open their own MVCC snapshot and
+//! never wait for it.
+
+pub mod error;
+pub mod events;
+pub mod model;
+pub mod record;
+pub mod tables;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::StorageError;
+pub use events::{AppendObserver, Event, NewEvent, StreamKey, StreamMeta};
+pub use redb;
+pub use writer::Writer;
+
+use redb::{Database, ReadableDatabase};
+
+/// Options for opening a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Events kept per branch stream; older ones are trimmed and announced with a `reset`.
+    pub event_retention: u64,
+    /// redb page cache in bytes.
+    pub cache_bytes: usize,
+    /// Most write jobs folded into one commit.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { event_retention: 50_000, cache_bytes: 32 << 20, max_batch: 1024 }
+    }
+}
+
+/// The open redb database plus its writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    db: Arc<Database>,
+    writer: Writer,
+    path: PathBuf,
+    options: StoreOptions,
+}
+
+impl Store {
+    /// Open (or create) the store at `path`. Fails with [`StorageError::AlreadyOpen`] when
+    /// another process (or this one) holds the file.
+    pub fn open(
+        path: &Path,
+        options: StoreOptions,
+        observer: Arc<dyn AppendObserver>,
+    ) -> Result<Self, StorageError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StorageError::Io {
+                path: parent.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        }
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes);
+        let db = builder.create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen(path.to_path_buf()),
+            other => StorageError::Database(format!("opening {}: {other}", path.display())),
+        })?;
+        tables::create_all(&db)?;
+        let db = Arc::new(db);
+        let writer = Writer::start(db.clone(), options.max_batch, options.event_retention, observer)?;
+        Ok(Self { inner: Arc::new(StoreInner { db, writer, path: path.to_path_buf(), options }) })
+    }
+
+    /// The database, for read transactions.
+    pub fn db(&self) -> &Database {
+        &self.inner.db
+    }
+
+    pub fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
+        Ok(self.inner.db.begin_read()?)
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.inner.writer
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    /// Stop the writer after it has committed everything queued so far. Later writes fail with
+    /// [`StorageError::Closed`].
+    pub fn close(&self) {
+        self.inner.writer.shutdown();
+    }
+}
