@@ -1,0 +1,18 @@
+//! weldr-agent: the machine an AI coding agent works in.
+//!
+//! The library holds everything; `main.rs` is only the CLI. See `DESIGN` in the README for the
+//! architecture sketch.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod ids;
+pub mod registry;
+pub mod server;
+pub mod stream;
+
+pub use app::App;
+pub use config::Config;
+pub use error::ApiError;

@@ -1,1 +1,238 @@
-fn main(){}
+//! The `weldr-agent` command line. Every subcommand works whether or not the server runs: it
+//! opens the store itself, or talks to the running server over its control socket.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use weldr_agent::app::App;
+use weldr_agent::config::{Config, Mode, SETTINGS};
+use weldr_agent::control::{ControlClient, ControlRequest, execute};
+use weldr_storage::StorageError;
+
+#[derive(Parser)]
+#[command(name = "weldr-agent", version, about = "The machine an AI coding agent works in.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (settings come from the environment; see `weldr-agent config`).
+    Serve,
+    /// Print the effective settings and the table of environment variables.
+    Config,
+    /// Show store status (streams, events, subscribers).
+    Status,
+    /// Manage projects.
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Manage branches.
+    Branch {
+        #[command(subcommand)]
+        command: BranchCommand,
+    },
+    /// Read or append branch events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Register a project.
+    Create {
+        project_id: String,
+        #[arg(long)]
+        title: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BranchCommand {
+    /// Create or reuse a branch directory; prints STATUS=created|reused and BRANCH_DIR=<path>.
+    Create { branch_id: String, project_id: String },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Append events to a branch stream; prints ID=<n> for each once it is durable.
+    Append {
+        project_id: String,
+        branch_id: String,
+        /// Event type, e.g. `status`.
+        #[arg(long = "type", default_value = "note")]
+        kind: String,
+        /// JSON object payload.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// Append this many events (a burst), one at a time.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Print events after an id as JSON lines.
+    List {
+        project_id: String,
+        branch_id: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+/// Where CLI commands run: on the store directly, or through the running server.
+enum Target {
+    Local(Arc<App>),
+    Remote(ControlClient),
+}
+
+impl Target {
+    async fn open(config: Config) -> Result<Self> {
+        let socket = config.control_socket_path();
+        match App::open(config) {
+            Ok(app) => Ok(Target::Local(app)),
+            Err(StorageError::AlreadyOpen(path)) => {
+                let client = ControlClient::connect(&socket).await.with_context(|| {
+                    format!(
+                        "the store {} is held by another process, but no server answers on {}; \
+                         stop the other process and retry",
+                        path.display(),
+                        socket.display()
+                    )
+                })?;
+                Ok(Target::Remote(client))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn call(&mut self, request: ControlRequest) -> Result<Value> {
+        match self {
+            Target::Local(app) => execute(app, request).await.map_err(|e| anyhow!("{} ({})", e.message, e.code)),
+            Target::Remote(client) => client.call(&request).await,
+        }
+    }
+
+    async fn close(self) {
+        if let Target::Local(app) = self {
+            let store = app.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.mode == Mode::Cloud {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weldr-agent: configuration error: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weldr-agent: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli, config)) {
+        eprintln!("weldr-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli, config: Config) -> Result<()> {
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Config => {
+            println!("mode={} workspace={} data={} port={}", config.mode.as_str(), config.workspace_base.display(), config.data_dir.display(), config.port);
+            for (var, default, meaning) in SETTINGS {
+                println!("{var:<60} {default:<45} {meaning}");
+            }
+            Ok(())
+        }
+        Command::Status => one_call(config, ControlRequest::Status, |v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())).await,
+        Command::Project { command: ProjectCommand::Create { project_id, title } } => {
+            one_call(config, ControlRequest::CreateProject { project_id, title }, |v| {
+                println!("PROJECT_ID={}", v["projectId"].as_str().unwrap_or_default())
+            })
+            .await
+        }
+        Command::Branch { command: BranchCommand::Create { branch_id, project_id } } => {
+            one_call(config, ControlRequest::CreateBranch { project_id, branch_id }, |v| {
+                println!("STATUS={}", v["status"].as_str().unwrap_or_default());
+                println!("BRANCH_DIR={}", v["branchDir"].as_str().unwrap_or_default());
+            })
+            .await
+        }
+        Command::Events { command: EventsCommand::Append { project_id, branch_id, kind, data, count } } => {
+            let data: Value = serde_json::from_str(&data).context("--data must be a JSON object")?;
+            let mut target = Target::open(config).await?;
+            let mut result = Ok(());
+            for _ in 0..count {
+                let request = ControlRequest::Append {
+                    project_id: project_id.clone(),
+                    branch_id: branch_id.clone(),
+                    kind: kind.clone(),
+                    data: data.clone(),
+                };
+                match target.call(request).await {
+                    Ok(v) => println!("ID={}", v["id"]),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            target.close().await;
+            result
+        }
+        Command::Events { command: EventsCommand::List { project_id, branch_id, after, limit } } => {
+            one_call(config, ControlRequest::ListEvents { project_id, branch_id, after, limit }, |v| {
+                for e in v.as_array().into_iter().flatten() {
+                    println!("{e}");
+                }
+            })
+            .await
+        }
+    }
+}
+
+async fn one_call(config: Config, request: ControlRequest, print: impl FnOnce(Value)) -> Result<()> {
+    let mut target = Target::open(config).await?;
+    let result = target.call(request).await;
+    target.close().await;
+    print(result?);
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<()> {
+    if let Some(p) = &config.project_id {
+        tracing::info!(project = %p, "serving one project");
+    }
+    let app = App::open(config).map_err(|e| anyhow!("{e}"))?;
+    let server = weldr_agent::server::start(app).await?;
+    println!("weldr-agent listening on {}", server.url());
+    server.run_until_signal().await;
+    Ok(())
+}

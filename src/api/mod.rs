@@ -1,0 +1,64 @@
+//! HTTP routes (one file per resource) and the OpenAPI document generated from them.
+
+pub mod docs;
+pub mod health;
+pub mod stream;
+
+use std::sync::Arc;
+
+use salvo::catcher::Catcher;
+use salvo::cors::Cors;
+use salvo::http::{HeaderValue, Method};
+use salvo::oapi::OpenApi;
+use salvo::prelude::*;
+
+use crate::app::App;
+use crate::error::{ApiError, JsonCatcher};
+
+/// Puts the [`App`] into every request's depot.
+struct InjectApp(Arc<App>);
+
+#[async_trait]
+impl Handler for InjectApp {
+    async fn handle(&self, _req: &mut Request, depot: &mut Depot, _res: &mut Response, _ctrl: &mut FlowCtrl) {
+        depot.insert_typed(self.0.clone());
+    }
+}
+
+/// The app of this request.
+pub fn app(depot: &Depot) -> Result<Arc<App>, ApiError> {
+    depot.get_typed::<Arc<App>>().cloned().map_err(|_| ApiError::internal("application state missing"))
+}
+
+/// The API routes, without documentation routes.
+pub fn api_routes() -> Router {
+    Router::new()
+        .push(Router::with_path("health").get(health::health))
+        .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
+}
+
+/// The OpenAPI 3.1 document of every route.
+pub fn openapi() -> OpenApi {
+    OpenApi::new("weldr-agent", env!("CARGO_PKG_VERSION")).merge_router(&api_routes())
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .hoop(InjectApp(app))
+        .push(api_routes())
+        .push(openapi().into_router("/openapi.json"))
+        .push(Router::with_path("reference").get(docs::reference))
+}
+
+pub fn service(app: Arc<App>) -> Service {
+    let origins: Vec<HeaderValue> =
+        app.config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let cors = Cors::new()
+        .allow_origin(origins)
+        .allow_credentials(true)
+        .allow_methods(vec![Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers(vec!["content-type", "authorization", "last-event-id"])
+        .max_age(600)
+        .into_handler();
+    Service::new(router(app)).hoop(cors).catcher(Catcher::new(JsonCatcher))
+}

@@ -1,0 +1,69 @@
+//! `GET /stream/{projectId}/{branchId}`: the branch's events over Server-Sent Events.
+
+use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use salvo::http::HeaderValue;
+use salvo::prelude::*;
+
+use crate::error::ApiError;
+use crate::ids::check_id;
+use crate::registry;
+use crate::stream::Cursor;
+
+/// Parse a resume cursor: decimal u64.
+pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            "Last-Event-ID / lastEventId must be a decimal event id (0 replays everything)",
+        ));
+    }
+    raw.parse().map_err(|_| ApiError::bad_request("invalid_cursor", "event id out of range"))
+}
+
+/// The cursor of a request: the `Last-Event-ID` header wins over the `lastEventId` query.
+pub fn request_cursor(req: &Request) -> Result<Cursor, ApiError> {
+    if let Some(header) = req.headers().get("last-event-id") {
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::bad_request("invalid_cursor", "Last-Event-ID is not ASCII"))?;
+        return Ok(Cursor::After(parse_cursor(value)?));
+    }
+    match req.queries().get("lastEventId") {
+        Some(value) => Ok(Cursor::After(parse_cursor(value)?)),
+        None => Ok(Cursor::Live),
+    }
+}
+
+/// Subscribe to a branch's events.
+///
+/// Frames are `id:`/`event:`/`data:` (JSON with `id`, `type`, `timestamp`), after a `retry:`
+/// hint; a comment heartbeat comes every 15 s. Resume with `Last-Event-ID` (header) or
+/// `lastEventId` (query): every event with a greater id follows exactly once, in order, then
+/// live events. `0` replays the whole log; no cursor means live events only. A cursor older
+/// than the retained log gets a `reset` event first.
+#[endpoint(
+    tags("stream"),
+    parameters(
+        ("projectId" = String, Path, description = "Project id"),
+        ("branchId" = String, Path, description = "Branch id"),
+        ("lastEventId" = Option<String>, Query, description = "Resume after this event id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (wins over the query)"),
+    ),
+    responses((status_code = 200, description = "Server-Sent Events", content_type = "text/event-stream"))
+)]
+pub async fn stream(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
+    let app = super::app(depot)?;
+    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    let branch_id = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?.to_string();
+    let cursor = request_cursor(req)?;
+    registry::require_branch(&app.store, &project_id, &branch_id).await?;
+    registry::touch_branch(&app.store, &project_id, &branch_id);
+    let subscription = app.subscribe(&project_id, &branch_id, cursor).await?;
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res.stream(subscription.into_stream());
+    Ok(())
+}

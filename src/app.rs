@@ -1,0 +1,80 @@
+//! The application: configuration, the store, the event bus and the shutdown signal, shared by
+//! the HTTP API, the control socket and the background workers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use weldr_storage::{Event, NewEvent, Store, StoreOptions, StorageError, StreamKey};
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::stream::{Cursor, EventBus, Subscription, is_valid_event_type};
+
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub bus: Arc<EventBus>,
+    /// Cancelled when the server starts shutting down: SSE streams and workers end.
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+impl App {
+    /// Open the store under `config.data_dir`. Fails with `AlreadyOpen` when a server holds it.
+    pub fn open(config: Config) -> Result<Arc<Self>, StorageError> {
+        let bus = Arc::new(EventBus::new());
+        let options = StoreOptions { event_retention: config.event_retention, ..StoreOptions::default() };
+        let store = Store::open(&config.store_path(), options, bus.clone())?;
+        Ok(Arc::new(Self { config, store, bus, shutdown: CancellationToken::new(), started: Instant::now() }))
+    }
+
+    /// Append one event to a branch stream; answers after it is durable. `fields` must be a
+    /// JSON object; `id`, `type` and `timestamp` are set by the log.
+    pub async fn emit(
+        &self,
+        project_id: &str,
+        branch_id: &str,
+        kind: &str,
+        fields: serde_json::Value,
+    ) -> Result<Arc<Event>, ApiError> {
+        let event = new_event(kind, fields)?;
+        let mut events = self.store.writer().append(StreamKey::new(project_id, branch_id), vec![event]).await?;
+        events.pop().ok_or_else(|| ApiError::internal("append returned no event"))
+    }
+
+    /// Subscribe to a branch stream from `cursor`.
+    pub async fn subscribe(&self, project_id: &str, branch_id: &str, cursor: Cursor) -> Result<Subscription, ApiError> {
+        let key = StreamKey::new(project_id, branch_id);
+        let rx = self.bus.subscribe(&key);
+        Ok(Subscription::start(
+            self.store.clone(),
+            key,
+            rx,
+            cursor,
+            self.shutdown.child_token(),
+            self.config.sse_heartbeat,
+        )
+        .await?)
+    }
+}
+
+/// Validate and normalise an event for the log.
+pub fn new_event(kind: &str, fields: serde_json::Value) -> Result<NewEvent, ApiError> {
+    if !is_valid_event_type(kind) {
+        return Err(ApiError::bad_request(
+            "invalid_event_type",
+            "event type must be 1-32 characters of a-z, 0-9, '-' or '_'",
+        ));
+    }
+    let mut map = match fields {
+        serde_json::Value::Object(map) => map,
+        serde_json::Value::Null => serde_json::Map::new(),
+        _ => return Err(ApiError::bad_request("invalid_event_data", "event data must be a JSON object")),
+    };
+    for reserved in ["id", "type", "timestamp"] {
+        map.remove(reserved);
+    }
+    let data = serde_json::to_string(&map).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(NewEvent { kind: kind.to_string(), data })
+}

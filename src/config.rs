@@ -1,0 +1,392 @@
+//! Every setting, read from the environment in one place, with the seed's names and defaults.
+//! An invalid value stops startup with a message that names the variable.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Desktop / local development: `~/.weldr/{projectId}/{branchId}`, many projects.
+    Local,
+    /// A Fly machine: `/workspace/{branchId}`, one project (`PROJECT_ID`).
+    Cloud,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Local => "local",
+            Mode::Cloud => "cloud",
+        }
+    }
+}
+
+/// A secret value: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    /// One shared bucket with `{projectId}/{branchId}/` prefixes; None = bucket per branch.
+    pub bucket: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderKeys {
+    pub anthropic_api_key: Option<Secret>,
+    pub openai_api_key: Option<Secret>,
+    pub gemini_api_key: Option<Secret>,
+    pub anthropic_base_url: Option<String>,
+    pub openai_base_url: Option<String>,
+    pub gemini_base_url: Option<String>,
+    pub ollama_base_url: String,
+    /// `provider:model`, e.g. `anthropic:claude-sonnet-4-5`.
+    pub default_model: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub host: IpAddr,
+    pub port: u16,
+    pub cors_origins: Vec<String>,
+    pub workspace_base: PathBuf,
+    /// Where the redb store and the control socket live.
+    pub data_dir: PathBuf,
+    pub project_id: Option<String>,
+    pub object_store_dir: PathBuf,
+    pub s3: S3Config,
+    pub database_url: Option<Secret>,
+    pub redis_url: Option<Secret>,
+    pub better_auth_secret: Option<Secret>,
+    pub providers: ProviderKeys,
+    pub max_volume_usage_percent: u8,
+    pub target_volume_usage_percent: u8,
+    pub eviction_grace: Duration,
+    pub log_level: String,
+    /// Events kept per branch stream.
+    pub event_retention: u64,
+    /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
+    pub shutdown_timeout: Duration,
+    pub sse_heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {var}={value:?}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub message: String,
+}
+
+/// The table printed in the README: (variable, default, meaning).
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    ("WELDR_MODE", "local (cloud if NODE_ENV=production)", "`local` or `cloud`"),
+    ("HOST", "127.0.0.1 local, 0.0.0.0 cloud", "address to listen on"),
+    ("PORT", "8080", "HTTP port"),
+    ("CORS_ORIGIN", "http://localhost:3000", "allowed origins, comma-separated"),
+    ("WORKSPACE_BASE", "~/.weldr local, /workspace cloud", "branch directories live here"),
+    ("WELDR_DATA_DIR", "$WORKSPACE_BASE/.weldr-agent", "redb store and control socket"),
+    ("PROJECT_ID", "-", "the machine's project (required in cloud mode)"),
+    ("WELDR_OBJECT_STORE_DIR", "$WORKSPACE_BASE/.weldr-objects", "fs object store (local mode, no S3_*)"),
+    ("S3_ENDPOINT", "https://t3.storage.dev local, https://fly.storage.tigris.dev cloud", "S3 endpoint"),
+    ("S3_REGION", "auto", "S3 region"),
+    ("S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY", "-", "S3 credentials (never read from ~/.aws)"),
+    ("S3_BUCKET", "-", "one shared bucket; default is a bucket per branch"),
+    ("DATABASE_URL", "-", "Postgres mirror and Better Auth sessions (optional)"),
+    ("REDIS_URL", "-", "Redis mirror (optional)"),
+    ("BETTER_AUTH_SECRET", "-", "verifies Better Auth session cookies"),
+    ("WELDR_MODEL", "anthropic:claude-sonnet-4-5", "default model, `provider:model`"),
+    ("ANTHROPIC_API_KEY / OPENAI_API_KEY / GEMINI_API_KEY", "-", "provider keys"),
+    ("ANTHROPIC_BASE_URL / OPENAI_BASE_URL / GEMINI_BASE_URL", "provider default", "provider endpoints"),
+    ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1", "OpenAI-compatible local server"),
+    ("MAX_VOLUME_USAGE_PERCENT", "85", "eviction starts at this disk usage"),
+    ("TARGET_VOLUME_USAGE_PERCENT", "70", "eviction stops at this disk usage"),
+    ("EVICTION_GRACE_SECONDS", "300", "recently used branches are never evicted"),
+    ("EVENT_RETENTION", "50000", "events kept per branch stream"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", "20", "graceful shutdown budget (Fly kill timeout is 30)"),
+    ("LOG_LEVEL", "info", "tracing filter, e.g. `debug` or `weldr_agent=debug`"),
+];
+
+struct Env<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    /// The variable's value; empty counts as unset.
+    fn var(&self, name: &str) -> Option<String> {
+        (self.get)(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    }
+
+    fn secret(&self, name: &str) -> Option<Secret> {
+        self.var(name).map(Secret)
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &'static str, default: T, what: &str) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.var(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|e| ConfigError {
+                var: name,
+                value: v.clone(),
+                message: format!("expected {what} ({e})"),
+            }),
+        }
+    }
+}
+
+fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError> {
+    let v: u8 = env.parse(name, default, "a whole percentage 1-100")?;
+    if !(1..=100).contains(&v) {
+        return Err(ConfigError { var: name, value: v.to_string(), message: "expected 1-100".into() });
+    }
+    Ok(v)
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+impl Config {
+    /// Read the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// Read from a map (tests).
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| map.get(k).cloned())
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env { get };
+        let mode = match env.var("WELDR_MODE").as_deref() {
+            Some("local") => Mode::Local,
+            Some("cloud") => Mode::Cloud,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: "WELDR_MODE",
+                    value: other.into(),
+                    message: "expected `local` or `cloud`".into(),
+                });
+            }
+            None => match env.var("NODE_ENV").as_deref() {
+                Some("production") => Mode::Cloud,
+                _ => Mode::Local,
+            },
+        };
+        let default_host: IpAddr = match mode {
+            Mode::Local => [127, 0, 0, 1].into(),
+            Mode::Cloud => [0, 0, 0, 0].into(),
+        };
+        let host = env.parse("HOST", default_host, "an IP address")?;
+        let port = env.parse("PORT", 8080u16, "a TCP port 0-65535")?;
+        let cors_origins = env
+            .var("CORS_ORIGIN")
+            .unwrap_or_else(|| "http://localhost:3000".into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let workspace_base = match env.var("WORKSPACE_BASE") {
+            Some(p) => expand_home(&p),
+            None => match mode {
+                Mode::Local => home_dir().join(".weldr"),
+                Mode::Cloud => PathBuf::from("/workspace"),
+            },
+        };
+        if !workspace_base.is_absolute() {
+            return Err(ConfigError {
+                var: "WORKSPACE_BASE",
+                value: workspace_base.display().to_string(),
+                message: "expected an absolute path".into(),
+            });
+        }
+        let data_dir = env.var("WELDR_DATA_DIR").map(|p| expand_home(&p)).unwrap_or_else(|| workspace_base.join(".weldr-agent"));
+        let object_store_dir = env
+            .var("WELDR_OBJECT_STORE_DIR")
+            .map(|p| expand_home(&p))
+            .unwrap_or_else(|| workspace_base.join(".weldr-objects"));
+        let project_id = env.var("PROJECT_ID");
+        if let Some(p) = &project_id
+            && !crate::ids::is_valid_id(p)
+        {
+            return Err(ConfigError {
+                var: "PROJECT_ID",
+                value: p.clone(),
+                message: "expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'".into(),
+            });
+        }
+        if mode == Mode::Cloud && project_id.is_none() {
+            return Err(ConfigError {
+                var: "PROJECT_ID",
+                value: String::new(),
+                message: "required in cloud mode (one project per machine)".into(),
+            });
+        }
+        let s3 = S3Config {
+            endpoint: env.var("S3_ENDPOINT").unwrap_or_else(|| match mode {
+                Mode::Local => "https://t3.storage.dev".into(),
+                Mode::Cloud => "https://fly.storage.tigris.dev".into(),
+            }),
+            region: env.var("S3_REGION").unwrap_or_else(|| "auto".into()),
+            access_key_id: env.secret("S3_ACCESS_KEY_ID"),
+            secret_access_key: env.secret("S3_SECRET_ACCESS_KEY"),
+            bucket: env.var("S3_BUCKET"),
+        };
+        let max = percent(&env, "MAX_VOLUME_USAGE_PERCENT", 85)?;
+        let target = percent(&env, "TARGET_VOLUME_USAGE_PERCENT", 70)?;
+        if target >= max {
+            return Err(ConfigError {
+                var: "TARGET_VOLUME_USAGE_PERCENT",
+                value: target.to_string(),
+                message: format!("must be below MAX_VOLUME_USAGE_PERCENT ({max})"),
+            });
+        }
+        let event_retention: u64 = env.parse("EVENT_RETENTION", 50_000, "a positive number of events")?;
+        if event_retention == 0 {
+            return Err(ConfigError {
+                var: "EVENT_RETENTION",
+                value: "0".into(),
+                message: "expected at least 1".into(),
+            });
+        }
+        let default_model = env.var("WELDR_MODEL").unwrap_or_else(|| "anthropic:claude-sonnet-4-5".into());
+        if !default_model.contains(':') {
+            return Err(ConfigError {
+                var: "WELDR_MODEL",
+                value: default_model,
+                message: "expected `provider:model`, e.g. `openai:gpt-4.1`".into(),
+            });
+        }
+        Ok(Config {
+            mode,
+            host,
+            port,
+            cors_origins,
+            workspace_base,
+            data_dir,
+            project_id,
+            object_store_dir,
+            s3,
+            database_url: env.secret("DATABASE_URL"),
+            redis_url: env.secret("REDIS_URL"),
+            better_auth_secret: env.secret("BETTER_AUTH_SECRET"),
+            providers: ProviderKeys {
+                anthropic_api_key: env.secret("ANTHROPIC_API_KEY"),
+                openai_api_key: env.secret("OPENAI_API_KEY"),
+                gemini_api_key: env.secret("GEMINI_API_KEY"),
+                anthropic_base_url: env.var("ANTHROPIC_BASE_URL"),
+                openai_base_url: env.var("OPENAI_BASE_URL"),
+                gemini_base_url: env.var("GEMINI_BASE_URL"),
+                ollama_base_url: env.var("OLLAMA_BASE_URL").unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
+                default_model,
+            },
+            max_volume_usage_percent: max,
+            target_volume_usage_percent: target,
+            eviction_grace: Duration::from_secs(env.parse("EVICTION_GRACE_SECONDS", 300u64, "seconds")?),
+            log_level: env.var("LOG_LEVEL").unwrap_or_else(|| "info".into()),
+            event_retention,
+            shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECONDS", 20u64, "seconds")?),
+            sse_heartbeat: Duration::from_secs(15),
+        })
+    }
+
+    /// A config for tests and embedding: local mode rooted at `base`.
+    pub fn for_workspace(base: &std::path::Path) -> Self {
+        let base = base.to_string_lossy().into_owned();
+        Self::from_lookup(&|k| match k {
+            "WELDR_MODE" => Some("local".into()),
+            "WORKSPACE_BASE" => Some(base.clone()),
+            "PORT" => Some("0".into()),
+            _ => None,
+        })
+        .expect("the test configuration is valid")
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("state.redb")
+    }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.data_dir.join("control.sock")
+    }
+}
+
+fn expand_home(p: &str) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => home_dir().join(rest),
+        None if p == "~" => home_dir(),
+        None => PathBuf::from(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.mode, Mode::Local);
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.cors_origins, vec!["http://localhost:3000"]);
+        assert!(c.workspace_base.ends_with(".weldr"));
+        assert_eq!((c.max_volume_usage_percent, c.target_volume_usage_percent), (85, 70));
+        assert_eq!(c.s3.region, "auto");
+        let cloud = cfg(&[("WELDR_MODE", "cloud"), ("PROJECT_ID", "p1")]).unwrap();
+        assert_eq!(cloud.workspace_base, PathBuf::from("/workspace"));
+        assert_eq!(cloud.s3.endpoint, "https://fly.storage.tigris.dev");
+        assert_eq!(cfg(&[("NODE_ENV", "development")]).unwrap().mode, Mode::Local);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        for (pairs, var) in [
+            (vec![("PORT", "eighty")], "PORT"),
+            (vec![("WELDR_MODE", "space")], "WELDR_MODE"),
+            (vec![("WELDR_MODE", "cloud")], "PROJECT_ID"),
+            (vec![("MAX_VOLUME_USAGE_PERCENT", "150")], "MAX_VOLUME_USAGE_PERCENT"),
+            (vec![("TARGET_VOLUME_USAGE_PERCENT", "90")], "TARGET_VOLUME_USAGE_PERCENT"),
+            (vec![("WORKSPACE_BASE", "relative/path")], "WORKSPACE_BASE"),
+            (vec![("PROJECT_ID", "../etc")], "PROJECT_ID"),
+            (vec![("EVENT_RETENTION", "0")], "EVENT_RETENTION"),
+        ] {
+            let err = cfg(&pairs).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var));
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = cfg(&[("BETTER_AUTH_SECRET", "hunter2"), ("ANTHROPIC_API_KEY", "sk-x")]).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("sk-x"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The control socket: how CLI commands reach a running server.
+//!
+//! redb lets one process hold the store. A CLI command (`branch create`, `events append`, ...)
+//! first tries to open the store itself; when the server holds it, the command is sent over a
+//! Unix socket in the data directory (mode 0600: only the user that runs the server may use
+//! it) and the server runs the very same [`execute`]. JSON lines: one request, one answer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use weldr_storage::StreamKey;
+use weldr_storage::events::{list_streams, read_meta, read_range};
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::ids::check_id;
+use crate::registry;
+
+/// Longest request line accepted on the socket.
+const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Store and server status.
+    Status,
+    CreateProject { project_id: String, title: Option<String> },
+    /// Register a branch (and its project when missing) and create its directory.
+    CreateBranch { project_id: String, branch_id: String },
+    /// Append one event to a branch stream.
+    Append { project_id: String, branch_id: String, kind: String, data: Value },
+    /// Read events after `after`.
+    ListEvents { project_id: String, branch_id: String, after: u64, limit: usize },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ControlResponse {
+    Ok { result: Value },
+    Error { code: String, message: String },
+}
+
+/// Run one control request against an open app (the server's, or the CLI's own).
+pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiError> {
+    match request {
+        ControlRequest::Status => {
+            let store = app.store.clone();
+            let streams = tokio::task::spawn_blocking(move || list_streams(&store.begin_read()?)).await??;
+            let events: u64 = streams.iter().map(|(_, m)| m.next_id - m.first_id).sum();
+            Ok(json!({
+                "mode": app.config.mode.as_str(),
+                "store": app.store.path(),
+                "workspaceBase": app.config.workspace_base,
+                "streams": streams.len(),
+                "events": events,
+                "subscribers": app.bus.total_subscribers(),
+                "uptimeSeconds": app.started.elapsed().as_secs(),
+            }))
+        }
+        ControlRequest::CreateProject { project_id, title } => {
+            check_id("projectId", &project_id)?;
+            let project = registry::create_project(&app.store, &project_id, title, None).await?;
+            Ok(json!({ "projectId": project.project_id }))
+        }
+        ControlRequest::CreateBranch { project_id, branch_id } => {
+            check_id("projectId", &project_id)?;
+            check_id("branchId", &branch_id)?;
+            match registry::create_project(&app.store, &project_id, None, None).await {
+                Ok(_) => {}
+                Err(e) if e.code == "project_exists" => {}
+                Err(e) => return Err(e),
+            }
+            let (_, created) = registry::register_branch(&app.store, &project_id, &branch_id, None).await?;
+            let dir = branch_dir(app, &project_id, &branch_id);
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+            Ok(json!({ "status": if created { "created" } else { "reused" }, "branchDir": dir }))
+        }
+        ControlRequest::Append { project_id, branch_id, kind, data } => {
+            check_id("projectId", &project_id)?;
+            check_id("branchId", &branch_id)?;
+            registry::require_branch(&app.store, &project_id, &branch_id).await?;
+            let event = app.emit(&project_id, &branch_id, &kind, data).await?;
+            Ok(json!({ "id": event.id }))
+        }
+        ControlRequest::ListEvents { project_id, branch_id, after, limit } => {
+            check_id("projectId", &project_id)?;
+            check_id("branchId", &branch_id)?;
+            registry::require_branch(&app.store, &project_id, &branch_id).await?;
+            let store = app.store.clone();
+            let key = StreamKey::new(&project_id, &branch_id);
+            let limit = limit.clamp(1, 10_000);
+            let events = tokio::task::spawn_blocking(move || {
+                let rtx = store.begin_read()?;
+                let meta = read_meta(&rtx, &key)?;
+                read_range(&rtx, &key, after.saturating_add(1).max(meta.first_id), meta.last_id(), limit)
+            })
+            .await??;
+            let events: Vec<Value> = events
+                .iter()
+                .map(|e| {
+                    let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+                    json!({ "id": e.id, "type": e.kind, "timestamp": e.at_ms, "data": data })
+                })
+                .collect();
+            Ok(Value::Array(events))
+        }
+    }
+}
+
+/// Where a branch's files live: `{base}/{project}/{branch}` locally, `{base}/{branch}` in cloud mode.
+pub fn branch_dir(app: &App, project_id: &str, branch_id: &str) -> PathBuf {
+    match app.config.mode {
+        crate::config::Mode::Local => app.config.workspace_base.join(project_id).join(branch_id),
+        crate::config::Mode::Cloud => app.config.workspace_base.join(branch_id),
+    }
+}
+
+pub struct ControlServer {
+    path: PathBuf,
+    task: JoinHandle<()>,
+}
+
+impl ControlServer {
+    pub async fn start(app: Arc<App>) -> std::io::Result<Self> {
+        let path = app.config.control_socket_path();
+        if path.exists() {
+            if UnixStream::connect(&path).await.is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("another server answers on {}", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        set_owner_only(&path)?;
+        let task = tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(app, stream).await {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+        });
+        Ok(Self { path, task })
+    }
+
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(unix)]
+fn set_owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+async fn serve_connection(app: Arc<App>, stream: UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = tokio::io::AsyncReadExt::take(&mut lines, MAX_LINE as u64).read_line(&mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(request) => match execute(&app, request).await {
+                Ok(result) => ControlResponse::Ok { result },
+                Err(e) => ControlResponse::Error { code: e.code.into(), message: e.message },
+            },
+            Err(e) => ControlResponse::Error { code: "bad_request".into(), message: e.to_string() },
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_default();
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+}
+
+/// A connection to a running server's control socket.
+pub struct ControlClient {
+    lines: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &Path) -> std::io::Result<Self> {
+        let stream = UnixStream::connect(path).await?;
+        let (read, write) = stream.into_split();
+        Ok(Self { lines: BufReader::new(read), write })
+    }
+
+    pub async fn call(&mut self, request: &ControlRequest) -> anyhow::Result<Value> {
+        let mut out = serde_json::to_vec(request)?;
+        out.push(b'\n');
+        self.write.write_all(&out).await?;
+        let mut line = String::new();
+        if self.lines.read_line(&mut line).await? == 0 {
+            anyhow::bail!("the server closed the control connection (is it shutting down?)");
+        }
+        match serde_json::from_str(&line)? {
+            ControlResponse::Ok { result } => Ok(result),
+            ControlResponse::Error { code, message } => anyhow::bail!("{message} ({code})"),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! API errors, mapped to HTTP in exactly one place.
+//!
+//! Every error body is `{"error": {"code": "...", "message": "..."}}`; `code` is stable and
+//! machine-readable, `message` says what went wrong and what to do.
+
+use salvo::http::StatusCode;
+use salvo::oapi::{self, Components, EndpointOutRegister, Operation, ToSchema};
+use salvo::prelude::*;
+use serde::Serialize;
+use weldr_storage::StorageError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra machine-readable fields (e.g. the active workflow id of a busy branch).
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[salvo(schema(name = ErrorBody))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+#[salvo(schema(name = ErrorDetail))]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `branch_not_found`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[salvo(schema(value_type = Option<Object>))]
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), details: None }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+            },
+        }
+    }
+
+    /// The error for an HTTP status that the framework produced (no route, body too large, ...).
+    pub fn from_status(status: StatusCode, detail: Option<String>) -> Self {
+        let (code, message) = match status {
+            StatusCode::NOT_FOUND => ("not_found", "no such route; see /openapi.json".to_string()),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                ("method_not_allowed", "this route does not take that method".to_string())
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large".to_string()),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                ("headers_too_large", "the request headers are too large".to_string())
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ("unsupported_media_type", "send the body as application/json".to_string())
+            }
+            StatusCode::UNAUTHORIZED => ("unauthorized", "sign in or send a valid bearer token".to_string()),
+            StatusCode::TOO_MANY_REQUESTS => ("rate_limited", "too many requests; retry later".to_string()),
+            s if s.is_client_error() => ("bad_request", "the request is malformed".to_string()),
+            _ => ("internal", "internal error; see the server log".to_string()),
+        };
+        let message = match detail {
+            Some(d) if !d.is_empty() && status.is_client_error() => format!("{message}: {d}"),
+            _ => message,
+        };
+        Self::new(status, code, message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::NotFound(what) => Self::not_found("not_found", format!("{what} not found")),
+            StorageError::AlreadyExists(what) => Self::conflict("already_exists", format!("{what} already exists")),
+            StorageError::Conflict(msg) => Self::conflict("conflict", msg),
+            StorageError::Closed => Self::unavailable("the server is shutting down; retry shortly"),
+            other => {
+                tracing::error!(error = %other, "storage failure");
+                Self::internal("storage failure; see the server log")
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        tracing::error!(error = %e, "background task failed");
+        Self::internal("a background task failed; see the server log")
+    }
+}
+
+#[async_trait]
+impl Writer for ApiError {
+    async fn write(self, _req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, message = %self.message, "request failed");
+        }
+        res.status_code(self.status);
+        res.render(Json(self.body()));
+    }
+}
+
+impl EndpointOutRegister for ApiError {
+    fn register(components: &mut Components, operation: &mut Operation) {
+        let schema = ErrorBody::to_schema(components);
+        for (status, text) in [
+            ("400", "Malformed request"),
+            ("401", "Not signed in"),
+            ("404", "Not found"),
+            ("409", "Conflict"),
+            ("500", "Internal error"),
+        ] {
+            operation.responses.insert(
+                status,
+                oapi::Response::new(text).add_content("application/json", schema.clone()),
+            );
+        }
+    }
+}
+
+/// Catcher goal: any error response without a body gets the JSON error body.
+pub struct JsonCatcher;
+
+#[async_trait]
+impl Handler for JsonCatcher {
+    async fn handle(&self, _req: &mut Request, _depot: &mut Depot, res: &mut Response, _ctrl: &mut FlowCtrl) {
+        let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
+        if !(status.is_client_error() || status.is_server_error()) {
+            return;
+        }
+        let detail = match &res.body {
+            salvo::http::ResBody::None => None,
+            salvo::http::ResBody::Error(e) => e.detail.as_ref().map(|d| d.to_string()),
+            _ => return,
+        };
+        let err = ApiError::from_status(status, detail);
+        res.status_code(status);
+        res.render(Json(err.body()));
+    }
+}

@@ -1,0 +1,111 @@
+//! The project and branch registry in redb: what exists, and when it was last used.
+
+use weldr_storage::model::{self, BranchRecord, BranchState, ProjectRecord};
+use weldr_storage::writer::now_ms;
+use weldr_storage::{Store, StorageError};
+
+use crate::error::ApiError;
+
+pub fn project_not_found(project_id: &str) -> ApiError {
+    ApiError::not_found("project_not_found", format!("project {project_id} not found"))
+}
+
+pub fn branch_not_found(project_id: &str, branch_id: &str) -> ApiError {
+    ApiError::not_found("branch_not_found", format!("branch {branch_id} not found in project {project_id}"))
+}
+
+/// Register a project; 409 if it exists.
+pub async fn create_project(
+    store: &Store,
+    project_id: &str,
+    title: Option<String>,
+    owner: Option<String>,
+) -> Result<ProjectRecord, ApiError> {
+    let record = ProjectRecord { project_id: project_id.to_string(), title, owner, created_at_ms: now_ms() };
+    let to_insert = record.clone();
+    store
+        .writer()
+        .write(move |ctx| model::insert_project(ctx, &to_insert))
+        .await
+        .map_err(|e| match e {
+            StorageError::AlreadyExists(_) => {
+                ApiError::conflict("project_exists", format!("project {project_id} already exists"))
+            }
+            other => other.into(),
+        })?;
+    Ok(record)
+}
+
+/// Register a branch record (no directory). Returns the record and whether it was new.
+pub async fn register_branch(
+    store: &Store,
+    project_id: &str,
+    branch_id: &str,
+    parent: Option<(String, Option<u64>)>,
+) -> Result<(BranchRecord, bool), ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let result = store
+        .writer()
+        .write(move |ctx| {
+            if !model::project_exists_for_update(ctx, &p)? {
+                return Err(StorageError::NotFound(format!("project {p}")));
+            }
+            if let Some(existing) = model::get_branch_for_update(ctx, &p, &b)? {
+                return Ok((existing, false));
+            }
+            let now = now_ms();
+            let record = BranchRecord {
+                project_id: p.clone(),
+                branch_id: b.clone(),
+                parent_branch_id: parent.as_ref().map(|(id, _)| id.clone()),
+                fork_version: parent.as_ref().and_then(|(_, v)| *v),
+                created_at_ms: now,
+                last_access_ms: now,
+                size_bytes: 0,
+                state: BranchState::Active,
+                head_version: None,
+            };
+            model::put_branch(ctx, &record)?;
+            Ok((record, true))
+        })
+        .await;
+    result.map_err(|e| match e {
+        StorageError::NotFound(_) => project_not_found(project_id),
+        other => other.into(),
+    })
+}
+
+/// The branch, or 404 naming whichever of project and branch is missing.
+pub async fn require_branch(store: &Store, project_id: &str, branch_id: &str) -> Result<BranchRecord, ApiError> {
+    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+    let (project, branch) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        let rtx = s.begin_read()?;
+        Ok((model::get_project(&rtx, &p)?, model::get_branch(&rtx, &p, &b)?))
+    })
+    .await??;
+    match (project, branch) {
+        (None, _) => Err(project_not_found(project_id)),
+        (Some(_), None) => Err(branch_not_found(project_id, branch_id)),
+        (Some(_), Some(branch)) => Ok(branch),
+    }
+}
+
+/// Record that a branch was used now (for the eviction loop). Best effort.
+pub fn touch_branch(store: &Store, project_id: &str, branch_id: &str) {
+    let (store, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+    tokio::spawn(async move {
+        let result = store
+            .writer()
+            .write(move |ctx| {
+                if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
+                    branch.last_access_ms = now_ms();
+                    model::put_branch(ctx, &branch)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "could not record branch access");
+        }
+    });
+}

@@ -1,0 +1,106 @@
+//! Running the HTTP server and the control socket, and stopping them within a budget.
+//!
+//! Shutdown order: cancel the app token (SSE streams end, workers stop), stop accepting and let
+//! in-flight requests finish within the budget, stop the control socket, then flush and close
+//! the redb writer. Never waits on open streams: they end with the token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use salvo::conn::tcp::TcpAcceptor;
+use salvo::prelude::*;
+use salvo::server::ServerHandle;
+use tokio::task::JoinHandle;
+
+use crate::app::App;
+use crate::control::ControlServer;
+
+/// Largest request head (request line + headers) accepted; larger gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub const MAX_HEADERS: usize = 64;
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    handle: ServerHandle,
+    task: JoinHandle<()>,
+    control: Option<ControlServer>,
+}
+
+/// Bind `HOST:PORT` from the config and serve, with the control socket.
+pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
+    let addr = SocketAddr::new(app.config.host, app.config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e} (is PORT taken?)")))?;
+    let control = ControlServer::start(app.clone()).await?;
+    let mut server = start_on(app, listener)?;
+    server.control = Some(control);
+    Ok(server)
+}
+
+/// Serve on an already bound listener (tests bind 127.0.0.1:0).
+pub fn start_on(app: Arc<App>, listener: tokio::net::TcpListener) -> std::io::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let acceptor = TcpAcceptor::try_from(listener)?;
+    let mut server = Server::new(acceptor);
+    server.http1_mut().max_buf_size(MAX_HEAD_BYTES).max_headers(MAX_HEADERS);
+    let handle = server.handle();
+    let service = crate::api::service(app.clone());
+    let task = tokio::spawn(async move { server.serve(service).await });
+    tracing::info!(%addr, mode = app.config.mode.as_str(), "listening");
+    Ok(RunningServer { addr, app, handle, task, control: None })
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop within the configured budget; the store is flushed and closed when this returns.
+    pub async fn shutdown(self) {
+        let budget = self.app.config.shutdown_timeout;
+        tracing::info!(budget_secs = budget.as_secs(), "shutting down");
+        self.app.shutdown.cancel();
+        self.handle.stop_graceful(Some(budget));
+        if tokio::time::timeout(budget + Duration::from_secs(1), self.task).await.is_err() {
+            tracing::warn!("HTTP connections still open after the shutdown budget; closing anyway");
+        }
+        if let Some(control) = self.control {
+            control.stop().await;
+        }
+        let store = self.app.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        tracing::info!("stopped");
+    }
+
+    /// Serve until SIGTERM or SIGINT, then shut down.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        self.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

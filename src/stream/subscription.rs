@@ -1,0 +1,225 @@
+//! One SSE subscriber: replay from redb, then live frames from the ring, with no gap and no
+//! duplicate.
+//!
+//! The subscriber keeps `last_sent`, the id of the last event it wrote. It subscribes to the
+//! ring *before* it looks at redb, so nothing committed after that can slip between the two.
+//! A ring frame with `id <= last_sent` is a duplicate and dropped; a frame with
+//! `id > last_sent + 1` means a gap, and so does `Lagged`: either way the subscriber reads the
+//! missing ids from redb (they are committed: the ring only ever carries committed events)
+//! and then continues live. A cursor older than retention gets an explicit `reset` frame.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio_util::sync::CancellationToken;
+use weldr_storage::events::{read_meta, read_range};
+use weldr_storage::{Store, StorageError, StreamKey, StreamMeta};
+
+use super::{Frame, encode_frame};
+
+/// Events read from redb per page.
+const PAGE: usize = 1024;
+/// A chunk written to the socket is cut at about this size.
+const CHUNK_LIMIT: usize = 256 * 1024;
+/// Browser reconnect delay hint.
+const RETRY_MS: u64 = 2000;
+
+/// Where a subscriber starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// Only events committed after the subscription.
+    Live,
+    /// Every event with an id greater than this (`After(0)` replays the whole log).
+    After(u64),
+}
+
+pub struct Subscription {
+    store: Store,
+    key: StreamKey,
+    rx: broadcast::Receiver<Arc<Frame>>,
+    shutdown: CancellationToken,
+    heartbeat: Duration,
+    last_sent: u64,
+    catching_up: bool,
+    preamble: Option<Bytes>,
+    done: bool,
+}
+
+impl Subscription {
+    /// Subscribe to `key` from `cursor`. `rx` must come from the bus before this is called.
+    pub async fn start(
+        store: Store,
+        key: StreamKey,
+        rx: broadcast::Receiver<Arc<Frame>>,
+        cursor: Cursor,
+        shutdown: CancellationToken,
+        heartbeat: Duration,
+    ) -> Result<Self, StorageError> {
+        let (last_sent, catching_up) = match cursor {
+            Cursor::After(n) => (n, true),
+            Cursor::Live => {
+                let meta = read_meta_blocking(&store, &key).await?;
+                (meta.last_id(), false)
+            }
+        };
+        Ok(Self {
+            store,
+            key,
+            rx,
+            shutdown,
+            heartbeat,
+            last_sent,
+            catching_up,
+            preamble: Some(Bytes::from(format!("retry: {RETRY_MS}\n: connected\n\n"))),
+            done: false,
+        })
+    }
+
+    pub fn last_sent(&self) -> u64 {
+        self.last_sent
+    }
+
+    /// The SSE body as a stream of byte chunks.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut sub| async move {
+            sub.next_chunk().await.map(|chunk| (Ok(chunk), sub))
+        })
+    }
+
+    /// The next bytes to write, or None when the stream ends (shutdown or storage failure).
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        if let Some(preamble) = self.preamble.take() {
+            out.extend_from_slice(&preamble);
+        }
+        let deadline = tokio::time::Instant::now() + self.heartbeat;
+        loop {
+            if self.catching_up {
+                if let Err(e) = self.catch_up(&mut out).await {
+                    tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
+                    self.done = true;
+                }
+            }
+            if !out.is_empty() || self.done {
+                return (!out.is_empty()).then(|| out.freeze());
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    self.done = true;
+                    return None;
+                }
+                received = self.rx.recv() => match received {
+                    Ok(frame) => {
+                        self.take_live(&frame, &mut out);
+                        while !self.catching_up && out.len() < CHUNK_LIMIT {
+                            match self.rx.try_recv() {
+                                Ok(frame) => self.take_live(&frame, &mut out),
+                                Err(TryRecvError::Lagged(_)) => self.catching_up = true,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => self.catching_up = true,
+                    Err(RecvError::Closed) => self.done = true,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    out.extend_from_slice(b": keep-alive\n\n");
+                }
+            }
+        }
+    }
+
+    fn take_live(&mut self, frame: &Frame, out: &mut BytesMut) {
+        if frame.id <= self.last_sent {
+            return;
+        }
+        if frame.id == self.last_sent + 1 {
+            out.extend_from_slice(&frame.bytes);
+            self.last_sent = frame.id;
+        } else {
+            self.catching_up = true;
+        }
+    }
+
+    /// Append events after `last_sent` from redb until caught up or the chunk is full.
+    async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), StorageError> {
+        while self.catching_up && out.len() < CHUNK_LIMIT {
+            let (meta, events) = read_page(&self.store, &self.key, self.last_sent + 1).await?;
+            if self.last_sent > meta.last_id() {
+                // The client knows ids this log never had (e.g. the store was replaced).
+                self.reset(out, meta.last_id(), "cursor_ahead", &meta);
+                self.catching_up = false;
+                break;
+            }
+            if self.last_sent + 1 < meta.first_id {
+                self.reset(out, meta.first_id - 1, "cursor_expired", &meta);
+                continue;
+            }
+            let before = self.last_sent;
+            let mut buf = Vec::new();
+            for event in &events {
+                if event.id != self.last_sent + 1 {
+                    break;
+                }
+                encode_frame(event, &mut buf);
+                self.last_sent = event.id;
+            }
+            out.extend_from_slice(&buf);
+            if self.last_sent >= meta.last_id() {
+                self.catching_up = false;
+            } else if self.last_sent == before {
+                // One read snapshot holds ids first_id..=last_id contiguously; a hole is damage.
+                return Err(StorageError::Corrupt {
+                    kind: "event",
+                    message: format!("stream {} has no event {}", self.key, before + 1),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, out: &mut BytesMut, new_last: u64, reason: &str, meta: &StreamMeta) {
+        let frame = format!(
+            "id: {new_last}\nevent: reset\ndata: {{\"id\":{new_last},\"type\":\"reset\",\"reason\":\"{reason}\",\
+             \"requestedAfter\":{},\"oldestId\":{},\"latestId\":{}}}\n\n",
+            self.last_sent,
+            meta.first_id,
+            meta.last_id()
+        );
+        out.extend_from_slice(frame.as_bytes());
+        self.last_sent = new_last;
+    }
+}
+
+async fn read_meta_blocking(store: &Store, key: &StreamKey) -> Result<StreamMeta, StorageError> {
+    let store = store.clone();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || read_meta(&store.begin_read()?, &key))
+        .await
+        .map_err(|e| StorageError::Database(e.to_string()))?
+}
+
+async fn read_page(
+    store: &Store,
+    key: &StreamKey,
+    from_id: u64,
+) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
+    let store = store.clone();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || {
+        let rtx = store.begin_read()?;
+        let meta = read_meta(&rtx, &key)?;
+        let events = read_range(&rtx, &key, from_id.max(meta.first_id), meta.last_id(), PAGE)?;
+        Ok((meta, events))
+    })
+    .await
+    .map_err(|e| StorageError::Database(e.to_string()))?
+}
