@@ -48,7 +48,8 @@ pub struct Store {
 }
 
 struct StoreInner {
-    db: Arc<Database>,
+    /// None after [`Store::close`], so that the file lock goes with the last reader.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     writer: Writer,
     path: PathBuf,
     options: StoreOptions,
@@ -77,16 +78,13 @@ impl Store {
         tables::create_all(&db)?;
         let db = Arc::new(db);
         let writer = Writer::start(db.clone(), options.max_batch, options.event_retention, observer)?;
-        Ok(Self { inner: Arc::new(StoreInner { db, writer, path: path.to_path_buf(), options }) })
+        Ok(Self { inner: Arc::new(StoreInner { db: std::sync::RwLock::new(Some(db)), writer, path: path.to_path_buf(), options }) })
     }
 
-    /// The database, for read transactions.
-    pub fn db(&self) -> &Database {
-        &self.inner.db
-    }
-
+    /// A read snapshot; never waits for the writer.
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
-        Ok(self.inner.db.begin_read()?)
+        let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        Ok(db.as_ref().ok_or(StorageError::Closed)?.begin_read()?)
     }
 
     pub fn writer(&self) -> &Writer {
@@ -101,9 +99,11 @@ impl Store {
         &self.inner.options
     }
 
-    /// Stop the writer after it has committed everything queued so far. Later writes fail with
-    /// [`StorageError::Closed`].
+    /// Stop the writer after it has committed everything queued so far, and let go of the
+    /// database: the file is unlocked once read transactions still open have ended. Later
+    /// reads and writes fail with [`StorageError::Closed`]. Blocks; idempotent.
     pub fn close(&self) {
         self.inner.writer.shutdown();
+        self.inner.db.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 }

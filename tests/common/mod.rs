@@ -1,0 +1,140 @@
+//! Test helpers: a real server on 127.0.0.1:0 and a real SSE client.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use weldr_agent::app::App;
+use weldr_agent::config::Config;
+use weldr_agent::registry;
+use weldr_agent::server::{RunningServer, start_on};
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub dir: PathBuf,
+}
+
+impl TestServer {
+    pub fn app(&self) -> &Arc<App> {
+        &self.server.app
+    }
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.server.url(), path)
+    }
+}
+
+pub fn config(dir: &Path) -> Config {
+    Config::for_workspace(dir)
+}
+
+/// Start a server on a fresh listener over the workspace `dir`.
+pub async fn start(config: Config) -> TestServer {
+    let dir = config.workspace_base.clone();
+    let app = App::open(config).expect("open store");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    TestServer { server: start_on(app, listener).unwrap(), dir }
+}
+
+/// Register project `p` and branch `b`.
+pub async fn branch(app: &App, p: &str, b: &str) {
+    match registry::create_project(&app.store, p, None, None).await {
+        Ok(_) => {}
+        Err(e) if e.code == "project_exists" => {}
+        Err(e) => panic!("{e}"),
+    }
+    registry::register_branch(&app.store, p, b, None).await.unwrap();
+}
+
+pub async fn emit_n(app: &App, p: &str, b: &str, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(app.emit(p, b, "text", serde_json::json!({ "n": i })).await.unwrap().id);
+    }
+    ids
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+/// A streaming SSE client that parses frames as they arrive.
+pub struct SseClient {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: Vec<u8>,
+    pub retry_seen: bool,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str, last_event_id: Option<&str>) -> SseClient {
+        let client = reqwest::Client::new();
+        let mut req = client.get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let res = req.send().await.expect("connect");
+        assert_eq!(res.status(), 200, "stream status");
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        SseClient { body: Box::pin(res.bytes_stream()), buf: Vec::new(), retry_seen: false }
+    }
+
+    /// The next event frame (comments and retry hints are skipped); None when the stream ends.
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(pos) = find(&self.buf, b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                let text = String::from_utf8(raw).expect("utf8 frame");
+                let mut frame = Frame { id: None, event: String::new(), data: serde_json::Value::Null };
+                let mut has_data = false;
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        frame.id = Some(v.parse().expect("numeric id"));
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        frame.event = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        frame.data = serde_json::from_str(v).expect("JSON data");
+                        has_data = true;
+                    } else if line.starts_with("retry: ") {
+                        self.retry_seen = true;
+                    }
+                }
+                if has_data {
+                    return Some(frame);
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Read frames until one with `id >= last`; panics after `limit` without progress.
+    pub async fn read_until(&mut self, last: u64) -> Vec<Frame> {
+        let mut out = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), self.next())
+                .await
+                .expect("no frame within 30 s (hang)")
+                .expect("stream ended early");
+            let id = frame.id;
+            out.push(frame);
+            if id.is_some_and(|id| id >= last) {
+                return out;
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn ids(frames: &[Frame]) -> Vec<u64> {
+    frames.iter().filter_map(|f| f.id).collect()
+}
