@@ -25,6 +25,25 @@ impl Handler for InjectApp {
     }
 }
 
+/// Largest total size of request header names and values; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuses requests whose headers are too large (hyper's own limit is far higher).
+struct HeaderLimit;
+
+#[async_trait]
+impl Handler for HeaderLimit {
+    async fn handle(&self, req: &mut Request, _depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+        let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        if size > MAX_HEADER_BYTES {
+            let err = ApiError::from_status(salvo::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+            res.status_code(err.status);
+            res.render(Json(err.body()));
+            ctrl.skip_rest();
+        }
+    }
+}
+
 /// The app of this request.
 pub fn app(depot: &Depot) -> Result<Arc<App>, ApiError> {
     depot.get_typed::<Arc<App>>().cloned().map_err(|_| ApiError::internal("application state missing"))
@@ -60,5 +79,5 @@ pub fn service(app: Arc<App>) -> Service {
         .allow_headers(vec!["content-type", "authorization", "last-event-id"])
         .max_age(600)
         .into_handler();
-    Service::new(router(app)).hoop(cors).catcher(Catcher::new(JsonCatcher))
+    Service::new(router(app)).hoop(HeaderLimit).hoop(cors).catcher(Catcher::new(JsonCatcher))
 }
