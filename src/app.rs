@@ -7,12 +7,18 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use weldr_storage::{Event, NewEvent, Store, StoreOptions, StorageError, StreamKey};
 
+use crate::auth::Authenticator;
+use crate::auth::limits::{ConnectionLimiter, RateLimiter};
+use crate::auth::sessions::{PostgresSource, SessionSource};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::stream::{Cursor, EventBus, Subscription, is_valid_event_type};
 
 pub struct App {
     pub config: Config,
+    pub auth: Authenticator,
+    pub stream_limiter: ConnectionLimiter,
+    pub trigger_limiter: RateLimiter,
     pub store: Store,
     pub bus: Arc<EventBus>,
     /// Cancelled when the server starts shutting down: SSE streams and workers end.
@@ -26,7 +32,25 @@ impl App {
         let bus = Arc::new(EventBus::new());
         let options = StoreOptions { event_retention: config.event_retention, ..StoreOptions::default() };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
-        Ok(Arc::new(Self { config, store, bus, shutdown: CancellationToken::new(), started: Instant::now() }))
+        let source: Option<Arc<dyn SessionSource>> = config
+            .database_url
+            .as_ref()
+            .map(|url| Arc::new(PostgresSource::new(url.expose().to_string(), config.auth_tables.clone())) as _);
+        let auth = Authenticator {
+            cookie_prefix: config.auth_cookie_prefix.clone(),
+            secret: config.better_auth_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()),
+            source,
+        };
+        Ok(Arc::new(Self {
+            auth,
+            stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
+            trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),
+            config,
+            store,
+            bus,
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+        }))
     }
 
     /// Append one event to a branch stream; answers after it is durable. `fields` must be a
@@ -77,4 +101,18 @@ pub fn new_event(kind: &str, fields: serde_json::Value) -> Result<NewEvent, ApiE
     }
     let data = serde_json::to_string(&map).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(NewEvent { kind: kind.to_string(), data })
+}
+
+/// Startup work before serving: in cloud mode the machine's project exists in the registry.
+pub async fn prepare(app: &App) -> Result<(), ApiError> {
+    if app.config.mode == crate::config::Mode::Cloud
+        && let Some(project_id) = &app.config.project_id
+    {
+        match crate::registry::create_project(&app.store, project_id, None, None).await {
+            Ok(_) => tracing::info!(project = %project_id, "registered the machine's project"),
+            Err(e) if e.code == "project_exists" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -87,6 +87,17 @@ pub struct Config {
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
     pub shutdown_timeout: Duration,
     pub sse_heartbeat: Duration,
+    /// Better Auth cookie prefix (`<prefix>.session_token`).
+    pub auth_cookie_prefix: String,
+    pub auth_tables: crate::auth::sessions::AuthTables,
+    /// Open SSE streams allowed per user.
+    pub sse_max_per_user: usize,
+    /// `/trigger` calls allowed per user per minute.
+    pub trigger_rate_per_minute: u32,
+    /// Largest JSON request body.
+    pub max_body_bytes: usize,
+    /// TLS certificate chain and key (PEM); both or neither.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +135,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("EVENT_RETENTION", "50000", "events kept per branch stream"),
     ("SHUTDOWN_TIMEOUT_SECONDS", "20", "graceful shutdown budget (Fly kill timeout is 30)"),
     ("LOG_LEVEL", "info", "tracing filter, e.g. `debug` or `weldr_agent=debug`"),
+    ("AUTH_COOKIE_PREFIX", "weldr", "Better Auth cookie prefix"),
+    ("AUTH_SESSIONS_TABLE / AUTH_USERS_TABLE / AUTH_PROJECTS_TABLE", "sessions / users / projects", "Better Auth tables in Postgres"),
+    ("SSE_MAX_PER_USER", "32", "open SSE streams per user"),
+    ("TRIGGER_RATE_PER_MINUTE", "20", "`/trigger` calls per user per minute"),
+    ("MAX_BODY_BYTES", "1048576", "largest JSON request body"),
+    ("TLS_CERT_PATH / TLS_KEY_PATH", "-", "serve HTTPS with this PEM certificate chain and key"),
 ];
 
 struct Env<'a> {
@@ -161,6 +178,14 @@ fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError
         return Err(ConfigError { var: name, value: v.to_string(), message: "expected 1-100".into() });
     }
     Ok(v)
+}
+
+fn sql_table(env: &Env, name: &'static str, default: &str) -> Result<String, ConfigError> {
+    let value = env.var(name).unwrap_or_else(|| default.to_string());
+    if !crate::auth::sessions::is_sql_identifier(&value) {
+        return Err(ConfigError { var: name, value, message: "expected a table name like `sessions` or `auth.sessions`".into() });
+    }
+    Ok(value)
 }
 
 fn home_dir() -> PathBuf {
@@ -309,6 +334,25 @@ impl Config {
             event_retention,
             shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECONDS", 20u64, "seconds")?),
             sse_heartbeat: Duration::from_secs(15),
+            auth_cookie_prefix: env.var("AUTH_COOKIE_PREFIX").unwrap_or_else(|| "weldr".into()),
+            auth_tables: crate::auth::sessions::AuthTables {
+                sessions: sql_table(&env, "AUTH_SESSIONS_TABLE", "sessions")?,
+                users: sql_table(&env, "AUTH_USERS_TABLE", "users")?,
+                projects: sql_table(&env, "AUTH_PROJECTS_TABLE", "projects")?,
+            },
+            sse_max_per_user: env.parse("SSE_MAX_PER_USER", 32usize, "a number of streams")?.max(1),
+            trigger_rate_per_minute: env.parse("TRIGGER_RATE_PER_MINUTE", 20u32, "a number per minute")?.max(1),
+            max_body_bytes: env.parse("MAX_BODY_BYTES", 1usize << 20, "a number of bytes")?.max(1024),
+            tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
+                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError { var: "TLS_KEY_PATH", value: String::new(), message: "required with TLS_CERT_PATH".into() });
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError { var: "TLS_CERT_PATH", value: String::new(), message: "required with TLS_KEY_PATH".into() });
+                }
+            },
         })
     }
 

@@ -17,6 +17,7 @@ use weldr_storage::StreamKey;
 use weldr_storage::events::{list_streams, read_meta, read_range};
 
 use crate::app::App;
+use crate::auth::tokens;
 use crate::error::ApiError;
 use crate::ids::check_id;
 use crate::registry;
@@ -36,6 +37,10 @@ pub enum ControlRequest {
     Append { project_id: String, branch_id: String, kind: String, data: Value },
     /// Read events after `after`.
     ListEvents { project_id: String, branch_id: String, after: u64, limit: usize },
+    /// Create a local API token; the answer holds the secret (shown once).
+    CreateToken { name: String },
+    ListTokens,
+    RevokeToken { which: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -110,6 +115,25 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                 })
                 .collect();
             Ok(Value::Array(events))
+        }
+        ControlRequest::CreateToken { name } => {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+                return Err(ApiError::bad_request("invalid_name", "a token name is 1-64 printable characters"));
+            }
+            let token = tokens::create(&app.store, &name).await?;
+            Ok(json!({ "token": token, "name": name }))
+        }
+        ControlRequest::ListTokens => {
+            let store = app.store.clone();
+            let list = tokio::task::spawn_blocking(move || tokens::list(&store)).await??;
+            Ok(serde_json::to_value(list).unwrap_or_default())
+        }
+        ControlRequest::RevokeToken { which } => {
+            let revoked = tokens::revoke(&app.store, &which).await?;
+            if revoked == 0 {
+                return Err(ApiError::not_found("token_not_found", format!("no token named or with id {which}")));
+            }
+            Ok(json!({ "revoked": revoked }))
         }
     }
 }

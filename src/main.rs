@@ -41,6 +41,24 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (only this once) on stdout.
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List tokens (id, name, creation time); never the secrets.
+    List,
+    /// Revoke a token by id (from `list`, at least 6 characters) or by name.
+    Revoke { which: String },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +225,20 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             target.close().await;
             result
         }
+        Command::Token { command: TokenCommand::Create { name } } => {
+            one_call(config, ControlRequest::CreateToken { name }, |v| println!("{}", v["token"].as_str().unwrap_or_default())).await
+        }
+        Command::Token { command: TokenCommand::List } => {
+            one_call(config, ControlRequest::ListTokens, |v| {
+                for t in v.as_array().into_iter().flatten() {
+                    println!("{}  {}  {}", t["id"].as_str().unwrap_or_default(), t["name"].as_str().unwrap_or_default(), t["createdAtMs"]);
+                }
+            })
+            .await
+        }
+        Command::Token { command: TokenCommand::Revoke { which } } => {
+            one_call(config, ControlRequest::RevokeToken { which }, |v| println!("REVOKED={}", v["revoked"])).await
+        }
         Command::Events { command: EventsCommand::List { project_id, branch_id, after, limit } } => {
             one_call(config, ControlRequest::ListEvents { project_id, branch_id, after, limit }, |v| {
                 for e in v.as_array().into_iter().flatten() {
@@ -231,8 +263,15 @@ async fn serve(config: Config) -> Result<()> {
         tracing::info!(project = %p, "serving one project");
     }
     let app = App::open(config).map_err(|e| anyhow!("{e}"))?;
-    let server = weldr_agent::server::start(app).await?;
+    weldr_agent::app::prepare(&app).await.map_err(|e| anyhow!("{e}"))?;
+    let server = weldr_agent::server::start(app.clone()).await?;
     println!("weldr-agent listening on {}", server.url());
+    if app.config.mode == Mode::Local
+        && let Some(token) = weldr_agent::auth::tokens::ensure_initial(&app.store).await.map_err(|e| anyhow!("{e}"))?
+    {
+        println!("Local API token (shown only now): {token}");
+        println!("Send it as `Authorization: Bearer <token>`; `weldr-agent token create` makes more.");
+    }
     server.run_until_signal().await;
     Ok(())
 }

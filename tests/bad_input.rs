@@ -18,7 +18,7 @@ async fn malformed_cursors_unknown_ids_and_traversal_are_4xx() {
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
     emit_n(s.app(), "p", "b", 3).await;
-    let http = reqwest::Client::new();
+    let http = s.http.clone();
 
     for bad in ["abc", "-1", "1.5", "0x10", "99999999999999999999999", " ", "1 2"] {
         let res = http.get(s.url("/stream/p/b")).header("Last-Event-ID", bad).send().await.unwrap();
@@ -60,7 +60,7 @@ async fn malformed_cursors_unknown_ids_and_traversal_are_4xx() {
     // Still healthy, and nothing stored changed.
     let health: serde_json::Value = http.get(s.url("/health")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["status"], "ok");
-    let mut all = SseClient::connect(&s.url("/stream/p/b"), Some("0")).await;
+    let mut all = s.sse("/stream/p/b", Some("0")).await;
     assert_eq!(ids(&all.read_until(3).await), vec![1, 2, 3]);
     s.server.shutdown().await;
 }
@@ -69,7 +69,7 @@ async fn malformed_cursors_unknown_ids_and_traversal_are_4xx() {
 async fn openapi_and_reference_describe_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
-    let http = reqwest::Client::new();
+    let http = s.http.clone();
     let doc: serde_json::Value = http.get(s.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     for path in ["/health", "/stream/{projectId}/{branchId}"] {
@@ -91,7 +91,7 @@ async fn openapi_and_reference_describe_the_api() {
 async fn cors_allows_the_configured_origin_with_credentials_and_last_event_id() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
-    let http = reqwest::Client::new();
+    let http = s.http.clone();
     let res = http
         .request(reqwest::Method::OPTIONS, s.url("/stream/p/b"))
         .header("origin", "http://localhost:3000")

@@ -125,16 +125,24 @@ fn sigterm_stops_cleanly_with_open_streams() {
     let mut server = serve(ws, port);
     run_ok(cli(ws).args(["branch", "create", "b", "p"]));
     run_ok(cli(ws).args(["events", "append", "p", "b", "--count", "3"]));
+    let token = run_ok(cli(ws).args(["token", "create", "--name", "t"])).trim().to_string();
+    assert!(token.starts_with("wa_"));
     // Open streams that would keep a naive graceful stop waiting forever.
     let streams: Vec<_> = (0..5)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             use std::io::Write;
-            write!(s, "GET /stream/p/b HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n").unwrap();
+            write!(s, "GET /stream/p/b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: 0\r\n\r\n").unwrap();
             s
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
+    for s in &streams {
+        let mut head = [0u8; 12];
+        use std::io::Read;
+        (&*s).read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "the stream is open");
+    }
     let started = Instant::now();
     unsafe_sigterm(server.id());
     let status = loop {

@@ -14,10 +14,10 @@ async fn resume_from_header_and_query_then_live() {
     branch(s.app(), "p1", "b1").await;
     emit_n(s.app(), "p1", "b1", 10).await;
 
-    let mut by_header = SseClient::connect(&s.url("/stream/p1/b1"), Some("4")).await;
-    let mut by_query = SseClient::connect(&s.url("/stream/p1/b1?lastEventId=7"), None).await;
+    let mut by_header = s.sse("/stream/p1/b1", Some("4")).await;
+    let mut by_query = s.sse("/stream/p1/b1?lastEventId=7", None).await;
     // The header wins over the query parameter.
-    let mut both = SseClient::connect(&s.url("/stream/p1/b1?lastEventId=2"), Some("8")).await;
+    let mut both = s.sse("/stream/p1/b1?lastEventId=2", Some("8")).await;
     emit_n(s.app(), "p1", "b1", 2).await;
 
     assert_eq!(ids(&by_header.read_until(12).await), (5..=12).collect::<Vec<_>>());
@@ -25,7 +25,7 @@ async fn resume_from_header_and_query_then_live() {
     assert_eq!(ids(&by_query.read_until(12).await), (8..=12).collect::<Vec<_>>());
     assert_eq!(ids(&both.read_until(12).await), (9..=12).collect::<Vec<_>>());
 
-    let mut all = SseClient::connect(&s.url("/stream/p1/b1"), Some("0")).await;
+    let mut all = s.sse("/stream/p1/b1", Some("0")).await;
     let frames = all.read_until(12).await;
     assert_eq!(ids(&frames), (1..=12).collect::<Vec<_>>());
     let first = &frames[0];
@@ -43,7 +43,7 @@ async fn no_cursor_means_live_only() {
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
     emit_n(s.app(), "p", "b", 3).await;
-    let mut live = SseClient::connect(&s.url("/stream/p/b"), None).await;
+    let mut live = s.sse("/stream/p/b", None).await;
     emit_n(s.app(), "p", "b", 2).await;
     assert_eq!(ids(&live.read_until(5).await), vec![4, 5]);
     s.server.shutdown().await;
@@ -55,7 +55,7 @@ async fn resume_across_a_server_restart_on_the_same_store() {
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
     emit_n(s.app(), "p", "b", 5).await;
-    let mut client = SseClient::connect(&s.url("/stream/p/b"), Some("0")).await;
+    let mut client = s.sse("/stream/p/b", Some("0")).await;
     let seen = client.read_until(5).await;
     assert_eq!(ids(&seen), vec![1, 2, 3, 4, 5]);
     s.server.shutdown().await;
@@ -65,7 +65,7 @@ async fn resume_across_a_server_restart_on_the_same_store() {
     let s = start(config(tmp.path())).await;
     let more = emit_n(s.app(), "p", "b", 5).await;
     assert_eq!(more, vec![6, 7, 8, 9, 10], "ids continue after a restart");
-    let mut resumed = SseClient::connect(&s.url("/stream/p/b"), Some("3")).await;
+    let mut resumed = s.sse("/stream/p/b", Some("3")).await;
     assert_eq!(ids(&resumed.read_until(10).await), (4..=10).collect::<Vec<_>>());
     s.server.shutdown().await;
 }
@@ -80,7 +80,7 @@ async fn a_hundred_subscribers_see_identical_sequences_during_concurrent_appends
     for i in 0..100 {
         // Half replay from the start, half from the middle of what exists.
         let cursor = if i % 2 == 0 { "0" } else { "10" };
-        clients.push(SseClient::connect(&s.url("/stream/p/b"), Some(cursor)).await);
+        clients.push(s.sse("/stream/p/b", Some(cursor)).await);
     }
     let producers: Vec<_> = (0..4)
         .map(|_| {
@@ -109,8 +109,8 @@ async fn a_subscriber_that_stops_reading_still_gets_every_event() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
-    let mut slow = SseClient::connect(&s.url("/stream/p/b"), Some("0")).await;
-    let mut fast = SseClient::connect(&s.url("/stream/p/b"), None).await;
+    let mut slow = s.sse("/stream/p/b", Some("0")).await;
+    let mut fast = s.sse("/stream/p/b", None).await;
     // Far more than the in-memory ring (1024) and the socket buffers hold, with big payloads.
     let big = "x".repeat(2000);
     for i in 0..6000 {
@@ -132,7 +132,7 @@ async fn a_cursor_older_than_retention_gets_an_explicit_reset() {
     let s = start(cfg).await;
     branch(s.app(), "p", "b").await;
     emit_n(s.app(), "p", "b", 30).await;
-    let mut c = SseClient::connect(&s.url("/stream/p/b"), Some("5")).await;
+    let mut c = s.sse("/stream/p/b", Some("5")).await;
     let frames = c.read_until(30).await;
     assert_eq!(frames[0].event, "reset");
     assert_eq!(frames[0].id, Some(20));
@@ -141,7 +141,7 @@ async fn a_cursor_older_than_retention_gets_an_explicit_reset() {
     assert_eq!(ids(&frames[1..]), (21..=30).collect::<Vec<_>>());
 
     // A cursor from the future (e.g. a replaced store) resets to the head.
-    let mut ahead = SseClient::connect(&s.url("/stream/p/b"), Some("500")).await;
+    let mut ahead = s.sse("/stream/p/b", Some("500")).await;
     emit_n(s.app(), "p", "b", 1).await;
     let frames = ahead.read_until(31).await;
     assert_eq!((frames[0].event.as_str(), frames[0].id), ("reset", Some(30)));
@@ -156,7 +156,7 @@ async fn shutdown_ends_open_streams_instead_of_hanging() {
     branch(s.app(), "p", "b").await;
     let mut clients = Vec::new();
     for _ in 0..20 {
-        clients.push(SseClient::connect(&s.url("/stream/p/b"), None).await);
+        clients.push(s.sse("/stream/p/b", None).await);
     }
     tokio::time::timeout(Duration::from_secs(15), s.server.shutdown()).await.expect("shutdown hung");
     for mut c in clients {

@@ -51,9 +51,11 @@ pub fn app(depot: &Depot) -> Result<Arc<App>, ApiError> {
 
 /// The API routes, without documentation routes.
 pub fn api_routes() -> Router {
-    Router::new()
-        .push(Router::with_path("health").get(health::health))
-        .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
+    Router::new().push(Router::with_path("health").get(health::health)).push(
+        Router::new()
+            .hoop(crate::auth::RequireAuth)
+            .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream)),
+    )
 }
 
 /// The OpenAPI 3.1 document of every route.

@@ -4,6 +4,9 @@ use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use salvo::http::HeaderValue;
 use salvo::prelude::*;
 
+use futures_util::StreamExt;
+
+use crate::auth;
 use crate::error::ApiError;
 use crate::ids::check_id;
 use crate::registry;
@@ -57,13 +60,20 @@ pub async fn stream(req: &mut Request, depot: &mut Depot, res: &mut Response) ->
     let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
     let branch_id = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?.to_string();
     let cursor = request_cursor(req)?;
-    registry::require_branch(&app.store, &project_id, &branch_id).await?;
+    let principal = auth::principal(depot)?;
+    auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
+    // The machine's operator (local token) is not capped; users are.
+    let slot = if principal.is_operator() { None } else { Some(app.stream_limiter.acquire(&principal.user_id)?) };
     registry::touch_branch(&app.store, &project_id, &branch_id);
     let subscription = app.subscribe(&project_id, &branch_id, cursor).await?;
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    res.stream(subscription.into_stream());
+    // The stream holds the user's connection slot until it ends.
+    res.stream(subscription.into_stream().map(move |chunk| {
+        let _slot = &slot;
+        chunk
+    }));
     Ok(())
 }

@@ -123,3 +123,136 @@ pub fn project_exists_for_update(ctx: &mut WriteCtx<'_>, project_id: &str) -> Re
     let t = ctx.tx().open_table(PROJECTS)?;
     Ok(t.get(project_id)?.is_some())
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VersionKind {
+    Checkpoint,
+    Integration,
+    Revert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    pub path: String,
+    pub kind: ChangeKind,
+}
+
+/// A version: one git commit on a branch, numbered per branch from 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub seq: u64,
+    pub commit_hash: String,
+    pub message: String,
+    pub description: Option<String>,
+    pub kind: VersionKind,
+    pub changed: Vec<FileChange>,
+    pub author: String,
+    pub created_at_ms: u64,
+    /// For a revert: the version whose tree this one restores.
+    pub restores: Option<u64>,
+    /// The workflow that made it, if any.
+    pub workflow_id: Option<String>,
+}
+
+impl Record for VersionRecord {
+    const KIND: &'static str = "version";
+    const VERSION: u8 = 1;
+}
+
+pub fn list_versions(rtx: &ReadTransaction, project_id: &str, branch_id: &str) -> Result<Vec<VersionRecord>, StorageError> {
+    let t = rtx.open_table(crate::tables::VERSIONS)?;
+    let mut out = Vec::new();
+    for entry in t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))? {
+        out.push(decode(entry?.1.value())?);
+    }
+    Ok(out)
+}
+
+pub fn get_version(
+    rtx: &ReadTransaction,
+    project_id: &str,
+    branch_id: &str,
+    seq: u64,
+) -> Result<Option<VersionRecord>, StorageError> {
+    let t = rtx.open_table(crate::tables::VERSIONS)?;
+    t.get((project_id, branch_id, seq))?.map(|v| decode(v.value())).transpose()
+}
+
+/// The next free version number of a branch, inside a write transaction.
+pub fn next_version_seq(ctx: &mut WriteCtx<'_>, project_id: &str, branch_id: &str) -> Result<u64, StorageError> {
+    let t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    let last = t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))?.next_back().transpose()?;
+    Ok(last.map(|(k, _)| k.value().2 + 1).unwrap_or(1))
+}
+
+pub fn put_version(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+    version: &VersionRecord,
+) -> Result<(), StorageError> {
+    let mut t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    t.insert((project_id, branch_id, version.seq), encode(version).as_slice())?;
+    Ok(())
+}
+
+/// The active workflow of a branch, if any (one per branch, enforced here).
+pub fn active_workflow(rtx: &ReadTransaction, project_id: &str, branch_id: &str) -> Result<Option<String>, StorageError> {
+    let t = rtx.open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    Ok(t.get((project_id, branch_id))?.map(|v| v.value().to_string()))
+}
+
+pub fn active_workflow_for_update(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Option<String>, StorageError> {
+    let t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    Ok(t.get((project_id, branch_id))?.map(|v| v.value().to_string()))
+}
+
+/// Claim the branch for `workflow_id`; `Conflict` naming the holder if another holds it.
+pub fn claim_branch(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+    workflow_id: &str,
+) -> Result<(), StorageError> {
+    let mut t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    if let Some(holder) = t.get((project_id, branch_id))? {
+        let holder = holder.value().to_string();
+        if holder != workflow_id {
+            return Err(StorageError::Conflict(holder));
+        }
+        return Ok(());
+    }
+    t.insert((project_id, branch_id), workflow_id)?;
+    Ok(())
+}
+
+pub fn release_branch(ctx: &mut WriteCtx<'_>, project_id: &str, branch_id: &str, workflow_id: &str) -> Result<(), StorageError> {
+    let mut t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    let held = t.get((project_id, branch_id))?.map(|v| v.value() == workflow_id).unwrap_or(false);
+    if held {
+        t.remove((project_id, branch_id))?;
+    }
+    Ok(())
+}
+
+/// Record the owner of a project (cloud mode learns it upstream).
+pub fn set_project_owner(ctx: &mut WriteCtx<'_>, project_id: &str, owner: &str) -> Result<(), StorageError> {
+    let mut t = ctx.tx().open_table(PROJECTS)?;
+    let current = t.get(project_id)?.map(|v| decode::<ProjectRecord>(v.value())).transpose()?;
+    if let Some(mut project) = current {
+        project.owner = Some(owner.to_string());
+        t.insert(project_id, encode(&project).as_slice())?;
+    }
+    Ok(())
+}

@@ -14,9 +14,24 @@ use weldr_agent::server::{RunningServer, start_on};
 pub struct TestServer {
     pub server: RunningServer,
     pub dir: PathBuf,
+    /// A local API token (operator).
+    pub token: String,
+    /// A client that sends the token.
+    pub http: reqwest::Client,
+}
+
+/// A reqwest client that sends `Authorization: Bearer <token>` on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
 impl TestServer {
+    pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseClient {
+        SseClient::connect_with(&self.http, &self.url(path), last_event_id).await
+    }
+
     pub fn app(&self) -> &Arc<App> {
         &self.server.app
     }
@@ -33,8 +48,11 @@ pub fn config(dir: &Path) -> Config {
 pub async fn start(config: Config) -> TestServer {
     let dir = config.workspace_base.clone();
     let app = App::open(config).expect("open store");
+    weldr_agent::app::prepare(&app).await.unwrap();
+    let token = weldr_agent::auth::tokens::create(&app.store, "test").await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    TestServer { server: start_on(app, listener).unwrap(), dir }
+    let http = client_with_token(&token);
+    TestServer { server: start_on(app, listener).unwrap(), dir, token, http }
 }
 
 /// Register project `p` and branch `b`.
@@ -70,8 +88,7 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    pub async fn connect(url: &str, last_event_id: Option<&str>) -> SseClient {
-        let client = reqwest::Client::new();
+    pub async fn connect_with(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> SseClient {
         let mut req = client.get(url);
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);

@@ -1,0 +1,216 @@
+//! Authentication and access control.
+//!
+//! Every route except `/health`, `/openapi.json` and `/reference` needs a [`Principal`]:
+//! a Better Auth session (cookie or bearer, looked up in Postgres and cached in redb) or a
+//! local API token (the machine's operator, who may use every project on it). A project belongs
+//! to the user who registered it (in cloud mode: `projects.user_id` of `PROJECT_ID` upstream);
+//! someone else's project answers 404, exactly as a missing one does.
+
+pub mod cookie;
+pub mod limits;
+pub mod sessions;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use salvo::prelude::*;
+use weldr_storage::model::{self, BranchRecord, ProjectRecord};
+use weldr_storage::writer::now_ms;
+use weldr_storage::{Store, StorageError};
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::registry::{branch_not_found, project_not_found};
+use cookie::Bearer;
+use sessions::{SessionInfo, SessionSource};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: String,
+    pub kind: PrincipalKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    /// A local API token: the machine's operator.
+    Operator,
+    /// A Better Auth user session.
+    User,
+}
+
+impl Principal {
+    pub fn operator() -> Self {
+        Self { user_id: "local".into(), kind: PrincipalKind::Operator }
+    }
+    pub fn is_operator(&self) -> bool {
+        self.kind == PrincipalKind::Operator
+    }
+    /// The owner recorded on projects this principal registers.
+    pub fn owner(&self) -> Option<String> {
+        (!self.is_operator()).then(|| self.user_id.clone())
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(salvo::http::StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// Authenticates requests.
+pub struct Authenticator {
+    pub cookie_prefix: String,
+    pub secret: Option<Vec<u8>>,
+    pub source: Option<Arc<dyn SessionSource>>,
+}
+
+impl Authenticator {
+    pub async fn authenticate(&self, store: &Store, req: &Request) -> Result<Principal, ApiError> {
+        if let Some(header) = req.headers().get("authorization") {
+            let header = header.to_str().map_err(|_| unauthorized("malformed Authorization header"))?;
+            return match cookie::parse_bearer(header, self.secret.as_deref()) {
+                Some(Bearer::Local(token)) => {
+                    let (store, token) = (store.clone(), token.clone());
+                    match tokio::task::spawn_blocking(move || tokens::verify(&store, &token)).await?? {
+                        Some(_) => Ok(Principal::operator()),
+                        None => Err(unauthorized("unknown or revoked API token")),
+                    }
+                }
+                Some(Bearer::Session(token)) => self.session(store, &token).await,
+                None => Err(unauthorized("malformed or badly signed bearer token")),
+            };
+        }
+        let cookies = req.headers().get_all("cookie").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
+        if cookie::find_session_cookie(&cookies, &self.cookie_prefix).is_some() {
+            let secret = self.secret.as_deref().ok_or_else(|| unauthorized("session cookies are not accepted here (BETTER_AUTH_SECRET is not set)"))?;
+            let token = cookie::session_token_from_cookie(&cookies, &self.cookie_prefix, secret)
+                .ok_or_else(|| unauthorized("badly signed session cookie"))?;
+            return self.session(store, &token).await;
+        }
+        Err(unauthorized("sign in, or send Authorization: Bearer <token>"))
+    }
+
+    async fn session(&self, store: &Store, token: &str) -> Result<Principal, ApiError> {
+        let now = now_ms();
+        let (s, t) = (store.clone(), token.to_string());
+        let cached = tokio::task::spawn_blocking(move || sessions::cached(&s, &t)).await??;
+        let live_cache = cached.as_ref().filter(|c| c.session.expires_at_ms > now);
+        let principal = |s: &SessionInfo| Principal { user_id: s.user_id.clone(), kind: PrincipalKind::User };
+        if let Some(c) = live_cache
+            && (self.source.is_none() || now.saturating_sub(c.checked_at_ms) < sessions::RECHECK_AFTER_MS)
+        {
+            return Ok(principal(&c.session));
+        }
+        let Some(source) = &self.source else {
+            return Err(unauthorized("unknown or expired session"));
+        };
+        match source.lookup(token).await {
+            Ok(Some(session)) if session.expires_at_ms > now => {
+                let p = principal(&session);
+                if let Err(e) = sessions::remember(store, token, session).await {
+                    tracing::warn!(error = %e, "could not cache a session");
+                }
+                Ok(p)
+            }
+            Ok(_) => {
+                if cached.is_some() {
+                    let _ = sessions::forget(store, token).await;
+                }
+                Err(unauthorized("unknown or expired session"))
+            }
+            Err(e) => match live_cache {
+                Some(c) => {
+                    tracing::warn!(error = %e, "session store unreachable; using the cached session");
+                    Ok(principal(&c.session))
+                }
+                None => {
+                    tracing::warn!(error = %e, "session store unreachable");
+                    Err(ApiError::unavailable("cannot verify the session right now; retry shortly"))
+                }
+            },
+        }
+    }
+}
+
+/// Salvo hoop: authenticate, put the [`Principal`] in the depot, or answer 401.
+pub struct RequireAuth;
+
+#[async_trait]
+impl Handler for RequireAuth {
+    async fn handle(&self, req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+        let result = match crate::api::app(depot) {
+            Ok(app) => app.auth.authenticate(&app.store, req).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(principal) => {
+                depot.insert_typed(principal);
+            }
+            Err(e) => {
+                res.status_code(e.status);
+                res.render(Json(e.body()));
+                ctrl.skip_rest();
+            }
+        }
+    }
+}
+
+/// The authenticated caller of this request.
+pub fn principal(depot: &Depot) -> Result<Principal, ApiError> {
+    depot.get_typed::<Principal>().cloned().map_err(|_| unauthorized("not authenticated"))
+}
+
+/// The project, if `principal` may use it; 404 otherwise (no existence leak).
+pub async fn require_project(app: &App, principal: &Principal, project_id: &str) -> Result<ProjectRecord, ApiError> {
+    let (s, p) = (app.store.clone(), project_id.to_string());
+    let project = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::get_project(&s.begin_read()?, &p) })
+        .await??
+        .ok_or_else(|| project_not_found(project_id))?;
+    if principal.is_operator() {
+        return Ok(project);
+    }
+    let owner = match &project.owner {
+        Some(owner) => Some(owner.clone()),
+        None if app.config.mode == crate::config::Mode::Cloud => upstream_owner(app, &project).await?,
+        None => None,
+    };
+    if owner.as_deref() == Some(principal.user_id.as_str()) {
+        Ok(project)
+    } else {
+        Err(project_not_found(project_id))
+    }
+}
+
+/// The project and branch, if `principal` may use them; 404 otherwise.
+pub async fn require_branch(
+    app: &App,
+    principal: &Principal,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<BranchRecord, ApiError> {
+    require_project(app, principal, project_id).await?;
+    let (s, p, b) = (app.store.clone(), project_id.to_string(), branch_id.to_string());
+    tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::get_branch(&s.begin_read()?, &p, &b) })
+        .await??
+        .ok_or_else(|| branch_not_found(project_id, branch_id))
+}
+
+/// In cloud mode the machine's project belongs to `projects.user_id` upstream; remember it.
+async fn upstream_owner(app: &App, project: &ProjectRecord) -> Result<Option<String>, ApiError> {
+    let Some(source) = &app.auth.source else { return Ok(None) };
+    let owner = source
+        .project_owner(&project.project_id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot read the project owner upstream");
+            ApiError::unavailable("cannot verify project access right now; retry shortly")
+        })?;
+    if let Some(owner) = &owner {
+        let (p, o) = (project.project_id.clone(), owner.clone());
+        let _ = app
+            .store
+            .writer()
+            .write(move |ctx| model::set_project_owner(ctx, &p, &o))
+            .await;
+    }
+    Ok(owner)
+}

@@ -1,0 +1,174 @@
+//! Better Auth sessions: looked up in Postgres, cached in redb until they expire.
+//!
+//! The cache is read first, so a Postgres outage does not lock out a user whose session is
+//! cached. A cached entry older than [`RECHECK_AFTER_MS`] is checked against Postgres again
+//! when Postgres answers, so a session revoked upstream stops working within that time.
+
+use std::time::Duration;
+
+use salvo::async_trait;
+use serde::{Deserialize, Serialize};
+use weldr_storage::record::{Record, decode, encode};
+use weldr_storage::tables::SESSIONS;
+use weldr_storage::writer::now_ms;
+use weldr_storage::{Store, StorageError};
+
+/// Cached sessions are re-validated upstream after this long (when upstream answers).
+pub const RECHECK_AFTER_MS: u64 = 60_000;
+/// An upstream lookup that takes longer counts as an outage.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub user_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedSession {
+    pub session: SessionInfo,
+    pub checked_at_ms: u64,
+}
+
+impl Record for CachedSession {
+    const KIND: &'static str = "session";
+    const VERSION: u8 = 1;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("session store unavailable: {0}")]
+pub struct SourceError(pub String);
+
+/// Where sessions and project owners come from (Postgres in production).
+#[async_trait]
+pub trait SessionSource: Send + Sync {
+    async fn lookup(&self, token: &str) -> Result<Option<SessionInfo>, SourceError>;
+    async fn project_owner(&self, project_id: &str) -> Result<Option<String>, SourceError>;
+}
+
+/// Table names of the Better Auth schema (plural, as the original app configured it).
+#[derive(Debug, Clone)]
+pub struct AuthTables {
+    pub sessions: String,
+    pub users: String,
+    pub projects: String,
+}
+
+impl Default for AuthTables {
+    fn default() -> Self {
+        Self { sessions: "sessions".into(), users: "users".into(), projects: "projects".into() }
+    }
+}
+
+/// Is `name` a safe SQL identifier (optionally schema-qualified)?
+pub fn is_sql_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 127
+        && name.split('.').count() <= 2
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !part.as_bytes()[0].is_ascii_digit()
+        })
+}
+
+pub struct PostgresSource {
+    url: String,
+    tables: AuthTables,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl PostgresSource {
+    pub fn new(url: String, tables: AuthTables) -> Self {
+        Self { url, tables, client: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn query(&self, sql: &str, arg: &str) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        let work = async {
+            let mut guard = self.client.lock().await;
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| SourceError(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                *guard = Some(client);
+            }
+            let client = guard.as_ref().ok_or_else(|| SourceError("no connection".into()))?;
+            match client.query(sql, &[&arg]).await {
+                Ok(rows) => Ok(rows),
+                Err(e) => {
+                    *guard = None;
+                    Err(SourceError(e.to_string()))
+                }
+            }
+        };
+        tokio::time::timeout(UPSTREAM_TIMEOUT, work).await.map_err(|_| SourceError("timed out".into()))?
+    }
+}
+
+#[async_trait]
+impl SessionSource for PostgresSource {
+    async fn lookup(&self, token: &str) -> Result<Option<SessionInfo>, SourceError> {
+        let sql = format!(
+            "SELECT s.user_id::text, (EXTRACT(EPOCH FROM s.expires_at) * 1000)::float8, u.name::text, u.email::text \
+             FROM {} s JOIN {} u ON u.id = s.user_id WHERE s.token = $1",
+            self.tables.sessions, self.tables.users
+        );
+        let rows = self.query(&sql, token).await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let expires: f64 = row.try_get(1).map_err(|e| SourceError(e.to_string()))?;
+        Ok(Some(SessionInfo {
+            user_id: row.try_get(0).map_err(|e| SourceError(e.to_string()))?,
+            expires_at_ms: if expires.is_finite() && expires > 0.0 { expires as u64 } else { 0 },
+            name: row.try_get(2).ok(),
+            email: row.try_get(3).ok(),
+        }))
+    }
+
+    async fn project_owner(&self, project_id: &str) -> Result<Option<String>, SourceError> {
+        let sql = format!("SELECT user_id::text FROM {} WHERE id = $1", self.tables.projects);
+        let rows = self.query(&sql, project_id).await?;
+        Ok(rows.first().and_then(|r| r.try_get(0).ok()))
+    }
+}
+
+fn cache_key(token: &str) -> String {
+    super::tokens::hash_token(token)
+}
+
+pub fn cached(store: &Store, token: &str) -> Result<Option<CachedSession>, StorageError> {
+    let rtx = store.begin_read()?;
+    let t = rtx.open_table(SESSIONS)?;
+    t.get(cache_key(token).as_str())?.map(|v| decode(v.value())).transpose()
+}
+
+pub async fn remember(store: &Store, token: &str, session: SessionInfo) -> Result<(), StorageError> {
+    let key = cache_key(token);
+    let record = CachedSession { session, checked_at_ms: now_ms() };
+    store
+        .writer()
+        .write(move |ctx| {
+            let mut t = ctx.tx().open_table(SESSIONS)?;
+            t.insert(key.as_str(), encode(&record).as_slice())?;
+            Ok(())
+        })
+        .await
+}
+
+pub async fn forget(store: &Store, token: &str) -> Result<(), StorageError> {
+    let key = cache_key(token);
+    store
+        .writer()
+        .write(move |ctx| {
+            let mut t = ctx.tx().open_table(SESSIONS)?;
+            t.remove(key.as_str())?;
+            Ok(())
+        })
+        .await
+}
