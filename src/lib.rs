@@ -17,3 +17,9 @@ pub mod stream;
 pub use app::App;
 pub use config::Config;
 pub use error::ApiError;
+
+/// Install ring as the process's one rustls crypto provider. Call before any TLS use (the
+/// binary does it first thing in `main`; tests call it too). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

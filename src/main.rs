@@ -157,6 +157,7 @@ fn init_logging(config: &Config) {
 }
 
 fn main() {
+    weldr_agent::install_crypto_provider();
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(c) => c,

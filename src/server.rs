@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use salvo::conn::rustls::{Keycert, RustlsConfig};
 use salvo::conn::tcp::TcpAcceptor;
+use salvo::conn::{Acceptor, Listener};
 use salvo::prelude::*;
 use salvo::server::ServerHandle;
 use tokio::task::JoinHandle;
@@ -22,40 +24,64 @@ pub const MAX_HEADERS: usize = 64;
 
 pub struct RunningServer {
     pub addr: SocketAddr,
+    pub scheme: &'static str,
     pub app: Arc<App>,
     handle: ServerHandle,
     task: JoinHandle<()>,
     control: Option<ControlServer>,
 }
 
-/// Bind `HOST:PORT` from the config and serve, with the control socket.
+/// Bind `HOST:PORT` from the config (HTTPS when `TLS_CERT_PATH`/`TLS_KEY_PATH` are set) and
+/// serve, with the control socket.
 pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
     let addr = SocketAddr::new(app.config.host, app.config.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e} (is PORT taken?)")))?;
     let control = ControlServer::start(app.clone()).await?;
-    let mut server = start_on(app, listener)?;
+    let mut server = match app.config.tls.clone() {
+        Some((cert, key)) => {
+            let keycert = Keycert::new().cert_from_path(&cert)?.key_from_path(&key)?;
+            let acceptor = salvo::conn::TcpListener::new(addr)
+                .rustls(RustlsConfig::new(keycert))
+                .try_bind()
+                .await
+                .map_err(|e| std::io::Error::other(format!("cannot listen with TLS on {addr}: {e}")))?;
+            let bound = acceptor
+                .holdings()
+                .first()
+                .and_then(|h| h.local_addr.clone().into_std())
+                .unwrap_or(addr);
+            spawn_server(app, acceptor, bound, "https")
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e} (is PORT taken?)")))?;
+            start_on(app, listener)?
+        }
+    };
     server.control = Some(control);
     Ok(server)
 }
 
-/// Serve on an already bound listener (tests bind 127.0.0.1:0).
+/// Serve plain HTTP on an already bound listener (tests bind 127.0.0.1:0).
 pub fn start_on(app: Arc<App>, listener: tokio::net::TcpListener) -> std::io::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::try_from(listener)?;
+    Ok(spawn_server(app, acceptor, addr, "http"))
+}
+
+fn spawn_server<A: Acceptor + Send + 'static>(app: Arc<App>, acceptor: A, addr: SocketAddr, scheme: &'static str) -> RunningServer {
     let mut server = Server::new(acceptor);
     server.http1_mut().max_buf_size(MAX_HEAD_BYTES).max_headers(MAX_HEADERS);
     let handle = server.handle();
     let service = crate::api::service(app.clone());
     let task = tokio::spawn(async move { server.serve(service).await });
-    tracing::info!(%addr, mode = app.config.mode.as_str(), "listening");
-    Ok(RunningServer { addr, app, handle, task, control: None })
+    tracing::info!(%addr, scheme, mode = app.config.mode.as_str(), "listening");
+    RunningServer { addr, scheme, app, handle, task, control: None }
 }
 
 impl RunningServer {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stop within the configured budget; the store is flushed and closed when this returns.
