@@ -16,6 +16,7 @@ use crate::stream::{Cursor, EventBus, Subscription, is_valid_event_type};
 
 pub struct App {
     pub config: Config,
+    pub branch_locks: crate::branches::BranchLocks,
     pub auth: Authenticator,
     pub stream_limiter: ConnectionLimiter,
     pub trigger_limiter: RateLimiter,
@@ -42,6 +43,7 @@ impl App {
             source,
         };
         Ok(Arc::new(Self {
+            branch_locks: Default::default(),
             auth,
             stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
             trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),

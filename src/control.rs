@@ -6,6 +6,7 @@
 //! it) and the server runs the very same [`execute`]. JSON lines: one request, one answer.
 
 use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ use weldr_storage::events::{list_streams, read_meta, read_range};
 
 use crate::app::App;
 use crate::auth::tokens;
+use crate::branches;
 use crate::error::ApiError;
 use crate::ids::check_id;
 use crate::registry;
@@ -31,8 +33,9 @@ pub enum ControlRequest {
     /// Store and server status.
     Status,
     CreateProject { project_id: String, title: Option<String> },
-    /// Register a branch (and its project when missing) and create its directory.
-    CreateBranch { project_id: String, branch_id: String },
+    /// Create or reuse a branch (and its project when missing): a git repository, or a fork of
+    /// `from` (`branchId` or `branchId@versionId`).
+    CreateBranch { project_id: String, branch_id: String, from: Option<String> },
     /// Append one event to a branch stream.
     Append { project_id: String, branch_id: String, kind: String, data: Value },
     /// Read events after `after`.
@@ -72,20 +75,17 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             let project = registry::create_project(&app.store, &project_id, title, None).await?;
             Ok(json!({ "projectId": project.project_id }))
         }
-        ControlRequest::CreateBranch { project_id, branch_id } => {
+        ControlRequest::CreateBranch { project_id, branch_id, from } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
+            let from = from.as_deref().map(parse_fork_source).transpose()?;
             match registry::create_project(&app.store, &project_id, None, None).await {
                 Ok(_) => {}
                 Err(e) if e.code == "project_exists" => {}
                 Err(e) => return Err(e),
             }
-            let (_, created) = registry::register_branch(&app.store, &project_id, &branch_id, None).await?;
-            let dir = branch_dir(app, &project_id, &branch_id);
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-            Ok(json!({ "status": if created { "created" } else { "reused" }, "branchDir": dir }))
+            let created = branches::create_branch(app, &project_id, &branch_id, from).await?;
+            Ok(json!({ "status": if created.created { "created" } else { "reused" }, "branchDir": created.dir }))
         }
         ControlRequest::Append { project_id, branch_id, kind, data } => {
             check_id("projectId", &project_id)?;
@@ -138,12 +138,14 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
     }
 }
 
-/// Where a branch's files live: `{base}/{project}/{branch}` locally, `{base}/{branch}` in cloud mode.
-pub fn branch_dir(app: &App, project_id: &str, branch_id: &str) -> PathBuf {
-    match app.config.mode {
-        crate::config::Mode::Local => app.config.workspace_base.join(project_id).join(branch_id),
-        crate::config::Mode::Cloud => app.config.workspace_base.join(branch_id),
-    }
+/// `branchId` or `branchId@versionId`.
+fn parse_fork_source(raw: &str) -> Result<branches::ForkFrom, ApiError> {
+    let (branch_id, version) = match raw.split_once('@') {
+        Some((b, v)) => (b, Some(crate::api::branches::parse_version_id(v)?)),
+        None => (raw, None),
+    };
+    check_id("--from branch", branch_id)?;
+    Ok(branches::ForkFrom { branch_id: branch_id.to_string(), version })
 }
 
 pub struct ControlServer {

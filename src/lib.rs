@@ -6,9 +6,12 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod branches;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod excludes;
+pub mod git;
 pub mod ids;
 pub mod registry;
 pub mod server;

@@ -74,7 +74,13 @@ enum ProjectCommand {
 #[derive(Subcommand)]
 enum BranchCommand {
     /// Create or reuse a branch directory; prints STATUS=created|reused and BRANCH_DIR=<path>.
-    Create { branch_id: String, project_id: String },
+    Create {
+        branch_id: String,
+        project_id: String,
+        /// Fork from `branchId` or `branchId@versionId` of the same project.
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,8 +203,8 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             })
             .await
         }
-        Command::Branch { command: BranchCommand::Create { branch_id, project_id } } => {
-            one_call(config, ControlRequest::CreateBranch { project_id, branch_id }, |v| {
+        Command::Branch { command: BranchCommand::Create { branch_id, project_id, from } } => {
+            one_call(config, ControlRequest::CreateBranch { project_id, branch_id, from }, |v| {
                 println!("STATUS={}", v["status"].as_str().unwrap_or_default());
                 println!("BRANCH_DIR={}", v["branchDir"].as_str().unwrap_or_default());
             })

@@ -1,8 +1,12 @@
 //! HTTP routes (one file per resource) and the OpenAPI document generated from them.
 
+pub mod body;
+pub mod branches;
 pub mod docs;
 pub mod health;
+pub mod projects;
 pub mod stream;
+pub mod versions;
 
 use std::sync::Arc;
 
@@ -54,7 +58,22 @@ pub fn api_routes() -> Router {
     Router::new().push(Router::with_path("health").get(health::health)).push(
         Router::new()
             .hoop(crate::auth::RequireAuth)
-            .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream)),
+            .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
+            .push(Router::with_path("revert").post(versions::revert))
+            .push(
+                Router::with_path("projects").get(projects::list_projects).post(projects::create_project).push(
+                    Router::with_path("{projectId}").get(projects::get_project).push(
+                        Router::with_path("branches").get(branches::list_branches).post(branches::create_branch).push(
+                            Router::with_path("{branchId}").get(branches::get_branch).push(
+                                Router::with_path("versions")
+                                    .get(versions::list_versions)
+                                    .post(versions::create_version)
+                                    .push(Router::with_path("{versionId}/diff").get(versions::version_diff)),
+                            ),
+                        ),
+                    ),
+                ),
+            ),
     )
 }
 

@@ -1,0 +1,130 @@
+//! `/projects/{projectId}/branches`: create (or fork), list and read branches.
+
+use salvo::oapi::ToSchema;
+use salvo::prelude::*;
+use serde::{Deserialize, Serialize};
+use weldr_storage::StorageError;
+use weldr_storage::model::{self, BranchRecord, BranchState};
+
+use super::body::json_body;
+use crate::auth;
+use crate::branches::{self, ForkFrom};
+use crate::error::ApiError;
+use crate::ids::check_id;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = CreateBranch))]
+pub struct CreateBranch {
+    pub branch_id: String,
+    /// Fork from this branch of the same project.
+    pub from_branch_id: Option<String>,
+    /// At this version of `fromBranchId` (default: its head).
+    pub from_version_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = Branch))]
+pub struct BranchView {
+    pub project_id: String,
+    pub branch_id: String,
+    pub parent_branch_id: Option<String>,
+    pub fork_version_id: Option<String>,
+    pub created_at_ms: u64,
+    pub last_accessed_at_ms: u64,
+    pub size_bytes: u64,
+    /// `active`, `evicted` or `restoring`.
+    pub state: String,
+    pub head_version_id: Option<String>,
+}
+
+impl From<BranchRecord> for BranchView {
+    fn from(b: BranchRecord) -> Self {
+        Self {
+            project_id: b.project_id,
+            branch_id: b.branch_id,
+            parent_branch_id: b.parent_branch_id,
+            fork_version_id: b.fork_version.map(|v| v.to_string()),
+            created_at_ms: b.created_at_ms,
+            last_accessed_at_ms: b.last_access_ms,
+            size_bytes: b.size_bytes,
+            state: match b.state {
+                BranchState::Active => "active",
+                BranchState::Evicted => "evicted",
+                BranchState::Restoring => "restoring",
+            }
+            .into(),
+            head_version_id: b.head_version.map(|v| v.to_string()),
+        }
+    }
+}
+
+/// A version id is the decimal per-branch sequence number.
+pub fn parse_version_id(raw: &str) -> Result<u64, ApiError> {
+    if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_request("invalid_version_id", "a version id is a positive decimal number"));
+    }
+    raw.parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::bad_request("invalid_version_id", "a version id is a positive decimal number"))
+}
+
+/// Create a branch (a new git repository with an initial commit on `main`), or fork one.
+#[endpoint(
+    tags("branches"),
+    request_body = CreateBranch,
+    parameters(("projectId" = String, Path, description = "Project id")),
+    status_codes(201, 400, 401, 404, 409)
+)]
+pub async fn create_branch(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<BranchView>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    let body: CreateBranch = json_body(req, app.config.max_body_bytes).await?;
+    check_id("branchId", &body.branch_id)?;
+    auth::require_project(&app, &principal, &project_id).await?;
+    let from = match (body.from_branch_id, body.from_version_id) {
+        (Some(branch_id), version) => {
+            check_id("fromBranchId", &branch_id)?;
+            Some(ForkFrom { branch_id, version: version.as_deref().map(parse_version_id).transpose()? })
+        }
+        (None, Some(_)) => return Err(ApiError::bad_request("invalid_fork", "fromVersionId needs fromBranchId")),
+        (None, None) => None,
+    };
+    let created = branches::create_branch(&app, &project_id, &body.branch_id, from).await?;
+    if !created.created {
+        return Err(ApiError::conflict("branch_exists", format!("branch {} already exists", body.branch_id)));
+    }
+    res.status_code(StatusCode::CREATED);
+    Ok(Json(created.branch.into()))
+}
+
+/// Branches of a project.
+#[endpoint(tags("branches"), parameters(("projectId" = String, Path, description = "Project id")))]
+pub async fn list_branches(req: &mut Request, depot: &mut Depot) -> Result<Json<Vec<BranchView>>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    auth::require_project(&app, &principal, &project_id).await?;
+    let store = app.store.clone();
+    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::list_branches(&store.begin_read()?, &project_id) })
+        .await??;
+    Ok(Json(list.into_iter().map(Into::into).collect()))
+}
+
+/// One branch.
+#[endpoint(
+    tags("branches"),
+    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
+)]
+pub async fn get_branch(req: &mut Request, depot: &mut Depot) -> Result<Json<BranchView>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?;
+    let branch_id = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?;
+    let branch = auth::require_branch(&app, &principal, project_id, branch_id).await?;
+    crate::registry::touch_branch(&app.store, project_id, branch_id);
+    Ok(Json(branch.into()))
+}

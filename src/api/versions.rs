@@ -1,0 +1,199 @@
+//! Versions of a branch (git commits), their diffs, checkpoints, and `POST /revert`.
+
+use salvo::oapi::ToSchema;
+use salvo::prelude::*;
+use serde::{Deserialize, Serialize};
+use weldr_storage::StorageError;
+use weldr_storage::model::{self, ChangeKind, VersionKind, VersionRecord};
+
+use super::body::json_body;
+use super::branches::parse_version_id;
+use crate::auth;
+use crate::branches;
+use crate::error::ApiError;
+use crate::git::FileDiff;
+use crate::ids::check_id;
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = ChangedFile))]
+pub struct ChangedFile {
+    pub path: String,
+    /// `added`, `modified` or `deleted`.
+    pub change: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = Version))]
+pub struct VersionView {
+    pub version_id: String,
+    pub sequence: u64,
+    pub commit_hash: String,
+    pub message: String,
+    pub description: Option<String>,
+    /// `checkpoint`, `integration` or `revert`.
+    pub kind: String,
+    pub changed_files: Vec<ChangedFile>,
+    pub author: String,
+    pub created_at_ms: u64,
+    /// For a revert: the version whose tree it restores.
+    pub restores_version_id: Option<String>,
+    pub workflow_id: Option<String>,
+}
+
+impl From<VersionRecord> for VersionView {
+    fn from(v: VersionRecord) -> Self {
+        Self {
+            version_id: v.seq.to_string(),
+            sequence: v.seq,
+            commit_hash: v.commit_hash,
+            message: v.message,
+            description: v.description,
+            kind: branches::kind_name(v.kind).into(),
+            changed_files: v
+                .changed
+                .into_iter()
+                .map(|c| ChangedFile {
+                    path: c.path,
+                    change: match c.kind {
+                        ChangeKind::Added => "added",
+                        ChangeKind::Modified => "modified",
+                        ChangeKind::Deleted => "deleted",
+                    }
+                    .into(),
+                })
+                .collect(),
+            author: v.author,
+            created_at_ms: v.created_at_ms,
+            restores_version_id: v.restores.map(|s| s.to_string()),
+            workflow_id: v.workflow_id,
+        }
+    }
+}
+
+fn path_ids(req: &Request) -> Result<(String, String), ApiError> {
+    let p = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    let b = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?.to_string();
+    Ok((p, b))
+}
+
+/// Versions of a branch, oldest first.
+#[endpoint(
+    tags("versions"),
+    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
+)]
+pub async fn list_versions(req: &mut Request, depot: &mut Depot) -> Result<Json<Vec<VersionView>>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let (p, b) = path_ids(req)?;
+    auth::require_branch(&app, &principal, &p, &b).await?;
+    crate::registry::touch_branch(&app.store, &p, &b);
+    let store = app.store.clone();
+    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::list_versions(&store.begin_read()?, &p, &b) })
+        .await??;
+    Ok(Json(list.into_iter().map(Into::into).collect()))
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = VersionDiff))]
+pub struct VersionDiff {
+    pub version: VersionView,
+    #[salvo(schema(value_type = Vec<Object>))]
+    pub files: Vec<FileDiff>,
+}
+
+/// What a version changed against the commit before it.
+#[endpoint(
+    tags("versions"),
+    parameters(
+        ("projectId" = String, Path, description = "Project id"),
+        ("branchId" = String, Path, description = "Branch id"),
+        ("versionId" = String, Path, description = "Version id")
+    )
+)]
+pub async fn version_diff(req: &mut Request, depot: &mut Depot) -> Result<Json<VersionDiff>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let (p, b) = path_ids(req)?;
+    let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
+    auth::require_branch(&app, &principal, &p, &b).await?;
+    let (version, files) = branches::version_diff(&app, &p, &b, seq).await?;
+    Ok(Json(VersionDiff { version: version.into(), files }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = CreateVersion))]
+pub struct CreateVersion {
+    pub message: String,
+    pub description: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = VersionCreated))]
+pub struct VersionCreated {
+    pub version_id: String,
+    pub commit_hash: String,
+}
+
+/// Commit the branch's current tree as a checkpoint version (edits made outside a workflow).
+/// 409 `no_changes` when nothing changed since the last version.
+#[endpoint(
+    tags("versions"),
+    request_body = CreateVersion,
+    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id")),
+    status_codes(201, 400, 401, 404, 409)
+)]
+pub async fn create_version(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<VersionCreated>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let (p, b) = path_ids(req)?;
+    let body: CreateVersion = json_body(req, app.config.max_body_bytes).await?;
+    let message = body.message.trim();
+    if message.is_empty() || message.len() > 2000 {
+        return Err(ApiError::bad_request("invalid_message", "message must be 1-2000 characters"));
+    }
+    auth::require_branch(&app, &principal, &p, &b).await?;
+    let version = branches::commit_version(&app, &p, &b, message, body.description, VersionKind::Checkpoint, None)
+        .await?
+        .ok_or_else(|| ApiError::conflict("no_changes", "nothing changed since the last version"))?;
+    res.status_code(StatusCode::CREATED);
+    Ok(Json(VersionCreated { version_id: version.seq.to_string(), commit_hash: version.commit_hash }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = RevertRequest))]
+pub struct RevertRequest {
+    pub project_id: String,
+    pub branch_id: String,
+    pub version_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = RevertResponse))]
+pub struct RevertResponse {
+    pub success: bool,
+    pub commit_hash: String,
+    /// The new version (kind `revert`).
+    pub version_id: String,
+}
+
+/// Make the branch's tree exactly that of an earlier (or, after a revert, later) version, as a
+/// new `revert` version; announced by a `version` event. 409 while a workflow is active.
+#[endpoint(tags("versions"), request_body = RevertRequest)]
+pub async fn revert(req: &mut Request, depot: &mut Depot) -> Result<Json<RevertResponse>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let body: RevertRequest = json_body(req, app.config.max_body_bytes).await?;
+    check_id("projectId", &body.project_id)?;
+    check_id("branchId", &body.branch_id)?;
+    let seq = parse_version_id(&body.version_id)?;
+    auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    let version = branches::revert(&app, &body.project_id, &body.branch_id, seq).await?;
+    Ok(Json(RevertResponse { success: true, commit_hash: version.commit_hash, version_id: version.seq.to_string() }))
+}

@@ -1,0 +1,358 @@
+//! Branch workspaces: where a branch's directory lives, creating and forking it, and its
+//! versions (git commits recorded in redb with a per-branch sequence number).
+//!
+//! git work runs in `spawn_blocking` (git2 is not `Sync` and blocks). Operations on one branch
+//! are serialised by a per-branch lock, so a checkpoint and a revert never interleave.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use weldr_storage::model::{self, BranchRecord, BranchState, ChangeKind, FileChange, VersionKind, VersionRecord};
+use weldr_storage::writer::now_ms;
+use weldr_storage::StorageError;
+
+use crate::app::App;
+use crate::config::{Config, Mode};
+use crate::error::ApiError;
+use crate::git::{self, GitError};
+use crate::registry::{branch_not_found, project_not_found};
+
+pub const AGENT_AUTHOR: &str = "weldr-agent";
+
+/// In cloud mode a machine serves one project; any other id is refused.
+pub fn check_machine_project(config: &Config, project_id: &str) -> Result<(), ApiError> {
+    match (&config.mode, &config.project_id) {
+        (Mode::Cloud, Some(own)) if own != project_id => Err(ApiError::bad_request(
+            "wrong_machine",
+            format!("this machine serves project {own} only; send requests for {project_id} to its own machine"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `{base}/{project}/{branch}` locally, `{base}/{branch}` in cloud mode (one project).
+pub fn branch_dir(config: &Config, project_id: &str, branch_id: &str) -> PathBuf {
+    match config.mode {
+        Mode::Local => config.workspace_base.join(project_id).join(branch_id),
+        Mode::Cloud => config.workspace_base.join(branch_id),
+    }
+}
+
+/// One async lock per branch.
+#[derive(Default)]
+pub struct BranchLocks {
+    locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl BranchLocks {
+    pub async fn lock(&self, project_id: &str, branch_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if locks.len() > 4096 {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks.entry((project_id.to_string(), branch_id.to_string())).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
+impl From<GitError> for ApiError {
+    fn from(e: GitError) -> Self {
+        match e {
+            GitError::NotFound(what) => ApiError::not_found("version_not_found", format!("{what} not found")),
+            other => {
+                tracing::error!(error = %other, "git failed");
+                ApiError::internal(format!("git failed: {other}"))
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, GitError> + Send + 'static) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+fn read<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StorageError> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ApiError>> {
+    let store = app.store.clone();
+    async move { Ok(tokio::task::spawn_blocking(move || f(&store.begin_read()?)).await??) }
+}
+
+/// Where a new branch starts.
+#[derive(Debug, Clone)]
+pub struct ForkFrom {
+    pub branch_id: String,
+    /// A version of the parent; its head when None.
+    pub version: Option<u64>,
+}
+
+pub struct Created {
+    pub branch: BranchRecord,
+    pub created: bool,
+    pub dir: PathBuf,
+}
+
+fn to_changes(changed: &[git::FileChange]) -> Vec<FileChange> {
+    changed
+        .iter()
+        .map(|c| FileChange {
+            path: c.path.clone(),
+            kind: match c.kind {
+                git::ChangeKind::Added => ChangeKind::Added,
+                git::ChangeKind::Modified => ChangeKind::Modified,
+                git::ChangeKind::Deleted => ChangeKind::Deleted,
+            },
+        })
+        .collect()
+}
+
+/// Create a branch (a git repository with an initial commit on `main`, or a fork of another
+/// branch of the same project at one of its versions), or reuse it if it exists.
+pub async fn create_branch(app: &App, project_id: &str, branch_id: &str, from: Option<ForkFrom>) -> Result<Created, ApiError> {
+    check_machine_project(&app.config, project_id)?;
+    let _guard = app.branch_locks.lock(project_id, branch_id).await;
+    let dir = branch_dir(&app.config, project_id, branch_id);
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let (project, existing) =
+        read(app, move |rtx| Ok((model::get_project(rtx, &p)?, model::get_branch(rtx, &p, &b)?))).await?;
+    if project.is_none() {
+        return Err(project_not_found(project_id));
+    }
+    if let Some(branch) = existing {
+        if from.is_some() {
+            return Err(ApiError::conflict("branch_exists", format!("branch {branch_id} already exists")));
+        }
+        if !dir.join(".git").exists() && branch.state == BranchState::Active {
+            // The directory went away outside our control: start it again, empty.
+            let d = dir.clone();
+            blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
+        }
+        crate::registry::touch_branch(&app.store, project_id, branch_id);
+        return Ok(Created { branch, created: false, dir });
+    }
+
+    let now = now_ms();
+    let mut record = BranchRecord {
+        project_id: project_id.to_string(),
+        branch_id: branch_id.to_string(),
+        parent_branch_id: None,
+        fork_version: None,
+        created_at_ms: now,
+        last_access_ms: now,
+        size_bytes: 0,
+        state: BranchState::Active,
+        head_version: None,
+    };
+    let mut inherited: Vec<VersionRecord> = Vec::new();
+    match &from {
+        None => {
+            let d = dir.clone();
+            let init = blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
+            inherited.push(VersionRecord {
+                seq: 1,
+                commit_hash: init.hash,
+                message: "Initial commit".into(),
+                description: None,
+                kind: VersionKind::Checkpoint,
+                changed: Vec::new(),
+                author: AGENT_AUTHOR.into(),
+                created_at_ms: now,
+                restores: None,
+                workflow_id: None,
+            });
+        }
+        Some(fork) => {
+            crate::ids::check_id("fromBranchId", &fork.branch_id)?;
+            let (p, pb) = (project_id.to_string(), fork.branch_id.clone());
+            let (parent, versions) =
+                read(app, move |rtx| Ok((model::get_branch(rtx, &p, &pb)?, model::list_versions(rtx, &p, &pb)?))).await?;
+            let parent = parent.ok_or_else(|| branch_not_found(project_id, &fork.branch_id))?;
+            let at = match fork.version {
+                Some(seq) => versions.iter().find(|v| v.seq == seq).cloned().ok_or_else(|| {
+                    ApiError::not_found("version_not_found", format!("version {seq} is not on branch {}", fork.branch_id))
+                })?,
+                None => versions.last().cloned().ok_or_else(|| ApiError::conflict("empty_branch", "the parent branch has no version yet"))?,
+            };
+            let _parent_guard = if fork.branch_id != branch_id {
+                Some(app.branch_locks.lock(project_id, &fork.branch_id).await)
+            } else {
+                return Err(ApiError::bad_request("invalid_fork", "a branch cannot fork itself"));
+            };
+            let src = branch_dir(&app.config, project_id, &parent.branch_id);
+            let (d, hash) = (dir.clone(), at.commit_hash.clone());
+            // At the parent's head, uncommitted work travels too; at an older version, its tree.
+            let include_worktree = fork.version.is_none() || Some(at.seq) == parent.head_version;
+            blocking(move || git::fork(&src, &d, &hash, include_worktree)).await?;
+            record.parent_branch_id = Some(parent.branch_id.clone());
+            record.fork_version = Some(at.seq);
+            inherited = versions.into_iter().filter(|v| v.seq <= at.seq).collect();
+        }
+    }
+    record.head_version = inherited.last().map(|v| v.seq);
+    let to_store = record.clone();
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let stored = app
+        .store
+        .writer()
+        .write(move |ctx| {
+            if model::get_branch_for_update(ctx, &p, &b)?.is_some() {
+                return Err(StorageError::AlreadyExists(format!("branch {b}")));
+            }
+            model::put_branch(ctx, &to_store)?;
+            for v in &inherited {
+                model::put_version(ctx, &p, &b, v)?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = stored {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(e.into());
+    }
+    Ok(Created { branch: record, created: true, dir })
+}
+
+/// Commit the branch's current tree as a new version. None when nothing changed.
+pub async fn commit_version(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    message: &str,
+    description: Option<String>,
+    kind: VersionKind,
+    workflow_id: Option<String>,
+) -> Result<Option<VersionRecord>, ApiError> {
+    let _guard = app.branch_locks.lock(project_id, branch_id).await;
+    commit_locked(app, project_id, branch_id, message, description, kind, workflow_id).await
+}
+
+/// [`commit_version`] for a caller that holds the branch lock.
+async fn commit_locked(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    message: &str,
+    description: Option<String>,
+    kind: VersionKind,
+    workflow_id: Option<String>,
+) -> Result<Option<VersionRecord>, ApiError> {
+    let dir = branch_dir(&app.config, project_id, branch_id);
+    let msg = message.to_string();
+    let Some(commit) = blocking(move || git::commit_all(&dir, &msg, AGENT_AUTHOR)).await? else {
+        return Ok(None);
+    };
+    let version = VersionRecord {
+        seq: 0,
+        commit_hash: commit.hash,
+        message: message.to_string(),
+        description,
+        kind,
+        changed: to_changes(&commit.changed),
+        author: AGENT_AUTHOR.into(),
+        created_at_ms: now_ms(),
+        restores: None,
+        workflow_id,
+    };
+    Ok(Some(record_version(app, project_id, branch_id, version).await?))
+}
+
+/// Store a version with the next sequence number, move the branch head, and announce it.
+async fn record_version(app: &App, project_id: &str, branch_id: &str, mut version: VersionRecord) -> Result<VersionRecord, ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let v = version.clone();
+    let seq = app
+        .store
+        .writer()
+        .write(move |ctx| {
+            let mut version = v.clone();
+            version.seq = model::next_version_seq(ctx, &p, &b)?;
+            model::put_version(ctx, &p, &b, &version)?;
+            if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
+                branch.head_version = Some(version.seq);
+                branch.last_access_ms = now_ms();
+                model::put_branch(ctx, &branch)?;
+            }
+            let event = crate::app::new_event(
+                "version",
+                json!({
+                    "versionId": version.seq.to_string(),
+                    "commitHash": version.commit_hash,
+                    "kind": kind_name(version.kind),
+                    "message": version.message,
+                    "restores": version.restores.map(|s| s.to_string()),
+                    "workflowId": version.workflow_id,
+                    "changedFiles": version.changed.len(),
+                }),
+            )
+            .map_err(|e| StorageError::Conflict(e.message))?;
+            ctx.append(&weldr_storage::StreamKey::new(&p, &b), event)?;
+            Ok(version.seq)
+        })
+        .await?;
+    version.seq = seq;
+    Ok(version)
+}
+
+pub fn kind_name(kind: VersionKind) -> &'static str {
+    match kind {
+        VersionKind::Checkpoint => "checkpoint",
+        VersionKind::Integration => "integration",
+        VersionKind::Revert => "revert",
+    }
+}
+
+/// Restore the tree of version `seq` as a new `revert` version (a later revert is a redo).
+/// 409 while a workflow is active on the branch.
+pub async fn revert(app: &App, project_id: &str, branch_id: &str, seq: u64) -> Result<VersionRecord, ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let (active, target) =
+        read(app, move |rtx| Ok((model::active_workflow(rtx, &p, &b)?, model::get_version(rtx, &p, &b, seq)?))).await?;
+    if let Some(workflow_id) = active {
+        return Err(ApiError::conflict("branch_busy", "a workflow is active on this branch; wait for it or cancel it")
+            .with_details(json!({ "workflowId": workflow_id })));
+    }
+    let target = target.ok_or_else(|| ApiError::not_found("version_not_found", format!("version {seq} is not on branch {branch_id}")))?;
+    let _guard = app.branch_locks.lock(project_id, branch_id).await;
+    // Re-check under the lock: a workflow may have claimed the branch meanwhile.
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    if let Some(workflow_id) = read(app, move |rtx| model::active_workflow(rtx, &p, &b)).await? {
+        return Err(ApiError::conflict("branch_busy", "a workflow is active on this branch")
+            .with_details(json!({ "workflowId": workflow_id })));
+    }
+    // Uncommitted work is kept as a version of its own before the tree is replaced.
+    commit_locked(app, project_id, branch_id, "Uncommitted changes before revert", None, VersionKind::Checkpoint, None).await?;
+    let dir = branch_dir(&app.config, project_id, branch_id);
+    let message = format!("Revert to version {seq}: {}", target.message);
+    let (hash, msg) = (target.commit_hash.clone(), message.clone());
+    let commit = blocking(move || git::restore_tree(&dir, &hash, &msg, AGENT_AUTHOR)).await?;
+    let version = VersionRecord {
+        seq: 0,
+        commit_hash: commit.hash,
+        message,
+        description: None,
+        kind: VersionKind::Revert,
+        changed: to_changes(&commit.changed),
+        author: AGENT_AUTHOR.into(),
+        created_at_ms: now_ms(),
+        restores: Some(seq),
+        workflow_id: None,
+    };
+    record_version(app, project_id, branch_id, version).await
+}
+
+/// The diff of version `seq` against its parent commit.
+pub async fn version_diff(app: &App, project_id: &str, branch_id: &str, seq: u64) -> Result<(VersionRecord, Vec<git::FileDiff>), ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let version = read(app, move |rtx| model::get_version(rtx, &p, &b, seq))
+        .await?
+        .ok_or_else(|| ApiError::not_found("version_not_found", format!("version {seq} is not on branch {branch_id}")))?;
+    let dir = branch_dir(&app.config, project_id, branch_id);
+    let hash = version.commit_hash.clone();
+    let diff = blocking(move || git::diff(&dir, &hash)).await?;
+    Ok((version, diff))
+}
