@@ -1,1 +1,544 @@
-fn main(){}
+//! The branch event log against Redis Streams, in the same run, interleaved.
+//!
+//! Run: `cargo bench --bench event_log` (or `scripts/bench.sh`). Needs `redis-server` on PATH.
+//! Prints Markdown tables (medians with min–max over the repeats) for the README:
+//!
+//! 1. Durable appends of 200-byte events, each acknowledged after its commit, with 1, 16, 64
+//!    and 256 concurrent producers: ours (redb, one batching writer) against `XADD` on a
+//!    loopback redis-server with `appendonly yes` + `appendfsync always` (equal durability) and
+//!    with its defaults (no fsync per write).
+//! 2. Live fan-out: append → delivery latency to 1, 100 and 1,000 SSE subscribers of one branch.
+//! 3. Catch-up: 1,000 clients resuming from `Last-Event-ID: 0` and from the middle of a 10k
+//!    log, against 1,000 clients paging through the same stream with `XRANGE ... COUNT 1000`.
+//! 4. The real binary: idle RSS, RSS per idle SSE subscriber, and startup time with 1,000
+//!    branches' logs present.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use weldr_agent::app::App;
+use weldr_agent::config::Config;
+
+const REPEATS: usize = 5;
+const APPEND_WINDOW: Duration = Duration::from_millis(1500);
+
+fn payload() -> String {
+    // With the log's own fields the stored event is about 200 bytes.
+    "x".repeat(180)
+}
+
+async fn open_app(dir: &std::path::Path) -> Arc<App> {
+    let app = App::open(Config::for_workspace(dir)).unwrap();
+    weldr_agent::registry::create_project(&app.store, "p", None, None)
+        .await
+        .unwrap();
+    weldr_agent::registry::register_branch(&app.store, "p", "b", None)
+        .await
+        .unwrap();
+    app
+}
+
+struct AppendRun {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarize(count: usize, elapsed: Duration, mut lat: Vec<Duration>) -> AppendRun {
+    lat.sort();
+    AppendRun {
+        per_sec: count as f64 / elapsed.as_secs_f64(),
+        p50_ms: ms(percentile(&lat, 0.5)),
+        p99_ms: ms(percentile(&lat, 0.99)),
+    }
+}
+
+async fn appends_ours(app: &Arc<App>, producers: usize) -> AppendRun {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let body = serde_json::json!({ "payload": payload() });
+                while start.elapsed() < APPEND_WINDOW {
+                    let t = Instant::now();
+                    app.emit("p", "b", "bench", body.clone()).await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    summarize(lat.len(), start.elapsed(), lat)
+}
+
+async fn appends_redis(port: u16, producers: usize) -> AppendRun {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut conn = Resp::connect(port).await;
+                let mut lat = Vec::new();
+                let body = payload();
+                while start.elapsed() < APPEND_WINDOW {
+                    let t = Instant::now();
+                    match conn
+                        .call(&[
+                            b"XADD",
+                            b"p/b",
+                            b"*",
+                            b"type",
+                            b"bench",
+                            b"payload",
+                            body.as_bytes(),
+                        ])
+                        .await
+                    {
+                        Value::Bulk(Some(_)) => {}
+                        other => panic!("XADD failed: {other:?}"),
+                    }
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    summarize(lat.len(), start.elapsed(), lat)
+}
+
+async fn bench_appends() {
+    println!(
+        "\n### Durable appends (200-byte events, ack after commit), {REPEATS} interleaved runs of {:.1} s\n",
+        APPEND_WINDOW.as_secs_f64()
+    );
+    println!(
+        "| producers | weldr events/s | Redis always events/s | Redis default events/s | weldr ÷ always | weldr ÷ default | weldr ack p50 / p99 ms | always p50 / p99 ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for producers in [1usize, 16, 64, 256] {
+        let (mut ours, mut always, mut default) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPEATS {
+            let dir = tempfile::tempdir().unwrap();
+            let app = open_app(dir.path()).await;
+            ours.push(appends_ours(&app, producers).await);
+            let store = app.store.clone();
+            tokio::task::spawn_blocking(move || store.close())
+                .await
+                .unwrap();
+            let r = Redis::start(true);
+            always.push(appends_redis(r.port, producers).await);
+            drop(r);
+            let r = Redis::start(false);
+            default.push(appends_redis(r.port, producers).await);
+        }
+        let rate = |v: &[AppendRun]| v.iter().map(|r| r.per_sec).collect::<Vec<_>>();
+        let ratio = |a: &[AppendRun], b: &[AppendRun]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| x.per_sec / y.per_sec)
+                .collect::<Vec<_>>()
+        };
+        let lat = |v: &[AppendRun]| {
+            format!(
+                "{:.2} / {:.2}",
+                median(&v.iter().map(|r| r.p50_ms).collect::<Vec<_>>()),
+                median(&v.iter().map(|r| r.p99_ms).collect::<Vec<_>>())
+            )
+        };
+        println!(
+            "| {producers} | {} | {} | {} | {}× | {}× | {} | {} |",
+            fmt(&rate(&ours), 0),
+            fmt(&rate(&always), 0),
+            fmt(&rate(&default), 0),
+            fmt(&ratio(&ours, &always), 2),
+            fmt(&ratio(&ours, &default), 2),
+            lat(&ours),
+            lat(&always),
+        );
+    }
+}
+
+async fn start_server(app: Arc<App>) -> (weldr_agent::server::RunningServer, String) {
+    let token = weldr_agent::auth::tokens::create(&app.store, "bench")
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (weldr_agent::server::start_on(app, listener).unwrap(), token)
+}
+
+async fn bench_fanout() {
+    const EVENTS: u64 = 200;
+    println!(
+        "\n### Live fan-out: append → delivery to every subscriber of one branch ({EVENTS} events at 500/s, {REPEATS} runs)\n"
+    );
+    println!("| subscribers | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|");
+    for subscribers in [1usize, 100, 1000] {
+        let (mut p50, mut p99, mut max) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPEATS {
+            let dir = tempfile::tempdir().unwrap();
+            let app = open_app(dir.path()).await;
+            let (server, token) = start_server(app.clone()).await;
+            let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
+                (0..=EVENTS + 1)
+                    .map(|_| std::sync::OnceLock::new())
+                    .collect(),
+            );
+            let mut clients = Vec::new();
+            for _ in 0..subscribers {
+                clients.push(RawSse::connect(server.addr, "/stream/p/b", &token, None).await);
+            }
+            // Let every subscription reach the live ring before the first append.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let readers: Vec<_> = clients
+                .into_iter()
+                .map(|mut c| {
+                    let sent = sent.clone();
+                    tokio::spawn(async move {
+                        let mut lat = Vec::with_capacity(EVENTS as usize);
+                        c.read_ids_until(EVENTS, |id| {
+                            let now = Instant::now();
+                            if let Some(t) = sent.get(id as usize).and_then(|s| s.get()) {
+                                lat.push(now.duration_since(*t));
+                            }
+                        })
+                        .await;
+                        lat
+                    })
+                })
+                .collect();
+            for id in 1..=EVENTS {
+                let _ = sent[id as usize].set(Instant::now());
+                let e = app
+                    .emit("p", "b", "text", serde_json::json!({ "text": "hello" }))
+                    .await
+                    .unwrap();
+                assert_eq!(e.id, id);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let mut lat = Vec::new();
+            for r in readers {
+                lat.extend(r.await.unwrap());
+            }
+            lat.sort();
+            p50.push(ms(percentile(&lat, 0.5)));
+            p99.push(ms(percentile(&lat, 0.99)));
+            max.push(ms(*lat.last().unwrap()));
+            server.shutdown().await;
+        }
+        println!(
+            "| {subscribers} | {} | {} | {} |",
+            fmt(&p50, 2),
+            fmt(&p99, 2),
+            fmt(&max, 2)
+        );
+    }
+}
+
+async fn bench_catchup() {
+    const LOG: u64 = 10_000;
+    const CLIENTS: usize = 1000;
+    println!(
+        "\n### Catch-up: {CLIENTS} clients read a {LOG}-event log ({REPEATS} interleaved runs)\n"
+    );
+    println!(
+        "| start | weldr events/s | XRANGE events/s | weldr ÷ XRANGE | weldr first event p50 / p99 ms | XRANGE first page p50 / p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let dir = tempfile::tempdir().unwrap();
+    let app = open_app(dir.path()).await;
+    let body = serde_json::json!({ "payload": payload() });
+    let mut batch = Vec::new();
+    for _ in 0..LOG {
+        batch.push(weldr_agent::app::new_event("text", body.clone()).unwrap());
+    }
+    for chunk in batch.chunks(1000) {
+        app.store
+            .writer()
+            .append(weldr_storage::StreamKey::new("p", "b"), chunk.to_vec())
+            .await
+            .unwrap();
+    }
+    let (server, token) = start_server(app.clone()).await;
+    let redis = Redis::start(false);
+    {
+        let mut conn = Resp::connect(redis.port).await;
+        for i in 1..=LOG {
+            let id = format!("{i}-0");
+            conn.call(&[
+                b"XADD",
+                b"p/b",
+                id.as_bytes(),
+                b"type",
+                b"text",
+                b"payload",
+                payload().as_bytes(),
+            ])
+            .await;
+        }
+    }
+    for (label, from) in [("Last-Event-ID: 0", 0u64), ("middle (5000)", LOG / 2)] {
+        let (mut ours, mut theirs, mut ratio, mut our_ttfe, mut their_ttfe) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPEATS {
+            // Ours.
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    let (addr, token) = (server.addr, token.clone());
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        let mut c = RawSse::connect(addr, "/stream/p/b", &token, Some(from)).await;
+                        let mut first = None;
+                        c.read_ids_until(LOG, |_| {
+                            first.get_or_insert_with(|| t.elapsed());
+                        })
+                        .await;
+                        let _ = c.conn.shutdown().await;
+                        first.unwrap()
+                    })
+                })
+                .collect();
+            let mut ttfe = Vec::new();
+            for t in tasks {
+                ttfe.push(t.await.unwrap());
+            }
+            let ours_rate = (LOG - from) as f64 * CLIENTS as f64 / start.elapsed().as_secs_f64();
+            ttfe.sort();
+            our_ttfe.push((ms(percentile(&ttfe, 0.5)), ms(percentile(&ttfe, 0.99))));
+            // Redis.
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    let port = redis.port;
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        let mut conn = Resp::connect(port).await;
+                        let mut cursor = format!("({from}-0");
+                        if from == 0 {
+                            cursor = "-".into();
+                        }
+                        let mut first = None;
+                        let mut got = 0u64;
+                        loop {
+                            let Value::Array(items) = conn
+                                .call(&[
+                                    b"XRANGE",
+                                    b"p/b",
+                                    cursor.as_bytes(),
+                                    b"+",
+                                    b"COUNT",
+                                    b"1000",
+                                ])
+                                .await
+                            else {
+                                panic!("XRANGE failed")
+                            };
+                            first.get_or_insert_with(|| t.elapsed());
+                            if items.is_empty() {
+                                break;
+                            }
+                            got += items.len() as u64;
+                            let Some(Value::Array(last)) = items.last() else {
+                                panic!("bad entry")
+                            };
+                            let Value::Bulk(Some(id)) = &last[0] else {
+                                panic!("bad id")
+                            };
+                            cursor = format!("({}", String::from_utf8_lossy(id));
+                            if got >= LOG - from {
+                                break;
+                            }
+                        }
+                        assert_eq!(got, LOG - from);
+                        first.unwrap()
+                    })
+                })
+                .collect();
+            let mut ttfe = Vec::new();
+            for t in tasks {
+                ttfe.push(t.await.unwrap());
+            }
+            let redis_rate = (LOG - from) as f64 * CLIENTS as f64 / start.elapsed().as_secs_f64();
+            ttfe.sort();
+            their_ttfe.push((ms(percentile(&ttfe, 0.5)), ms(percentile(&ttfe, 0.99))));
+            ours.push(ours_rate);
+            theirs.push(redis_rate);
+            ratio.push(ours_rate / redis_rate);
+        }
+        let pair = |v: &[(f64, f64)]| {
+            format!(
+                "{:.1} / {:.1}",
+                median(&v.iter().map(|x| x.0).collect::<Vec<_>>()),
+                median(&v.iter().map(|x| x.1).collect::<Vec<_>>())
+            )
+        };
+        println!(
+            "| {label} | {} | {} | {}× | {} | {} |",
+            fmt(&ours, 0),
+            fmt(&theirs, 0),
+            fmt(&ratio, 2),
+            pair(&our_ttfe),
+            pair(&their_ttfe)
+        );
+    }
+    server.shutdown().await;
+}
+
+/// The release binary as a user runs it.
+fn bench_binary() {
+    let bin = env!("CARGO_BIN_EXE_weldr-agent");
+    println!("\n### The binary: memory and startup ({REPEATS} runs)\n");
+    let spawn = |ws: &std::path::Path, port: u16| {
+        std::process::Command::new(bin)
+            .arg("serve")
+            .env("WELDR_MODE", "local")
+            .env("WORKSPACE_BASE", ws)
+            .env("PORT", port.to_string())
+            .env("LOG_LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // A workspace with 1,000 branches, 100 events each.
+    let big = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let app = App::open(Config::for_workspace(big.path())).unwrap();
+        weldr_agent::registry::create_project(&app.store, "p", None, None)
+            .await
+            .unwrap();
+        let body = serde_json::json!({ "payload": payload() });
+        for b in 0..1000 {
+            let branch = format!("b{b}");
+            weldr_agent::registry::register_branch(&app.store, "p", &branch, None)
+                .await
+                .unwrap();
+            let events: Vec<_> = (0..100)
+                .map(|_| weldr_agent::app::new_event("text", body.clone()).unwrap())
+                .collect();
+            app.store
+                .writer()
+                .append(weldr_storage::StreamKey::new("p", &branch), events)
+                .await
+                .unwrap();
+        }
+        weldr_agent::auth::tokens::create(&app.store, "bench")
+            .await
+            .unwrap();
+        let store = app.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    });
+    let (mut idle, mut startup_empty, mut startup_big, mut idle_big, mut per_sub) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        let empty = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let t = Instant::now();
+        let mut child = spawn(empty.path(), port);
+        wait_healthy(port, Duration::from_secs(30)).expect("server up");
+        startup_empty.push(ms(t.elapsed()));
+        std::thread::sleep(Duration::from_millis(300));
+        idle.push(rss_kib(child.id()) as f64 / 1024.0);
+        let _ = child.kill();
+        let _ = child.wait();
+
+        let port = free_port();
+        let t = Instant::now();
+        let mut child = spawn(big.path(), port);
+        wait_healthy(port, Duration::from_secs(60)).expect("server up");
+        startup_big.push(ms(t.elapsed()));
+        std::thread::sleep(Duration::from_millis(300));
+        let before = rss_kib(child.id());
+        idle_big.push(before as f64 / 1024.0);
+        // 1,000 idle subscribers spread over the branches (live only).
+        let token = {
+            let out = std::process::Command::new(bin)
+                .args(["token", "create", "--name", "bench-idle"])
+                .env("WELDR_MODE", "local")
+                .env("WORKSPACE_BASE", big.path())
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let conns = rt.block_on(async {
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let mut conns = Vec::new();
+            for i in 0..1000 {
+                conns.push(RawSse::connect(addr, &format!("/stream/p/b{i}"), &token, None).await);
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            conns
+        });
+        let after = rss_kib(child.id());
+        per_sub.push((after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / 1024.0);
+        drop(conns);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| idle RSS, empty store | {} MiB |", fmt(&idle, 1));
+    println!(
+        "| startup to first /health 200, empty store | {} ms |",
+        fmt(&startup_empty, 1)
+    );
+    println!(
+        "| startup to first /health 200, 1,000 branches × 100 events | {} ms |",
+        fmt(&startup_big, 1)
+    );
+    println!(
+        "| idle RSS, 1,000 branches' logs present | {} MiB |",
+        fmt(&idle_big, 1)
+    );
+    println!(
+        "| RSS per idle SSE subscriber (server process, 1,000 open) | {} KiB |",
+        fmt(&per_sub, 1)
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    weldr_agent::install_crypto_provider();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "## Event log benchmarks ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    if only.is_empty() || only == "appends" {
+        rt.block_on(bench_appends());
+    }
+    if only.is_empty() || only == "fanout" {
+        rt.block_on(bench_fanout());
+    }
+    if only.is_empty() || only == "catchup" {
+        rt.block_on(bench_catchup());
+    }
+    drop(rt);
+    if only.is_empty() || only == "binary" {
+        bench_binary();
+    }
+}

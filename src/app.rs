@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use weldr_storage::{Event, NewEvent, Store, StoreOptions, StorageError, StreamKey};
+use weldr_storage::{Event, NewEvent, StorageError, Store, StoreOptions, StreamKey};
 
 use crate::auth::Authenticator;
 use crate::auth::limits::{ConnectionLimiter, RateLimiter};
@@ -31,15 +31,23 @@ impl App {
     /// Open the store under `config.data_dir`. Fails with `AlreadyOpen` when a server holds it.
     pub fn open(config: Config) -> Result<Arc<Self>, StorageError> {
         let bus = Arc::new(EventBus::new());
-        let options = StoreOptions { event_retention: config.event_retention, ..StoreOptions::default() };
+        let options = StoreOptions {
+            event_retention: config.event_retention,
+            ..StoreOptions::default()
+        };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
-        let source: Option<Arc<dyn SessionSource>> = config
-            .database_url
-            .as_ref()
-            .map(|url| Arc::new(PostgresSource::new(url.expose().to_string(), config.auth_tables.clone())) as _);
+        let source: Option<Arc<dyn SessionSource>> = config.database_url.as_ref().map(|url| {
+            Arc::new(PostgresSource::new(
+                url.expose().to_string(),
+                config.auth_tables.clone(),
+            )) as _
+        });
         let auth = Authenticator {
             cookie_prefix: config.auth_cookie_prefix.clone(),
-            secret: config.better_auth_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()),
+            secret: config
+                .better_auth_secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes().to_vec()),
             source,
         };
         Ok(Arc::new(Self {
@@ -65,12 +73,23 @@ impl App {
         fields: serde_json::Value,
     ) -> Result<Arc<Event>, ApiError> {
         let event = new_event(kind, fields)?;
-        let mut events = self.store.writer().append(StreamKey::new(project_id, branch_id), vec![event]).await?;
-        events.pop().ok_or_else(|| ApiError::internal("append returned no event"))
+        let mut events = self
+            .store
+            .writer()
+            .append(StreamKey::new(project_id, branch_id), vec![event])
+            .await?;
+        events
+            .pop()
+            .ok_or_else(|| ApiError::internal("append returned no event"))
     }
 
     /// Subscribe to a branch stream from `cursor`.
-    pub async fn subscribe(&self, project_id: &str, branch_id: &str, cursor: Cursor) -> Result<Subscription, ApiError> {
+    pub async fn subscribe(
+        &self,
+        project_id: &str,
+        branch_id: &str,
+        cursor: Cursor,
+    ) -> Result<Subscription, ApiError> {
         let key = StreamKey::new(project_id, branch_id);
         let rx = self.bus.subscribe(&key);
         Ok(Subscription::start(
@@ -96,13 +115,21 @@ pub fn new_event(kind: &str, fields: serde_json::Value) -> Result<NewEvent, ApiE
     let mut map = match fields {
         serde_json::Value::Object(map) => map,
         serde_json::Value::Null => serde_json::Map::new(),
-        _ => return Err(ApiError::bad_request("invalid_event_data", "event data must be a JSON object")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_event_data",
+                "event data must be a JSON object",
+            ));
+        }
     };
     for reserved in ["id", "type", "timestamp"] {
         map.remove(reserved);
     }
     let data = serde_json::to_string(&map).map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(NewEvent { kind: kind.to_string(), data })
+    Ok(NewEvent {
+        kind: kind.to_string(),
+        data,
+    })
 }
 
 /// Startup work before serving: in cloud mode the machine's project exists in the registry.

@@ -110,37 +110,133 @@ pub struct ConfigError {
 
 /// The table printed in the README: (variable, default, meaning).
 pub const SETTINGS: &[(&str, &str, &str)] = &[
-    ("WELDR_MODE", "local (cloud if NODE_ENV=production)", "`local` or `cloud`"),
-    ("HOST", "127.0.0.1 local, 0.0.0.0 cloud", "address to listen on"),
+    (
+        "WELDR_MODE",
+        "local (cloud if NODE_ENV=production)",
+        "`local` or `cloud`",
+    ),
+    (
+        "HOST",
+        "127.0.0.1 local, 0.0.0.0 cloud",
+        "address to listen on",
+    ),
     ("PORT", "8080", "HTTP port"),
-    ("CORS_ORIGIN", "http://localhost:3000", "allowed origins, comma-separated"),
-    ("WORKSPACE_BASE", "~/.weldr local, /workspace cloud", "branch directories live here"),
-    ("WELDR_DATA_DIR", "$WORKSPACE_BASE/.weldr-agent", "redb store and control socket"),
-    ("PROJECT_ID", "-", "the machine's project (required in cloud mode)"),
-    ("WELDR_OBJECT_STORE_DIR", "$WORKSPACE_BASE/.weldr-objects", "fs object store (local mode, no S3_*)"),
-    ("S3_ENDPOINT", "https://t3.storage.dev local, https://fly.storage.tigris.dev cloud", "S3 endpoint"),
+    (
+        "CORS_ORIGIN",
+        "http://localhost:3000",
+        "allowed origins, comma-separated",
+    ),
+    (
+        "WORKSPACE_BASE",
+        "~/.weldr local, /workspace cloud",
+        "branch directories live here",
+    ),
+    (
+        "WELDR_DATA_DIR",
+        "$WORKSPACE_BASE/.weldr-agent",
+        "redb store and control socket",
+    ),
+    (
+        "PROJECT_ID",
+        "-",
+        "the machine's project (required in cloud mode)",
+    ),
+    (
+        "WELDR_OBJECT_STORE_DIR",
+        "$WORKSPACE_BASE/.weldr-objects",
+        "fs object store (local mode, no S3_*)",
+    ),
+    (
+        "S3_ENDPOINT",
+        "https://t3.storage.dev local, https://fly.storage.tigris.dev cloud",
+        "S3 endpoint",
+    ),
     ("S3_REGION", "auto", "S3 region"),
-    ("S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY", "-", "S3 credentials (never read from ~/.aws)"),
-    ("S3_BUCKET", "-", "one shared bucket; default is a bucket per branch"),
-    ("DATABASE_URL", "-", "Postgres mirror and Better Auth sessions (optional)"),
+    (
+        "S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY",
+        "-",
+        "S3 credentials (never read from ~/.aws)",
+    ),
+    (
+        "S3_BUCKET",
+        "-",
+        "one shared bucket; default is a bucket per branch",
+    ),
+    (
+        "DATABASE_URL",
+        "-",
+        "Postgres mirror and Better Auth sessions (optional)",
+    ),
     ("REDIS_URL", "-", "Redis mirror (optional)"),
-    ("BETTER_AUTH_SECRET", "-", "verifies Better Auth session cookies"),
-    ("WELDR_MODEL", "anthropic:claude-sonnet-4-5", "default model, `provider:model`"),
-    ("ANTHROPIC_API_KEY / OPENAI_API_KEY / GEMINI_API_KEY", "-", "provider keys"),
-    ("ANTHROPIC_BASE_URL / OPENAI_BASE_URL / GEMINI_BASE_URL", "provider default", "provider endpoints"),
-    ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1", "OpenAI-compatible local server"),
-    ("MAX_VOLUME_USAGE_PERCENT", "85", "eviction starts at this disk usage"),
-    ("TARGET_VOLUME_USAGE_PERCENT", "70", "eviction stops at this disk usage"),
-    ("EVICTION_GRACE_SECONDS", "300", "recently used branches are never evicted"),
+    (
+        "BETTER_AUTH_SECRET",
+        "-",
+        "verifies Better Auth session cookies",
+    ),
+    (
+        "WELDR_MODEL",
+        "anthropic:claude-sonnet-4-5",
+        "default model, `provider:model`",
+    ),
+    (
+        "ANTHROPIC_API_KEY / OPENAI_API_KEY / GEMINI_API_KEY",
+        "-",
+        "provider keys",
+    ),
+    (
+        "ANTHROPIC_BASE_URL / OPENAI_BASE_URL / GEMINI_BASE_URL",
+        "provider default",
+        "provider endpoints",
+    ),
+    (
+        "OLLAMA_BASE_URL",
+        "http://127.0.0.1:11434/v1",
+        "OpenAI-compatible local server",
+    ),
+    (
+        "MAX_VOLUME_USAGE_PERCENT",
+        "85",
+        "eviction starts at this disk usage",
+    ),
+    (
+        "TARGET_VOLUME_USAGE_PERCENT",
+        "70",
+        "eviction stops at this disk usage",
+    ),
+    (
+        "EVICTION_GRACE_SECONDS",
+        "300",
+        "recently used branches are never evicted",
+    ),
     ("EVENT_RETENTION", "50000", "events kept per branch stream"),
-    ("SHUTDOWN_TIMEOUT_SECONDS", "20", "graceful shutdown budget (Fly kill timeout is 30)"),
-    ("LOG_LEVEL", "info", "tracing filter, e.g. `debug` or `weldr_agent=debug`"),
+    (
+        "SHUTDOWN_TIMEOUT_SECONDS",
+        "20",
+        "graceful shutdown budget (Fly kill timeout is 30)",
+    ),
+    (
+        "LOG_LEVEL",
+        "info",
+        "tracing filter, e.g. `debug` or `weldr_agent=debug`",
+    ),
     ("AUTH_COOKIE_PREFIX", "weldr", "Better Auth cookie prefix"),
-    ("AUTH_SESSIONS_TABLE / AUTH_USERS_TABLE / AUTH_PROJECTS_TABLE", "sessions / users / projects", "Better Auth tables in Postgres"),
+    (
+        "AUTH_SESSIONS_TABLE / AUTH_USERS_TABLE / AUTH_PROJECTS_TABLE",
+        "sessions / users / projects",
+        "Better Auth tables in Postgres",
+    ),
     ("SSE_MAX_PER_USER", "32", "open SSE streams per user"),
-    ("TRIGGER_RATE_PER_MINUTE", "20", "`/trigger` calls per user per minute"),
+    (
+        "TRIGGER_RATE_PER_MINUTE",
+        "20",
+        "`/trigger` calls per user per minute",
+    ),
     ("MAX_BODY_BYTES", "1048576", "largest JSON request body"),
-    ("TLS_CERT_PATH / TLS_KEY_PATH", "-", "serve HTTPS with this PEM certificate chain and key"),
+    (
+        "TLS_CERT_PATH / TLS_KEY_PATH",
+        "-",
+        "serve HTTPS with this PEM certificate chain and key",
+    ),
 ];
 
 struct Env<'a> {
@@ -150,14 +246,21 @@ struct Env<'a> {
 impl Env<'_> {
     /// The variable's value; empty counts as unset.
     fn var(&self, name: &str) -> Option<String> {
-        (self.get)(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+        (self.get)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
     }
 
     fn secret(&self, name: &str) -> Option<Secret> {
         self.var(name).map(Secret)
     }
 
-    fn parse<T: std::str::FromStr>(&self, name: &'static str, default: T, what: &str) -> Result<T, ConfigError>
+    fn parse<T: std::str::FromStr>(
+        &self,
+        name: &'static str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
@@ -175,7 +278,11 @@ impl Env<'_> {
 fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError> {
     let v: u8 = env.parse(name, default, "a whole percentage 1-100")?;
     if !(1..=100).contains(&v) {
-        return Err(ConfigError { var: name, value: v.to_string(), message: "expected 1-100".into() });
+        return Err(ConfigError {
+            var: name,
+            value: v.to_string(),
+            message: "expected 1-100".into(),
+        });
     }
     Ok(v)
 }
@@ -183,13 +290,19 @@ fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError
 fn sql_table(env: &Env, name: &'static str, default: &str) -> Result<String, ConfigError> {
     let value = env.var(name).unwrap_or_else(|| default.to_string());
     if !crate::auth::sessions::is_sql_identifier(&value) {
-        return Err(ConfigError { var: name, value, message: "expected a table name like `sessions` or `auth.sessions`".into() });
+        return Err(ConfigError {
+            var: name,
+            value,
+            message: "expected a table name like `sessions` or `auth.sessions`".into(),
+        });
     }
     Ok(value)
 }
 
 fn home_dir() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 impl Config {
@@ -247,7 +360,10 @@ impl Config {
                 message: "expected an absolute path".into(),
             });
         }
-        let data_dir = env.var("WELDR_DATA_DIR").map(|p| expand_home(&p)).unwrap_or_else(|| workspace_base.join(".weldr-agent"));
+        let data_dir = env
+            .var("WELDR_DATA_DIR")
+            .map(|p| expand_home(&p))
+            .unwrap_or_else(|| workspace_base.join(".weldr-agent"));
         let object_store_dir = env
             .var("WELDR_OBJECT_STORE_DIR")
             .map(|p| expand_home(&p))
@@ -288,7 +404,8 @@ impl Config {
                 message: format!("must be below MAX_VOLUME_USAGE_PERCENT ({max})"),
             });
         }
-        let event_retention: u64 = env.parse("EVENT_RETENTION", 50_000, "a positive number of events")?;
+        let event_retention: u64 =
+            env.parse("EVENT_RETENTION", 50_000, "a positive number of events")?;
         if event_retention == 0 {
             return Err(ConfigError {
                 var: "EVENT_RETENTION",
@@ -296,7 +413,9 @@ impl Config {
                 message: "expected at least 1".into(),
             });
         }
-        let default_model = env.var("WELDR_MODEL").unwrap_or_else(|| "anthropic:claude-sonnet-4-5".into());
+        let default_model = env
+            .var("WELDR_MODEL")
+            .unwrap_or_else(|| "anthropic:claude-sonnet-4-5".into());
         if !default_model.contains(':') {
             return Err(ConfigError {
                 var: "WELDR_MODEL",
@@ -324,33 +443,59 @@ impl Config {
                 anthropic_base_url: env.var("ANTHROPIC_BASE_URL"),
                 openai_base_url: env.var("OPENAI_BASE_URL"),
                 gemini_base_url: env.var("GEMINI_BASE_URL"),
-                ollama_base_url: env.var("OLLAMA_BASE_URL").unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
+                ollama_base_url: env
+                    .var("OLLAMA_BASE_URL")
+                    .unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
                 default_model,
             },
             max_volume_usage_percent: max,
             target_volume_usage_percent: target,
-            eviction_grace: Duration::from_secs(env.parse("EVICTION_GRACE_SECONDS", 300u64, "seconds")?),
+            eviction_grace: Duration::from_secs(env.parse(
+                "EVICTION_GRACE_SECONDS",
+                300u64,
+                "seconds",
+            )?),
             log_level: env.var("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             event_retention,
-            shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECONDS", 20u64, "seconds")?),
+            shutdown_timeout: Duration::from_secs(env.parse(
+                "SHUTDOWN_TIMEOUT_SECONDS",
+                20u64,
+                "seconds",
+            )?),
             sse_heartbeat: Duration::from_secs(15),
-            auth_cookie_prefix: env.var("AUTH_COOKIE_PREFIX").unwrap_or_else(|| "weldr".into()),
+            auth_cookie_prefix: env
+                .var("AUTH_COOKIE_PREFIX")
+                .unwrap_or_else(|| "weldr".into()),
             auth_tables: crate::auth::sessions::AuthTables {
                 sessions: sql_table(&env, "AUTH_SESSIONS_TABLE", "sessions")?,
                 users: sql_table(&env, "AUTH_USERS_TABLE", "users")?,
                 projects: sql_table(&env, "AUTH_PROJECTS_TABLE", "projects")?,
             },
-            sse_max_per_user: env.parse("SSE_MAX_PER_USER", 32usize, "a number of streams")?.max(1),
-            trigger_rate_per_minute: env.parse("TRIGGER_RATE_PER_MINUTE", 20u32, "a number per minute")?.max(1),
-            max_body_bytes: env.parse("MAX_BODY_BYTES", 1usize << 20, "a number of bytes")?.max(1024),
+            sse_max_per_user: env
+                .parse("SSE_MAX_PER_USER", 32usize, "a number of streams")?
+                .max(1),
+            trigger_rate_per_minute: env
+                .parse("TRIGGER_RATE_PER_MINUTE", 20u32, "a number per minute")?
+                .max(1),
+            max_body_bytes: env
+                .parse("MAX_BODY_BYTES", 1usize << 20, "a number of bytes")?
+                .max(1024),
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,
                 (Some(_), None) => {
-                    return Err(ConfigError { var: "TLS_KEY_PATH", value: String::new(), message: "required with TLS_CERT_PATH".into() });
+                    return Err(ConfigError {
+                        var: "TLS_KEY_PATH",
+                        value: String::new(),
+                        message: "required with TLS_CERT_PATH".into(),
+                    });
                 }
                 (None, Some(_)) => {
-                    return Err(ConfigError { var: "TLS_CERT_PATH", value: String::new(), message: "required with TLS_KEY_PATH".into() });
+                    return Err(ConfigError {
+                        var: "TLS_CERT_PATH",
+                        value: String::new(),
+                        message: "required with TLS_KEY_PATH".into(),
+                    });
                 }
             },
         })
@@ -390,7 +535,10 @@ mod tests {
     use super::*;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_map(&map)
     }
 
@@ -401,12 +549,18 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert_eq!(c.cors_origins, vec!["http://localhost:3000"]);
         assert!(c.workspace_base.ends_with(".weldr"));
-        assert_eq!((c.max_volume_usage_percent, c.target_volume_usage_percent), (85, 70));
+        assert_eq!(
+            (c.max_volume_usage_percent, c.target_volume_usage_percent),
+            (85, 70)
+        );
         assert_eq!(c.s3.region, "auto");
         let cloud = cfg(&[("WELDR_MODE", "cloud"), ("PROJECT_ID", "p1")]).unwrap();
         assert_eq!(cloud.workspace_base, PathBuf::from("/workspace"));
         assert_eq!(cloud.s3.endpoint, "https://fly.storage.tigris.dev");
-        assert_eq!(cfg(&[("NODE_ENV", "development")]).unwrap().mode, Mode::Local);
+        assert_eq!(
+            cfg(&[("NODE_ENV", "development")]).unwrap().mode,
+            Mode::Local
+        );
     }
 
     #[test]
@@ -415,8 +569,14 @@ mod tests {
             (vec![("PORT", "eighty")], "PORT"),
             (vec![("WELDR_MODE", "space")], "WELDR_MODE"),
             (vec![("WELDR_MODE", "cloud")], "PROJECT_ID"),
-            (vec![("MAX_VOLUME_USAGE_PERCENT", "150")], "MAX_VOLUME_USAGE_PERCENT"),
-            (vec![("TARGET_VOLUME_USAGE_PERCENT", "90")], "TARGET_VOLUME_USAGE_PERCENT"),
+            (
+                vec![("MAX_VOLUME_USAGE_PERCENT", "150")],
+                "MAX_VOLUME_USAGE_PERCENT",
+            ),
+            (
+                vec![("TARGET_VOLUME_USAGE_PERCENT", "90")],
+                "TARGET_VOLUME_USAGE_PERCENT",
+            ),
             (vec![("WORKSPACE_BASE", "relative/path")], "WORKSPACE_BASE"),
             (vec![("PROJECT_ID", "../etc")], "PROJECT_ID"),
             (vec![("EVENT_RETENTION", "0")], "EVENT_RETENTION"),
@@ -429,7 +589,11 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = cfg(&[("BETTER_AUTH_SECRET", "hunter2"), ("ANTHROPIC_API_KEY", "sk-x")]).unwrap();
+        let c = cfg(&[
+            ("BETTER_AUTH_SECRET", "hunter2"),
+            ("ANTHROPIC_API_KEY", "sk-x"),
+        ])
+        .unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2") && !dbg.contains("sk-x"));
     }

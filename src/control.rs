@@ -32,18 +32,39 @@ const MAX_LINE: usize = 1 << 20;
 pub enum ControlRequest {
     /// Store and server status.
     Status,
-    CreateProject { project_id: String, title: Option<String> },
+    CreateProject {
+        project_id: String,
+        title: Option<String>,
+    },
     /// Create or reuse a branch (and its project when missing): a git repository, or a fork of
     /// `from` (`branchId` or `branchId@versionId`).
-    CreateBranch { project_id: String, branch_id: String, from: Option<String> },
+    CreateBranch {
+        project_id: String,
+        branch_id: String,
+        from: Option<String>,
+    },
     /// Append one event to a branch stream.
-    Append { project_id: String, branch_id: String, kind: String, data: Value },
+    Append {
+        project_id: String,
+        branch_id: String,
+        kind: String,
+        data: Value,
+    },
     /// Read events after `after`.
-    ListEvents { project_id: String, branch_id: String, after: u64, limit: usize },
+    ListEvents {
+        project_id: String,
+        branch_id: String,
+        after: u64,
+        limit: usize,
+    },
     /// Create a local API token; the answer holds the secret (shown once).
-    CreateToken { name: String },
+    CreateToken {
+        name: String,
+    },
     ListTokens,
-    RevokeToken { which: String },
+    RevokeToken {
+        which: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,7 +79,8 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
     match request {
         ControlRequest::Status => {
             let store = app.store.clone();
-            let streams = tokio::task::spawn_blocking(move || list_streams(&store.begin_read()?)).await??;
+            let streams =
+                tokio::task::spawn_blocking(move || list_streams(&store.begin_read()?)).await??;
             let events: u64 = streams.iter().map(|(_, m)| m.next_id - m.first_id).sum();
             Ok(json!({
                 "mode": app.config.mode.as_str(),
@@ -75,7 +97,11 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             let project = registry::create_project(&app.store, &project_id, title, None).await?;
             Ok(json!({ "projectId": project.project_id }))
         }
-        ControlRequest::CreateBranch { project_id, branch_id, from } => {
+        ControlRequest::CreateBranch {
+            project_id,
+            branch_id,
+            from,
+        } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
             let from = from.as_deref().map(parse_fork_source).transpose()?;
@@ -85,16 +111,28 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                 Err(e) => return Err(e),
             }
             let created = branches::create_branch(app, &project_id, &branch_id, from).await?;
-            Ok(json!({ "status": if created.created { "created" } else { "reused" }, "branchDir": created.dir }))
+            Ok(
+                json!({ "status": if created.created { "created" } else { "reused" }, "branchDir": created.dir }),
+            )
         }
-        ControlRequest::Append { project_id, branch_id, kind, data } => {
+        ControlRequest::Append {
+            project_id,
+            branch_id,
+            kind,
+            data,
+        } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
             registry::require_branch(&app.store, &project_id, &branch_id).await?;
             let event = app.emit(&project_id, &branch_id, &kind, data).await?;
             Ok(json!({ "id": event.id }))
         }
-        ControlRequest::ListEvents { project_id, branch_id, after, limit } => {
+        ControlRequest::ListEvents {
+            project_id,
+            branch_id,
+            after,
+            limit,
+        } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
             registry::require_branch(&app.store, &project_id, &branch_id).await?;
@@ -104,7 +142,13 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             let events = tokio::task::spawn_blocking(move || {
                 let rtx = store.begin_read()?;
                 let meta = read_meta(&rtx, &key)?;
-                read_range(&rtx, &key, after.saturating_add(1).max(meta.first_id), meta.last_id(), limit)
+                read_range(
+                    &rtx,
+                    &key,
+                    after.saturating_add(1).max(meta.first_id),
+                    meta.last_id(),
+                    limit,
+                )
             })
             .await??;
             let events: Vec<Value> = events
@@ -118,7 +162,10 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
         }
         ControlRequest::CreateToken { name } => {
             if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-                return Err(ApiError::bad_request("invalid_name", "a token name is 1-64 printable characters"));
+                return Err(ApiError::bad_request(
+                    "invalid_name",
+                    "a token name is 1-64 printable characters",
+                ));
             }
             let token = tokens::create(&app.store, &name).await?;
             Ok(json!({ "token": token, "name": name }))
@@ -131,7 +178,10 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
         ControlRequest::RevokeToken { which } => {
             let revoked = tokens::revoke(&app.store, &which).await?;
             if revoked == 0 {
-                return Err(ApiError::not_found("token_not_found", format!("no token named or with id {which}")));
+                return Err(ApiError::not_found(
+                    "token_not_found",
+                    format!("no token named or with id {which}"),
+                ));
             }
             Ok(json!({ "revoked": revoked }))
         }
@@ -145,7 +195,10 @@ fn parse_fork_source(raw: &str) -> Result<branches::ForkFrom, ApiError> {
         None => (raw, None),
     };
     check_id("--from branch", branch_id)?;
-    Ok(branches::ForkFrom { branch_id: branch_id.to_string(), version })
+    Ok(branches::ForkFrom {
+        branch_id: branch_id.to_string(),
+        version,
+    })
 }
 
 pub struct ControlServer {
@@ -206,16 +259,24 @@ async fn serve_connection(app: Arc<App>, stream: UnixStream) -> std::io::Result<
     let mut line = String::new();
     loop {
         line.clear();
-        let n = tokio::io::AsyncReadExt::take(&mut lines, MAX_LINE as u64).read_line(&mut line).await?;
+        let n = tokio::io::AsyncReadExt::take(&mut lines, MAX_LINE as u64)
+            .read_line(&mut line)
+            .await?;
         if n == 0 {
             return Ok(());
         }
         let response = match serde_json::from_str::<ControlRequest>(&line) {
             Ok(request) => match execute(&app, request).await {
                 Ok(result) => ControlResponse::Ok { result },
-                Err(e) => ControlResponse::Error { code: e.code.into(), message: e.message },
+                Err(e) => ControlResponse::Error {
+                    code: e.code.into(),
+                    message: e.message,
+                },
             },
-            Err(e) => ControlResponse::Error { code: "bad_request".into(), message: e.to_string() },
+            Err(e) => ControlResponse::Error {
+                code: "bad_request".into(),
+                message: e.to_string(),
+            },
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
@@ -233,7 +294,10 @@ impl ControlClient {
     pub async fn connect(path: &Path) -> std::io::Result<Self> {
         let stream = UnixStream::connect(path).await?;
         let (read, write) = stream.into_split();
-        Ok(Self { lines: BufReader::new(read), write })
+        Ok(Self {
+            lines: BufReader::new(read),
+            write,
+        })
     }
 
     pub async fn call(&mut self, request: &ControlRequest) -> anyhow::Result<Value> {

@@ -38,7 +38,12 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -74,18 +79,29 @@ impl ApiError {
     pub fn from_status(status: StatusCode, detail: Option<String>) -> Self {
         let (code, message) = match status {
             StatusCode::NOT_FOUND => ("not_found", "no such route; see /openapi.json".to_string()),
-            StatusCode::METHOD_NOT_ALLOWED => {
-                ("method_not_allowed", "this route does not take that method".to_string())
+            StatusCode::METHOD_NOT_ALLOWED => (
+                "method_not_allowed",
+                "this route does not take that method".to_string(),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                "payload_too_large",
+                "the request body is too large".to_string(),
+            ),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+                "headers_too_large",
+                "the request headers are too large".to_string(),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                "unsupported_media_type",
+                "send the body as application/json".to_string(),
+            ),
+            StatusCode::UNAUTHORIZED => (
+                "unauthorized",
+                "sign in or send a valid bearer token".to_string(),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => {
+                ("rate_limited", "too many requests; retry later".to_string())
             }
-            StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large".to_string()),
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
-                ("headers_too_large", "the request headers are too large".to_string())
-            }
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                ("unsupported_media_type", "send the body as application/json".to_string())
-            }
-            StatusCode::UNAUTHORIZED => ("unauthorized", "sign in or send a valid bearer token".to_string()),
-            StatusCode::TOO_MANY_REQUESTS => ("rate_limited", "too many requests; retry later".to_string()),
             s if s.is_client_error() => ("bad_request", "the request is malformed".to_string()),
             _ => ("internal", "internal error; see the server log".to_string()),
         };
@@ -99,7 +115,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -108,8 +130,12 @@ impl std::error::Error for ApiError {}
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::NotFound(what) => Self::not_found("not_found", format!("{what} not found")),
-            StorageError::AlreadyExists(what) => Self::conflict("already_exists", format!("{what} already exists")),
+            StorageError::NotFound(what) => {
+                Self::not_found("not_found", format!("{what} not found"))
+            }
+            StorageError::AlreadyExists(what) => {
+                Self::conflict("already_exists", format!("{what} already exists"))
+            }
             StorageError::Conflict(msg) => Self::conflict("conflict", msg),
             StorageError::Closed => Self::unavailable("the server is shutting down; retry shortly"),
             other => {
@@ -161,7 +187,13 @@ pub struct JsonCatcher;
 
 #[async_trait]
 impl Handler for JsonCatcher {
-    async fn handle(&self, _req: &mut Request, _depot: &mut Depot, res: &mut Response, _ctrl: &mut FlowCtrl) {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        _ctrl: &mut FlowCtrl,
+    ) {
         let status = res.status_code.unwrap_or(StatusCode::NOT_FOUND);
         if !(status.is_client_error() || status.is_server_error()) {
             return;

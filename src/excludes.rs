@@ -50,7 +50,9 @@ impl Excludes {
 
     /// Is the relative path excluded (itself or through a parent directory)?
     pub fn is_excluded(&self, rel: &Path, is_dir: bool) -> bool {
-        self.matcher.matched_path_or_any_parents(rel, is_dir).is_ignore()
+        self.matcher
+            .matched_path_or_any_parents(rel, is_dir)
+            .is_ignore()
     }
 }
 
@@ -74,7 +76,12 @@ mod tests {
         ] {
             assert!(ex.is_excluded(Path::new(path), is_dir), "{path}");
         }
-        for (path, is_dir) in [("src/main.rs", false), (".git", true), ("README.md", false), ("logs.txt", false)] {
+        for (path, is_dir) in [
+            ("src/main.rs", false),
+            (".git", true),
+            ("README.md", false),
+            ("logs.txt", false),
+        ] {
             assert!(!ex.is_excluded(Path::new(path), is_dir), "{path}");
         }
     }

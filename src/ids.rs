@@ -8,7 +8,9 @@ pub const MAX_ID_LEN: usize = 64;
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Validate `id` as the `what` of a request (`projectId`, `branchId`, ...).
@@ -32,7 +34,17 @@ mod tests {
         for ok in ["a", "proj_1", "A-b-C", &"x".repeat(64)] {
             assert!(is_valid_id(ok), "{ok}");
         }
-        for bad in ["", "..", "a/b", "a.b", "é", " a", "a\n", &"x".repeat(65), "%2e%2e"] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "a.b",
+            "é",
+            " a",
+            "a\n",
+            &"x".repeat(65),
+            "%2e%2e",
+        ] {
             assert!(!is_valid_id(bad), "{bad}");
         }
     }

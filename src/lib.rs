@@ -13,6 +13,7 @@ pub mod error;
 pub mod excludes;
 pub mod git;
 pub mod ids;
+pub mod llm;
 pub mod registry;
 pub mod server;
 pub mod stream;

@@ -12,7 +12,11 @@ use weldr_agent::control::{ControlClient, ControlRequest, execute};
 use weldr_storage::StorageError;
 
 #[derive(Parser)]
-#[command(name = "weldr-agent", version, about = "The machine an AI coding agent works in.")]
+#[command(
+    name = "weldr-agent",
+    version,
+    about = "The machine an AI coding agent works in."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -138,7 +142,9 @@ impl Target {
 
     async fn call(&mut self, request: ControlRequest) -> Result<Value> {
         match self {
-            Target::Local(app) => execute(app, request).await.map_err(|e| anyhow!("{} ({})", e.message, e.code)),
+            Target::Local(app) => execute(app, request)
+                .await
+                .map_err(|e| anyhow!("{} ({})", e.message, e.code)),
             Target::Remote(client) => client.call(&request).await,
         }
     }
@@ -154,7 +160,9 @@ impl Target {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if config.mode == Mode::Cloud {
         builder.json().init();
     } else {
@@ -173,7 +181,10 @@ fn main() {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weldr-agent: cannot start the async runtime: {e}");
@@ -190,28 +201,68 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Config => {
-            println!("mode={} workspace={} data={} port={}", config.mode.as_str(), config.workspace_base.display(), config.data_dir.display(), config.port);
+            println!(
+                "mode={} workspace={} data={} port={}",
+                config.mode.as_str(),
+                config.workspace_base.display(),
+                config.data_dir.display(),
+                config.port
+            );
             for (var, default, meaning) in SETTINGS {
                 println!("{var:<60} {default:<45} {meaning}");
             }
             Ok(())
         }
-        Command::Status => one_call(config, ControlRequest::Status, |v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())).await,
-        Command::Project { command: ProjectCommand::Create { project_id, title } } => {
-            one_call(config, ControlRequest::CreateProject { project_id, title }, |v| {
-                println!("PROJECT_ID={}", v["projectId"].as_str().unwrap_or_default())
+        Command::Status => {
+            one_call(config, ControlRequest::Status, |v| {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
             })
             .await
         }
-        Command::Branch { command: BranchCommand::Create { branch_id, project_id, from } } => {
-            one_call(config, ControlRequest::CreateBranch { project_id, branch_id, from }, |v| {
-                println!("STATUS={}", v["status"].as_str().unwrap_or_default());
-                println!("BRANCH_DIR={}", v["branchDir"].as_str().unwrap_or_default());
-            })
+        Command::Project {
+            command: ProjectCommand::Create { project_id, title },
+        } => {
+            one_call(
+                config,
+                ControlRequest::CreateProject { project_id, title },
+                |v| println!("PROJECT_ID={}", v["projectId"].as_str().unwrap_or_default()),
+            )
             .await
         }
-        Command::Events { command: EventsCommand::Append { project_id, branch_id, kind, data, count } } => {
-            let data: Value = serde_json::from_str(&data).context("--data must be a JSON object")?;
+        Command::Branch {
+            command:
+                BranchCommand::Create {
+                    branch_id,
+                    project_id,
+                    from,
+                },
+        } => {
+            one_call(
+                config,
+                ControlRequest::CreateBranch {
+                    project_id,
+                    branch_id,
+                    from,
+                },
+                |v| {
+                    println!("STATUS={}", v["status"].as_str().unwrap_or_default());
+                    println!("BRANCH_DIR={}", v["branchDir"].as_str().unwrap_or_default());
+                },
+            )
+            .await
+        }
+        Command::Events {
+            command:
+                EventsCommand::Append {
+                    project_id,
+                    branch_id,
+                    kind,
+                    data,
+                    count,
+                },
+        } => {
+            let data: Value =
+                serde_json::from_str(&data).context("--data must be a JSON object")?;
             let mut target = Target::open(config).await?;
             let mut result = Ok(());
             for _ in 0..count {
@@ -232,32 +283,70 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             target.close().await;
             result
         }
-        Command::Token { command: TokenCommand::Create { name } } => {
-            one_call(config, ControlRequest::CreateToken { name }, |v| println!("{}", v["token"].as_str().unwrap_or_default())).await
+        Command::Token {
+            command: TokenCommand::Create { name },
+        } => {
+            one_call(config, ControlRequest::CreateToken { name }, |v| {
+                println!("{}", v["token"].as_str().unwrap_or_default())
+            })
+            .await
         }
-        Command::Token { command: TokenCommand::List } => {
+        Command::Token {
+            command: TokenCommand::List,
+        } => {
             one_call(config, ControlRequest::ListTokens, |v| {
                 for t in v.as_array().into_iter().flatten() {
-                    println!("{}  {}  {}", t["id"].as_str().unwrap_or_default(), t["name"].as_str().unwrap_or_default(), t["createdAtMs"]);
+                    println!(
+                        "{}  {}  {}",
+                        t["id"].as_str().unwrap_or_default(),
+                        t["name"].as_str().unwrap_or_default(),
+                        t["createdAtMs"]
+                    );
                 }
             })
             .await
         }
-        Command::Token { command: TokenCommand::Revoke { which } } => {
-            one_call(config, ControlRequest::RevokeToken { which }, |v| println!("REVOKED={}", v["revoked"])).await
-        }
-        Command::Events { command: EventsCommand::List { project_id, branch_id, after, limit } } => {
-            one_call(config, ControlRequest::ListEvents { project_id, branch_id, after, limit }, |v| {
-                for e in v.as_array().into_iter().flatten() {
-                    println!("{e}");
-                }
+        Command::Token {
+            command: TokenCommand::Revoke { which },
+        } => {
+            one_call(config, ControlRequest::RevokeToken { which }, |v| {
+                println!("REVOKED={}", v["revoked"])
             })
+            .await
+        }
+        Command::Events {
+            command:
+                EventsCommand::List {
+                    project_id,
+                    branch_id,
+                    after,
+                    limit,
+                },
+        } => {
+            one_call(
+                config,
+                ControlRequest::ListEvents {
+                    project_id,
+                    branch_id,
+                    after,
+                    limit,
+                },
+                |v| {
+                    for e in v.as_array().into_iter().flatten() {
+                        println!("{e}");
+                    }
+                },
+            )
             .await
         }
     }
 }
 
-async fn one_call(config: Config, request: ControlRequest, print: impl FnOnce(Value)) -> Result<()> {
+async fn one_call(
+    config: Config,
+    request: ControlRequest,
+    print: impl FnOnce(Value),
+) -> Result<()> {
     let mut target = Target::open(config).await?;
     let result = target.call(request).await;
     target.close().await;
@@ -270,14 +359,20 @@ async fn serve(config: Config) -> Result<()> {
         tracing::info!(project = %p, "serving one project");
     }
     let app = App::open(config).map_err(|e| anyhow!("{e}"))?;
-    weldr_agent::app::prepare(&app).await.map_err(|e| anyhow!("{e}"))?;
+    weldr_agent::app::prepare(&app)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let server = weldr_agent::server::start(app.clone()).await?;
     println!("weldr-agent listening on {}", server.url());
     if app.config.mode == Mode::Local
-        && let Some(token) = weldr_agent::auth::tokens::ensure_initial(&app.store).await.map_err(|e| anyhow!("{e}"))?
+        && let Some(token) = weldr_agent::auth::tokens::ensure_initial(&app.store)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
     {
         println!("Local API token (shown only now): {token}");
-        println!("Send it as `Authorization: Bearer <token>`; `weldr-agent token create` makes more.");
+        println!(
+            "Send it as `Authorization: Bearer <token>`; `weldr-agent token create` makes more."
+        );
     }
     server.run_until_signal().await;
     Ok(())

@@ -2,16 +2,22 @@
 
 use weldr_storage::model::{self, BranchRecord, BranchState, ProjectRecord};
 use weldr_storage::writer::now_ms;
-use weldr_storage::{Store, StorageError};
+use weldr_storage::{StorageError, Store};
 
 use crate::error::ApiError;
 
 pub fn project_not_found(project_id: &str) -> ApiError {
-    ApiError::not_found("project_not_found", format!("project {project_id} not found"))
+    ApiError::not_found(
+        "project_not_found",
+        format!("project {project_id} not found"),
+    )
 }
 
 pub fn branch_not_found(project_id: &str, branch_id: &str) -> ApiError {
-    ApiError::not_found("branch_not_found", format!("branch {branch_id} not found in project {project_id}"))
+    ApiError::not_found(
+        "branch_not_found",
+        format!("branch {branch_id} not found in project {project_id}"),
+    )
 }
 
 /// Register a project; 409 if it exists.
@@ -21,16 +27,22 @@ pub async fn create_project(
     title: Option<String>,
     owner: Option<String>,
 ) -> Result<ProjectRecord, ApiError> {
-    let record = ProjectRecord { project_id: project_id.to_string(), title, owner, created_at_ms: now_ms() };
+    let record = ProjectRecord {
+        project_id: project_id.to_string(),
+        title,
+        owner,
+        created_at_ms: now_ms(),
+    };
     let to_insert = record.clone();
     store
         .writer()
         .write(move |ctx| model::insert_project(ctx, &to_insert))
         .await
         .map_err(|e| match e {
-            StorageError::AlreadyExists(_) => {
-                ApiError::conflict("project_exists", format!("project {project_id} already exists"))
-            }
+            StorageError::AlreadyExists(_) => ApiError::conflict(
+                "project_exists",
+                format!("project {project_id} already exists"),
+            ),
             other => other.into(),
         })?;
     Ok(record)
@@ -76,11 +88,18 @@ pub async fn register_branch(
 }
 
 /// The branch, or 404 naming whichever of project and branch is missing.
-pub async fn require_branch(store: &Store, project_id: &str, branch_id: &str) -> Result<BranchRecord, ApiError> {
+pub async fn require_branch(
+    store: &Store,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<BranchRecord, ApiError> {
     let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
     let (project, branch) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
         let rtx = s.begin_read()?;
-        Ok((model::get_project(&rtx, &p)?, model::get_branch(&rtx, &p, &b)?))
+        Ok((
+            model::get_project(&rtx, &p)?,
+            model::get_branch(&rtx, &p, &b)?,
+        ))
     })
     .await??;
     match (project, branch) {

@@ -43,7 +43,9 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
                 .rustls(RustlsConfig::new(keycert))
                 .try_bind()
                 .await
-                .map_err(|e| std::io::Error::other(format!("cannot listen with TLS on {addr}: {e}")))?;
+                .map_err(|e| {
+                    std::io::Error::other(format!("cannot listen with TLS on {addr}: {e}"))
+                })?;
             let bound = acceptor
                 .holdings()
                 .first()
@@ -52,9 +54,12 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
             spawn_server(app, acceptor, bound, "https")
         }
         None => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e} (is PORT taken?)")))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: {e} (is PORT taken?)"),
+                )
+            })?;
             start_on(app, listener)?
         }
     };
@@ -63,20 +68,38 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
 }
 
 /// Serve plain HTTP on an already bound listener (tests bind 127.0.0.1:0).
-pub fn start_on(app: Arc<App>, listener: tokio::net::TcpListener) -> std::io::Result<RunningServer> {
+pub fn start_on(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let acceptor = TcpAcceptor::try_from(listener)?;
     Ok(spawn_server(app, acceptor, addr, "http"))
 }
 
-fn spawn_server<A: Acceptor + Send + 'static>(app: Arc<App>, acceptor: A, addr: SocketAddr, scheme: &'static str) -> RunningServer {
+fn spawn_server<A: Acceptor + Send + 'static>(
+    app: Arc<App>,
+    acceptor: A,
+    addr: SocketAddr,
+    scheme: &'static str,
+) -> RunningServer {
     let mut server = Server::new(acceptor);
-    server.http1_mut().max_buf_size(MAX_HEAD_BYTES).max_headers(MAX_HEADERS);
+    server
+        .http1_mut()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
     let handle = server.handle();
     let service = crate::api::service(app.clone());
     let task = tokio::spawn(async move { server.serve(service).await });
     tracing::info!(%addr, scheme, mode = app.config.mode.as_str(), "listening");
-    RunningServer { addr, scheme, app, handle, task, control: None }
+    RunningServer {
+        addr,
+        scheme,
+        app,
+        handle,
+        task,
+        control: None,
+    }
 }
 
 impl RunningServer {
@@ -90,7 +113,10 @@ impl RunningServer {
         tracing::info!(budget_secs = budget.as_secs(), "shutting down");
         self.app.shutdown.cancel();
         self.handle.stop_graceful(Some(budget));
-        if tokio::time::timeout(budget + Duration::from_secs(1), self.task).await.is_err() {
+        if tokio::time::timeout(budget + Duration::from_secs(1), self.task)
+            .await
+            .is_err()
+        {
             tracing::warn!("HTTP connections still open after the shutdown budget; closing anyway");
         }
         if let Some(control) = self.control {

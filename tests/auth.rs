@@ -16,7 +16,8 @@ const TOKEN: &str = "YpZ3kTq8Lm2Nv5Rx7Wb9Cd1Ef4Gh6Jk0";
 const SIGNATURE: &str = include_str!("vectors/better_auth_signature.txt");
 
 fn database_url() -> String {
-    std::env::var("WELDR_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("WELDR_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A fresh schema with Better Auth's tables; returns its name.
@@ -50,7 +51,10 @@ fn signed_cookie(token: &str, signature: &str) -> String {
     format!("weldr.session_token={encoded}")
 }
 
-async fn server_with_postgres(schema: &str, database_url: String) -> (tempfile::TempDir, TestServer) {
+async fn server_with_postgres(
+    schema: &str,
+    database_url: String,
+) -> (tempfile::TempDir, TestServer) {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.database_url = Some(weldr_agent::config::Secret(database_url));
@@ -60,15 +64,28 @@ async fn server_with_postgres(schema: &str, database_url: String) -> (tempfile::
     cfg.auth_tables.projects = format!("{schema}.projects");
     let s = start(cfg).await;
     // u1 owns p1, u2 owns p2.
-    weldr_agent::registry::create_project(&s.app().store, "p1", None, Some("u1".into())).await.unwrap();
-    weldr_agent::registry::create_project(&s.app().store, "p2", None, Some("u2".into())).await.unwrap();
-    weldr_agent::registry::register_branch(&s.app().store, "p1", "b", None).await.unwrap();
-    weldr_agent::registry::register_branch(&s.app().store, "p2", "b", None).await.unwrap();
+    weldr_agent::registry::create_project(&s.app().store, "p1", None, Some("u1".into()))
+        .await
+        .unwrap();
+    weldr_agent::registry::create_project(&s.app().store, "p2", None, Some("u2".into()))
+        .await
+        .unwrap();
+    weldr_agent::registry::register_branch(&s.app().store, "p1", "b", None)
+        .await
+        .unwrap();
+    weldr_agent::registry::register_branch(&s.app().store, "p2", "b", None)
+        .await
+        .unwrap();
     (tmp, s)
 }
 
 async fn status_with(s: &TestServer, path: &str, header: (&str, String)) -> u16 {
-    let res = reqwest::Client::new().get(s.url(path)).header(header.0, header.1).send().await.unwrap();
+    let res = reqwest::Client::new()
+        .get(s.url(path))
+        .header(header.0, header.1)
+        .send()
+        .await
+        .unwrap();
     let status = res.status().as_u16();
     if status != 200 {
         let body: serde_json::Value = res.json().await.unwrap();
@@ -83,11 +100,38 @@ async fn better_auth_cookies_and_bearers() {
     let (_tmp, s) = server_with_postgres(&schema, database_url()).await;
     let sig = SIGNATURE.trim();
 
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", signed_cookie(TOKEN, sig))).await, 200);
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p1/b?lastEventId=0",
+            ("cookie", signed_cookie(TOKEN, sig))
+        )
+        .await,
+        200
+    );
     let secure = signed_cookie(TOKEN, sig).replace("weldr.", "__Secure-weldr.");
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", secure)).await, 200);
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("authorization", format!("Bearer {TOKEN}.{sig}"))).await, 200);
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("authorization", format!("Bearer {TOKEN}"))).await, 200);
+    assert_eq!(
+        status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", secure)).await,
+        200
+    );
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p1/b?lastEventId=0",
+            ("authorization", format!("Bearer {TOKEN}.{sig}"))
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p1/b?lastEventId=0",
+            ("authorization", format!("Bearer {TOKEN}"))
+        )
+        .await,
+        200
+    );
 
     // Signed with another secret, tampered, unsigned, expired, unknown: 401.
     let other = base64_hmac(b"another-secret", TOKEN);
@@ -104,12 +148,30 @@ async fn better_auth_cookies_and_bearers() {
         "weldr.session_token=".to_string(),
         "weldr.session_token=%ZZ%".to_string(),
     ] {
-        assert_eq!(status_with(&s, "/stream/p1/b", ("cookie", cookie.clone())).await, 401, "{cookie}");
+        assert_eq!(
+            status_with(&s, "/stream/p1/b", ("cookie", cookie.clone())).await,
+            401,
+            "{cookie}"
+        );
     }
-    for bearer in ["Bearer expired-token", "Bearer nope", "Bearer wa_revoked", "Basic dXNlcjpwYXNz", "Bearer"] {
-        assert_eq!(status_with(&s, "/stream/p1/b", ("authorization", bearer.to_string())).await, 401, "{bearer}");
+    for bearer in [
+        "Bearer expired-token",
+        "Bearer nope",
+        "Bearer wa_revoked",
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+    ] {
+        assert_eq!(
+            status_with(&s, "/stream/p1/b", ("authorization", bearer.to_string())).await,
+            401,
+            "{bearer}"
+        );
     }
-    let res = reqwest::Client::new().get(s.url("/stream/p1/b")).send().await.unwrap();
+    let res = reqwest::Client::new()
+        .get(s.url("/stream/p1/b"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
 
     // Another user's project looks exactly like a missing one.
@@ -122,12 +184,31 @@ async fn better_auth_cookies_and_bearers() {
     assert_eq!(res.status(), 404);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "project_not_found");
-    assert_eq!(status_with(&s, "/stream/p2/b?lastEventId=0", ("authorization", "Bearer bob-token".into())).await, 200);
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p2/b?lastEventId=0",
+            ("authorization", "Bearer bob-token".into())
+        )
+        .await,
+        200
+    );
     // The operator token reaches both.
-    assert_eq!(status_with(&s, "/stream/p2/b?lastEventId=0", ("authorization", format!("Bearer {}", s.token))).await, 200);
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p2/b?lastEventId=0",
+            ("authorization", format!("Bearer {}", s.token))
+        )
+        .await,
+        200
+    );
     // Open routes stay open.
     assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
-    assert_eq!(reqwest::get(s.url("/openapi.json")).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(s.url("/openapi.json")).await.unwrap().status(),
+        200
+    );
     s.server.shutdown().await;
 }
 
@@ -149,7 +230,8 @@ impl Proxy {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
                 conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                     let _ = inbound.shutdown().await;
@@ -167,23 +249,42 @@ async fn a_cached_session_survives_a_postgres_outage() {
     let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
     let (_tmp, s) = server_with_postgres(&schema, url).await;
     let cookie = signed_cookie(TOKEN, SIGNATURE.trim());
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", cookie.clone())).await, 200);
+    assert_eq!(
+        status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", cookie.clone())).await,
+        200
+    );
 
     // Postgres goes away (the proxy and every connection through it).
     proxy.task.abort();
     let _ = proxy.task.await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    assert_eq!(status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", cookie)).await, 200, "cached session still works");
+    assert_eq!(
+        status_with(&s, "/stream/p1/b?lastEventId=0", ("cookie", cookie)).await,
+        200,
+        "cached session still works"
+    );
     // A session never seen before cannot be verified now: 503, not a wrong 401 or 200.
-    assert_eq!(status_with(&s, "/stream/p2/b", ("authorization", "Bearer bob-token".into())).await, 503);
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p2/b",
+            ("authorization", "Bearer bob-token".into())
+        )
+        .await,
+        503
+    );
     s.server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_mode_reads_the_project_owner_upstream() {
     let (schema, db) = schema("cloud").await;
-    db.batch_execute(&format!("INSERT INTO {schema}.projects VALUES ('proj1', 'u1')")).await.unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO {schema}.projects VALUES ('proj1', 'u1')"
+    ))
+    .await
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.mode = weldr_agent::config::Mode::Cloud;
@@ -194,9 +295,22 @@ async fn cloud_mode_reads_the_project_owner_upstream() {
     cfg.auth_tables.users = format!("{schema}.users");
     cfg.auth_tables.projects = format!("{schema}.projects");
     let s = start(cfg).await;
-    weldr_agent::registry::register_branch(&s.app().store, "proj1", "main", None).await.unwrap();
+    weldr_agent::registry::register_branch(&s.app().store, "proj1", "main", None)
+        .await
+        .unwrap();
     let cookie = signed_cookie(TOKEN, SIGNATURE.trim());
-    assert_eq!(status_with(&s, "/stream/proj1/main?lastEventId=0", ("cookie", cookie)).await, 200);
-    assert_eq!(status_with(&s, "/stream/proj1/main", ("authorization", "Bearer bob-token".into())).await, 404);
+    assert_eq!(
+        status_with(&s, "/stream/proj1/main?lastEventId=0", ("cookie", cookie)).await,
+        200
+    );
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/proj1/main",
+            ("authorization", "Bearer bob-token".into())
+        )
+        .await,
+        404
+    );
     s.server.shutdown().await;
 }

@@ -2,7 +2,9 @@
 //! and only an exactly signed value is accepted.
 
 use proptest::prelude::*;
-use weldr_agent::auth::cookie::{Bearer, find_session_cookie, parse_bearer, session_token_from_cookie, sign, verify_signed};
+use weldr_agent::auth::cookie::{
+    Bearer, find_session_cookie, parse_bearer, session_token_from_cookie, sign, verify_signed,
+};
 
 const SECRET: &[u8] = b"s3cret";
 

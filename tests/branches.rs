@@ -17,14 +17,29 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
         for entry in std::fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
             let path = entry.path();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             if rel == ".git" {
                 continue;
             }
             let meta = std::fs::symlink_metadata(&path).unwrap();
             let mode = meta.permissions().mode() & 0o777;
             if meta.file_type().is_symlink() {
-                out.insert(rel, ('l', 0, std::fs::read_link(&path).unwrap().to_string_lossy().as_bytes().to_vec()));
+                out.insert(
+                    rel,
+                    (
+                        'l',
+                        0,
+                        std::fs::read_link(&path)
+                            .unwrap()
+                            .to_string_lossy()
+                            .as_bytes()
+                            .to_vec(),
+                    ),
+                );
             } else if meta.is_dir() {
                 out.insert(rel.clone(), ('d', 0, Vec::new()));
                 walk(root, &path, out);
@@ -39,21 +54,40 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
 }
 
 /// Assert two snapshots are equal, naming only the paths that differ.
-fn assert_same_tree(got: &BTreeMap<String, (char, u32, Vec<u8>)>, want: &BTreeMap<String, (char, u32, Vec<u8>)>, what: &str) {
+fn assert_same_tree(
+    got: &BTreeMap<String, (char, u32, Vec<u8>)>,
+    want: &BTreeMap<String, (char, u32, Vec<u8>)>,
+    what: &str,
+) {
     let diff: Vec<String> = got
         .keys()
         .chain(want.keys())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .filter(|k| got.get(*k) != want.get(*k))
-        .map(|k| format!("{k}: got {:?} want {:?}", got.get(k).map(|v| (v.0, v.1, v.2.len())), want.get(k).map(|v| (v.0, v.1, v.2.len()))))
+        .map(|k| {
+            format!(
+                "{k}: got {:?} want {:?}",
+                got.get(k).map(|v| (v.0, v.1, v.2.len())),
+                want.get(k).map(|v| (v.0, v.1, v.2.len()))
+            )
+        })
         .collect();
     assert!(diff.is_empty(), "{what}: {diff:#?}");
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("system git for checks");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("system git for checks");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -70,7 +104,12 @@ async fn get(s: &TestServer, path: &str) -> (u16, Value) {
 }
 
 async fn checkpoint(s: &TestServer, p: &str, b: &str, message: &str) -> String {
-    let (status, body) = post(s, &format!("/projects/{p}/branches/{b}/versions"), json!({ "message": message })).await;
+    let (status, body) = post(
+        s,
+        &format!("/projects/{p}/branches/{b}/versions"),
+        json!({ "message": message }),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     body["versionId"].as_str().unwrap().to_string()
 }
@@ -89,7 +128,10 @@ async fn forks_keep_files_and_histories_apart() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     let main = setup(&s).await;
-    assert_eq!(git(&main, &["rev-parse", "--abbrev-ref", "HEAD"]).trim(), "main");
+    assert_eq!(
+        git(&main, &["rev-parse", "--abbrev-ref", "HEAD"]).trim(),
+        "main"
+    );
     std::fs::write(main.join("shared.txt"), "base\n").unwrap();
     let v2 = checkpoint(&s, "p", "main", "base file").await;
     // Uncommitted work at the parent's head travels with a fork.
@@ -97,12 +139,29 @@ async fn forks_keep_files_and_histories_apart() {
     std::fs::create_dir_all(main.join("node_modules/x")).unwrap();
     std::fs::write(main.join("node_modules/x/index.js"), "excluded").unwrap();
 
-    let (status, body) = post(&s, "/projects/p/branches", json!({ "branchId": "feature", "fromBranchId": "main" })).await;
+    let (status, body) = post(
+        &s,
+        "/projects/p/branches",
+        json!({ "branchId": "feature", "fromBranchId": "main" }),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
-    assert_eq!((body["parentBranchId"].as_str(), body["forkVersionId"].as_str()), (Some("main"), Some(v2.as_str())));
+    assert_eq!(
+        (
+            body["parentBranchId"].as_str(),
+            body["forkVersionId"].as_str()
+        ),
+        (Some("main"), Some(v2.as_str()))
+    );
     let feature = s.dir.join("p/feature");
-    assert_eq!(std::fs::read_to_string(feature.join("draft.txt")).unwrap(), "wip\n");
-    assert!(!feature.join("node_modules").exists(), "sync excludes do not travel");
+    assert_eq!(
+        std::fs::read_to_string(feature.join("draft.txt")).unwrap(),
+        "wip\n"
+    );
+    assert!(
+        !feature.join("node_modules").exists(),
+        "sync excludes do not travel"
+    );
     git(&feature, &["fsck", "--strict"]);
 
     std::fs::write(main.join("shared.txt"), "main side\n").unwrap();
@@ -110,20 +169,33 @@ async fn forks_keep_files_and_histories_apart() {
     std::fs::remove_file(feature.join("draft.txt")).unwrap();
     checkpoint(&s, "p", "main", "main change").await;
     checkpoint(&s, "p", "feature", "feature change").await;
-    assert_eq!(std::fs::read_to_string(main.join("shared.txt")).unwrap(), "main side\n");
-    assert_eq!(std::fs::read_to_string(feature.join("shared.txt")).unwrap(), "feature side\n");
+    assert_eq!(
+        std::fs::read_to_string(main.join("shared.txt")).unwrap(),
+        "main side\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(feature.join("shared.txt")).unwrap(),
+        "feature side\n"
+    );
     assert!(main.join("draft.txt").exists());
     let main_log = git(&main, &["log", "--format=%s"]);
     let feature_log = git(&feature, &["log", "--format=%s"]);
     assert!(main_log.contains("main change") && !main_log.contains("feature change"));
     assert!(feature_log.contains("feature change") && !feature_log.contains("main change"));
-    assert!(feature_log.contains("base file"), "the fork shares the parent's history");
+    assert!(
+        feature_log.contains("base file"),
+        "the fork shares the parent's history"
+    );
     git(&main, &["fsck", "--strict"]);
     git(&feature, &["fsck", "--strict"]);
 
     // A fork at an older version gets that version's tree.
-    let (status, body) =
-        post(&s, "/projects/p/branches", json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" })).await;
+    let (status, body) = post(
+        &s,
+        "/projects/p/branches",
+        json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" }),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     let old = s.dir.join("p/old");
     assert!(!old.join("shared.txt").exists() && !old.join("draft.txt").exists());
@@ -131,7 +203,12 @@ async fn forks_keep_files_and_histories_apart() {
     assert_eq!(versions.as_array().unwrap().len(), 1);
 
     let (_, list) = get(&s, "/projects/p/branches").await;
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|b| b["branchId"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["branchId"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["feature", "main", "old"]);
     s.server.shutdown().await;
 }
@@ -165,20 +242,36 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
     std::fs::remove_dir_all(dir.join("src")).unwrap();
     std::fs::remove_file(dir.join("a.txt")).unwrap();
     std::os::unix::fs::symlink("run.sh", dir.join("a.txt")).unwrap();
-    std::fs::write(dir.join("more.bin"), (0..10_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        dir.join("more.bin"),
+        (0..10_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let v3 = checkpoint(&s, "p", "main", "v3").await;
     let tree_v3 = snapshot(&dir);
     assert_ne!(tree_v1, tree_v3);
 
     let mut events = s.sse("/stream/p/main", None).await;
-    let (status, body) = post(&s, "/revert", json!({ "projectId": "p", "branchId": "main", "versionId": v1 })).await;
+    let (status, body) = post(
+        &s,
+        "/revert",
+        json!({ "projectId": "p", "branchId": "main", "versionId": v1 }),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
     assert_eq!(body["commitHash"].as_str().unwrap().len(), 40);
     let revert_id = body["versionId"].as_str().unwrap().to_string();
-    assert_same_tree(&snapshot(&dir), &tree_v1, "the tree is byte-identical to v1");
+    assert_same_tree(
+        &snapshot(&dir),
+        &tree_v1,
+        "the tree is byte-identical to v1",
+    );
     git(&dir, &["fsck", "--strict"]);
-    assert!(git(&dir, &["status", "--porcelain"]).is_empty(), "index and work tree agree");
+    assert!(
+        git(&dir, &["status", "--porcelain"]).is_empty(),
+        "index and work tree agree"
+    );
     let frame = events.next().await.unwrap();
     assert_eq!(frame.event, "version");
     assert_eq!(frame.data["versionId"], revert_id.as_str());
@@ -186,10 +279,18 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
 
     let (_, versions) = get(&s, "/projects/p/branches/main/versions").await;
     let last = versions.as_array().unwrap().last().unwrap().clone();
-    assert_eq!((last["kind"].as_str(), last["restoresVersionId"].as_str()), (Some("revert"), Some(v1.as_str())));
+    assert_eq!(
+        (last["kind"].as_str(), last["restoresVersionId"].as_str()),
+        (Some("revert"), Some(v1.as_str()))
+    );
 
     // Redo: back to v3.
-    let (status, _) = post(&s, "/revert", json!({ "projectId": "p", "branchId": "main", "versionId": v3 })).await;
+    let (status, _) = post(
+        &s,
+        "/revert",
+        json!({ "projectId": "p", "branchId": "main", "versionId": v3 }),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_same_tree(&snapshot(&dir), &tree_v3, "redo restores v3 exactly");
     git(&dir, &["fsck", "--strict"]);
@@ -203,7 +304,13 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
     assert_eq!(find("more.bin")["binary"], true);
     assert_eq!(find("more.bin")["kind"], "added");
     let (_, v) = get(&s, &format!("/projects/p/branches/main/versions/{v1}/diff")).await;
-    assert!(v["files"].as_array().unwrap().iter().any(|f| f["path"] == "a.txt" && f["patch"].as_str().unwrap().contains("+alpha")));
+    assert!(
+        v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["path"] == "a.txt" && f["patch"].as_str().unwrap().contains("+alpha"))
+    );
     s.server.shutdown().await;
 }
 
@@ -213,7 +320,12 @@ async fn uncommitted_work_is_kept_as_a_version_before_a_revert() {
     let s = start(config(tmp.path())).await;
     let dir = setup(&s).await;
     std::fs::write(dir.join("keep.txt"), "precious\n").unwrap();
-    let (status, _) = post(&s, "/revert", json!({ "projectId": "p", "branchId": "main", "versionId": "1" })).await;
+    let (status, _) = post(
+        &s,
+        "/revert",
+        json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(!dir.join("keep.txt").exists());
     let (_, versions) = get(&s, "/projects/p/branches/main/versions").await;
@@ -221,9 +333,17 @@ async fn uncommitted_work_is_kept_as_a_version_before_a_revert() {
     assert_eq!(versions.len(), 3);
     assert_eq!(versions[1]["message"], "Uncommitted changes before revert");
     let saved = versions[1]["versionId"].as_str().unwrap();
-    let (status, _) = post(&s, "/revert", json!({ "projectId": "p", "branchId": "main", "versionId": saved })).await;
+    let (status, _) = post(
+        &s,
+        "/revert",
+        json!({ "projectId": "p", "branchId": "main", "versionId": saved }),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(std::fs::read_to_string(dir.join("keep.txt")).unwrap(), "precious\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
+        "precious\n"
+    );
     s.server.shutdown().await;
 }
 
@@ -243,8 +363,16 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         .write(|ctx| weldr_storage::model::claim_branch(ctx, "p", "main", "wf_1"))
         .await
         .unwrap();
-    let (status, body) = post(&s, "/revert", json!({ "projectId": "p", "branchId": "main", "versionId": "1" })).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("branch_busy")));
+    let (status, body) = post(
+        &s,
+        "/revert",
+        json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("branch_busy"))
+    );
     assert_eq!(body["error"]["details"]["workflowId"], "wf_1");
     s.app()
         .store
@@ -256,30 +384,98 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
     // A version of another branch, unknown ids, malformed ids.
     post(&s, "/projects/p/branches", json!({ "branchId": "other" })).await;
     for (body, status, code) in [
-        (json!({ "projectId": "p", "branchId": "other", "versionId": "2" }), 404, "version_not_found"),
-        (json!({ "projectId": "p", "branchId": "main", "versionId": "999" }), 404, "version_not_found"),
-        (json!({ "projectId": "nope", "branchId": "main", "versionId": "1" }), 404, "project_not_found"),
-        (json!({ "projectId": "p", "branchId": "nope", "versionId": "1" }), 404, "branch_not_found"),
-        (json!({ "projectId": "p", "branchId": "main", "versionId": "abc" }), 400, "invalid_version_id"),
-        (json!({ "projectId": "p", "branchId": "main", "versionId": "0" }), 400, "invalid_version_id"),
-        (json!({ "projectId": "p", "branchId": "main", "versionId": "-1" }), 400, "invalid_version_id"),
-        (json!({ "projectId": "..", "branchId": "main", "versionId": "1" }), 400, "invalid_id"),
-        (json!({ "projectId": "p", "branchId": "../main", "versionId": "1" }), 400, "invalid_id"),
-        (json!({ "projectId": "p", "branchId": "main" }), 400, "invalid_json"),
-        (json!({ "projectId": "p", "branchId": "main", "versionId": 1 }), 400, "invalid_json"),
+        (
+            json!({ "projectId": "p", "branchId": "other", "versionId": "2" }),
+            404,
+            "version_not_found",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main", "versionId": "999" }),
+            404,
+            "version_not_found",
+        ),
+        (
+            json!({ "projectId": "nope", "branchId": "main", "versionId": "1" }),
+            404,
+            "project_not_found",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "nope", "versionId": "1" }),
+            404,
+            "branch_not_found",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main", "versionId": "abc" }),
+            400,
+            "invalid_version_id",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main", "versionId": "0" }),
+            400,
+            "invalid_version_id",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main", "versionId": "-1" }),
+            400,
+            "invalid_version_id",
+        ),
+        (
+            json!({ "projectId": "..", "branchId": "main", "versionId": "1" }),
+            400,
+            "invalid_id",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "../main", "versionId": "1" }),
+            400,
+            "invalid_id",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main" }),
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({ "projectId": "p", "branchId": "main", "versionId": 1 }),
+            400,
+            "invalid_json",
+        ),
         (json!(["p"]), 400, "invalid_json"),
     ] {
         let (got, res) = post(&s, "/revert", body.clone()).await;
-        assert_eq!((got, res["error"]["code"].as_str()), (status, Some(code)), "{body}");
+        assert_eq!(
+            (got, res["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
     }
     for raw in ["{\"projectId\": \"p\", \"branchId\": \"ma", "", "null", "{"] {
-        let res = s.http.post(s.url("/revert")).header("content-type", "application/json").body(raw).send().await.unwrap();
+        let res = s
+            .http
+            .post(s.url("/revert"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 400, "{raw:?}");
     }
-    let res = s.http.post(s.url("/revert")).header("content-type", "text/plain").body("{}").send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/revert"))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 415);
     let huge = json!({ "projectId": "p", "branchId": "main", "versionId": "1", "pad": "x".repeat(2 << 20) });
-    let res = s.http.post(s.url("/revert")).json(&huge).send().await.unwrap();
+    let res = s
+        .http
+        .post(s.url("/revert"))
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 413);
     for path in [
         "/projects/p/branches/main/versions/abc/diff",
@@ -289,15 +485,29 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         "/projects/p/branches/a.b",
     ] {
         let (status, body) = get(&s, path).await;
-        assert!((400..500).contains(&status) && body["error"]["code"].is_string(), "{path}: {status} {body}");
+        assert!(
+            (400..500).contains(&status) && body["error"]["code"].is_string(),
+            "{path}: {status} {body}"
+        );
     }
-    for body in [json!({ "branchId": "a/b" }), json!({ "branchId": "" }), json!({ "branchId": "x", "fromVersionId": "1" }), json!({ "branchId": "y", "fromBranchId": "nope" }), json!({ "branchId": "main" })] {
+    for body in [
+        json!({ "branchId": "a/b" }),
+        json!({ "branchId": "" }),
+        json!({ "branchId": "x", "fromVersionId": "1" }),
+        json!({ "branchId": "y", "fromBranchId": "nope" }),
+        json!({ "branchId": "main" }),
+    ] {
         let (status, _) = post(&s, "/projects/p/branches", body.clone()).await;
         assert!((400..500).contains(&status), "{body}");
     }
     let (status, _) = post(&s, "/projects", json!({ "projectId": "p" })).await;
     assert_eq!(status, 409);
-    let (status, _) = post(&s, "/projects/p/branches/main/versions", json!({ "message": "nothing new" })).await;
+    let (status, _) = post(
+        &s,
+        "/projects/p/branches/main/versions",
+        json!({ "message": "nothing new" }),
+    )
+    .await;
     assert_eq!(status, 409);
 
     // Nothing stored changed.
@@ -317,8 +527,14 @@ async fn cloud_mode_uses_the_flat_layout_and_refuses_other_projects() {
     let s = start(cfg).await;
     let (status, body) = post(&s, "/projects/proj/branches", json!({ "branchId": "main" })).await;
     assert_eq!(status, 201, "{body}");
-    assert!(tmp.path().join("main/.git").is_dir(), "cloud layout is {{base}}/{{branchId}}");
+    assert!(
+        tmp.path().join("main/.git").is_dir(),
+        "cloud layout is {{base}}/{{branchId}}"
+    );
     let (status, body) = post(&s, "/projects", json!({ "projectId": "elsewhere" })).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("wrong_machine")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("wrong_machine"))
+    );
     s.server.shutdown().await;
 }

@@ -20,14 +20,25 @@ fn cli(ws: &Path) -> Command {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn serve(ws: &Path, port: u16) -> Child {
-    let child = cli(ws).arg("serve").env("PORT", port.to_string()).stdout(Stdio::null()).spawn().unwrap();
+    let child = cli(ws)
+        .arg("serve")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && ws.join(".weldr-agent/control.sock").exists() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && ws.join(".weldr-agent/control.sock").exists()
+        {
             return child;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -37,7 +48,12 @@ fn serve(ws: &Path, port: u16) -> Child {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -54,7 +70,9 @@ fn sigkill_during_an_append_burst_loses_nothing_acknowledged() {
     let mut producers: Vec<Child> = (0..4)
         .map(|_| {
             cli(ws)
-                .args(["events", "append", "p1", "b1", "--type", "tick", "--count", "1000000"])
+                .args([
+                    "events", "append", "p1", "b1", "--type", "tick", "--count", "1000000",
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -80,10 +98,20 @@ fn sigkill_during_an_append_burst_loses_nothing_acknowledged() {
     for p in &mut producers {
         let _ = p.wait();
     }
-    let mut acked: Vec<u64> = readers.into_iter().flat_map(|r| r.join().unwrap()).collect();
+    let mut acked: Vec<u64> = readers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
     acked.sort();
-    assert!(acked.len() > 50, "the burst was acknowledged before the kill ({} acks)", acked.len());
-    assert!(acked.windows(2).all(|w| w[0] != w[1]), "no id acknowledged twice");
+    assert!(
+        acked.len() > 50,
+        "the burst was acknowledged before the kill ({} acks)",
+        acked.len()
+    );
+    assert!(
+        acked.windows(2).all(|w| w[0] != w[1]),
+        "no id acknowledged twice"
+    );
 
     // Open the store again (no server): every acknowledged id is there, with no holes.
     let listed = run_ok(cli(ws).args(["events", "list", "p1", "b1", "--limit", "10000"]));
@@ -93,14 +121,27 @@ fn sigkill_during_an_append_burst_loses_nothing_acknowledged() {
     loop {
         let ids: Vec<u64> = chunk
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         if ids.is_empty() {
             break;
         }
         after = *ids.last().unwrap();
         stored.extend(ids);
-        chunk = run_ok(cli(ws).args(["events", "list", "p1", "b1", "--limit", "10000", "--after", &after.to_string()]));
+        chunk = run_ok(cli(ws).args([
+            "events",
+            "list",
+            "p1",
+            "b1",
+            "--limit",
+            "10000",
+            "--after",
+            &after.to_string(),
+        ]));
     }
     assert_eq!(stored, (1..=after).collect::<Vec<_>>(), "ids have no holes");
     let max_acked = *acked.last().unwrap();
@@ -125,7 +166,9 @@ fn sigterm_stops_cleanly_with_open_streams() {
     let mut server = serve(ws, port);
     run_ok(cli(ws).args(["branch", "create", "b", "p"]));
     run_ok(cli(ws).args(["events", "append", "p", "b", "--count", "3"]));
-    let token = run_ok(cli(ws).args(["token", "create", "--name", "t"])).trim().to_string();
+    let token = run_ok(cli(ws).args(["token", "create", "--name", "t"]))
+        .trim()
+        .to_string();
     assert!(token.starts_with("wa_"));
     // Open streams that would keep a naive graceful stop waiting forever.
     let streams: Vec<_> = (0..5)
@@ -149,28 +192,45 @@ fn sigterm_stops_cleanly_with_open_streams() {
         if let Some(status) = server.try_wait().unwrap() {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(25), "server hung on SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "server hung on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "clean exit: {status:?}");
     drop(streams);
-    assert!(!ws.join(".weldr-agent/control.sock").exists(), "control socket removed");
+    assert!(
+        !ws.join(".weldr-agent/control.sock").exists(),
+        "control socket removed"
+    );
     // The store opens cleanly and kept everything.
     let listed = run_ok(cli(ws).args(["events", "list", "p", "b"]));
     assert_eq!(listed.lines().count(), 3);
 }
 
 fn unsafe_sigterm(pid: u32) {
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
 #[test]
 fn bad_configuration_names_the_variable() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = cli(tmp.path()).arg("serve").env("PORT", "http").output().unwrap();
+    let out = cli(tmp.path())
+        .arg("serve")
+        .env("PORT", "http")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PORT"));
-    let out = cli(tmp.path()).arg("serve").env("WELDR_MODE", "cloud").output().unwrap();
+    let out = cli(tmp.path())
+        .arg("serve")
+        .env("WELDR_MODE", "cloud")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("PROJECT_ID"));
 }

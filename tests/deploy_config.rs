@@ -34,7 +34,10 @@ fn fly_and_docker_match_the_cloud_defaults() {
         .find_map(|l| l.trim().strip_prefix("kill_timeout = "))
         .and_then(|v| v.parse().ok())
         .expect("kill_timeout");
-    assert!(cloud.shutdown_timeout.as_secs() < kill_timeout, "shutdown fits in Fly's kill timeout");
+    assert!(
+        cloud.shutdown_timeout.as_secs() < kill_timeout,
+        "shutdown fits in Fly's kill timeout"
+    );
     assert!(has_line(&fly, "SHUTDOWN_TIMEOUT_SECONDS = \"20\""));
 
     assert!(has_line(&docker, "EXPOSE 8080"));

@@ -20,10 +20,19 @@ async fn resume_from_header_and_query_then_live() {
     let mut both = s.sse("/stream/p1/b1?lastEventId=2", Some("8")).await;
     emit_n(s.app(), "p1", "b1", 2).await;
 
-    assert_eq!(ids(&by_header.read_until(12).await), (5..=12).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&by_header.read_until(12).await),
+        (5..=12).collect::<Vec<_>>()
+    );
     assert!(by_header.retry_seen, "a retry hint comes first");
-    assert_eq!(ids(&by_query.read_until(12).await), (8..=12).collect::<Vec<_>>());
-    assert_eq!(ids(&both.read_until(12).await), (9..=12).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&by_query.read_until(12).await),
+        (8..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ids(&both.read_until(12).await),
+        (9..=12).collect::<Vec<_>>()
+    );
 
     let mut all = s.sse("/stream/p1/b1", Some("0")).await;
     let frames = all.read_until(12).await;
@@ -60,13 +69,21 @@ async fn resume_across_a_server_restart_on_the_same_store() {
     assert_eq!(ids(&seen), vec![1, 2, 3, 4, 5]);
     s.server.shutdown().await;
     // The stream ends with the shutdown instead of hanging.
-    assert!(tokio::time::timeout(Duration::from_secs(10), client.next()).await.unwrap().is_none());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), client.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     let s = start(config(tmp.path())).await;
     let more = emit_n(s.app(), "p", "b", 5).await;
     assert_eq!(more, vec![6, 7, 8, 9, 10], "ids continue after a restart");
     let mut resumed = s.sse("/stream/p/b", Some("3")).await;
-    assert_eq!(ids(&resumed.read_until(10).await), (4..=10).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&resumed.read_until(10).await),
+        (4..=10).collect::<Vec<_>>()
+    );
     s.server.shutdown().await;
 }
 
@@ -114,9 +131,15 @@ async fn a_subscriber_that_stops_reading_still_gets_every_event() {
     // Far more than the in-memory ring (1024) and the socket buffers hold, with big payloads.
     let big = "x".repeat(2000);
     for i in 0..6000 {
-        s.app().emit("p", "b", "text", serde_json::json!({ "n": i, "pad": big })).await.unwrap();
+        s.app()
+            .emit("p", "b", "text", serde_json::json!({ "n": i, "pad": big }))
+            .await
+            .unwrap();
     }
-    assert_eq!(ids(&fast.read_until(6000).await), (1..=6000).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&fast.read_until(6000).await),
+        (1..=6000).collect::<Vec<_>>()
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = slow.read_until(6000).await;
     assert_eq!(ids(&got), (1..=6000).collect::<Vec<_>>());
@@ -144,7 +167,10 @@ async fn a_cursor_older_than_retention_gets_an_explicit_reset() {
     let mut ahead = s.sse("/stream/p/b", Some("500")).await;
     emit_n(s.app(), "p", "b", 1).await;
     let frames = ahead.read_until(31).await;
-    assert_eq!((frames[0].event.as_str(), frames[0].id), ("reset", Some(30)));
+    assert_eq!(
+        (frames[0].event.as_str(), frames[0].id),
+        ("reset", Some(30))
+    );
     assert_eq!(ids(&frames[1..]), vec![31]);
     s.server.shutdown().await;
 }
@@ -158,7 +184,9 @@ async fn shutdown_ends_open_streams_instead_of_hanging() {
     for _ in 0..20 {
         clients.push(s.sse("/stream/p/b", None).await);
     }
-    tokio::time::timeout(Duration::from_secs(15), s.server.shutdown()).await.expect("shutdown hung");
+    tokio::time::timeout(Duration::from_secs(15), s.server.shutdown())
+        .await
+        .expect("shutdown hung");
     for mut c in clients {
         assert!(c.next().await.is_none());
     }

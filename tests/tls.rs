@@ -8,7 +8,17 @@ fn serves_https_when_a_certificate_is_configured() {
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
     let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -17,7 +27,11 @@ fn serves_https_when_a_certificate_is_configured() {
         .status()
         .expect("openssl is needed to make a test certificate");
     assert!(status.success());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_weldr-agent"))
         .arg("serve")
         .env("WELDR_MODE", "local")
@@ -32,7 +46,10 @@ fn serves_https_when_a_certificate_is_configured() {
     let url = format!("https://127.0.0.1:{port}/health");
     let deadline = Instant::now() + Duration::from_secs(30);
     let body = loop {
-        let out = Command::new("curl").args(["-sk", "--max-time", "2", &url]).output().unwrap();
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "2", &url])
+            .output()
+            .unwrap();
         if out.status.success() && !out.stdout.is_empty() {
             break String::from_utf8(out.stdout).unwrap();
         }
@@ -42,7 +59,15 @@ fn serves_https_when_a_certificate_is_configured() {
     };
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     // Plain HTTP on the TLS port is not served.
-    let plain = Command::new("curl").args(["-s", "--max-time", "2", &format!("http://127.0.0.1:{port}/health")]).output().unwrap();
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{port}/health"),
+        ])
+        .output()
+        .unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("\"status\":\"ok\""));
     server.kill().unwrap();
     server.wait().unwrap();

@@ -8,7 +8,10 @@ use crate::error::ApiError;
 
 /// Parse the request body as JSON `T`. 413 above `max_bytes`; 415 for a non-JSON content type;
 /// 400 naming the problem (truncated JSON, a missing field, a wrong type) otherwise.
-pub async fn json_body<T: DeserializeOwned>(req: &mut Request, max_bytes: usize) -> Result<T, ApiError> {
+pub async fn json_body<T: DeserializeOwned>(
+    req: &mut Request,
+    max_bytes: usize,
+) -> Result<T, ApiError> {
     if let Some(ct) = req.headers().get("content-type") {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         if !ct.starts_with("application/json") {
@@ -28,10 +31,19 @@ pub async fn json_body<T: DeserializeOwned>(req: &mut Request, max_bytes: usize)
                 format!("the request body is larger than {max_bytes} bytes"),
             ));
         }
-        Err(e) => return Err(ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))),
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("cannot read the request body: {e}"),
+            ));
+        }
     };
     if bytes.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "the request body is empty; send a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body is empty; send a JSON object",
+        ));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
 }

@@ -63,12 +63,17 @@ impl From<BranchRecord> for BranchView {
 /// A version id is the decimal per-branch sequence number.
 pub fn parse_version_id(raw: &str) -> Result<u64, ApiError> {
     if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::bad_request("invalid_version_id", "a version id is a positive decimal number"));
+        return Err(ApiError::bad_request(
+            "invalid_version_id",
+            "a version id is a positive decimal number",
+        ));
     }
-    raw.parse::<u64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ApiError::bad_request("invalid_version_id", "a version id is a positive decimal number"))
+    raw.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_version_id",
+            "a version id is a positive decimal number",
+        )
+    })
 }
 
 /// Create a branch (a new git repository with an initial commit on `main`), or fork one.
@@ -78,24 +83,43 @@ pub fn parse_version_id(raw: &str) -> Result<u64, ApiError> {
     parameters(("projectId" = String, Path, description = "Project id")),
     status_codes(201, 400, 401, 404, 409)
 )]
-pub async fn create_branch(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<BranchView>, ApiError> {
+pub async fn create_branch(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<Json<BranchView>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
     let body: CreateBranch = json_body(req, app.config.max_body_bytes).await?;
     check_id("branchId", &body.branch_id)?;
     auth::require_project(&app, &principal, &project_id).await?;
     let from = match (body.from_branch_id, body.from_version_id) {
         (Some(branch_id), version) => {
             check_id("fromBranchId", &branch_id)?;
-            Some(ForkFrom { branch_id, version: version.as_deref().map(parse_version_id).transpose()? })
+            Some(ForkFrom {
+                branch_id,
+                version: version.as_deref().map(parse_version_id).transpose()?,
+            })
         }
-        (None, Some(_)) => return Err(ApiError::bad_request("invalid_fork", "fromVersionId needs fromBranchId")),
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_fork",
+                "fromVersionId needs fromBranchId",
+            ));
+        }
         (None, None) => None,
     };
     let created = branches::create_branch(&app, &project_id, &body.branch_id, from).await?;
     if !created.created {
-        return Err(ApiError::conflict("branch_exists", format!("branch {} already exists", body.branch_id)));
+        return Err(ApiError::conflict(
+            "branch_exists",
+            format!("branch {} already exists", body.branch_id),
+        ));
     }
     res.status_code(StatusCode::CREATED);
     Ok(Json(created.branch.into()))
@@ -103,14 +127,23 @@ pub async fn create_branch(req: &mut Request, depot: &mut Depot, res: &mut Respo
 
 /// Branches of a project.
 #[endpoint(tags("branches"), parameters(("projectId" = String, Path, description = "Project id")))]
-pub async fn list_branches(req: &mut Request, depot: &mut Depot) -> Result<Json<Vec<BranchView>>, ApiError> {
+pub async fn list_branches(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<Vec<BranchView>>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
     auth::require_project(&app, &principal, &project_id).await?;
     let store = app.store.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::list_branches(&store.begin_read()?, &project_id) })
-        .await??;
+    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        model::list_branches(&store.begin_read()?, &project_id)
+    })
+    .await??;
     Ok(Json(list.into_iter().map(Into::into).collect()))
 }
 
@@ -119,11 +152,20 @@ pub async fn list_branches(req: &mut Request, depot: &mut Depot) -> Result<Json<
     tags("branches"),
     parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
 )]
-pub async fn get_branch(req: &mut Request, depot: &mut Depot) -> Result<Json<BranchView>, ApiError> {
+pub async fn get_branch(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<BranchView>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?;
-    let branch_id = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?;
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?;
+    let branch_id = check_id(
+        "branchId",
+        req.param::<&str>("branchId").unwrap_or_default(),
+    )?;
     let branch = auth::require_branch(&app, &principal, project_id, branch_id).await?;
     crate::registry::touch_branch(&app.store, project_id, branch_id);
     Ok(Json(branch.into()))

@@ -24,7 +24,13 @@ struct InjectApp(Arc<App>);
 
 #[async_trait]
 impl Handler for InjectApp {
-    async fn handle(&self, _req: &mut Request, depot: &mut Depot, _res: &mut Response, _ctrl: &mut FlowCtrl) {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        depot: &mut Depot,
+        _res: &mut Response,
+        _ctrl: &mut FlowCtrl,
+    ) {
         depot.insert_typed(self.0.clone());
     }
 }
@@ -37,10 +43,23 @@ struct HeaderLimit;
 
 #[async_trait]
 impl Handler for HeaderLimit {
-    async fn handle(&self, req: &mut Request, _depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
-        let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    async fn handle(
+        &self,
+        req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        let size: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
         if size > MAX_HEADER_BYTES {
-            let err = ApiError::from_status(salvo::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None);
+            let err = ApiError::from_status(
+                salvo::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                None,
+            );
             res.status_code(err.status);
             res.render(Json(err.body()));
             ctrl.skip_rest();
@@ -50,31 +69,49 @@ impl Handler for HeaderLimit {
 
 /// The app of this request.
 pub fn app(depot: &Depot) -> Result<Arc<App>, ApiError> {
-    depot.get_typed::<Arc<App>>().cloned().map_err(|_| ApiError::internal("application state missing"))
+    depot
+        .get_typed::<Arc<App>>()
+        .cloned()
+        .map_err(|_| ApiError::internal("application state missing"))
 }
 
 /// The API routes, without documentation routes.
 pub fn api_routes() -> Router {
-    Router::new().push(Router::with_path("health").get(health::health)).push(
-        Router::new()
-            .hoop(crate::auth::RequireAuth)
-            .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
-            .push(Router::with_path("revert").post(versions::revert))
-            .push(
-                Router::with_path("projects").get(projects::list_projects).post(projects::create_project).push(
-                    Router::with_path("{projectId}").get(projects::get_project).push(
-                        Router::with_path("branches").get(branches::list_branches).post(branches::create_branch).push(
-                            Router::with_path("{branchId}").get(branches::get_branch).push(
-                                Router::with_path("versions")
-                                    .get(versions::list_versions)
-                                    .post(versions::create_version)
-                                    .push(Router::with_path("{versionId}/diff").get(versions::version_diff)),
-                            ),
+    Router::new()
+        .push(Router::with_path("health").get(health::health))
+        .push(
+            Router::new()
+                .hoop(crate::auth::RequireAuth)
+                .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
+                .push(Router::with_path("revert").post(versions::revert))
+                .push(
+                    Router::with_path("projects")
+                        .get(projects::list_projects)
+                        .post(projects::create_project)
+                        .push(
+                            Router::with_path("{projectId}")
+                                .get(projects::get_project)
+                                .push(
+                                    Router::with_path("branches")
+                                        .get(branches::list_branches)
+                                        .post(branches::create_branch)
+                                        .push(
+                                            Router::with_path("{branchId}")
+                                                .get(branches::get_branch)
+                                                .push(
+                                                    Router::with_path("versions")
+                                                        .get(versions::list_versions)
+                                                        .post(versions::create_version)
+                                                        .push(
+                                                            Router::with_path("{versionId}/diff")
+                                                                .get(versions::version_diff),
+                                                        ),
+                                                ),
+                                        ),
+                                ),
                         ),
-                    ),
                 ),
-            ),
-    )
+        )
 }
 
 /// The OpenAPI 3.1 document of every route.
@@ -91,14 +128,27 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 pub fn service(app: Arc<App>) -> Service {
-    let origins: Vec<HeaderValue> =
-        app.config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let origins: Vec<HeaderValue> = app
+        .config
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
     let cors = Cors::new()
         .allow_origin(origins)
         .allow_credentials(true)
-        .allow_methods(vec![Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_methods(vec![
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers(vec!["content-type", "authorization", "last-event-id"])
         .max_age(600)
         .into_handler();
-    Service::new(router(app)).hoop(HeaderLimit).hoop(cors).catcher(Catcher::new(JsonCatcher))
+    Service::new(router(app))
+        .hoop(HeaderLimit)
+        .hoop(cors)
+        .catcher(Catcher::new(JsonCatcher))
 }

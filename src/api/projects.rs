@@ -32,13 +32,21 @@ pub struct ProjectView {
 
 impl From<ProjectRecord> for ProjectView {
     fn from(p: ProjectRecord) -> Self {
-        Self { project_id: p.project_id, title: p.title, created_at_ms: p.created_at_ms }
+        Self {
+            project_id: p.project_id,
+            title: p.title,
+            created_at_ms: p.created_at_ms,
+        }
     }
 }
 
 /// Register a project (owned by the caller).
 #[endpoint(tags("projects"), request_body = CreateProject, status_codes(201, 400, 401, 409))]
-pub async fn create_project(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<ProjectView>, ApiError> {
+pub async fn create_project(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<Json<ProjectView>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let body: CreateProject = json_body(req, app.config.max_body_bytes).await?;
@@ -46,10 +54,15 @@ pub async fn create_project(req: &mut Request, depot: &mut Depot, res: &mut Resp
     if let Some(title) = &body.title
         && (title.len() > 200 || title.chars().any(char::is_control))
     {
-        return Err(ApiError::bad_request("invalid_title", "title must be at most 200 printable characters"));
+        return Err(ApiError::bad_request(
+            "invalid_title",
+            "title must be at most 200 printable characters",
+        ));
     }
     crate::branches::check_machine_project(&app.config, &body.project_id)?;
-    let project = registry::create_project(&app.store, &body.project_id, body.title, principal.owner()).await?;
+    let project =
+        registry::create_project(&app.store, &body.project_id, body.title, principal.owner())
+            .await?;
     res.status_code(StatusCode::CREATED);
     Ok(Json(project.into()))
 }
@@ -60,10 +73,16 @@ pub async fn list_projects(depot: &mut Depot) -> Result<Json<Vec<ProjectView>>, 
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let store = app.store.clone();
-    let all = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::list_projects(&store.begin_read()?) }).await??;
+    let all = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        model::list_projects(&store.begin_read()?)
+    })
+    .await??;
     let mut out = Vec::new();
     for project in all {
-        if auth::require_project(&app, &principal, &project.project_id).await.is_ok() {
+        if auth::require_project(&app, &principal, &project.project_id)
+            .await
+            .is_ok()
+        {
             out.push(project.into());
         }
     }
@@ -72,9 +91,19 @@ pub async fn list_projects(depot: &mut Depot) -> Result<Json<Vec<ProjectView>>, 
 
 /// One project.
 #[endpoint(tags("projects"), parameters(("projectId" = String, Path, description = "Project id")))]
-pub async fn get_project(req: &mut Request, depot: &mut Depot) -> Result<Json<ProjectView>, ApiError> {
+pub async fn get_project(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<ProjectView>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?;
-    Ok(Json(auth::require_project(&app, &principal, project_id).await?.into()))
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?;
+    Ok(Json(
+        auth::require_project(&app, &principal, project_id)
+            .await?
+            .into(),
+    ))
 }

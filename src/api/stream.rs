@@ -1,7 +1,7 @@
 //! `GET /stream/{projectId}/{branchId}`: the branch's events over Server-Sent Events.
 
-use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use salvo::http::HeaderValue;
+use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use salvo::prelude::*;
 
 use futures_util::StreamExt;
@@ -21,7 +21,8 @@ pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
             "Last-Event-ID / lastEventId must be a decimal event id (0 replays everything)",
         ));
     }
-    raw.parse().map_err(|_| ApiError::bad_request("invalid_cursor", "event id out of range"))
+    raw.parse()
+        .map_err(|_| ApiError::bad_request("invalid_cursor", "event id out of range"))
 }
 
 /// The cursor of a request: the `Last-Event-ID` header wins over the `lastEventId` query.
@@ -55,15 +56,31 @@ pub fn request_cursor(req: &Request) -> Result<Cursor, ApiError> {
     ),
     responses((status_code = 200, description = "Server-Sent Events", content_type = "text/event-stream"))
 )]
-pub async fn stream(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
+pub async fn stream(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<(), ApiError> {
     let app = super::app(depot)?;
-    let project_id = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
-    let branch_id = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?.to_string();
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
+    let branch_id = check_id(
+        "branchId",
+        req.param::<&str>("branchId").unwrap_or_default(),
+    )?
+    .to_string();
     let cursor = request_cursor(req)?;
     let principal = auth::principal(depot)?;
     auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
     // The machine's operator (local token) is not capped; users are.
-    let slot = if principal.is_operator() { None } else { Some(app.stream_limiter.acquire(&principal.user_id)?) };
+    let slot = if principal.is_operator() {
+        None
+    } else {
+        Some(app.stream_limiter.acquire(&principal.user_id)?)
+    };
     registry::touch_branch(&app.store, &project_id, &branch_id);
     let subscription = app.subscribe(&project_id, &branch_id, cursor).await?;
     let headers = res.headers_mut();

@@ -73,8 +73,16 @@ impl From<VersionRecord> for VersionView {
 }
 
 fn path_ids(req: &Request) -> Result<(String, String), ApiError> {
-    let p = check_id("projectId", req.param::<&str>("projectId").unwrap_or_default())?.to_string();
-    let b = check_id("branchId", req.param::<&str>("branchId").unwrap_or_default())?.to_string();
+    let p = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
+    let b = check_id(
+        "branchId",
+        req.param::<&str>("branchId").unwrap_or_default(),
+    )?
+    .to_string();
     Ok((p, b))
 }
 
@@ -83,15 +91,20 @@ fn path_ids(req: &Request) -> Result<(String, String), ApiError> {
     tags("versions"),
     parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
 )]
-pub async fn list_versions(req: &mut Request, depot: &mut Depot) -> Result<Json<Vec<VersionView>>, ApiError> {
+pub async fn list_versions(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<Vec<VersionView>>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let (p, b) = path_ids(req)?;
     auth::require_branch(&app, &principal, &p, &b).await?;
     crate::registry::touch_branch(&app.store, &p, &b);
     let store = app.store.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::list_versions(&store.begin_read()?, &p, &b) })
-        .await??;
+    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        model::list_versions(&store.begin_read()?, &p, &b)
+    })
+    .await??;
     Ok(Json(list.into_iter().map(Into::into).collect()))
 }
 
@@ -113,14 +126,20 @@ pub struct VersionDiff {
         ("versionId" = String, Path, description = "Version id")
     )
 )]
-pub async fn version_diff(req: &mut Request, depot: &mut Depot) -> Result<Json<VersionDiff>, ApiError> {
+pub async fn version_diff(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<VersionDiff>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let (p, b) = path_ids(req)?;
     let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
     auth::require_branch(&app, &principal, &p, &b).await?;
     let (version, files) = branches::version_diff(&app, &p, &b, seq).await?;
-    Ok(Json(VersionDiff { version: version.into(), files }))
+    Ok(Json(VersionDiff {
+        version: version.into(),
+        files,
+    }))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -147,21 +166,39 @@ pub struct VersionCreated {
     parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id")),
     status_codes(201, 400, 401, 404, 409)
 )]
-pub async fn create_version(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<VersionCreated>, ApiError> {
+pub async fn create_version(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<Json<VersionCreated>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let (p, b) = path_ids(req)?;
     let body: CreateVersion = json_body(req, app.config.max_body_bytes).await?;
     let message = body.message.trim();
     if message.is_empty() || message.len() > 2000 {
-        return Err(ApiError::bad_request("invalid_message", "message must be 1-2000 characters"));
+        return Err(ApiError::bad_request(
+            "invalid_message",
+            "message must be 1-2000 characters",
+        ));
     }
     auth::require_branch(&app, &principal, &p, &b).await?;
-    let version = branches::commit_version(&app, &p, &b, message, body.description, VersionKind::Checkpoint, None)
-        .await?
-        .ok_or_else(|| ApiError::conflict("no_changes", "nothing changed since the last version"))?;
+    let version = branches::commit_version(
+        &app,
+        &p,
+        &b,
+        message,
+        body.description,
+        VersionKind::Checkpoint,
+        None,
+    )
+    .await?
+    .ok_or_else(|| ApiError::conflict("no_changes", "nothing changed since the last version"))?;
     res.status_code(StatusCode::CREATED);
-    Ok(Json(VersionCreated { version_id: version.seq.to_string(), commit_hash: version.commit_hash }))
+    Ok(Json(VersionCreated {
+        version_id: version.seq.to_string(),
+        commit_hash: version.commit_hash,
+    }))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -186,7 +223,10 @@ pub struct RevertResponse {
 /// Make the branch's tree exactly that of an earlier (or, after a revert, later) version, as a
 /// new `revert` version; announced by a `version` event. 409 while a workflow is active.
 #[endpoint(tags("versions"), request_body = RevertRequest)]
-pub async fn revert(req: &mut Request, depot: &mut Depot) -> Result<Json<RevertResponse>, ApiError> {
+pub async fn revert(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<RevertResponse>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let body: RevertRequest = json_body(req, app.config.max_body_bytes).await?;
@@ -195,5 +235,9 @@ pub async fn revert(req: &mut Request, depot: &mut Depot) -> Result<Json<RevertR
     let seq = parse_version_id(&body.version_id)?;
     auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
     let version = branches::revert(&app, &body.project_id, &body.branch_id, seq).await?;
-    Ok(Json(RevertResponse { success: true, commit_hash: version.commit_hash, version_id: version.seq.to_string() }))
+    Ok(Json(RevertResponse {
+        success: true,
+        commit_hash: version.commit_hash,
+        version_id: version.seq.to_string(),
+    }))
 }

@@ -23,7 +23,11 @@ pub fn sign(secret: &[u8], token: &str) -> String {
 /// Verify `token.signature` (already URL-decoded) in constant time; returns the token.
 pub fn verify_signed(secret: &[u8], value: &str) -> Option<String> {
     let (token, signature) = value.rsplit_once('.')?;
-    if token.is_empty() || token.len() > MAX_TOKEN_LEN || signature.len() != 44 || !signature.ends_with('=') {
+    if token.is_empty()
+        || token.len() > MAX_TOKEN_LEN
+        || signature.len() != 44
+        || !signature.ends_with('=')
+    {
         return None;
     }
     let expected = STANDARD.decode(signature).ok()?;
@@ -40,7 +44,9 @@ pub fn find_session_cookie<'a>(cookie_header: &'a str, prefix: &str) -> Option<&
     let secure = format!("__Secure-{plain}");
     let mut found = None;
     for pair in cookie_header.split(';') {
-        let Some((name, value)) = pair.trim().split_once('=') else { continue };
+        let Some((name, value)) = pair.trim().split_once('=') else {
+            continue;
+        };
         let value = value.trim().trim_matches('"');
         if name.trim() == secure {
             return Some(value);
@@ -54,11 +60,18 @@ pub fn find_session_cookie<'a>(cookie_header: &'a str, prefix: &str) -> Option<&
 
 /// URL-decode a cookie value (`%2B` → `+`, ...). None if it is not valid UTF-8.
 pub fn url_decode(value: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(value).decode_utf8().ok().map(|s| s.into_owned())
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 /// The session token carried by a cookie header, verified against `secret`.
-pub fn session_token_from_cookie(cookie_header: &str, prefix: &str, secret: &[u8]) -> Option<String> {
+pub fn session_token_from_cookie(
+    cookie_header: &str,
+    prefix: &str,
+    secret: &[u8],
+) -> Option<String> {
     let raw = find_session_cookie(cookie_header, prefix)?;
     verify_signed(secret, &url_decode(raw)?)
 }
@@ -80,7 +93,10 @@ pub fn parse_bearer(header: &str, secret: Option<&[u8]>) -> Option<Bearer> {
         return None;
     }
     let value = value.trim();
-    if value.is_empty() || value.len() > MAX_TOKEN_LEN + 64 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+    if value.is_empty()
+        || value.len() > MAX_TOKEN_LEN + 64
+        || !value.bytes().all(|b| b.is_ascii_graphic())
+    {
         return None;
     }
     if value.starts_with(super::tokens::TOKEN_PREFIX) {
@@ -114,22 +130,42 @@ mod tests {
     #[test]
     fn cookie_lookup() {
         let signed = format!("{TOKEN}.{}", SIGNATURE.trim());
-        let encoded = percent_encoding::utf8_percent_encode(&signed, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let encoded =
+            percent_encoding::utf8_percent_encode(&signed, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
         let header = format!("a=b; weldr.session_token={encoded}; c=d");
-        assert_eq!(session_token_from_cookie(&header, "weldr", SECRET).as_deref(), Some(TOKEN));
+        assert_eq!(
+            session_token_from_cookie(&header, "weldr", SECRET).as_deref(),
+            Some(TOKEN)
+        );
         let secure = format!("__Secure-weldr.session_token={encoded}");
-        assert_eq!(session_token_from_cookie(&secure, "weldr", SECRET).as_deref(), Some(TOKEN));
+        assert_eq!(
+            session_token_from_cookie(&secure, "weldr", SECRET).as_deref(),
+            Some(TOKEN)
+        );
         assert_eq!(session_token_from_cookie(&header, "other", SECRET), None);
-        assert_eq!(session_token_from_cookie("weldr.session_token=abc", "weldr", SECRET), None);
+        assert_eq!(
+            session_token_from_cookie("weldr.session_token=abc", "weldr", SECRET),
+            None
+        );
     }
 
     #[test]
     fn bearer_forms() {
         let signed = format!("{TOKEN}.{}", SIGNATURE.trim());
-        assert_eq!(parse_bearer(&format!("Bearer {signed}"), Some(SECRET)), Some(Bearer::Session(TOKEN.into())));
+        assert_eq!(
+            parse_bearer(&format!("Bearer {signed}"), Some(SECRET)),
+            Some(Bearer::Session(TOKEN.into()))
+        );
         assert_eq!(parse_bearer(&format!("Bearer {signed}"), Some(b"x")), None);
-        assert_eq!(parse_bearer("Bearer raw-token", None), Some(Bearer::Session("raw-token".into())));
-        assert_eq!(parse_bearer("Bearer wa_abc", None), Some(Bearer::Local("wa_abc".into())));
+        assert_eq!(
+            parse_bearer("Bearer raw-token", None),
+            Some(Bearer::Session("raw-token".into()))
+        );
+        assert_eq!(
+            parse_bearer("Bearer wa_abc", None),
+            Some(Bearer::Local("wa_abc".into()))
+        );
         assert_eq!(parse_bearer("Basic abc", None), None);
         assert_eq!(parse_bearer("Bearer ", None), None);
     }

@@ -20,7 +20,10 @@ pub struct ConnectionGuard {
 
 impl ConnectionLimiter {
     pub fn new(max: usize) -> Self {
-        Self { max, open: Arc::default() }
+        Self {
+            max,
+            open: Arc::default(),
+        }
     }
 
     pub fn acquire(&self, user: &str) -> Result<ConnectionGuard, ApiError> {
@@ -30,11 +33,17 @@ impl ConnectionLimiter {
             return Err(ApiError::new(
                 salvo::http::StatusCode::TOO_MANY_REQUESTS,
                 "too_many_streams",
-                format!("at most {} open streams per user; close one first", self.max),
+                format!(
+                    "at most {} open streams per user; close one first",
+                    self.max
+                ),
             ));
         }
         *n += 1;
-        Ok(ConnectionGuard { user: user.to_string(), open: self.open.clone() })
+        Ok(ConnectionGuard {
+            user: user.to_string(),
+            open: self.open.clone(),
+        })
     }
 }
 
@@ -58,7 +67,10 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute: per_minute.max(1), buckets: Mutex::default() }
+        Self {
+            per_minute: per_minute.max(1),
+            buckets: Mutex::default(),
+        }
     }
 
     pub fn check(&self, user: &str) -> Result<(), ApiError> {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use salvo::prelude::*;
 use weldr_storage::model::{self, BranchRecord, ProjectRecord};
 use weldr_storage::writer::now_ms;
-use weldr_storage::{Store, StorageError};
+use weldr_storage::{StorageError, Store};
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -41,7 +41,10 @@ pub enum PrincipalKind {
 
 impl Principal {
     pub fn operator() -> Self {
-        Self { user_id: "local".into(), kind: PrincipalKind::Operator }
+        Self {
+            user_id: "local".into(),
+            kind: PrincipalKind::Operator,
+        }
     }
     pub fn is_operator(&self) -> bool {
         self.kind == PrincipalKind::Operator
@@ -53,7 +56,11 @@ impl Principal {
 }
 
 fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(salvo::http::StatusCode::UNAUTHORIZED, "unauthorized", message)
+    ApiError::new(
+        salvo::http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        message,
+    )
 }
 
 /// Authenticates requests.
@@ -66,11 +73,15 @@ pub struct Authenticator {
 impl Authenticator {
     pub async fn authenticate(&self, store: &Store, req: &Request) -> Result<Principal, ApiError> {
         if let Some(header) = req.headers().get("authorization") {
-            let header = header.to_str().map_err(|_| unauthorized("malformed Authorization header"))?;
+            let header = header
+                .to_str()
+                .map_err(|_| unauthorized("malformed Authorization header"))?;
             return match cookie::parse_bearer(header, self.secret.as_deref()) {
                 Some(Bearer::Local(token)) => {
                     let (store, token) = (store.clone(), token.clone());
-                    match tokio::task::spawn_blocking(move || tokens::verify(&store, &token)).await?? {
+                    match tokio::task::spawn_blocking(move || tokens::verify(&store, &token))
+                        .await??
+                    {
                         Some(_) => Ok(Principal::operator()),
                         None => Err(unauthorized("unknown or revoked API token")),
                     }
@@ -79,14 +90,26 @@ impl Authenticator {
                 None => Err(unauthorized("malformed or badly signed bearer token")),
             };
         }
-        let cookies = req.headers().get_all("cookie").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
+        let cookies = req
+            .headers()
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join("; ");
         if cookie::find_session_cookie(&cookies, &self.cookie_prefix).is_some() {
-            let secret = self.secret.as_deref().ok_or_else(|| unauthorized("session cookies are not accepted here (BETTER_AUTH_SECRET is not set)"))?;
+            let secret = self.secret.as_deref().ok_or_else(|| {
+                unauthorized(
+                    "session cookies are not accepted here (BETTER_AUTH_SECRET is not set)",
+                )
+            })?;
             let token = cookie::session_token_from_cookie(&cookies, &self.cookie_prefix, secret)
                 .ok_or_else(|| unauthorized("badly signed session cookie"))?;
             return self.session(store, &token).await;
         }
-        Err(unauthorized("sign in, or send Authorization: Bearer <token>"))
+        Err(unauthorized(
+            "sign in, or send Authorization: Bearer <token>",
+        ))
     }
 
     async fn session(&self, store: &Store, token: &str) -> Result<Principal, ApiError> {
@@ -94,9 +117,13 @@ impl Authenticator {
         let (s, t) = (store.clone(), token.to_string());
         let cached = tokio::task::spawn_blocking(move || sessions::cached(&s, &t)).await??;
         let live_cache = cached.as_ref().filter(|c| c.session.expires_at_ms > now);
-        let principal = |s: &SessionInfo| Principal { user_id: s.user_id.clone(), kind: PrincipalKind::User };
+        let principal = |s: &SessionInfo| Principal {
+            user_id: s.user_id.clone(),
+            kind: PrincipalKind::User,
+        };
         if let Some(c) = live_cache
-            && (self.source.is_none() || now.saturating_sub(c.checked_at_ms) < sessions::RECHECK_AFTER_MS)
+            && (self.source.is_none()
+                || now.saturating_sub(c.checked_at_ms) < sessions::RECHECK_AFTER_MS)
         {
             return Ok(principal(&c.session));
         }
@@ -124,7 +151,9 @@ impl Authenticator {
                 }
                 None => {
                     tracing::warn!(error = %e, "session store unreachable");
-                    Err(ApiError::unavailable("cannot verify the session right now; retry shortly"))
+                    Err(ApiError::unavailable(
+                        "cannot verify the session right now; retry shortly",
+                    ))
                 }
             },
         }
@@ -136,7 +165,13 @@ pub struct RequireAuth;
 
 #[async_trait]
 impl Handler for RequireAuth {
-    async fn handle(&self, req: &mut Request, depot: &mut Depot, res: &mut Response, ctrl: &mut FlowCtrl) {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
         let result = match crate::api::app(depot) {
             Ok(app) => app.auth.authenticate(&app.store, req).await,
             Err(e) => Err(e),
@@ -156,21 +191,32 @@ impl Handler for RequireAuth {
 
 /// The authenticated caller of this request.
 pub fn principal(depot: &Depot) -> Result<Principal, ApiError> {
-    depot.get_typed::<Principal>().cloned().map_err(|_| unauthorized("not authenticated"))
+    depot
+        .get_typed::<Principal>()
+        .cloned()
+        .map_err(|_| unauthorized("not authenticated"))
 }
 
 /// The project, if `principal` may use it; 404 otherwise (no existence leak).
-pub async fn require_project(app: &App, principal: &Principal, project_id: &str) -> Result<ProjectRecord, ApiError> {
+pub async fn require_project(
+    app: &App,
+    principal: &Principal,
+    project_id: &str,
+) -> Result<ProjectRecord, ApiError> {
     let (s, p) = (app.store.clone(), project_id.to_string());
-    let project = tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::get_project(&s.begin_read()?, &p) })
-        .await??
-        .ok_or_else(|| project_not_found(project_id))?;
+    let project = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        model::get_project(&s.begin_read()?, &p)
+    })
+    .await??
+    .ok_or_else(|| project_not_found(project_id))?;
     if principal.is_operator() {
         return Ok(project);
     }
     let owner = match &project.owner {
         Some(owner) => Some(owner.clone()),
-        None if app.config.mode == crate::config::Mode::Cloud => upstream_owner(app, &project).await?,
+        None if app.config.mode == crate::config::Mode::Cloud => {
+            upstream_owner(app, &project).await?
+        }
         None => None,
     };
     if owner.as_deref() == Some(principal.user_id.as_str()) {
@@ -188,15 +234,23 @@ pub async fn require_branch(
     branch_id: &str,
 ) -> Result<BranchRecord, ApiError> {
     require_project(app, principal, project_id).await?;
-    let (s, p, b) = (app.store.clone(), project_id.to_string(), branch_id.to_string());
-    tokio::task::spawn_blocking(move || -> Result<_, StorageError> { model::get_branch(&s.begin_read()?, &p, &b) })
-        .await??
-        .ok_or_else(|| branch_not_found(project_id, branch_id))
+    let (s, p, b) = (
+        app.store.clone(),
+        project_id.to_string(),
+        branch_id.to_string(),
+    );
+    tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        model::get_branch(&s.begin_read()?, &p, &b)
+    })
+    .await??
+    .ok_or_else(|| branch_not_found(project_id, branch_id))
 }
 
 /// In cloud mode the machine's project belongs to `projects.user_id` upstream; remember it.
 async fn upstream_owner(app: &App, project: &ProjectRecord) -> Result<Option<String>, ApiError> {
-    let Some(source) = &app.auth.source else { return Ok(None) };
+    let Some(source) = &app.auth.source else {
+        return Ok(None);
+    };
     let owner = source
         .project_owner(&project.project_id)
         .await

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::record::{Record, decode, encode};
 use weldr_storage::tables::SESSIONS;
 use weldr_storage::writer::now_ms;
-use weldr_storage::{Store, StorageError};
+use weldr_storage::{StorageError, Store};
 
 /// Cached sessions are re-validated upstream after this long (when upstream answers).
 pub const RECHECK_AFTER_MS: u64 = 60_000;
@@ -58,7 +58,11 @@ pub struct AuthTables {
 
 impl Default for AuthTables {
     fn default() -> Self {
-        Self { sessions: "sessions".into(), users: "users".into(), projects: "projects".into() }
+        Self {
+            sessions: "sessions".into(),
+            users: "users".into(),
+            projects: "projects".into(),
+        }
     }
 }
 
@@ -82,16 +86,21 @@ pub struct PostgresSource {
 
 impl PostgresSource {
     pub fn new(url: String, tables: AuthTables) -> Self {
-        Self { url, tables, client: tokio::sync::Mutex::new(None) }
+        Self {
+            url,
+            tables,
+            client: tokio::sync::Mutex::new(None),
+        }
     }
 
     async fn query(&self, sql: &str, arg: &str) -> Result<Vec<tokio_postgres::Row>, SourceError> {
         let work = async {
             let mut guard = self.client.lock().await;
             if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| SourceError(e.to_string()))?;
+                let (client, connection) =
+                    tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| SourceError(e.to_string()))?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "postgres connection ended");
@@ -99,7 +108,9 @@ impl PostgresSource {
                 });
                 *guard = Some(client);
             }
-            let client = guard.as_ref().ok_or_else(|| SourceError("no connection".into()))?;
+            let client = guard
+                .as_ref()
+                .ok_or_else(|| SourceError("no connection".into()))?;
             match client.query(sql, &[&arg]).await {
                 Ok(rows) => Ok(rows),
                 Err(e) => {
@@ -108,7 +119,9 @@ impl PostgresSource {
                 }
             }
         };
-        tokio::time::timeout(UPSTREAM_TIMEOUT, work).await.map_err(|_| SourceError("timed out".into()))?
+        tokio::time::timeout(UPSTREAM_TIMEOUT, work)
+            .await
+            .map_err(|_| SourceError("timed out".into()))?
     }
 }
 
@@ -121,18 +134,27 @@ impl SessionSource for PostgresSource {
             self.tables.sessions, self.tables.users
         );
         let rows = self.query(&sql, token).await?;
-        let Some(row) = rows.first() else { return Ok(None) };
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
         let expires: f64 = row.try_get(1).map_err(|e| SourceError(e.to_string()))?;
         Ok(Some(SessionInfo {
             user_id: row.try_get(0).map_err(|e| SourceError(e.to_string()))?,
-            expires_at_ms: if expires.is_finite() && expires > 0.0 { expires as u64 } else { 0 },
+            expires_at_ms: if expires.is_finite() && expires > 0.0 {
+                expires as u64
+            } else {
+                0
+            },
             name: row.try_get(2).ok(),
             email: row.try_get(3).ok(),
         }))
     }
 
     async fn project_owner(&self, project_id: &str) -> Result<Option<String>, SourceError> {
-        let sql = format!("SELECT user_id::text FROM {} WHERE id = $1", self.tables.projects);
+        let sql = format!(
+            "SELECT user_id::text FROM {} WHERE id = $1",
+            self.tables.projects
+        );
         let rows = self.query(&sql, project_id).await?;
         Ok(rows.first().and_then(|r| r.try_get(0).ok()))
     }
@@ -145,12 +167,21 @@ fn cache_key(token: &str) -> String {
 pub fn cached(store: &Store, token: &str) -> Result<Option<CachedSession>, StorageError> {
     let rtx = store.begin_read()?;
     let t = rtx.open_table(SESSIONS)?;
-    t.get(cache_key(token).as_str())?.map(|v| decode(v.value())).transpose()
+    t.get(cache_key(token).as_str())?
+        .map(|v| decode(v.value()))
+        .transpose()
 }
 
-pub async fn remember(store: &Store, token: &str, session: SessionInfo) -> Result<(), StorageError> {
+pub async fn remember(
+    store: &Store,
+    token: &str,
+    session: SessionInfo,
+) -> Result<(), StorageError> {
     let key = cache_key(token);
-    let record = CachedSession { session, checked_at_ms: now_ms() };
+    let record = CachedSession {
+        session,
+        checked_at_ms: now_ms(),
+    };
     store
         .writer()
         .write(move |ctx| {

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use weldr_storage::record::{Record, decode, encode};
 use weldr_storage::tables::TOKENS;
 use weldr_storage::writer::now_ms;
-use weldr_storage::{Store, StorageError};
+use weldr_storage::{StorageError, Store};
 
 pub const TOKEN_PREFIX: &str = "wa_";
 
@@ -42,7 +42,8 @@ pub fn hash_token(token: &str) -> String {
 
 fn new_secret() -> Result<String, StorageError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| StorageError::Database(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| StorageError::Database(format!("no randomness: {e}")))?;
     Ok(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
@@ -50,7 +51,10 @@ fn new_secret() -> Result<String, StorageError> {
 pub async fn create(store: &Store, name: &str) -> Result<String, StorageError> {
     let secret = new_secret()?;
     let key = hash_token(&secret);
-    let record = TokenRecord { name: name.to_string(), created_at_ms: now_ms() };
+    let record = TokenRecord {
+        name: name.to_string(),
+        created_at_ms: now_ms(),
+    };
     store
         .writer()
         .write(move |ctx| {
@@ -73,7 +77,10 @@ pub async fn ensure_initial(store: &Store) -> Result<Option<String>, StorageErro
             if t.len()? > 0 {
                 return Ok(false);
             }
-            let record = TokenRecord { name: "initial".into(), created_at_ms: now_ms() };
+            let record = TokenRecord {
+                name: "initial".into(),
+                created_at_ms: now_ms(),
+            };
             t.insert(key.as_str(), encode(&record).as_slice())?;
             Ok(true)
         })
@@ -85,7 +92,9 @@ pub async fn ensure_initial(store: &Store) -> Result<Option<String>, StorageErro
 pub fn verify(store: &Store, token: &str) -> Result<Option<TokenRecord>, StorageError> {
     let rtx = store.begin_read()?;
     let t = rtx.open_table(TOKENS)?;
-    t.get(hash_token(token).as_str())?.map(|v| decode(v.value())).transpose()
+    t.get(hash_token(token).as_str())?
+        .map(|v| decode(v.value()))
+        .transpose()
 }
 
 pub fn list(store: &Store) -> Result<Vec<TokenInfo>, StorageError> {
@@ -95,7 +104,11 @@ pub fn list(store: &Store) -> Result<Vec<TokenInfo>, StorageError> {
     for entry in t.iter()? {
         let (key, value) = entry?;
         let record: TokenRecord = decode(value.value())?;
-        out.push(TokenInfo { id: key.value()[..12].to_string(), name: record.name, created_at_ms: record.created_at_ms });
+        out.push(TokenInfo {
+            id: key.value()[..12].to_string(),
+            name: record.name,
+            created_at_ms: record.created_at_ms,
+        });
     }
     Ok(out)
 }

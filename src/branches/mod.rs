@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use weldr_storage::model::{self, BranchRecord, BranchState, ChangeKind, FileChange, VersionKind, VersionRecord};
-use weldr_storage::writer::now_ms;
 use weldr_storage::StorageError;
+use weldr_storage::model::{
+    self, BranchRecord, BranchState, ChangeKind, FileChange, VersionKind, VersionRecord,
+};
+use weldr_storage::writer::now_ms;
 
 use crate::app::App;
 use crate::config::{Config, Mode};
@@ -26,7 +28,9 @@ pub fn check_machine_project(config: &Config, project_id: &str) -> Result<(), Ap
     match (&config.mode, &config.project_id) {
         (Mode::Cloud, Some(own)) if own != project_id => Err(ApiError::bad_request(
             "wrong_machine",
-            format!("this machine serves project {own} only; send requests for {project_id} to its own machine"),
+            format!(
+                "this machine serves project {own} only; send requests for {project_id} to its own machine"
+            ),
         )),
         _ => Ok(()),
     }
@@ -47,13 +51,20 @@ pub struct BranchLocks {
 }
 
 impl BranchLocks {
-    pub async fn lock(&self, project_id: &str, branch_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub async fn lock(
+        &self,
+        project_id: &str,
+        branch_id: &str,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             if locks.len() > 4096 {
                 locks.retain(|_, l| Arc::strong_count(l) > 1);
             }
-            locks.entry((project_id.to_string(), branch_id.to_string())).or_default().clone()
+            locks
+                .entry((project_id.to_string(), branch_id.to_string()))
+                .or_default()
+                .clone()
         };
         lock.lock_owned().await
     }
@@ -62,7 +73,9 @@ impl BranchLocks {
 impl From<GitError> for ApiError {
     fn from(e: GitError) -> Self {
         match e {
-            GitError::NotFound(what) => ApiError::not_found("version_not_found", format!("{what} not found")),
+            GitError::NotFound(what) => {
+                ApiError::not_found("version_not_found", format!("{what} not found"))
+            }
             other => {
                 tracing::error!(error = %other, "git failed");
                 ApiError::internal(format!("git failed: {other}"))
@@ -71,7 +84,9 @@ impl From<GitError> for ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, GitError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GitError> + Send + 'static,
+) -> Result<T, ApiError> {
     Ok(tokio::task::spawn_blocking(f).await??)
 }
 
@@ -113,19 +128,32 @@ fn to_changes(changed: &[git::FileChange]) -> Vec<FileChange> {
 
 /// Create a branch (a git repository with an initial commit on `main`, or a fork of another
 /// branch of the same project at one of its versions), or reuse it if it exists.
-pub async fn create_branch(app: &App, project_id: &str, branch_id: &str, from: Option<ForkFrom>) -> Result<Created, ApiError> {
+pub async fn create_branch(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    from: Option<ForkFrom>,
+) -> Result<Created, ApiError> {
     check_machine_project(&app.config, project_id)?;
     let _guard = app.branch_locks.lock(project_id, branch_id).await;
     let dir = branch_dir(&app.config, project_id, branch_id);
     let (p, b) = (project_id.to_string(), branch_id.to_string());
-    let (project, existing) =
-        read(app, move |rtx| Ok((model::get_project(rtx, &p)?, model::get_branch(rtx, &p, &b)?))).await?;
+    let (project, existing) = read(app, move |rtx| {
+        Ok((
+            model::get_project(rtx, &p)?,
+            model::get_branch(rtx, &p, &b)?,
+        ))
+    })
+    .await?;
     if project.is_none() {
         return Err(project_not_found(project_id));
     }
     if let Some(branch) = existing {
         if from.is_some() {
-            return Err(ApiError::conflict("branch_exists", format!("branch {branch_id} already exists")));
+            return Err(ApiError::conflict(
+                "branch_exists",
+                format!("branch {branch_id} already exists"),
+            ));
         }
         if !dir.join(".git").exists() && branch.state == BranchState::Active {
             // The directory went away outside our control: start it again, empty.
@@ -133,7 +161,11 @@ pub async fn create_branch(app: &App, project_id: &str, branch_id: &str, from: O
             blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
         }
         crate::registry::touch_branch(&app.store, project_id, branch_id);
-        return Ok(Created { branch, created: false, dir });
+        return Ok(Created {
+            branch,
+            created: false,
+            dir,
+        });
     }
 
     let now = now_ms();
@@ -169,19 +201,36 @@ pub async fn create_branch(app: &App, project_id: &str, branch_id: &str, from: O
         Some(fork) => {
             crate::ids::check_id("fromBranchId", &fork.branch_id)?;
             let (p, pb) = (project_id.to_string(), fork.branch_id.clone());
-            let (parent, versions) =
-                read(app, move |rtx| Ok((model::get_branch(rtx, &p, &pb)?, model::list_versions(rtx, &p, &pb)?))).await?;
+            let (parent, versions) = read(app, move |rtx| {
+                Ok((
+                    model::get_branch(rtx, &p, &pb)?,
+                    model::list_versions(rtx, &p, &pb)?,
+                ))
+            })
+            .await?;
             let parent = parent.ok_or_else(|| branch_not_found(project_id, &fork.branch_id))?;
             let at = match fork.version {
-                Some(seq) => versions.iter().find(|v| v.seq == seq).cloned().ok_or_else(|| {
-                    ApiError::not_found("version_not_found", format!("version {seq} is not on branch {}", fork.branch_id))
+                Some(seq) => versions
+                    .iter()
+                    .find(|v| v.seq == seq)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ApiError::not_found(
+                            "version_not_found",
+                            format!("version {seq} is not on branch {}", fork.branch_id),
+                        )
+                    })?,
+                None => versions.last().cloned().ok_or_else(|| {
+                    ApiError::conflict("empty_branch", "the parent branch has no version yet")
                 })?,
-                None => versions.last().cloned().ok_or_else(|| ApiError::conflict("empty_branch", "the parent branch has no version yet"))?,
             };
             let _parent_guard = if fork.branch_id != branch_id {
                 Some(app.branch_locks.lock(project_id, &fork.branch_id).await)
             } else {
-                return Err(ApiError::bad_request("invalid_fork", "a branch cannot fork itself"));
+                return Err(ApiError::bad_request(
+                    "invalid_fork",
+                    "a branch cannot fork itself",
+                ));
             };
             let src = branch_dir(&app.config, project_id, &parent.branch_id);
             let (d, hash) = (dir.clone(), at.commit_hash.clone());
@@ -214,7 +263,11 @@ pub async fn create_branch(app: &App, project_id: &str, branch_id: &str, from: O
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e.into());
     }
-    Ok(Created { branch: record, created: true, dir })
+    Ok(Created {
+        branch: record,
+        created: true,
+        dir,
+    })
 }
 
 /// Commit the branch's current tree as a new version. None when nothing changed.
@@ -228,7 +281,16 @@ pub async fn commit_version(
     workflow_id: Option<String>,
 ) -> Result<Option<VersionRecord>, ApiError> {
     let _guard = app.branch_locks.lock(project_id, branch_id).await;
-    commit_locked(app, project_id, branch_id, message, description, kind, workflow_id).await
+    commit_locked(
+        app,
+        project_id,
+        branch_id,
+        message,
+        description,
+        kind,
+        workflow_id,
+    )
+    .await
 }
 
 /// [`commit_version`] for a caller that holds the branch lock.
@@ -258,11 +320,18 @@ async fn commit_locked(
         restores: None,
         workflow_id,
     };
-    Ok(Some(record_version(app, project_id, branch_id, version).await?))
+    Ok(Some(
+        record_version(app, project_id, branch_id, version).await?,
+    ))
 }
 
 /// Store a version with the next sequence number, move the branch head, and announce it.
-async fn record_version(app: &App, project_id: &str, branch_id: &str, mut version: VersionRecord) -> Result<VersionRecord, ApiError> {
+async fn record_version(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    mut version: VersionRecord,
+) -> Result<VersionRecord, ApiError> {
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     let v = version.clone();
     let seq = app
@@ -308,24 +377,53 @@ pub fn kind_name(kind: VersionKind) -> &'static str {
 
 /// Restore the tree of version `seq` as a new `revert` version (a later revert is a redo).
 /// 409 while a workflow is active on the branch.
-pub async fn revert(app: &App, project_id: &str, branch_id: &str, seq: u64) -> Result<VersionRecord, ApiError> {
+pub async fn revert(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    seq: u64,
+) -> Result<VersionRecord, ApiError> {
     let (p, b) = (project_id.to_string(), branch_id.to_string());
-    let (active, target) =
-        read(app, move |rtx| Ok((model::active_workflow(rtx, &p, &b)?, model::get_version(rtx, &p, &b, seq)?))).await?;
+    let (active, target) = read(app, move |rtx| {
+        Ok((
+            model::active_workflow(rtx, &p, &b)?,
+            model::get_version(rtx, &p, &b, seq)?,
+        ))
+    })
+    .await?;
     if let Some(workflow_id) = active {
-        return Err(ApiError::conflict("branch_busy", "a workflow is active on this branch; wait for it or cancel it")
-            .with_details(json!({ "workflowId": workflow_id })));
+        return Err(ApiError::conflict(
+            "branch_busy",
+            "a workflow is active on this branch; wait for it or cancel it",
+        )
+        .with_details(json!({ "workflowId": workflow_id })));
     }
-    let target = target.ok_or_else(|| ApiError::not_found("version_not_found", format!("version {seq} is not on branch {branch_id}")))?;
+    let target = target.ok_or_else(|| {
+        ApiError::not_found(
+            "version_not_found",
+            format!("version {seq} is not on branch {branch_id}"),
+        )
+    })?;
     let _guard = app.branch_locks.lock(project_id, branch_id).await;
     // Re-check under the lock: a workflow may have claimed the branch meanwhile.
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     if let Some(workflow_id) = read(app, move |rtx| model::active_workflow(rtx, &p, &b)).await? {
-        return Err(ApiError::conflict("branch_busy", "a workflow is active on this branch")
-            .with_details(json!({ "workflowId": workflow_id })));
+        return Err(
+            ApiError::conflict("branch_busy", "a workflow is active on this branch")
+                .with_details(json!({ "workflowId": workflow_id })),
+        );
     }
     // Uncommitted work is kept as a version of its own before the tree is replaced.
-    commit_locked(app, project_id, branch_id, "Uncommitted changes before revert", None, VersionKind::Checkpoint, None).await?;
+    commit_locked(
+        app,
+        project_id,
+        branch_id,
+        "Uncommitted changes before revert",
+        None,
+        VersionKind::Checkpoint,
+        None,
+    )
+    .await?;
     let dir = branch_dir(&app.config, project_id, branch_id);
     let message = format!("Revert to version {seq}: {}", target.message);
     let (hash, msg) = (target.commit_hash.clone(), message.clone());
@@ -346,11 +444,21 @@ pub async fn revert(app: &App, project_id: &str, branch_id: &str, seq: u64) -> R
 }
 
 /// The diff of version `seq` against its parent commit.
-pub async fn version_diff(app: &App, project_id: &str, branch_id: &str, seq: u64) -> Result<(VersionRecord, Vec<git::FileDiff>), ApiError> {
+pub async fn version_diff(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    seq: u64,
+) -> Result<(VersionRecord, Vec<git::FileDiff>), ApiError> {
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     let version = read(app, move |rtx| model::get_version(rtx, &p, &b, seq))
         .await?
-        .ok_or_else(|| ApiError::not_found("version_not_found", format!("version {seq} is not on branch {branch_id}")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "version_not_found",
+                format!("version {seq} is not on branch {branch_id}"),
+            )
+        })?;
     let dir = branch_dir(&app.config, project_id, branch_id);
     let hash = version.commit_hash.clone();
     let diff = blocking(move || git::diff(&dir, &hash)).await?;

@@ -41,11 +41,17 @@ fn walk(root: &Path, skip: &dyn Fn(&Path, bool) -> bool) -> Result<Vec<Entry>, G
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
 }
 
 /// Run `f` over `items` on a few threads; the first error wins.
-fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), GitError> + Sync) -> Result<(), GitError> {
+fn parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), GitError> + Sync,
+) -> Result<(), GitError> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let errors = std::sync::Mutex::new(None);
@@ -57,7 +63,10 @@ fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), GitError> + Sync)
                     let Some(item) = items.get(i) else { break };
                     if let Err(e) = f(item) {
                         failed.store(true, Ordering::Relaxed);
-                        errors.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        errors
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                     }
                 }
             });
@@ -96,14 +105,18 @@ pub fn link_tree(src: &Path, dst: &Path) -> Result<(), GitError> {
 /// Copy the work tree of `src` (not `.git`, not excluded paths) into `dst`: directories
 /// (empty ones too), symlinks as symlinks, files with their mode, by reflink when possible.
 pub fn copy_worktree(src: &Path, dst: &Path, excludes: &Excludes) -> Result<(), GitError> {
-    let entries = walk(src, &|rel, is_dir| rel == Path::new(".git") || excludes.is_excluded(rel, is_dir))?;
+    let entries = walk(src, &|rel, is_dir| {
+        rel == Path::new(".git") || excludes.is_excluded(rel, is_dir)
+    })?;
     let mut files = Vec::new();
     for entry in entries {
         match entry {
             Entry::Dir(rel) => {
                 let d = dst.join(&rel);
                 std::fs::create_dir_all(&d).map_err(io_err(&d))?;
-                let mode = std::fs::metadata(src.join(&rel)).map_err(io_err(&d))?.permissions();
+                let mode = std::fs::metadata(src.join(&rel))
+                    .map_err(io_err(&d))?
+                    .permissions();
                 std::fs::set_permissions(&d, mode).map_err(io_err(&d))?;
             }
             Entry::Symlink(rel) => {
@@ -115,7 +128,9 @@ pub fn copy_worktree(src: &Path, dst: &Path, excludes: &Excludes) -> Result<(), 
         }
     }
     let reflinks = AtomicBool::new(true);
-    parallel(&files, |rel| copy_file(&src.join(rel), &dst.join(rel), &reflinks))
+    parallel(&files, |rel| {
+        copy_file(&src.join(rel), &dst.join(rel), &reflinks)
+    })
 }
 
 /// Copy one file: a reflink clone while the filesystem supports it, else a normal copy.

@@ -14,7 +14,9 @@ pub mod copy;
 
 use std::path::Path;
 
-use git2::{Commit, DiffOptions, IndexAddOption, Repository, RepositoryInitOptions, Signature, Tree};
+use git2::{
+    Commit, DiffOptions, IndexAddOption, Repository, RepositoryInitOptions, Signature, Tree,
+};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,11 +28,17 @@ pub enum GitError {
     #[error("git: {0}")]
     Git(#[from] git2::Error),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GitError + '_ {
-    move |source| GitError::Io { path: path.display().to_string(), source }
+    move |source| GitError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,7 +81,8 @@ fn signature(author: &str) -> Result<Signature<'static>, GitError> {
 }
 
 fn open(dir: &Path) -> Result<Repository, GitError> {
-    Repository::open(dir).map_err(|e| GitError::NotFound(format!("repository {}: {}", dir.display(), e.message())))
+    Repository::open(dir)
+        .map_err(|e| GitError::NotFound(format!("repository {}: {}", dir.display(), e.message())))
 }
 
 fn head_commit(repo: &Repository) -> Result<Commit<'_>, GitError> {
@@ -88,7 +97,9 @@ fn find_commit<'r>(repo: &'r Repository, hash: &str) -> Result<Commit<'r>, GitEr
     let object = repo
         .revparse_single(hash)
         .map_err(|_| GitError::NotFound(format!("commit {hash}")))?;
-    object.peel_to_commit().map_err(|_| GitError::NotFound(format!("commit {hash}")))
+    object
+        .peel_to_commit()
+        .map_err(|_| GitError::NotFound(format!("commit {hash}")))
 }
 
 fn changes(repo: &Repository, old: Option<&Tree>, new: &Tree) -> Result<Vec<FileChange>, GitError> {
@@ -100,8 +111,15 @@ fn changes(repo: &Repository, old: Option<&Tree>, new: &Tree) -> Result<Vec<File
             git2::Delta::Deleted => ChangeKind::Deleted,
             _ => ChangeKind::Modified,
         };
-        let file = if kind == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
-        let path = file.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = if kind == ChangeKind::Deleted {
+            delta.old_file()
+        } else {
+            delta.new_file()
+        };
+        let path = file
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         out.push(FileChange { path, kind });
     }
     Ok(out)
@@ -112,7 +130,10 @@ fn changes(repo: &Repository, old: Option<&Tree>, new: &Tree) -> Result<Vec<File
 pub fn init_branch(dir: &Path, author: &str) -> Result<CommitInfo, GitError> {
     if let Ok(repo) = Repository::open(dir) {
         let head = head_commit(&repo)?;
-        return Ok(CommitInfo { hash: head.id().to_string(), changed: Vec::new() });
+        return Ok(CommitInfo {
+            hash: head.id().to_string(),
+            changed: Vec::new(),
+        });
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut opts = RepositoryInitOptions::new();
@@ -122,7 +143,10 @@ pub fn init_branch(dir: &Path, author: &str) -> Result<CommitInfo, GitError> {
     let tree = repo.find_tree(tree_id)?;
     let sig = signature(author)?;
     let oid = repo.commit(Some("HEAD"), &sig, &sig, "Initial commit", &tree, &[])?;
-    Ok(CommitInfo { hash: oid.to_string(), changed: Vec::new() })
+    Ok(CommitInfo {
+        hash: oid.to_string(),
+        changed: Vec::new(),
+    })
 }
 
 /// Stage everything (additions, modifications, deletions, modes, symlinks; `.gitignore`
@@ -142,21 +166,31 @@ pub fn commit_all(dir: &Path, message: &str, author: &str) -> Result<Option<Comm
     let changed = changes(&repo, Some(&parent.tree()?), &tree)?;
     let sig = signature(author)?;
     let oid = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[&parent])?;
-    Ok(Some(CommitInfo { hash: oid.to_string(), changed }))
+    Ok(Some(CommitInfo {
+        hash: oid.to_string(),
+        changed,
+    }))
 }
 
 /// Whether the work tree differs from HEAD (ignored files aside).
 pub fn is_dirty(dir: &Path) -> Result<bool, GitError> {
     let repo = open(dir)?;
     let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(true).recurse_untracked_dirs(true).include_ignored(false);
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false);
     Ok(!repo.statuses(Some(&mut opts))?.is_empty())
 }
 
 /// A new commit on HEAD whose tree is exactly the tree of `hash` (reachable from HEAD); the
 /// work tree and index are made equal to it: files added since are removed, deleted ones come
 /// back, modes and symlinks are as they were. Ignored files are left alone.
-pub fn restore_tree(dir: &Path, hash: &str, message: &str, author: &str) -> Result<CommitInfo, GitError> {
+pub fn restore_tree(
+    dir: &Path,
+    hash: &str,
+    message: &str,
+    author: &str,
+) -> Result<CommitInfo, GitError> {
     let repo = open(dir)?;
     let target = find_commit(&repo, hash)?;
     let head = head_commit(&repo)?;
@@ -165,7 +199,10 @@ pub fn restore_tree(dir: &Path, hash: &str, message: &str, author: &str) -> Resu
     }
     let tree = target.tree()?;
     let mut checkout = git2::build::CheckoutBuilder::new();
-    checkout.force().remove_untracked(true).remove_ignored(false);
+    checkout
+        .force()
+        .remove_untracked(true)
+        .remove_ignored(false);
     repo.checkout_tree(tree.as_object(), Some(&mut checkout))?;
     let mut index = repo.index()?;
     index.read_tree(&tree)?;
@@ -174,7 +211,10 @@ pub fn restore_tree(dir: &Path, hash: &str, message: &str, author: &str) -> Resu
     let changed = changes(&repo, Some(&head.tree()?), &tree)?;
     let sig = signature(author)?;
     let oid = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[&head])?;
-    Ok(CommitInfo { hash: oid.to_string(), changed })
+    Ok(CommitInfo {
+        hash: oid.to_string(),
+        changed,
+    })
 }
 
 /// Remove directories left empty under `dir` (not `.git`): a tree has no empty directories.
@@ -218,8 +258,15 @@ pub fn diff(dir: &Path, hash: &str) -> Result<Vec<FileDiff>, GitError> {
             git2::Delta::Deleted => ChangeKind::Deleted,
             _ => ChangeKind::Modified,
         };
-        let file = if kind == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
-        let path = file.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = if kind == ChangeKind::Deleted {
+            delta.old_file()
+        } else {
+            delta.new_file()
+        };
+        let path = file
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut patch_text = String::new();
         let mut binary = delta.flags().is_binary();
         if let Some(mut patch) = git2::Patch::from_diff(&diff, i)? {
@@ -237,7 +284,13 @@ pub fn diff(dir: &Path, hash: &str) -> Result<Vec<FileDiff>, GitError> {
             }
             patch_text.truncate(cut);
         }
-        out.push(FileDiff { path, kind, binary, patch: if binary { String::new() } else { patch_text }, truncated });
+        out.push(FileDiff {
+            path,
+            kind,
+            binary,
+            patch: if binary { String::new() } else { patch_text },
+            truncated,
+        });
     }
     Ok(out)
 }
@@ -251,7 +304,15 @@ pub fn log(dir: &Path, limit: usize) -> Result<Vec<(String, String, i64)>, GitEr
     let mut out = Vec::new();
     for oid in walk.take(limit) {
         let commit = repo.find_commit(oid?)?;
-        out.push((commit.id().to_string(), String::from_utf8_lossy(commit.message_bytes()).lines().next().unwrap_or_default().to_string(), commit.time().seconds()));
+        out.push((
+            commit.id().to_string(),
+            String::from_utf8_lossy(commit.message_bytes())
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            commit.time().seconds(),
+        ));
     }
     Ok(out)
 }
@@ -266,15 +327,26 @@ pub fn log(dir: &Path, limit: usize) -> Result<Vec<(String, String, i64)>, GitEr
 pub fn fork(src: &Path, dst: &Path, hash: &str, include_worktree: bool) -> Result<(), GitError> {
     let src_repo = open(src)?;
     let target = find_commit(&src_repo, hash)?.id();
-    if dst.exists() && std::fs::read_dir(dst).map_err(io_err(dst))?.next().is_some() {
-        return Err(GitError::Invalid(format!("{} exists and is not empty", dst.display())));
+    if dst.exists()
+        && std::fs::read_dir(dst)
+            .map_err(io_err(dst))?
+            .next()
+            .is_some()
+    {
+        return Err(GitError::Invalid(format!(
+            "{} exists and is not empty",
+            dst.display()
+        )));
     }
     let result = (|| {
         std::fs::create_dir_all(dst).map_err(io_err(dst))?;
         let mut opts = RepositoryInitOptions::new();
         opts.initial_head("main").no_reinit(true);
         let repo = Repository::init_opts(dst, &opts)?;
-        copy::link_tree(&src_repo.path().join("objects"), &repo.path().join("objects"))?;
+        copy::link_tree(
+            &src_repo.path().join("objects"),
+            &repo.path().join("objects"),
+        )?;
         repo.reference("refs/heads/main", target, true, "fork")?;
         repo.set_head("refs/heads/main")?;
         if include_worktree {
@@ -304,4 +376,3 @@ pub fn fork(src: &Path, dst: &Path, hash: &str, include_worktree: bool) -> Resul
 pub fn head(dir: &Path) -> Result<String, GitError> {
     Ok(head_commit(&open(dir)?)?.id().to_string())
 }
-

@@ -32,7 +32,9 @@ pub struct Frame {
 pub fn is_valid_event_type(kind: &str) -> bool {
     !kind.is_empty()
         && kind.len() <= 32
-        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Encode `id:`/`event:`/`data:`. `data` is the stored JSON object with `id`, `type` and
@@ -61,7 +63,10 @@ pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
 pub fn frame_of(event: &Event) -> Frame {
     let mut buf = Vec::with_capacity(event.data.len() + 96);
     encode_frame(event, &mut buf);
-    Frame { id: event.id, bytes: Bytes::from(buf) }
+    Frame {
+        id: event.id,
+        bytes: Bytes::from(buf),
+    }
 }
 
 /// Per-branch broadcast rings for live subscribers.
@@ -78,7 +83,10 @@ impl EventBus {
     /// A receiver for frames committed from now on.
     pub fn subscribe(&self, key: &StreamKey) -> broadcast::Receiver<Arc<Frame>> {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        rings.entry(key.clone()).or_insert_with(|| broadcast::channel(RING_CAPACITY).0).subscribe()
+        rings
+            .entry(key.clone())
+            .or_insert_with(|| broadcast::channel(RING_CAPACITY).0)
+            .subscribe()
     }
 
     /// Open SSE subscribers of a branch (eviction never removes a watched branch).
@@ -112,7 +120,12 @@ mod tests {
     use super::*;
 
     fn frame(kind: &str, data: &str) -> String {
-        let e = Event { id: 7, kind: kind.into(), data: data.into(), at_ms: 5 };
+        let e = Event {
+            id: 7,
+            kind: kind.into(),
+            data: data.into(),
+            at_ms: 5,
+        };
         let mut out = Vec::new();
         encode_frame(&e, &mut out);
         String::from_utf8(out).unwrap()
@@ -124,7 +137,10 @@ mod tests {
             frame("text", "{\"text\":\"hi\\nthere\"}"),
             "id: 7\nevent: text\ndata: {\"id\":7,\"type\":\"text\",\"timestamp\":5,\"text\":\"hi\\nthere\"}\n\n"
         );
-        assert_eq!(frame("end", "{}"), "id: 7\nevent: end\ndata: {\"id\":7,\"type\":\"end\",\"timestamp\":5}\n\n");
+        assert_eq!(
+            frame("end", "{}"),
+            "id: 7\nevent: end\ndata: {\"id\":7,\"type\":\"end\",\"timestamp\":5}\n\n"
+        );
         let data = frame("status", "{\"status\":\"coding\"}");
         let json = data.lines().nth(2).unwrap().strip_prefix("data: ").unwrap();
         let v: serde_json::Value = serde_json::from_str(json).unwrap();

@@ -17,7 +17,7 @@ use futures_util::Stream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 use weldr_storage::events::{read_meta, read_range};
-use weldr_storage::{Store, StorageError, StreamKey, StreamMeta};
+use weldr_storage::{StorageError, Store, StreamKey, StreamMeta};
 
 use super::{Frame, encode_frame};
 

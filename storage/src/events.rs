@@ -9,9 +9,9 @@ use std::sync::Arc;
 use redb::{ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 
+use crate::StorageError;
 use crate::record::{Record, decode};
 use crate::tables::{EVENTS, STREAMS};
-use crate::StorageError;
 
 /// `"projectId/branchId"`. Ids are validated by the caller and never contain `/`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,7 +78,10 @@ pub struct StreamMeta {
 }
 
 impl StreamMeta {
-    pub const EMPTY: StreamMeta = StreamMeta { first_id: 1, next_id: 1 };
+    pub const EMPTY: StreamMeta = StreamMeta {
+        first_id: 1,
+        next_id: 1,
+    };
 
     /// Id of the newest event, 0 when none was ever appended.
     pub fn last_id(&self) -> u64 {
@@ -125,7 +128,10 @@ pub fn read_range(
     if from_id > to_id {
         return Ok(out);
     }
-    for entry in events.range((stream.as_str(), from_id)..=(stream.as_str(), to_id))?.take(limit) {
+    for entry in events
+        .range((stream.as_str(), from_id)..=(stream.as_str(), to_id))?
+        .take(limit)
+    {
         let (key, value) = entry?;
         let stored: StoredEvent = decode(value.value())?;
         out.push(Arc::new(Event {

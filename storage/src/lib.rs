@@ -37,7 +37,11 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { event_retention: 50_000, cache_bytes: 32 << 20, max_batch: 1024 }
+        Self {
+            event_retention: 50_000,
+            cache_bytes: 32 << 20,
+            max_batch: 1024,
+        }
     }
 }
 
@@ -72,13 +76,27 @@ impl Store {
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes);
         let db = builder.create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen(path.to_path_buf()),
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StorageError::AlreadyOpen(path.to_path_buf())
+            }
             other => StorageError::Database(format!("opening {}: {other}", path.display())),
         })?;
         tables::create_all(&db)?;
         let db = Arc::new(db);
-        let writer = Writer::start(db.clone(), options.max_batch, options.event_retention, observer)?;
-        Ok(Self { inner: Arc::new(StoreInner { db: std::sync::RwLock::new(Some(db)), writer, path: path.to_path_buf(), options }) })
+        let writer = Writer::start(
+            db.clone(),
+            options.max_batch,
+            options.event_retention,
+            observer,
+        )?;
+        Ok(Self {
+            inner: Arc::new(StoreInner {
+                db: std::sync::RwLock::new(Some(db)),
+                writer,
+                path: path.to_path_buf(),
+                options,
+            }),
+        })
     }
 
     /// A read snapshot; never waits for the writer.
@@ -104,6 +122,10 @@ impl Store {
     /// reads and writes fail with [`StorageError::Closed`]. Blocks; idempotent.
     pub fn close(&self) {
         self.inner.writer.shutdown();
-        self.inner.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner
+            .db
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }

@@ -3,10 +3,10 @@
 use redb::{ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 
+use crate::StorageError;
 use crate::record::{Record, decode, encode};
 use crate::tables::{BRANCHES, PROJECTS};
 use crate::writer::WriteCtx;
-use crate::StorageError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProjectRecord {
@@ -47,7 +47,10 @@ impl Record for BranchRecord {
     const VERSION: u8 = 1;
 }
 
-pub fn get_project(rtx: &ReadTransaction, project_id: &str) -> Result<Option<ProjectRecord>, StorageError> {
+pub fn get_project(
+    rtx: &ReadTransaction,
+    project_id: &str,
+) -> Result<Option<ProjectRecord>, StorageError> {
     let t = rtx.open_table(PROJECTS)?;
     t.get(project_id)?.map(|v| decode(v.value())).transpose()
 }
@@ -67,10 +70,15 @@ pub fn get_branch(
     branch_id: &str,
 ) -> Result<Option<BranchRecord>, StorageError> {
     let t = rtx.open_table(BRANCHES)?;
-    t.get((project_id, branch_id))?.map(|v| decode(v.value())).transpose()
+    t.get((project_id, branch_id))?
+        .map(|v| decode(v.value()))
+        .transpose()
 }
 
-pub fn list_branches(rtx: &ReadTransaction, project_id: &str) -> Result<Vec<BranchRecord>, StorageError> {
+pub fn list_branches(
+    rtx: &ReadTransaction,
+    project_id: &str,
+) -> Result<Vec<BranchRecord>, StorageError> {
     let t = rtx.open_table(BRANCHES)?;
     let mut out = Vec::new();
     for entry in t.range((project_id, "")..)? {
@@ -96,7 +104,10 @@ pub fn list_all_branches(rtx: &ReadTransaction) -> Result<Vec<BranchRecord>, Sto
 pub fn insert_project(ctx: &mut WriteCtx<'_>, project: &ProjectRecord) -> Result<(), StorageError> {
     let mut t = ctx.tx().open_table(PROJECTS)?;
     if t.get(project.project_id.as_str())?.is_some() {
-        return Err(StorageError::AlreadyExists(format!("project {}", project.project_id)));
+        return Err(StorageError::AlreadyExists(format!(
+            "project {}",
+            project.project_id
+        )));
     }
     t.insert(project.project_id.as_str(), encode(project).as_slice())?;
     Ok(())
@@ -105,7 +116,10 @@ pub fn insert_project(ctx: &mut WriteCtx<'_>, project: &ProjectRecord) -> Result
 /// Write a branch record (insert or replace).
 pub fn put_branch(ctx: &mut WriteCtx<'_>, branch: &BranchRecord) -> Result<(), StorageError> {
     let mut t = ctx.tx().open_table(BRANCHES)?;
-    t.insert((branch.project_id.as_str(), branch.branch_id.as_str()), encode(branch).as_slice())?;
+    t.insert(
+        (branch.project_id.as_str(), branch.branch_id.as_str()),
+        encode(branch).as_slice(),
+    )?;
     Ok(())
 }
 
@@ -116,10 +130,15 @@ pub fn get_branch_for_update(
     branch_id: &str,
 ) -> Result<Option<BranchRecord>, StorageError> {
     let t = ctx.tx().open_table(BRANCHES)?;
-    t.get((project_id, branch_id))?.map(|v| decode(v.value())).transpose()
+    t.get((project_id, branch_id))?
+        .map(|v| decode(v.value()))
+        .transpose()
 }
 
-pub fn project_exists_for_update(ctx: &mut WriteCtx<'_>, project_id: &str) -> Result<bool, StorageError> {
+pub fn project_exists_for_update(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+) -> Result<bool, StorageError> {
     let t = ctx.tx().open_table(PROJECTS)?;
     Ok(t.get(project_id)?.is_some())
 }
@@ -166,7 +185,11 @@ impl Record for VersionRecord {
     const VERSION: u8 = 1;
 }
 
-pub fn list_versions(rtx: &ReadTransaction, project_id: &str, branch_id: &str) -> Result<Vec<VersionRecord>, StorageError> {
+pub fn list_versions(
+    rtx: &ReadTransaction,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Vec<VersionRecord>, StorageError> {
     let t = rtx.open_table(crate::tables::VERSIONS)?;
     let mut out = Vec::new();
     for entry in t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))? {
@@ -182,13 +205,22 @@ pub fn get_version(
     seq: u64,
 ) -> Result<Option<VersionRecord>, StorageError> {
     let t = rtx.open_table(crate::tables::VERSIONS)?;
-    t.get((project_id, branch_id, seq))?.map(|v| decode(v.value())).transpose()
+    t.get((project_id, branch_id, seq))?
+        .map(|v| decode(v.value()))
+        .transpose()
 }
 
 /// The next free version number of a branch, inside a write transaction.
-pub fn next_version_seq(ctx: &mut WriteCtx<'_>, project_id: &str, branch_id: &str) -> Result<u64, StorageError> {
+pub fn next_version_seq(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<u64, StorageError> {
     let t = ctx.tx().open_table(crate::tables::VERSIONS)?;
-    let last = t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))?.next_back().transpose()?;
+    let last = t
+        .range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))?
+        .next_back()
+        .transpose()?;
     Ok(last.map(|(k, _)| k.value().2 + 1).unwrap_or(1))
 }
 
@@ -199,14 +231,22 @@ pub fn put_version(
     version: &VersionRecord,
 ) -> Result<(), StorageError> {
     let mut t = ctx.tx().open_table(crate::tables::VERSIONS)?;
-    t.insert((project_id, branch_id, version.seq), encode(version).as_slice())?;
+    t.insert(
+        (project_id, branch_id, version.seq),
+        encode(version).as_slice(),
+    )?;
     Ok(())
 }
 
 /// The active workflow of a branch, if any (one per branch, enforced here).
-pub fn active_workflow(rtx: &ReadTransaction, project_id: &str, branch_id: &str) -> Result<Option<String>, StorageError> {
+pub fn active_workflow(
+    rtx: &ReadTransaction,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Option<String>, StorageError> {
     let t = rtx.open_table(crate::tables::ACTIVE_WORKFLOWS)?;
-    Ok(t.get((project_id, branch_id))?.map(|v| v.value().to_string()))
+    Ok(t.get((project_id, branch_id))?
+        .map(|v| v.value().to_string()))
 }
 
 pub fn active_workflow_for_update(
@@ -215,7 +255,8 @@ pub fn active_workflow_for_update(
     branch_id: &str,
 ) -> Result<Option<String>, StorageError> {
     let t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
-    Ok(t.get((project_id, branch_id))?.map(|v| v.value().to_string()))
+    Ok(t.get((project_id, branch_id))?
+        .map(|v| v.value().to_string()))
 }
 
 /// Claim the branch for `workflow_id`; `Conflict` naming the holder if another holds it.
@@ -237,9 +278,17 @@ pub fn claim_branch(
     Ok(())
 }
 
-pub fn release_branch(ctx: &mut WriteCtx<'_>, project_id: &str, branch_id: &str, workflow_id: &str) -> Result<(), StorageError> {
+pub fn release_branch(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+    workflow_id: &str,
+) -> Result<(), StorageError> {
     let mut t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
-    let held = t.get((project_id, branch_id))?.map(|v| v.value() == workflow_id).unwrap_or(false);
+    let held = t
+        .get((project_id, branch_id))?
+        .map(|v| v.value() == workflow_id)
+        .unwrap_or(false);
     if held {
         t.remove((project_id, branch_id))?;
     }
@@ -247,9 +296,16 @@ pub fn release_branch(ctx: &mut WriteCtx<'_>, project_id: &str, branch_id: &str,
 }
 
 /// Record the owner of a project (cloud mode learns it upstream).
-pub fn set_project_owner(ctx: &mut WriteCtx<'_>, project_id: &str, owner: &str) -> Result<(), StorageError> {
+pub fn set_project_owner(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    owner: &str,
+) -> Result<(), StorageError> {
     let mut t = ctx.tx().open_table(PROJECTS)?;
-    let current = t.get(project_id)?.map(|v| decode::<ProjectRecord>(v.value())).transpose()?;
+    let current = t
+        .get(project_id)?
+        .map(|v| decode::<ProjectRecord>(v.value()))
+        .transpose()?;
     if let Some(mut project) = current {
         project.owner = Some(owner.to_string());
         t.insert(project_id, encode(&project).as_slice())?;

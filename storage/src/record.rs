@@ -21,7 +21,10 @@ pub trait Record: Serialize + DeserializeOwned + Sized {
 
     /// Decode a record written with an older `version`. The default knows no older versions.
     fn migrate(version: u8, _body: &[u8]) -> Result<Self, StorageError> {
-        Err(StorageError::UnknownVersion { kind: Self::KIND, version })
+        Err(StorageError::UnknownVersion {
+            kind: Self::KIND,
+            version,
+        })
     }
 }
 
@@ -34,7 +37,10 @@ pub fn encode<R: Record>(record: &R) -> Vec<u8> {
 }
 
 pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, StorageError> {
-    let corrupt = |message: String| StorageError::Corrupt { kind: R::KIND, message };
+    let corrupt = |message: String| StorageError::Corrupt {
+        kind: R::KIND,
+        message,
+    };
     match bytes {
         [MAGIC, version, body @ ..] => {
             if *version == R::VERSION {
@@ -42,7 +48,10 @@ pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, StorageError> {
             } else if *version < R::VERSION {
                 R::migrate(*version, body)
             } else {
-                Err(StorageError::UnknownVersion { kind: R::KIND, version: *version })
+                Err(StorageError::UnknownVersion {
+                    kind: R::KIND,
+                    version: *version,
+                })
             }
         }
         _ => Err(corrupt("missing envelope header".into())),
@@ -74,13 +83,20 @@ mod tests {
         fn migrate(version: u8, body: &[u8]) -> Result<Self, StorageError> {
             match version {
                 1 => {
-                    let old: V1 = postcard::from_bytes(body).map_err(|e| StorageError::Corrupt {
-                        kind: Self::KIND,
-                        message: e.to_string(),
-                    })?;
-                    Ok(V2 { name: old.name, size: 0 })
+                    let old: V1 =
+                        postcard::from_bytes(body).map_err(|e| StorageError::Corrupt {
+                            kind: Self::KIND,
+                            message: e.to_string(),
+                        })?;
+                    Ok(V2 {
+                        name: old.name,
+                        size: 0,
+                    })
                 }
-                v => Err(StorageError::UnknownVersion { kind: Self::KIND, version: v }),
+                v => Err(StorageError::UnknownVersion {
+                    kind: Self::KIND,
+                    version: v,
+                }),
             }
         }
     }
@@ -88,10 +104,28 @@ mod tests {
     #[test]
     fn old_records_migrate_and_newer_ones_are_refused() {
         let old = encode(&V1 { name: "a".into() });
-        assert_eq!(decode::<V2>(&old).unwrap(), V2 { name: "a".into(), size: 0 });
-        let new = encode(&V2 { name: "b".into(), size: 7 });
-        assert!(matches!(decode::<V1>(&new), Err(StorageError::UnknownVersion { version: 2, .. })));
-        assert!(matches!(decode::<V2>(b"junk"), Err(StorageError::Corrupt { .. })));
-        assert!(matches!(decode::<V2>(&[MAGIC, 2, 0xff]), Err(StorageError::Corrupt { .. })));
+        assert_eq!(
+            decode::<V2>(&old).unwrap(),
+            V2 {
+                name: "a".into(),
+                size: 0
+            }
+        );
+        let new = encode(&V2 {
+            name: "b".into(),
+            size: 7,
+        });
+        assert!(matches!(
+            decode::<V1>(&new),
+            Err(StorageError::UnknownVersion { version: 2, .. })
+        ));
+        assert!(matches!(
+            decode::<V2>(b"junk"),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode::<V2>(&[MAGIC, 2, 0xff]),
+            Err(StorageError::Corrupt { .. })
+        ));
     }
 }

@@ -17,10 +17,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::StorageError;
 use crate::events::{AppendObserver, Event, NewEvent, StoredEvent, StreamKey, StreamMeta};
 use crate::record::{decode, encode};
 use crate::tables::{EVENTS, STREAMS};
-use crate::StorageError;
 
 /// Queue depth before writers wait (back-pressure instead of unbounded memory).
 const QUEUE_DEPTH: usize = 8192;
@@ -38,7 +38,11 @@ impl<'a> WriteCtx<'a> {
     }
 
     /// Append one event to `stream` in this transaction; it gets the stream's next id.
-    pub fn append(&mut self, stream: &StreamKey, event: NewEvent) -> Result<Arc<Event>, StorageError> {
+    pub fn append(
+        &mut self,
+        stream: &StreamKey,
+        event: NewEvent,
+    ) -> Result<Arc<Event>, StorageError> {
         let mut streams = self.tx.open_table(STREAMS)?;
         let mut meta = match streams.get(stream.as_str())? {
             Some(bytes) => decode::<StreamMeta>(bytes.value())?,
@@ -46,7 +50,11 @@ impl<'a> WriteCtx<'a> {
         };
         let id = meta.next_id;
         let at_ms = now_ms();
-        let stored = StoredEvent { kind: event.kind, data: event.data, at_ms };
+        let stored = StoredEvent {
+            kind: event.kind,
+            data: event.data,
+            at_ms,
+        };
         let mut events = self.tx.open_table(EVENTS)?;
         events.insert((stream.as_str(), id), encode(&stored).as_slice())?;
         meta.next_id += 1;
@@ -55,14 +63,22 @@ impl<'a> WriteCtx<'a> {
             meta.first_id += 1;
         }
         streams.insert(stream.as_str(), encode(&meta).as_slice())?;
-        let event = Arc::new(Event { id, kind: stored.kind, data: stored.data, at_ms });
+        let event = Arc::new(Event {
+            id,
+            kind: stored.kind,
+            data: stored.data,
+            at_ms,
+        });
         self.appended.push((stream.clone(), event.clone()));
         Ok(event)
     }
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 trait Job: Send {
@@ -117,7 +133,10 @@ impl Writer {
             .name("redb-writer".into())
             .spawn(move || run(db, rx, max_batch.max(1), retention.max(1), observer))
             .map_err(|e| StorageError::Database(format!("starting the writer thread: {e}")))?;
-        Ok(Self { queue, thread: std::sync::Mutex::new(Some(thread)) })
+        Ok(Self {
+            queue,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
     }
 
     fn job<T, F>(f: F) -> (Msg, oneshot::Receiver<Result<T, StorageError>>)
@@ -126,7 +145,14 @@ impl Writer {
         F: FnMut(&mut WriteCtx<'_>) -> Result<T, StorageError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        (Msg::Job(Box::new(FnJob { f, result: None, reply })), rx)
+        (
+            Msg::Job(Box::new(FnJob {
+                f,
+                result: None,
+                reply,
+            })),
+            rx,
+        )
     }
 
     /// Run `f` in a write transaction (shared with other queued jobs) and return its result
@@ -137,7 +163,10 @@ impl Writer {
         F: FnMut(&mut WriteCtx<'_>) -> Result<T, StorageError> + Send + 'static,
     {
         let (msg, rx) = Self::job(f);
-        self.queue.send(msg).await.map_err(|_| StorageError::Closed)?;
+        self.queue
+            .send(msg)
+            .await
+            .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -148,7 +177,9 @@ impl Writer {
         F: FnMut(&mut WriteCtx<'_>) -> Result<T, StorageError> + Send + 'static,
     {
         let (msg, rx) = Self::job(f);
-        self.queue.blocking_send(msg).map_err(|_| StorageError::Closed)?;
+        self.queue
+            .blocking_send(msg)
+            .map_err(|_| StorageError::Closed)?;
         rx.blocking_recv().map_err(|_| StorageError::Closed)?
     }
 
@@ -159,7 +190,10 @@ impl Writer {
         events: Vec<NewEvent>,
     ) -> Result<Vec<Arc<Event>>, StorageError> {
         self.write(move |ctx| {
-            events.iter().map(|e| ctx.append(&stream, e.clone())).collect::<Result<Vec<_>, _>>()
+            events
+                .iter()
+                .map(|e| ctx.append(&stream, e.clone()))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
     }
@@ -167,7 +201,9 @@ impl Writer {
     /// Commit what is queued, then stop the thread and wait for it. Idempotent. Blocks: call
     /// it from outside the async runtime's workers (e.g. `spawn_blocking`).
     pub fn shutdown(&self) {
-        let Some(handle) = self.thread.lock().ok().and_then(|mut t| t.take()) else { return };
+        let Some(handle) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
+            return;
+        };
         let mut msg = Msg::Shutdown;
         loop {
             match self.queue.try_send(msg) {
@@ -210,7 +246,12 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            commit_batch(&db, std::mem::take(&mut batch), retention, observer.as_ref());
+            commit_batch(
+                &db,
+                std::mem::take(&mut batch),
+                retention,
+                observer.as_ref(),
+            );
         }
         if shutdown {
             // Jobs still queued behind the shutdown are dropped; their callers get `Closed`.
@@ -230,14 +271,20 @@ fn commit_batch(
         Ok(tx) => tx,
         Err(e) => {
             let err = StorageError::from(e);
-            batch.into_iter().for_each(|job| job.finish(Err(err.clone())));
+            batch
+                .into_iter()
+                .for_each(|job| job.finish(Err(err.clone())));
             return;
         }
     };
     let mut per_job: Vec<Vec<(StreamKey, Arc<Event>)>> = Vec::with_capacity(batch.len());
     let mut failure = None;
     for job in batch.iter_mut() {
-        let mut ctx = WriteCtx { tx: &tx, retention, appended: Vec::new() };
+        let mut ctx = WriteCtx {
+            tx: &tx,
+            retention,
+            appended: Vec::new(),
+        };
         match job.apply(&mut ctx) {
             Ok(()) => per_job.push(ctx.appended),
             Err(e) => {
@@ -249,7 +296,9 @@ fn commit_batch(
     if let Some(err) = failure {
         let _ = tx.abort();
         if batch.len() == 1 {
-            batch.into_iter().for_each(|job| job.finish(Err(err.clone())));
+            batch
+                .into_iter()
+                .for_each(|job| job.finish(Err(err.clone())));
         } else {
             for job in batch {
                 commit_batch(db, vec![job], retention, observer);
@@ -269,7 +318,9 @@ fn commit_batch(
         Err(e) => {
             tracing::error!(error = %e, "redb commit failed");
             let err = StorageError::from(e);
-            batch.into_iter().for_each(|job| job.finish(Err(err.clone())));
+            batch
+                .into_iter()
+                .for_each(|job| job.finish(Err(err.clone())));
         }
     }
 }

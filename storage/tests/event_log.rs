@@ -3,14 +3,22 @@
 use std::sync::{Arc, Mutex};
 
 use weldr_storage::events::{NoObserver, read_meta, read_range};
-use weldr_storage::{AppendObserver, Event, NewEvent, Store, StoreOptions, StorageError, StreamKey};
+use weldr_storage::{
+    AppendObserver, Event, NewEvent, StorageError, Store, StoreOptions, StreamKey,
+};
 
 fn ev(i: usize) -> NewEvent {
-    NewEvent { kind: "text".into(), data: format!("{{\"n\":{i}}}") }
+    NewEvent {
+        kind: "text".into(),
+        data: format!("{{\"n\":{i}}}"),
+    }
 }
 
 fn open(path: &std::path::Path, retention: u64) -> Store {
-    let opts = StoreOptions { event_retention: retention, ..StoreOptions::default() };
+    let opts = StoreOptions {
+        event_retention: retention,
+        ..StoreOptions::default()
+    };
     Store::open(path, opts, Arc::new(NoObserver)).unwrap()
 }
 
@@ -21,20 +29,40 @@ async fn ids_increase_by_one_and_continue_after_reopen() {
     let key = StreamKey::new("p1", "b1");
     {
         let store = open(&path, 1000);
-        let got = store.writer().append(key.clone(), (0..5).map(ev).collect()).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        let got = store
+            .writer()
+            .append(key.clone(), (0..5).map(ev).collect())
+            .await
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
         let store2 = store.clone();
-        tokio::task::spawn_blocking(move || store2.close()).await.unwrap();
+        tokio::task::spawn_blocking(move || store2.close())
+            .await
+            .unwrap();
     }
     let store = open(&path, 1000);
-    let got = store.writer().append(key.clone(), vec![ev(5)]).await.unwrap();
+    let got = store
+        .writer()
+        .append(key.clone(), vec![ev(5)])
+        .await
+        .unwrap();
     assert_eq!(got[0].id, 6);
     let rtx = store.begin_read().unwrap();
     let all = read_range(&rtx, &key, 1, u64::MAX, 100).unwrap();
-    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
     assert_eq!(all[2].data, "{\"n\":2}");
     // Another stream has its own ids.
-    let other = store.writer().append(StreamKey::new("p1", "b2"), vec![ev(0)]).await.unwrap();
+    let other = store
+        .writer()
+        .append(StreamKey::new("p1", "b2"), vec![ev(0)])
+        .await
+        .unwrap();
     assert_eq!(other[0].id, 1);
 }
 
@@ -50,7 +78,14 @@ async fn concurrent_appends_get_unique_gapless_ids() {
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..50 {
-                ids.push(store.writer().append(key.clone(), vec![ev(t * 100 + i)]).await.unwrap()[0].id);
+                ids.push(
+                    store
+                        .writer()
+                        .append(key.clone(), vec![ev(t * 100 + i)])
+                        .await
+                        .unwrap()[0]
+                        .id,
+                );
             }
             ids
         }));
@@ -68,7 +103,11 @@ async fn retention_trims_oldest_and_meta_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir.path().join("s.redb"), 10);
     let key = StreamKey::new("p", "b");
-    store.writer().append(key.clone(), (0..25).map(ev).collect()).await.unwrap();
+    store
+        .writer()
+        .append(key.clone(), (0..25).map(ev).collect())
+        .await
+        .unwrap();
     let rtx = store.begin_read().unwrap();
     let meta = read_meta(&rtx, &key).unwrap();
     assert_eq!((meta.first_id, meta.last_id()), (16, 25));
@@ -119,7 +158,10 @@ async fn a_failing_job_does_not_take_its_batch_down() {
 struct Recorder(Mutex<Vec<u64>>);
 impl AppendObserver for Recorder {
     fn committed(&self, events: &[(StreamKey, Arc<Event>)]) {
-        self.0.lock().unwrap().extend(events.iter().map(|(_, e)| e.id));
+        self.0
+            .lock()
+            .unwrap()
+            .extend(events.iter().map(|(_, e)| e.id));
     }
 }
 
@@ -127,13 +169,20 @@ impl AppendObserver for Recorder {
 async fn observer_sees_commits_in_id_order() {
     let dir = tempfile::tempdir().unwrap();
     let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
-    let store = Store::open(&dir.path().join("s.redb"), StoreOptions::default(), rec.clone()).unwrap();
+    let store = Store::open(
+        &dir.path().join("s.redb"),
+        StoreOptions::default(),
+        rec.clone(),
+    )
+    .unwrap();
     let key = StreamKey::new("p", "b");
     let mut tasks = Vec::new();
     for i in 0..200 {
         let store = store.clone();
         let key = key.clone();
-        tasks.push(tokio::spawn(async move { store.writer().append(key, vec![ev(i)]).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            store.writer().append(key, vec![ev(i)]).await.unwrap()
+        }));
     }
     for t in tasks {
         t.await.unwrap();

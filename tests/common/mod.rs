@@ -24,7 +24,10 @@ pub struct TestServer {
 pub fn client_with_token(token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    reqwest::Client::builder().default_headers(headers).build().unwrap()
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 impl TestServer {
@@ -49,10 +52,17 @@ pub async fn start(config: Config) -> TestServer {
     let dir = config.workspace_base.clone();
     let app = App::open(config).expect("open store");
     weldr_agent::app::prepare(&app).await.unwrap();
-    let token = weldr_agent::auth::tokens::create(&app.store, "test").await.unwrap();
+    let token = weldr_agent::auth::tokens::create(&app.store, "test")
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = client_with_token(&token);
-    TestServer { server: start_on(app, listener).unwrap(), dir, token, http }
+    TestServer {
+        server: start_on(app, listener).unwrap(),
+        dir,
+        token,
+        http,
+    }
 }
 
 /// Register project `p` and branch `b`.
@@ -62,13 +72,20 @@ pub async fn branch(app: &App, p: &str, b: &str) {
         Err(e) if e.code == "project_exists" => {}
         Err(e) => panic!("{e}"),
     }
-    registry::register_branch(&app.store, p, b, None).await.unwrap();
+    registry::register_branch(&app.store, p, b, None)
+        .await
+        .unwrap();
 }
 
 pub async fn emit_n(app: &App, p: &str, b: &str, n: usize) -> Vec<u64> {
     let mut ids = Vec::new();
     for i in 0..n {
-        ids.push(app.emit(p, b, "text", serde_json::json!({ "n": i })).await.unwrap().id);
+        ids.push(
+            app.emit(p, b, "text", serde_json::json!({ "n": i }))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     ids
 }
@@ -88,7 +105,11 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    pub async fn connect_with(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> SseClient {
+    pub async fn connect_with(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
         let mut req = client.get(url);
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
@@ -96,7 +117,11 @@ impl SseClient {
         let res = req.send().await.expect("connect");
         assert_eq!(res.status(), 200, "stream status");
         assert_eq!(res.headers()["content-type"], "text/event-stream");
-        SseClient { body: Box::pin(res.bytes_stream()), buf: Vec::new(), retry_seen: false }
+        SseClient {
+            body: Box::pin(res.bytes_stream()),
+            buf: Vec::new(),
+            retry_seen: false,
+        }
     }
 
     /// The next event frame (comments and retry hints are skipped); None when the stream ends.
@@ -105,7 +130,11 @@ impl SseClient {
             if let Some(pos) = find(&self.buf, b"\n\n") {
                 let raw: Vec<u8> = self.buf.drain(..pos + 2).collect();
                 let text = String::from_utf8(raw).expect("utf8 frame");
-                let mut frame = Frame { id: None, event: String::new(), data: serde_json::Value::Null };
+                let mut frame = Frame {
+                    id: None,
+                    event: String::new(),
+                    data: serde_json::Value::Null,
+                };
                 let mut has_data = false;
                 for line in text.lines() {
                     if let Some(v) = line.strip_prefix("id: ") {

@@ -1,0 +1,292 @@
+//! Shared benchmark helpers: statistics, a loopback redis-server, a minimal RESP client, a
+//! raw SSE client, and process memory readings.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Median and range of repeated measurements.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub fn range(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// "median (min–max)".
+pub fn fmt(values: &[f64], digits: usize) -> String {
+    let (lo, hi) = range(values);
+    format!(
+        "{:.*} ({:.*}–{:.*})",
+        digits,
+        median(values),
+        digits,
+        lo,
+        digits,
+        hi
+    )
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server on loopback in its own directory; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start(always_fsync: bool) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path());
+        if always_fsync {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One RESP connection (what any Redis client does on the wire).
+pub struct Resp {
+    conn: BufReader<TcpStream>,
+}
+
+#[derive(Debug)]
+pub enum Value {
+    Simple(String),
+    Bulk(Option<Vec<u8>>),
+    Int(i64),
+    Array(Vec<Value>),
+    Error(String),
+}
+
+impl Resp {
+    pub async fn connect(port: u16) -> Resp {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        Resp {
+            conn: BufReader::new(s),
+        }
+    }
+
+    pub async fn call(&mut self, args: &[&[u8]]) -> Value {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.conn.get_mut().write_all(&out).await.unwrap();
+        self.read().await
+    }
+
+    fn read(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send + '_>> {
+        Box::pin(async move {
+            let mut line = String::new();
+            self.conn.read_line(&mut line).await.unwrap();
+            let line = line.trim_end();
+            let (tag, rest) = line.split_at(1);
+            match tag {
+                "+" => Value::Simple(rest.into()),
+                "-" => Value::Error(rest.into()),
+                ":" => Value::Int(rest.parse().unwrap()),
+                "$" => {
+                    let n: i64 = rest.parse().unwrap();
+                    if n < 0 {
+                        return Value::Bulk(None);
+                    }
+                    let mut buf = vec![0u8; n as usize + 2];
+                    self.conn.read_exact(&mut buf).await.unwrap();
+                    buf.truncate(n as usize);
+                    Value::Bulk(Some(buf))
+                }
+                "*" => {
+                    let n: i64 = rest.parse().unwrap();
+                    let mut items = Vec::with_capacity(n.max(0) as usize);
+                    for _ in 0..n.max(0) {
+                        items.push(self.read().await);
+                    }
+                    Value::Array(items)
+                }
+                other => panic!("unexpected RESP {other}"),
+            }
+        })
+    }
+}
+
+/// A raw SSE subscriber over one TCP connection.
+pub struct RawSse {
+    pub conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawSse {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        path: &str,
+        token: &str,
+        last_event_id: Option<u64>,
+    ) -> RawSse {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.set_nodelay(true).unwrap();
+        let cursor = last_event_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n{cursor}\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        RawSse {
+            conn,
+            buf: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Read until the body has delivered `id: <last>`; calls `on_id` for every id seen, in order.
+    pub async fn read_ids_until(&mut self, last: u64, mut on_id: impl FnMut(u64)) {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut scanned = 0;
+        loop {
+            while let Some(pos) = find(&self.buf[scanned..], b"\nid: ")
+                .or_else(|| (scanned == 0 && self.buf.starts_with(b"id: ")).then_some(0))
+            {
+                let start = scanned
+                    + pos
+                    + if self.buf[scanned + pos] == b'\n' {
+                        5
+                    } else {
+                        4
+                    };
+                let Some(end) = self.buf[start..].iter().position(|b| *b == b'\n') else {
+                    break;
+                };
+                let id: u64 = std::str::from_utf8(&self.buf[start..start + end])
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                on_id(id);
+                scanned = start + end;
+                if id >= last {
+                    self.buf.drain(..scanned);
+                    return;
+                }
+            }
+            if scanned > 32 * 1024 {
+                self.buf.drain(..scanned);
+                scanned = 0;
+            }
+            let n = self.conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "stream ended");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Resident memory of a process in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wait until `GET /health` answers 200 on `port`.
+pub fn wait_healthy(port: u16, timeout: Duration) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut head = [0u8; 12];
+            if s.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 200" {
+                return Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+pub fn dir_size(path: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
