@@ -10,6 +10,7 @@
 //! If one job of a batch fails, the batch is aborted and its jobs run again one transaction
 //! each, so a bad job never takes good ones down with it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,13 +27,29 @@ use crate::tables::{EVENTS, STREAMS};
 const QUEUE_DEPTH: usize = 8192;
 
 /// What a write job sees: the transaction, plus event appends that are published on commit.
+///
+/// One context serves a whole batch: the event tables stay open and each stream's bounds are
+/// kept in memory and written once before the commit, so an append costs one insert however
+/// many share the commit. Jobs therefore never open the `events` or `streams` tables themselves.
 pub struct WriteCtx<'a> {
     tx: &'a WriteTransaction,
     retention: u64,
     appended: Vec<(StreamKey, Arc<Event>)>,
+    events: Option<redb::Table<'a, (&'static str, u64), &'static [u8]>>,
+    metas: HashMap<StreamKey, StreamMeta>,
 }
 
 impl<'a> WriteCtx<'a> {
+    fn new(tx: &'a WriteTransaction, retention: u64) -> Self {
+        Self {
+            tx,
+            retention,
+            appended: Vec::new(),
+            events: None,
+            metas: HashMap::new(),
+        }
+    }
+
     pub fn tx(&self) -> &'a WriteTransaction {
         self.tx
     }
@@ -43,11 +60,20 @@ impl<'a> WriteCtx<'a> {
         stream: &StreamKey,
         event: NewEvent,
     ) -> Result<Arc<Event>, StorageError> {
-        let mut streams = self.tx.open_table(STREAMS)?;
-        let mut meta = match streams.get(stream.as_str())? {
-            Some(bytes) => decode::<StreamMeta>(bytes.value())?,
-            None => StreamMeta::EMPTY,
+        let mut meta = match self.metas.get(stream) {
+            Some(meta) => *meta,
+            None => {
+                let streams = self.tx.open_table(STREAMS)?;
+                match streams.get(stream.as_str())? {
+                    Some(bytes) => decode::<StreamMeta>(bytes.value())?,
+                    None => StreamMeta::EMPTY,
+                }
+            }
         };
+        if self.events.is_none() {
+            self.events = Some(self.tx.open_table(EVENTS)?);
+        }
+        let events = self.events.as_mut().ok_or(StorageError::Closed)?;
         let id = meta.next_id;
         let at_ms = now_ms();
         let stored = StoredEvent {
@@ -55,14 +81,13 @@ impl<'a> WriteCtx<'a> {
             data: event.data,
             at_ms,
         };
-        let mut events = self.tx.open_table(EVENTS)?;
         events.insert((stream.as_str(), id), encode(&stored).as_slice())?;
         meta.next_id += 1;
         while meta.next_id - meta.first_id > self.retention {
             events.remove((stream.as_str(), meta.first_id))?;
             meta.first_id += 1;
         }
-        streams.insert(stream.as_str(), encode(&meta).as_slice())?;
+        self.metas.insert(stream.clone(), meta);
         let event = Arc::new(Event {
             id,
             kind: stored.kind,
@@ -71,6 +96,19 @@ impl<'a> WriteCtx<'a> {
         });
         self.appended.push((stream.clone(), event.clone()));
         Ok(event)
+    }
+
+    /// Write the streams' bounds and close the tables, before the commit.
+    fn finish(mut self) -> Result<(), StorageError> {
+        self.events.take();
+        if self.metas.is_empty() {
+            return Ok(());
+        }
+        let mut streams = self.tx.open_table(STREAMS)?;
+        for (stream, meta) in &self.metas {
+            streams.insert(stream.as_str(), encode(meta).as_slice())?;
+        }
+        Ok(())
     }
 }
 
@@ -279,19 +317,19 @@ fn commit_batch(
     };
     let mut per_job: Vec<Vec<(StreamKey, Arc<Event>)>> = Vec::with_capacity(batch.len());
     let mut failure = None;
+    let mut ctx = WriteCtx::new(&tx, retention);
     for job in batch.iter_mut() {
-        let mut ctx = WriteCtx {
-            tx: &tx,
-            retention,
-            appended: Vec::new(),
-        };
         match job.apply(&mut ctx) {
-            Ok(()) => per_job.push(ctx.appended),
+            Ok(()) => per_job.push(std::mem::take(&mut ctx.appended)),
             Err(e) => {
                 failure = Some(e);
                 break;
             }
         }
+    }
+    match ctx.finish() {
+        Err(e) if failure.is_none() => failure = Some(e),
+        _ => {}
     }
     if let Some(err) = failure {
         let _ = tx.abort();
