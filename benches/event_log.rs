@@ -399,6 +399,12 @@ async fn bench_catchup() {
 }
 
 /// The release binary as a user runs it.
+/// Stop the server as Fly does (SIGTERM) so the next start opens a cleanly closed store.
+fn stop(child: &mut std::process::Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
 fn bench_binary() {
     let bin = env!("CARGO_BIN_EXE_weldr-agent");
     println!("\n### The binary: memory and startup ({REPEATS} runs)\n");
@@ -444,8 +450,21 @@ fn bench_binary() {
             .await
             .unwrap();
     });
-    let (mut idle, mut startup_empty, mut startup_big, mut idle_big, mut per_sub) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (
+        mut idle,
+        mut startup_empty,
+        mut startup_big,
+        mut idle_big,
+        mut per_sub,
+        mut per_sub_spread,
+    ) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..REPEATS {
         let empty = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -455,8 +474,7 @@ fn bench_binary() {
         startup_empty.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(300));
         idle.push(rss_kib(child.id()) as f64 / 1024.0);
-        let _ = child.kill();
-        let _ = child.wait();
+        stop(&mut child);
 
         let port = free_port();
         let t = Instant::now();
@@ -476,20 +494,28 @@ fn bench_binary() {
                 .unwrap();
             String::from_utf8(out.stdout).unwrap().trim().to_string()
         };
-        let conns = rt.block_on(async {
-            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let mut conns = Vec::new();
-            for i in 0..1000 {
-                conns.push(RawSse::connect(addr, &format!("/stream/p/b{i}"), &token, None).await);
-            }
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            conns
-        });
-        let after = rss_kib(child.id());
-        per_sub.push((after.saturating_sub(before)) as f64 * 1024.0 / 1000.0 / 1024.0);
-        drop(conns);
-        let _ = child.kill();
-        let _ = child.wait();
+        // 1,000 idle subscribers on one branch, then 1,000 more spread over 1,000 branches
+        // (each watched branch also costs its live ring).
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let open = |paths: Vec<String>| {
+            rt.block_on(async {
+                let mut conns = Vec::new();
+                for path in paths {
+                    conns.push(RawSse::connect(addr, &path, &token, None).await);
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                conns
+            })
+        };
+        let one = open((0..1000).map(|_| "/stream/p/b0".to_string()).collect());
+        let after_one = rss_kib(child.id());
+        per_sub.push(after_one.saturating_sub(before) as f64 / 1000.0);
+        let spread = open((0..1000).map(|i| format!("/stream/p/b{i}")).collect());
+        let after_spread = rss_kib(child.id());
+        per_sub_spread.push(after_spread.saturating_sub(after_one) as f64 / 1000.0);
+        drop(one);
+        drop(spread);
+        stop(&mut child);
     }
     println!("| measure | value |");
     println!("|---|---:|");

@@ -18,8 +18,10 @@ use weldr_storage::{AppendObserver, Event, StreamKey};
 
 pub use subscription::{Cursor, Subscription};
 
-/// Frames kept per branch for live subscribers before slow ones fall back to redb.
-pub const RING_CAPACITY: usize = 1024;
+/// Frames kept per branch for live subscribers before slow ones fall back to redb. tokio
+/// allocates every slot up front (about 40 bytes each) for each watched branch, so the ring is
+/// kept small: a subscriber that falls further behind reads the gap from redb, losing nothing.
+pub const RING_CAPACITY: usize = 256;
 
 /// One event, encoded once for every subscriber.
 #[derive(Debug)]
