@@ -128,3 +128,52 @@ pub fn touch_branch(store: &Store, project_id: &str, branch_id: &str) {
         }
     });
 }
+
+/// Bytes a directory occupies on disk (allocated blocks, each inode counted once, so objects
+/// hard-linked between forks count once per walk). Blocks; call off the runtime.
+pub fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// Measure a branch directory in the background and record its size (for `GET` branch and the
+/// eviction loop). Best effort: never delays the caller.
+pub fn refresh_size(store: &Store, project_id: &str, branch_id: &str, dir: std::path::PathBuf) {
+    let (store, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+    tokio::spawn(async move {
+        let Ok(size) = tokio::task::spawn_blocking(move || disk_usage(&dir)).await else {
+            return;
+        };
+        let result = store
+            .writer()
+            .write(move |ctx| {
+                if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
+                    branch.size_bytes = size;
+                    model::put_branch(ctx, &branch)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "could not record branch size");
+        }
+    });
+}

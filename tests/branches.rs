@@ -189,6 +189,19 @@ async fn forks_keep_files_and_histories_apart() {
     git(&main, &["fsck", "--strict"]);
     git(&feature, &["fsck", "--strict"]);
 
+    // Each branch records the disk it occupies (measured in the background after a version).
+    let mut size = 0;
+    for _ in 0..200 {
+        let (status, body) = get(&s, "/projects/p/branches/feature").await;
+        assert_eq!(status, 200);
+        size = body["sizeBytes"].as_u64().unwrap();
+        if size > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(size > 0, "the branch size is recorded");
+
     // A fork at an older version gets that version's tree.
     let (status, body) = post(
         &s,

@@ -263,6 +263,7 @@ pub async fn create_branch(
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e.into());
     }
+    crate::registry::refresh_size(&app.store, project_id, branch_id, dir.clone());
     Ok(Created {
         branch: record,
         created: true,
@@ -364,6 +365,12 @@ async fn record_version(
         })
         .await?;
     version.seq = seq;
+    crate::registry::refresh_size(
+        &app.store,
+        project_id,
+        branch_id,
+        branch_dir(&app.config, project_id, branch_id),
+    );
     Ok(version)
 }
 
