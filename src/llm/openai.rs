@@ -25,6 +25,7 @@ pub struct OpenAi {
 
 impl OpenAi {
     /// OpenAI (or `OPENAI_BASE_URL`); needs `OPENAI_API_KEY`.
+    #[allow(clippy::self_named_constructors)] // `openai` next to `ollama`: the name is the provider
     pub fn openai(keys: &ProviderKeys) -> Result<Self, LlmError> {
         let key = keys
             .openai_api_key
