@@ -585,3 +585,108 @@ async fn provider_for_builds_working_providers() {
         "/v1beta/models/gemini-x:streamGenerateContent?alt=sse"
     );
 }
+
+#[tokio::test]
+async fn stalled_stream_times_out_as_unavailable() {
+    for kind in ALL {
+        let fake = FakeLlm::start(vec![Reply::Stall, Reply::Turn(Turn::text(&["late"]))]).await;
+        let keys = fake.keys();
+        let p: Box<dyn LlmProvider> = match kind {
+            Kind::Anthropic => Box::new(
+                Anthropic::new(&keys)
+                    .unwrap()
+                    .with_retry(fast())
+                    .with_idle_timeout(Duration::from_millis(200)),
+            ),
+            Kind::OpenAi => Box::new(
+                OpenAi::openai(&keys)
+                    .unwrap()
+                    .with_retry(fast())
+                    .with_idle_timeout(Duration::from_millis(200)),
+            ),
+            Kind::Ollama => Box::new(
+                OpenAi::ollama(&keys)
+                    .unwrap()
+                    .with_retry(fast())
+                    .with_idle_timeout(Duration::from_millis(200)),
+            ),
+            Kind::Gemini => Box::new(
+                Gemini::new(&keys)
+                    .unwrap()
+                    .with_retry(fast())
+                    .with_idle_timeout(Duration::from_millis(200)),
+            ),
+        };
+        // Nothing was streamed before the stall, so the retry gets the late answer.
+        let (r, _) = chat(p.as_ref(), &request(vec![Message::user_text("hi")])).await;
+        assert_eq!(r.unwrap().message.text(), "late", "{kind:?}");
+        assert_eq!(fake.requests().len(), 2, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_overloaded_event_in_the_stream_is_retried() {
+    let overloaded = vec![
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n".to_string(),
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n".to_string(),
+    ];
+    let (fake, r) = one(
+        Kind::Anthropic,
+        vec![
+            Reply::Raw(overloaded.clone()),
+            Reply::Turn(Turn::text(&["ok"])),
+        ],
+    )
+    .await;
+    assert_eq!(r.unwrap().message.text(), "ok");
+    assert_eq!(fake.requests().len(), 2);
+    let (_, r) = one(Kind::Anthropic, vec![Reply::Raw(overloaded); 3]).await;
+    match r {
+        Err(LlmError::Unavailable {
+            attempts: 3,
+            message,
+        }) => assert!(message.contains("Overloaded")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn max_tokens_stop_reason() {
+    for kind in ALL {
+        let mut turn = Turn::text(&["cut"]);
+        turn.max_tokens = true;
+        let (_, r) = one(kind, vec![Reply::Turn(turn)]).await;
+        assert_eq!(r.unwrap().stop, StopReason::MaxTokens, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn compatible_server_tool_call_without_id_gets_one() {
+    let chunk = |v: Value| format!("data: {v}\n\n");
+    let events = vec![
+        chunk(
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "function": {"name": "read_file", "arguments": {"path": "a"}}}]}, "finish_reason": null}]}),
+        ),
+        chunk(
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}),
+        ),
+    ];
+    let (_, r) = one(Kind::Ollama, vec![Reply::Raw(events)]).await;
+    let r = r.unwrap();
+    assert_eq!(
+        r.message.parts,
+        vec![Part::ToolCall {
+            id: "call_0".into(),
+            name: "read_file".into(),
+            input: json!({"path": "a"}),
+        }]
+    );
+    assert_eq!(r.stop, StopReason::ToolUse);
+    assert_eq!(
+        r.usage,
+        Usage {
+            input_tokens: 5,
+            output_tokens: 2
+        }
+    );
+}

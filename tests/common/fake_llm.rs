@@ -87,6 +87,10 @@ pub enum Reply {
     Malformed,
     /// 200, a first text delta, then the connection closes.
     Truncated,
+    /// 200 and these raw event-stream pieces, as given (any wire).
+    Raw(Vec<String>),
+    /// 200, then nothing until the client gives up.
+    Stall,
 }
 
 impl Reply {
@@ -302,6 +306,19 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
                 chunk(&mut sock, e).await?;
             }
             sock.shutdown().await?;
+        }
+        Reply::Raw(events) => {
+            start_stream(&mut sock).await?;
+            for e in events {
+                chunk(&mut sock, &e).await?;
+            }
+            chunk(&mut sock, "").await?;
+        }
+        Reply::Stall => {
+            start_stream(&mut sock).await?;
+            let mut rest = [0u8; 64];
+            // Wait for the client to close the connection.
+            while sock.read(&mut rest).await? > 0 {}
         }
         Reply::Turn(turn) => {
             start_stream(&mut sock).await?;
