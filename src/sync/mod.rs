@@ -1,0 +1,839 @@
+//! Branch snapshots in object storage: push, pull and verify.
+//!
+//! A push walks the branch directory (the excludes aside), uploads only content the store does
+//! not have yet (small files packed together, big files streamed as their own multipart
+//! objects), then writes the manifest and, last, the `latest` pointer: a crash mid-push leaves
+//! the previous snapshot whole. A pull stages and verifies every file before it touches the
+//! branch directory. See [`manifest`] for the layout.
+
+pub mod manifest;
+pub mod store;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::branches::branch_dir;
+use crate::config::Config;
+use crate::excludes::Excludes;
+use manifest::{Entry, Loc, Manifest, Scanned, StatCache};
+pub use store::{Store, bucket_name};
+
+/// Files below this size go into packs; bigger ones are objects of their own.
+pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
+/// A pack is written once it holds this much.
+pub const PACK_TARGET: usize = 8 << 20;
+/// Multipart chunk size for big objects (memory per upload stays about this).
+pub const CHUNK: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("object store: {0}")]
+    Store(String),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("file system: {0}")]
+    Io(String),
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("push aborted: {0}")]
+    Aborted(String),
+}
+
+impl SyncError {
+    fn store(what: &str, e: opendal::Error) -> Self {
+        SyncError::Store(format!(
+            "{what}: {e}; check S3_ENDPOINT, the credentials and the network, then retry"
+        ))
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+        move |e| SyncError::Io(format!("{}: {e}", path.display()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushReport {
+    pub bucket: String,
+    pub snapshot_id: String,
+    /// True when the tree matched the latest snapshot and nothing was written.
+    pub unchanged: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    /// Store requests made (a multipart upload counts once per chunk).
+    pub requests: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase", tag = "status")]
+pub enum PullReport {
+    Restored {
+        bucket: String,
+        snapshot_id: String,
+        files: u64,
+        bytes: u64,
+        requests: u64,
+        duration_ms: u64,
+    },
+    /// No snapshot in the store (the original: `REASON=bucket_not_found`).
+    Skipped { bucket: String },
+}
+
+/// Test hooks (not for production use).
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Fail after this many content uploads, before the manifest: a simulated crash.
+    pub fail_after_uploads: Option<u64>,
+}
+
+/// What this machine knows the store holds: the last snapshot it pushed or pulled, so a no-op
+/// push costs one request, plus the stat cache that saves re-hashing.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LocalIndex {
+    store: String,
+    manifest: Option<Manifest>,
+    stat: StatCache,
+}
+
+fn index_path(config: &Config, project_id: &str, branch_id: &str) -> PathBuf {
+    config
+        .data_dir
+        .join("sync")
+        .join(project_id)
+        .join(format!("{branch_id}.json"))
+}
+
+fn store_identity(config: &Config, store: &Store) -> String {
+    match &config.s3.access_key_id {
+        Some(_) => format!("s3:{}/{}", config.s3.endpoint, store.bucket),
+        None => format!(
+            "fs:{}",
+            config.object_store_dir.join(&store.bucket).display()
+        ),
+    }
+}
+
+async fn load_index(path: PathBuf, identity: &str) -> LocalIndex {
+    let loaded = tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice::<LocalIndex>(&bytes).ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    match loaded {
+        Some(index) if index.store == identity => index,
+        _ => LocalIndex {
+            store: identity.to_string(),
+            ..Default::default()
+        },
+    }
+}
+
+/// Best effort: a lost index only costs a re-hash and one more request.
+async fn save_index(path: PathBuf, index: LocalIndex) {
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(&index).unwrap_or_default())?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await;
+    if !matches!(result, Ok(Ok(()))) {
+        tracing::warn!("could not save the local sync index: {result:?}");
+    }
+}
+
+fn new_snapshot_id() -> String {
+    let ms = now_ms();
+    let mut rand = [0u8; 4];
+    let _ = getrandom::fill(&mut rand);
+    format!("{ms:013}-{}", hex::encode(rand))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
+) -> Result<T, SyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SyncError::Io(format!("background task failed: {e}")))?
+}
+
+/// The manifest of `id`, or of `latest` when None. Ok(None): no snapshot (or no bucket) yet.
+async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manifest>, SyncError> {
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => match store.get("latest").await? {
+            None => return Ok(None),
+            Some(bytes) => String::from_utf8(bytes)
+                .map_err(|_| SyncError::Corrupt("the latest pointer is not text".into()))?
+                .trim()
+                .to_string(),
+        },
+    };
+    manifest::check_snapshot_id(&id)?;
+    let Some(bytes) = store.get(&manifest::manifest_path(&id)).await? else {
+        return Err(SyncError::NotFound(format!(
+            "snapshot {id} does not exist in bucket {}",
+            store.bucket
+        )));
+    };
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| SyncError::Corrupt(format!("manifest of snapshot {id}: {e}")))?;
+    if m.version != manifest::MANIFEST_VERSION || m.id != id {
+        return Err(SyncError::Corrupt(format!(
+            "manifest of snapshot {id} has version {} and id {}; this agent reads version {}",
+            m.version,
+            m.id,
+            manifest::MANIFEST_VERSION
+        )));
+    }
+    Ok(Some(m))
+}
+
+/// Push the branch directory as a new snapshot (or nothing when it matches the latest one).
+pub async fn push(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<PushReport, SyncError> {
+    push_with(config, project_id, branch_id, &PushOptions::default()).await
+}
+
+pub async fn push_with(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    options: &PushOptions,
+) -> Result<PushReport, SyncError> {
+    let started = Instant::now();
+    let dir = branch_dir(config, project_id, branch_id);
+    if !dir.is_dir() {
+        return Err(SyncError::NotFound(format!(
+            "branch directory {} does not exist; create or pull the branch first",
+            dir.display()
+        )));
+    }
+    let store = Store::open(config, project_id, branch_id)?;
+    let identity = store_identity(config, &store);
+    let ipath = index_path(config, project_id, branch_id);
+    let mut index = load_index(ipath.clone(), &identity).await;
+
+    // 1 request: where is the store now?
+    let latest = store
+        .get("latest")
+        .await?
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
+    let previous = match &latest {
+        None => {
+            store.ensure_bucket().await?;
+            None
+        }
+        Some(id) if index.manifest.as_ref().is_some_and(|m| &m.id == id) => index.manifest.take(),
+        Some(id) => fetch_manifest(&store, Some(id)).await?,
+    };
+
+    let cache = std::mem::take(&mut index.stat);
+    let root = dir.clone();
+    let (scanned, fresh) = blocking(move || {
+        let mut fresh = StatCache::new();
+        let scanned = manifest::scan(&root, &cache, &mut fresh)?;
+        Ok((scanned, fresh))
+    })
+    .await?;
+    index.stat = fresh;
+
+    let files = scanned
+        .iter()
+        .filter(|s| matches!(s, Scanned::File { .. }))
+        .count() as u64;
+    let bytes: u64 = scanned
+        .iter()
+        .map(|s| match s {
+            Scanned::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+
+    if let Some(prev) = &previous
+        && manifest::matches(prev, &scanned)
+    {
+        let report = PushReport {
+            bucket: store.bucket.clone(),
+            snapshot_id: prev.id.clone(),
+            unchanged: true,
+            files,
+            bytes,
+            uploaded_objects: 0,
+            uploaded_bytes: 0,
+            requests: store.requests(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        index.manifest = previous;
+        save_index(ipath, index).await;
+        return Ok(report);
+    }
+
+    // Content the store already has, by hash.
+    let mut known: HashMap<String, Loc> = HashMap::new();
+    if let Some(prev) = &previous {
+        for e in &prev.entries {
+            if let Entry::File { hash, loc, .. } = e {
+                known.insert(hash.clone(), loc.clone());
+            }
+        }
+    }
+
+    let mut up = Uploader {
+        store: &store,
+        dir: &dir,
+        options,
+        uploads: 0,
+        uploaded_bytes: 0,
+        pack: Vec::new(),
+        pending: Vec::new(),
+    };
+    let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
+    // Entries waiting for their pack's name: index into `entries`.
+    for s in scanned {
+        match s {
+            Scanned::Dir { path, mode } => entries.push(Entry::Dir { path, mode }),
+            Scanned::Symlink { path, target } => entries.push(Entry::Symlink { path, target }),
+            Scanned::File {
+                path,
+                mode,
+                size,
+                hash,
+            } => {
+                let loc = if let Some(loc) = known.get(&hash) {
+                    loc.clone()
+                } else if size >= SMALL_FILE_LIMIT {
+                    up.upload_big(&path, &hash).await?;
+                    known.insert(hash.clone(), Loc::Object);
+                    Loc::Object
+                } else {
+                    let offset = up.add_small(&path, &hash, size).await?;
+                    up.pending.push((entries.len(), hash.clone()));
+                    // Filled in when the pack is written.
+                    Loc::Pack {
+                        pack: String::new(),
+                        offset,
+                    }
+                };
+                entries.push(Entry::File {
+                    path,
+                    mode,
+                    size,
+                    hash,
+                    loc,
+                });
+                if up.pack.len() >= PACK_TARGET {
+                    up.flush(&mut entries, &mut known).await?;
+                }
+            }
+        }
+    }
+    up.flush(&mut entries, &mut known).await?;
+    let (uploaded_objects, uploaded_bytes) = (up.uploads, up.uploaded_bytes);
+
+    let id = new_snapshot_id();
+    let m = Manifest {
+        version: manifest::MANIFEST_VERSION,
+        id: id.clone(),
+        created_at_ms: now_ms(),
+        entries,
+    };
+    let body =
+        serde_json::to_vec(&m).map_err(|e| SyncError::Io(format!("encode the manifest: {e}")))?;
+    store.put(&manifest::manifest_path(&id), body).await?;
+    store.put("latest", id.clone().into_bytes()).await?;
+    let report = PushReport {
+        bucket: store.bucket.clone(),
+        snapshot_id: id,
+        unchanged: false,
+        files,
+        bytes,
+        uploaded_objects,
+        uploaded_bytes,
+        requests: store.requests(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    index.manifest = Some(m);
+    save_index(ipath, index).await;
+    Ok(report)
+}
+
+struct Uploader<'a> {
+    store: &'a Store,
+    dir: &'a Path,
+    options: &'a PushOptions,
+    uploads: u64,
+    uploaded_bytes: u64,
+    pack: Vec<u8>,
+    /// (entry index, hash) of the files in `pack`.
+    pending: Vec<(usize, String)>,
+}
+
+impl Uploader<'_> {
+    fn before_upload(&self) -> Result<(), SyncError> {
+        if let Some(n) = self.options.fail_after_uploads
+            && self.uploads >= n
+        {
+            return Err(SyncError::Aborted(format!(
+                "stopped after {n} uploads (test hook)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Append a small file to the current pack; returns its offset.
+    async fn add_small(&mut self, path: &str, hash: &str, size: u64) -> Result<u64, SyncError> {
+        let abs = self.dir.join(path);
+        let data = tokio::fs::read(&abs).await.map_err(SyncError::io(&abs))?;
+        if data.len() as u64 != size || manifest::hash_bytes(&data) != hash {
+            return Err(changed_during_push(&abs));
+        }
+        let offset = self.pack.len() as u64;
+        self.pack.extend_from_slice(&data);
+        Ok(offset)
+    }
+
+    async fn flush(
+        &mut self,
+        entries: &mut [Entry],
+        known: &mut HashMap<String, Loc>,
+    ) -> Result<(), SyncError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.before_upload()?;
+        let data = std::mem::take(&mut self.pack);
+        let name = manifest::hash_bytes(&data);
+        let len = data.len() as u64;
+        self.store.put(&manifest::pack_path(&name), data).await?;
+        self.uploads += 1;
+        self.uploaded_bytes += len;
+        for (i, hash) in self.pending.drain(..) {
+            if let Entry::File {
+                loc: Loc::Pack { pack, offset },
+                ..
+            } = &mut entries[i]
+            {
+                *pack = name.clone();
+                known.insert(
+                    hash,
+                    Loc::Pack {
+                        pack: name.clone(),
+                        offset: *offset,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stream a big file into `objects/{hash}` (multipart, bounded memory), checking that its
+    /// content still hashes to `hash`; otherwise the upload is aborted.
+    async fn upload_big(&mut self, path: &str, hash: &str) -> Result<(), SyncError> {
+        self.before_upload()?;
+        let abs = self.dir.join(path);
+        let mut file = tokio::fs::File::open(&abs)
+            .await
+            .map_err(SyncError::io(&abs))?;
+        let object = manifest::object_path(hash);
+        let op = self.store.operator();
+        let mut writer = op
+            .writer_with(&object)
+            .chunk(CHUNK)
+            .await
+            .map_err(|e| SyncError::store(&format!("start upload of {object}"), e))?;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let result: Result<(), SyncError> = async {
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf[filled..])
+                        .await
+                        .map_err(SyncError::io(&abs))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                if filled == 0 {
+                    break;
+                }
+                buf.truncate(filled);
+                hasher.update(&buf);
+                total += filled as u64;
+                self.store.count();
+                writer
+                    .write(buf)
+                    .await
+                    .map_err(|e| SyncError::store(&format!("upload {object}"), e))?;
+                if filled < CHUNK {
+                    break;
+                }
+            }
+            if hex::encode(hasher.finalize_reset()) != hash {
+                return Err(changed_during_push(&abs));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        writer
+            .close()
+            .await
+            .map_err(|e| SyncError::store(&format!("finish upload of {object}"), e))?;
+        self.uploads += 1;
+        self.uploaded_bytes += total;
+        Ok(())
+    }
+}
+
+fn changed_during_push(path: &Path) -> SyncError {
+    SyncError::Io(format!(
+        "{} changed while it was being pushed; push again once writes settle",
+        path.display()
+    ))
+}
+
+/// Restore the latest snapshot (or `snapshot_id`) into the branch directory.
+pub async fn pull(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+) -> Result<PullReport, SyncError> {
+    let dir = branch_dir(config, project_id, branch_id);
+    let report = pull_into(config, project_id, branch_id, snapshot_id, &dir).await?;
+    Ok(report)
+}
+
+/// Restore into `target` (created when missing). Every file is staged beside `target` and its
+/// hash verified before anything in `target` changes; then files not in the snapshot (and not
+/// excluded) are removed. On error `target` is left as it was.
+pub async fn pull_into(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+    target: &Path,
+) -> Result<PullReport, SyncError> {
+    let started = Instant::now();
+    let store = Store::open(config, project_id, branch_id)?;
+    let Some(m) = fetch_manifest(&store, snapshot_id).await? else {
+        return Ok(PullReport::Skipped {
+            bucket: store.bucket.clone(),
+        });
+    };
+    let parent = target
+        .parent()
+        .ok_or_else(|| SyncError::Io(format!("{} has no parent directory", target.display())))?
+        .to_path_buf();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tokio::fs::create_dir_all(&parent)
+        .await
+        .map_err(SyncError::io(&parent))?;
+    let mut rand = [0u8; 4];
+    let _ = getrandom::fill(&mut rand);
+    let staging = parent.join(format!(".{name}.weldr-pull-{}", hex::encode(rand)));
+    tokio::fs::create_dir(&staging)
+        .await
+        .map_err(SyncError::io(&staging))?;
+
+    let staged = stage(&store, &m, &staging).await;
+    let result = match staged {
+        Ok(()) => {
+            let (m2, staging2, target2) = (m.clone(), staging.clone(), target.to_path_buf());
+            blocking(move || apply(&m2, &staging2, &target2)).await
+        }
+        Err(e) => Err(e),
+    };
+    let st = staging.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(st)).await;
+    let stat = result?;
+
+    let files = m
+        .entries
+        .iter()
+        .filter(|e| matches!(e, Entry::File { .. }))
+        .count() as u64;
+    let bytes = m
+        .entries
+        .iter()
+        .map(|e| match e {
+            Entry::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    let report = PullReport::Restored {
+        bucket: store.bucket.clone(),
+        snapshot_id: m.id.clone(),
+        files,
+        bytes,
+        requests: store.requests(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    if target == branch_dir(config, project_id, branch_id) {
+        let identity = store_identity(config, &store);
+        let index = LocalIndex {
+            store: identity,
+            manifest: Some(m),
+            stat,
+        };
+        save_index(index_path(config, project_id, branch_id), index).await;
+    }
+    Ok(report)
+}
+
+/// Download and verify every file of `m` into `staging` (flat names: `f{n}`).
+async fn stage(store: &Store, m: &Manifest, staging: &Path) -> Result<(), SyncError> {
+    // Pack reads: one request per pack.
+    let mut by_pack: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        if let Entry::File {
+            loc: Loc::Pack { pack, .. },
+            ..
+        } = e
+        {
+            by_pack.entry(pack.as_str()).or_default().push(i);
+        }
+    }
+    for (pack, idxs) in by_pack {
+        let ppath = manifest::pack_path(pack);
+        let Some(data) = store.get(&ppath).await? else {
+            return Err(SyncError::Corrupt(format!(
+                "{ppath} is missing from bucket {}",
+                store.bucket
+            )));
+        };
+        for i in idxs {
+            let Entry::File {
+                path,
+                size,
+                hash,
+                loc: Loc::Pack { offset, .. },
+                ..
+            } = &m.entries[i]
+            else {
+                continue;
+            };
+            let slice = usize::try_from(*offset)
+                .ok()
+                .zip(usize::try_from(*offset + *size).ok())
+                .and_then(|(a, b)| data.get(a..b))
+                .ok_or_else(|| SyncError::Corrupt(format!("{ppath} is too short for {path}")))?;
+            if manifest::hash_bytes(slice) != *hash {
+                return Err(SyncError::Corrupt(format!(
+                    "{path}: content in {ppath} does not match its hash {hash}"
+                )));
+            }
+            let dest = staging.join(format!("f{i}"));
+            tokio::fs::write(&dest, slice)
+                .await
+                .map_err(SyncError::io(&dest))?;
+        }
+    }
+    for (i, e) in m.entries.iter().enumerate() {
+        let Entry::File {
+            path,
+            hash,
+            size,
+            loc: Loc::Object,
+            ..
+        } = e
+        else {
+            continue;
+        };
+        let object = manifest::object_path(hash);
+        let dest = staging.join(format!("f{i}"));
+        store.count();
+        let reader = match store.operator().reader_with(&object).chunk(CHUNK).await {
+            Ok(r) => r,
+            Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
+        };
+        let mut stream = reader
+            .into_bytes_stream(..)
+            .await
+            .map_err(|e| SyncError::store(&format!("read {object}"), e))?;
+        let mut file = tokio::fs::File::create(&dest)
+            .await
+            .map_err(SyncError::io(&dest))?;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    SyncError::Corrupt(format!("{object} is missing from bucket {}", store.bucket))
+                }
+                _ => SyncError::Store(format!("read {object}: {e}")),
+            })?;
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
+        }
+        file.flush().await.map_err(SyncError::io(&dest))?;
+        if total != *size || hex::encode(hasher.finalize()) != *hash {
+            return Err(SyncError::Corrupt(format!(
+                "{path}: {object} does not match its hash"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Move the staged snapshot into `target` (blocking). Returns the stat cache of the result.
+fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncError> {
+    std::fs::create_dir_all(target).map_err(SyncError::io(target))?;
+    let wanted: HashMap<&str, &Entry> = m.entries.iter().map(|e| (e.path(), e)).collect();
+    // Remove what the snapshot does not have (or has as another kind); keep excluded paths.
+    let excludes = Excludes::for_dir(target);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs_dir = target.join(&rel_dir);
+        let Ok(rd) = std::fs::read_dir(&abs_dir) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            let rel = rel_dir.join(entry.file_name());
+            let abs = target.join(&rel);
+            let Ok(meta) = std::fs::symlink_metadata(&abs) else {
+                continue;
+            };
+            let ft = meta.file_type();
+            if excludes.is_excluded(&rel, ft.is_dir()) {
+                continue;
+            }
+            let keep = rel.to_str().and_then(|p| wanted.get(p)).is_some_and(|e| {
+                matches!(
+                    (e, ft.is_dir(), ft.is_symlink()),
+                    (Entry::Dir { .. }, true, false)
+                        | (Entry::File { .. }, false, false)
+                        | (Entry::Symlink { .. }, false, true)
+                )
+            });
+            if keep {
+                if ft.is_dir() {
+                    // Make sure we can write into it.
+                    let _ = std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o755));
+                    stack.push(rel);
+                }
+            } else if ft.is_dir() {
+                std::fs::remove_dir_all(&abs).map_err(SyncError::io(&abs))?;
+            } else {
+                std::fs::remove_file(&abs).map_err(SyncError::io(&abs))?;
+            }
+        }
+    }
+    let mut stat = StatCache::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        let rel = Path::new(e.path());
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(SyncError::Corrupt(format!(
+                "snapshot path {:?} escapes the branch directory",
+                e.path()
+            )));
+        }
+        let abs = target.join(rel);
+        match e {
+            Entry::Dir { .. } => {
+                std::fs::create_dir_all(&abs).map_err(SyncError::io(&abs))?;
+            }
+            Entry::Symlink { target: to, .. } => {
+                let _ = std::fs::remove_file(&abs);
+                std::os::unix::fs::symlink(to, &abs).map_err(SyncError::io(&abs))?;
+            }
+            Entry::File { mode, hash, .. } => {
+                let staged = staging.join(format!("f{i}"));
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(*mode))
+                    .map_err(SyncError::io(&staged))?;
+                std::fs::rename(&staged, &abs).map_err(SyncError::io(&abs))?;
+                if let Ok(meta) = std::fs::symlink_metadata(&abs) {
+                    stat.insert(
+                        e.path().to_string(),
+                        (manifest::StatKey::of(&meta), hash.clone()),
+                    );
+                }
+            }
+        }
+    }
+    // Directory modes last (deepest first), so read-only directories did not block writes.
+    for e in m.entries.iter().rev() {
+        if let Entry::Dir { path, mode } = e {
+            let abs = target.join(path);
+            std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(*mode))
+                .map_err(SyncError::io(&abs))?;
+        }
+    }
+    Ok(stat)
+}
+
+/// Does the branch directory match the stored snapshot exactly (every file re-hashed)?
+/// Eviction calls this before deleting a directory.
+pub async fn verify(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: &str,
+) -> Result<bool, SyncError> {
+    let store = Store::open(config, project_id, branch_id)?;
+    let Some(m) = fetch_manifest(&store, Some(snapshot_id)).await? else {
+        return Ok(false);
+    };
+    let dir = branch_dir(config, project_id, branch_id);
+    let scanned = blocking(move || {
+        let mut fresh = StatCache::new();
+        manifest::scan(&dir, &StatCache::new(), &mut fresh)
+    })
+    .await?;
+    Ok(manifest::matches(&m, &scanned))
+}
+
+/// Snapshot ids referenced by the local index and the files the store must hold: used by
+/// tests and tools to inspect a snapshot.
+pub async fn manifest(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+) -> Result<Option<Manifest>, SyncError> {
+    let store = Store::open(config, project_id, branch_id)?;
+    fetch_manifest(&store, snapshot_id).await
+}
