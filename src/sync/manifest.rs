@@ -98,6 +98,44 @@ pub fn check_snapshot_id(id: &str) -> Result<(), SyncError> {
     }
 }
 
+/// Reject a manifest that could write outside the target or through a symlink: every path
+/// must be relative and plain, listed once, in order, with its parent listed as a directory.
+pub fn validate(m: &Manifest) -> Result<(), SyncError> {
+    let bad = |path: &str, why: &str| {
+        Err(SyncError::Corrupt(format!(
+            "snapshot {}: entry {path:?} {why}",
+            m.id
+        )))
+    };
+    let mut dirs = std::collections::HashSet::new();
+    let mut previous: Option<&str> = None;
+    for e in &m.entries {
+        let path = e.path();
+        let p = Path::new(path);
+        if path.is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return bad(path, "is not a plain relative path");
+        }
+        if previous.is_some_and(|prev| prev >= path) {
+            return bad(path, "is out of order or listed twice");
+        }
+        previous = Some(path);
+        if let Some(parent) = p.parent().and_then(Path::to_str)
+            && !parent.is_empty()
+            && !dirs.contains(parent)
+        {
+            return bad(path, "has a parent that is not a directory of the snapshot");
+        }
+        if let Entry::Dir { .. } = e {
+            dirs.insert(path);
+        }
+    }
+    Ok(())
+}
+
 /// One walked path, before its content is located in the store.
 #[derive(Debug, Clone)]
 pub enum Scanned {
@@ -272,4 +310,76 @@ pub fn matches(manifest: &Manifest, scanned: &[Scanned]) -> bool {
                 ) => path == p && mode == m && size == s && hash == h,
                 _ => false,
             })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: "s".into(),
+            created_at_ms: 0,
+            entries,
+        }
+    }
+
+    fn file(path: &str) -> Entry {
+        Entry::File {
+            path: path.into(),
+            mode: 0o644,
+            size: 0,
+            hash: hash_bytes(b""),
+            loc: Loc::Object,
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
+    }
+
+    #[test]
+    fn manifests_that_escape_or_write_through_links_are_rejected() {
+        assert!(validate(&m(vec![dir("a"), file("a/b"), file("c")])).is_ok());
+        for bad in [
+            vec![file("../evil")],
+            vec![file("/etc/passwd")],
+            vec![dir("a"), file("a/../../x")],
+            vec![file("a/b")],
+            vec![
+                Entry::Symlink {
+                    path: "l".into(),
+                    target: "/tmp".into(),
+                },
+                file("l/x"),
+            ],
+            vec![file("b"), file("a")],
+            vec![file("a"), file("a")],
+            vec![file("")],
+        ] {
+            assert!(validate(&m(bad.clone())).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scan_sees_modes_links_and_empty_dirs_and_skips_excludes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("e/f")).unwrap();
+        std::fs::create_dir_all(root.join("node_modules/x")).unwrap();
+        std::fs::write(root.join("node_modules/x/i.js"), "x").unwrap();
+        std::fs::write(root.join("run"), "x").unwrap();
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink("run", root.join("l")).unwrap();
+        let mut fresh = StatCache::new();
+        let s = scan(root, &StatCache::new(), &mut fresh).unwrap();
+        let paths: Vec<_> = s.iter().map(Scanned::path).collect();
+        assert_eq!(paths, ["e", "e/f", "l", "run"]);
+        assert!(matches!(&s[3], Scanned::File { mode: 0o750, .. }));
+        assert!(matches!(&s[2], Scanned::Symlink { target, .. } if target == "run"));
+    }
 }

@@ -203,6 +203,7 @@ async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manife
     };
     let m: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| SyncError::Corrupt(format!("manifest of snapshot {id}: {e}")))?;
+    manifest::validate(&m)?;
     if m.version != manifest::MANIFEST_VERSION || m.id != id {
         return Err(SyncError::Corrupt(format!(
             "manifest of snapshot {id} has version {} and id {}; this agent reads version {}",
@@ -760,17 +761,8 @@ fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncE
     }
     let mut stat = StatCache::new();
     for (i, e) in m.entries.iter().enumerate() {
+        // Plain relative paths under listed directories: checked by `manifest::validate`.
         let rel = Path::new(e.path());
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(SyncError::Corrupt(format!(
-                "snapshot path {:?} escapes the branch directory",
-                e.path()
-            )));
-        }
         let abs = target.join(rel);
         match e {
             Entry::Dir { .. } => {

@@ -358,6 +358,57 @@ mod tests {
         );
     }
 
+    /// Reference signatures from botocore's `S3SigV4Auth` (the AWS SDK's signer) for the same
+    /// request at 2015-08-30T12:36:00Z with the AWS documentation's example credentials.
+    #[test]
+    fn put_bucket_signature_matches_botocore() {
+        let location = "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                        <LocationConstraint>eu-west-1</LocationConstraint></CreateBucketConfiguration>";
+        for (path, host, region, body, want) in [
+            (
+                "/project-a-branch-b",
+                "127.0.0.1:9000",
+                "auto",
+                "",
+                "58ee36da7dea0504eb10bbac308fdcae156de516e74c7f9e634561d69e0d8309",
+            ),
+            (
+                "/project-p-branch-b",
+                "fly.storage.tigris.dev",
+                "auto",
+                "",
+                "af6c5b4071a265191e72aba0ac01e14891fed26c4cd9dd3a759b5ecb7fc42a04",
+            ),
+            (
+                "/b-x",
+                "127.0.0.1:9000",
+                "eu-west-1",
+                location,
+                "75357c95fa0ea1f893f7e23455b38576df5a9f702f0a0eab3b494179a6a9f6f9",
+            ),
+        ] {
+            let headers = sign_put_bucket(
+                path,
+                host,
+                region,
+                "AKIDEXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                body.as_bytes(),
+                1_440_938_160,
+            );
+            let auth = &headers
+                .iter()
+                .find(|(k, _)| *k == "authorization")
+                .unwrap()
+                .1;
+            assert!(
+                auth.ends_with(&format!("Signature={want}")),
+                "{host}{path} {region}: {auth}"
+            );
+            assert!(auth.contains(&format!("Credential=AKIDEXAMPLE/20150830/{region}/s3/")));
+        }
+    }
+
     #[test]
     fn bucket_names() {
         assert!(check_bucket_name(&bucket_name("p1", "b-2")).is_ok());
