@@ -529,6 +529,32 @@ async fn cli_push_and_pull_print_the_original_lines() {
     assert!(out.contains("SYNC_STATUS=success"), "{out}");
     assert_eq!(tree(&dir), want);
 
+    // The original scripts' names, as thin wrappers over the binary.
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    for (script, status) in [
+        ("sync-to-s3.sh", "SYNC_STATUS=success"),
+        ("sync-from-s3.sh", "SYNC_STATUS=success"),
+    ] {
+        let out = Command::new(scripts.join(script))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WELDR_AGENT_BIN", env!("CARGO_BIN_EXE_weldr-agent"))
+            .env("WELDR_MODE", "local")
+            .env("WORKSPACE_BASE", &base)
+            .env("LOG_LEVEL", "warn")
+            .envs(envs.iter().copied())
+            .args(["cli", &project])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{script}: {text}");
+        assert!(
+            text.contains(status) && text.contains(&bucket),
+            "{script}: {text}"
+        );
+    }
+    assert_eq!(tree(&dir), want);
+
     let (ok, out) = cli(
         &base,
         &envs,

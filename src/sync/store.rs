@@ -69,7 +69,12 @@ impl Store {
             }
             let bucket = bucket_name(project_id, branch_id);
             let root = config.object_store_dir.join(&bucket);
-            let builder = opendal::services::Fs::default().root(&root.to_string_lossy());
+            // Writes go to a temp file and are renamed into place: a crash never leaves a
+            // truncated `latest` or manifest.
+            let tmp = config.object_store_dir.join(".tmp");
+            let builder = opendal::services::Fs::default()
+                .root(&root.to_string_lossy())
+                .atomic_write_dir(&tmp.to_string_lossy());
             let op = Operator::new(builder)
                 .map_err(|e| SyncError::store("open the fs object store", e))?;
             return Ok(Self {
