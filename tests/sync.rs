@@ -202,6 +202,10 @@ fn change(dir: &Path) {
     set_mode(&dir.join("run.sh"), 0o755);
     std::os::unix::fs::symlink("does/not/exist", dir.join("dangling")).unwrap();
     std::fs::create_dir_all(dir.join("empty2/sub")).unwrap();
+    // Duplicate content within one push, small and big.
+    std::fs::write(dir.join("copy1.txt"), "same\n").unwrap();
+    std::fs::write(dir.join("copy2.txt"), "same\n").unwrap();
+    std::fs::copy(dir.join("big.dat"), dir.join("big-copy.dat")).unwrap();
     std::fs::remove_dir(dir.join("empty")).unwrap();
     weldr_agent::git::commit_all(dir, "second", "test").unwrap();
 }

@@ -12,6 +12,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures_util::StreamExt;
@@ -308,17 +309,14 @@ pub async fn push_with(
         }
     }
 
-    let mut up = Uploader {
-        store: &store,
-        dir: &dir,
-        options,
-        uploads: 0,
-        uploaded_bytes: 0,
-        pack: Vec::new(),
-        pending: Vec::new(),
-    };
+    // Plan the uploads: new small files grouped into packs, new big files as objects; content
+    // already stored (or planned) is referenced, not uploaded again.
     let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
-    // Entries waiting for their pack's name: index into `entries`.
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut current: Vec<PackItem> = Vec::new();
+    let mut current_bytes = 0u64;
+    let mut planned: HashMap<String, usize> = HashMap::new();
+    let mut dups: Vec<(usize, usize)> = Vec::new();
     for s in scanned {
         match s {
             Scanned::Dir { path, mode } => entries.push(Entry::Dir { path, mode }),
@@ -329,19 +327,37 @@ pub async fn push_with(
                 size,
                 hash,
             } => {
+                let i = entries.len();
                 let loc = if let Some(loc) = known.get(&hash) {
                     loc.clone()
-                } else if size >= SMALL_FILE_LIMIT {
-                    up.upload_big(&path, &hash).await?;
-                    known.insert(hash.clone(), Loc::Object);
+                } else if let Some(&first) = planned.get(&hash) {
+                    // Same content as an earlier file of this push: filled in below.
+                    dups.push((i, first));
                     Loc::Object
                 } else {
-                    let offset = up.add_small(&path, &hash, size).await?;
-                    up.pending.push((entries.len(), hash.clone()));
-                    // Filled in when the pack is written.
-                    Loc::Pack {
-                        pack: String::new(),
-                        offset,
+                    planned.insert(hash.clone(), i);
+                    if size >= SMALL_FILE_LIMIT {
+                        jobs.push(Job::Big {
+                            path: path.clone(),
+                            hash: hash.clone(),
+                        });
+                        Loc::Object
+                    } else {
+                        current.push(PackItem {
+                            entry: i,
+                            path: path.clone(),
+                            hash: hash.clone(),
+                            size,
+                        });
+                        current_bytes += size;
+                        if current_bytes >= PACK_TARGET as u64 {
+                            jobs.push(Job::Pack(std::mem::take(&mut current)));
+                            current_bytes = 0;
+                        }
+                        Loc::Pack {
+                            pack: String::new(),
+                            offset: 0,
+                        }
                     }
                 };
                 entries.push(Entry::File {
@@ -351,14 +367,51 @@ pub async fn push_with(
                     hash,
                     loc,
                 });
-                if up.pack.len() >= PACK_TARGET {
-                    up.flush(&mut entries, &mut known).await?;
+            }
+        }
+    }
+    if !current.is_empty() {
+        jobs.push(Job::Pack(current));
+    }
+
+    // Upload concurrently; the first failure stops the push before any manifest is written.
+    let started_uploads = AtomicU64::new(0);
+    let (mut uploaded_objects, mut uploaded_bytes) = (0u64, 0u64);
+    {
+        let ctx = JobCtx {
+            store: &store,
+            dir: &dir,
+            options,
+            started: &started_uploads,
+        };
+        let mut results = futures_util::stream::iter(jobs)
+            .map(|job| run_job(&ctx, job))
+            .buffer_unordered(UPLOAD_CONCURRENCY);
+        while let Some(result) = results.next().await {
+            let (placed, len) = result?;
+            uploaded_objects += 1;
+            uploaded_bytes += len;
+            for (i, pack, off) in placed {
+                if let Entry::File {
+                    loc: Loc::Pack { pack: p, offset },
+                    ..
+                } = &mut entries[i]
+                {
+                    *p = pack;
+                    *offset = off;
                 }
             }
         }
     }
-    up.flush(&mut entries, &mut known).await?;
-    let (uploaded_objects, uploaded_bytes) = (up.uploads, up.uploaded_bytes);
+    for (i, first) in dups {
+        let loc = match &entries[first] {
+            Entry::File { loc, .. } => loc.clone(),
+            _ => continue,
+        };
+        if let Entry::File { loc: l, .. } = &mut entries[i] {
+            *l = loc;
+        }
+    }
 
     let id = new_snapshot_id();
     let m = Manifest {
@@ -387,138 +440,144 @@ pub async fn push_with(
     Ok(report)
 }
 
-struct Uploader<'a> {
+/// Uploads running at once (each holds at most one pack or one multipart chunk in memory).
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// (entry index, pack name, offset) of files written into a pack.
+type Placed = Vec<(usize, String, u64)>;
+
+struct PackItem {
+    entry: usize,
+    path: String,
+    hash: String,
+    size: u64,
+}
+
+enum Job {
+    Pack(Vec<PackItem>),
+    Big { path: String, hash: String },
+}
+
+struct JobCtx<'a> {
     store: &'a Store,
     dir: &'a Path,
     options: &'a PushOptions,
-    uploads: u64,
-    uploaded_bytes: u64,
-    pack: Vec<u8>,
-    /// (entry index, hash) of the files in `pack`.
-    pending: Vec<(usize, String)>,
+    started: &'a AtomicU64,
 }
 
-impl Uploader<'_> {
+impl JobCtx<'_> {
     fn before_upload(&self) -> Result<(), SyncError> {
-        if let Some(n) = self.options.fail_after_uploads
-            && self.uploads >= n
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        if let Some(limit) = self.options.fail_after_uploads
+            && n >= limit
         {
             return Err(SyncError::Aborted(format!(
-                "stopped after {n} uploads (test hook)"
+                "stopped after {limit} uploads (test hook)"
             )));
         }
         Ok(())
     }
+}
 
-    /// Append a small file to the current pack; returns its offset.
-    async fn add_small(&mut self, path: &str, hash: &str, size: u64) -> Result<u64, SyncError> {
-        let abs = self.dir.join(path);
-        let data = tokio::fs::read(&abs).await.map_err(SyncError::io(&abs))?;
-        if data.len() as u64 != size || manifest::hash_bytes(&data) != hash {
+/// Upload one pack or big object. Returns the pack placements (entry, pack, offset) and the
+/// bytes uploaded.
+async fn run_job(ctx: &JobCtx<'_>, job: Job) -> Result<(Placed, u64), SyncError> {
+    match job {
+        Job::Big { path, hash } => {
+            ctx.before_upload()?;
+            let len = upload_big(ctx.store, ctx.dir, &path, &hash).await?;
+            Ok((Vec::new(), len))
+        }
+        Job::Pack(items) => {
+            let dir = ctx.dir.to_path_buf();
+            let (data, offsets) = blocking(move || {
+                let mut data = Vec::new();
+                let mut offsets = Vec::with_capacity(items.len());
+                for item in items {
+                    let abs = dir.join(&item.path);
+                    let bytes = std::fs::read(&abs).map_err(SyncError::io(&abs))?;
+                    if bytes.len() as u64 != item.size || manifest::hash_bytes(&bytes) != item.hash
+                    {
+                        return Err(changed_during_push(&abs));
+                    }
+                    offsets.push((item.entry, data.len() as u64));
+                    data.extend_from_slice(&bytes);
+                }
+                Ok((data, offsets))
+            })
+            .await?;
+            ctx.before_upload()?;
+            let name = manifest::hash_bytes(&data);
+            let len = data.len() as u64;
+            ctx.store.put(&manifest::pack_path(&name), data).await?;
+            let placed = offsets
+                .into_iter()
+                .map(|(i, off)| (i, name.clone(), off))
+                .collect();
+            Ok((placed, len))
+        }
+    }
+}
+
+/// Stream a big file into `objects/{hash}` (multipart, bounded memory), checking that its
+/// content still hashes to `hash`; otherwise the upload is aborted.
+async fn upload_big(store: &Store, dir: &Path, path: &str, hash: &str) -> Result<u64, SyncError> {
+    let abs = dir.join(path);
+    let mut file = tokio::fs::File::open(&abs)
+        .await
+        .map_err(SyncError::io(&abs))?;
+    let object = manifest::object_path(hash);
+    let mut writer = store
+        .operator()
+        .writer_with(&object)
+        .chunk(CHUNK)
+        .await
+        .map_err(|e| SyncError::store(&format!("start upload of {object}"), e))?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let result: Result<(), SyncError> = async {
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf[filled..])
+                    .await
+                    .map_err(SyncError::io(&abs))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            total += filled as u64;
+            store.count();
+            writer
+                .write(buf)
+                .await
+                .map_err(|e| SyncError::store(&format!("upload {object}"), e))?;
+            if filled < CHUNK {
+                break;
+            }
+        }
+        if hex::encode(hasher.finalize_reset()) != hash {
             return Err(changed_during_push(&abs));
         }
-        let offset = self.pack.len() as u64;
-        self.pack.extend_from_slice(&data);
-        Ok(offset)
-    }
-
-    async fn flush(
-        &mut self,
-        entries: &mut [Entry],
-        known: &mut HashMap<String, Loc>,
-    ) -> Result<(), SyncError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.before_upload()?;
-        let data = std::mem::take(&mut self.pack);
-        let name = manifest::hash_bytes(&data);
-        let len = data.len() as u64;
-        self.store.put(&manifest::pack_path(&name), data).await?;
-        self.uploads += 1;
-        self.uploaded_bytes += len;
-        for (i, hash) in self.pending.drain(..) {
-            if let Entry::File {
-                loc: Loc::Pack { pack, offset },
-                ..
-            } = &mut entries[i]
-            {
-                *pack = name.clone();
-                known.insert(
-                    hash,
-                    Loc::Pack {
-                        pack: name.clone(),
-                        offset: *offset,
-                    },
-                );
-            }
-        }
         Ok(())
     }
-
-    /// Stream a big file into `objects/{hash}` (multipart, bounded memory), checking that its
-    /// content still hashes to `hash`; otherwise the upload is aborted.
-    async fn upload_big(&mut self, path: &str, hash: &str) -> Result<(), SyncError> {
-        self.before_upload()?;
-        let abs = self.dir.join(path);
-        let mut file = tokio::fs::File::open(&abs)
-            .await
-            .map_err(SyncError::io(&abs))?;
-        let object = manifest::object_path(hash);
-        let op = self.store.operator();
-        let mut writer = op
-            .writer_with(&object)
-            .chunk(CHUNK)
-            .await
-            .map_err(|e| SyncError::store(&format!("start upload of {object}"), e))?;
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let result: Result<(), SyncError> = async {
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf[filled..])
-                        .await
-                        .map_err(SyncError::io(&abs))?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                if filled == 0 {
-                    break;
-                }
-                buf.truncate(filled);
-                hasher.update(&buf);
-                total += filled as u64;
-                self.store.count();
-                writer
-                    .write(buf)
-                    .await
-                    .map_err(|e| SyncError::store(&format!("upload {object}"), e))?;
-                if filled < CHUNK {
-                    break;
-                }
-            }
-            if hex::encode(hasher.finalize_reset()) != hash {
-                return Err(changed_during_push(&abs));
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            let _ = writer.abort().await;
-            return Err(e);
-        }
-        writer
-            .close()
-            .await
-            .map_err(|e| SyncError::store(&format!("finish upload of {object}"), e))?;
-        self.uploads += 1;
-        self.uploaded_bytes += total;
-        Ok(())
+    .await;
+    if let Err(e) = result {
+        let _ = writer.abort().await;
+        return Err(e);
     }
+    writer
+        .close()
+        .await
+        .map_err(|e| SyncError::store(&format!("finish upload of {object}"), e))?;
+    Ok(total)
 }
 
 fn changed_during_push(path: &Path) -> SyncError {
