@@ -679,98 +679,165 @@ pub async fn pull_into(
     Ok(report)
 }
 
+/// Downloads running at once (each holds at most one pack in memory).
+const DOWNLOAD_CONCURRENCY: usize = 8;
+
+enum Fetch {
+    /// A pack and the entries it holds.
+    Pack(String, Vec<usize>),
+    /// The entry stored as its own object.
+    Object(usize),
+}
+
 /// Download and verify every file of `m` into `staging` (flat names: `f{n}`).
 async fn stage(store: &Store, m: &Manifest, staging: &Path) -> Result<(), SyncError> {
-    // Pack reads: one request per pack.
+    // One request per pack, however many files it holds.
     let mut by_pack: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut jobs = Vec::new();
     for (i, e) in m.entries.iter().enumerate() {
-        if let Entry::File {
-            loc: Loc::Pack { pack, .. },
-            ..
-        } = e
-        {
-            by_pack.entry(pack.as_str()).or_default().push(i);
+        match e {
+            Entry::File {
+                loc: Loc::Pack { pack, .. },
+                ..
+            } => by_pack.entry(pack.as_str()).or_default().push(i),
+            Entry::File {
+                loc: Loc::Object, ..
+            } => jobs.push(Fetch::Object(i)),
+            _ => {}
         }
     }
-    for (pack, idxs) in by_pack {
-        let ppath = manifest::pack_path(pack);
-        let Some(data) = store.get(&ppath).await? else {
-            return Err(SyncError::Corrupt(format!(
-                "{ppath} is missing from bucket {}",
-                store.bucket
-            )));
-        };
-        for i in idxs {
-            let Entry::File {
+    jobs.extend(
+        by_pack
+            .into_iter()
+            .map(|(pack, idxs)| Fetch::Pack(pack.to_string(), idxs)),
+    );
+    let mut results = futures_util::stream::iter(jobs)
+        .map(|job| async move {
+            match job {
+                Fetch::Pack(pack, idxs) => fetch_pack(store, m, staging, &pack, idxs).await,
+                Fetch::Object(i) => fetch_object(store, m, staging, i).await,
+            }
+        })
+        .buffer_unordered(DOWNLOAD_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn fetch_pack(
+    store: &Store,
+    m: &Manifest,
+    staging: &Path,
+    pack: &str,
+    idxs: Vec<usize>,
+) -> Result<(), SyncError> {
+    let ppath = manifest::pack_path(pack);
+    let Some(data) = store.get(&ppath).await? else {
+        return Err(SyncError::Corrupt(format!(
+            "{ppath} is missing from bucket {}",
+            store.bucket
+        )));
+    };
+    let items: Vec<(usize, String, u64, u64, String)> = idxs
+        .into_iter()
+        .filter_map(|i| match &m.entries[i] {
+            Entry::File {
                 path,
                 size,
                 hash,
                 loc: Loc::Pack { offset, .. },
                 ..
-            } = &m.entries[i]
-            else {
-                continue;
-            };
-            let slice = usize::try_from(*offset)
+            } => Some((i, path.clone(), *offset, *size, hash.clone())),
+            _ => None,
+        })
+        .collect();
+    let staging = staging.to_path_buf();
+    blocking(move || {
+        for (i, path, offset, size, hash) in items {
+            let slice = usize::try_from(offset)
                 .ok()
-                .zip(usize::try_from(*offset + *size).ok())
+                .zip(
+                    offset
+                        .checked_add(size)
+                        .and_then(|end| usize::try_from(end).ok()),
+                )
                 .and_then(|(a, b)| data.get(a..b))
                 .ok_or_else(|| SyncError::Corrupt(format!("{ppath} is too short for {path}")))?;
-            if manifest::hash_bytes(slice) != *hash {
+            if manifest::hash_bytes(slice) != hash {
                 return Err(SyncError::Corrupt(format!(
                     "{path}: content in {ppath} does not match its hash {hash}"
                 )));
             }
             let dest = staging.join(format!("f{i}"));
-            tokio::fs::write(&dest, slice)
-                .await
-                .map_err(SyncError::io(&dest))?;
+            std::fs::write(&dest, slice).map_err(SyncError::io(&dest))?;
         }
-    }
-    for (i, e) in m.entries.iter().enumerate() {
-        let Entry::File {
-            path,
-            hash,
-            size,
-            loc: Loc::Object,
-            ..
-        } = e
-        else {
-            continue;
-        };
-        let object = manifest::object_path(hash);
-        let dest = staging.join(format!("f{i}"));
-        store.count();
-        let reader = match store.operator().reader_with(&object).chunk(CHUNK).await {
-            Ok(r) => r,
-            Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
-        };
-        let mut stream = reader
-            .into_bytes_stream(..)
-            .await
-            .map_err(|e| SyncError::store(&format!("read {object}"), e))?;
-        let mut file = tokio::fs::File::create(&dest)
-            .await
-            .map_err(SyncError::io(&dest))?;
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    SyncError::Corrupt(format!("{object} is missing from bucket {}", store.bucket))
-                }
-                _ => SyncError::Store(format!("read {object}: {e}")),
-            })?;
-            hasher.update(&chunk);
-            total += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
-        }
-        file.flush().await.map_err(SyncError::io(&dest))?;
-        if total != *size || hex::encode(hasher.finalize()) != *hash {
+        Ok(())
+    })
+    .await
+}
+
+/// Stream one big object into its staging file, hashing as it comes (bounded memory).
+async fn fetch_object(
+    store: &Store,
+    m: &Manifest,
+    staging: &Path,
+    i: usize,
+) -> Result<(), SyncError> {
+    let Entry::File {
+        path, hash, size, ..
+    } = &m.entries[i]
+    else {
+        return Ok(());
+    };
+    let object = manifest::object_path(hash);
+    let dest = staging.join(format!("f{i}"));
+    store.count();
+    let missing = |e: &opendal::Error| {
+        e.kind() == opendal::ErrorKind::NotFound || e.to_string().contains("NoSuchBucket")
+    };
+    let reader = match store.operator().reader_with(&object).chunk(CHUNK).await {
+        Ok(r) => r,
+        Err(e) if missing(&e) => {
             return Err(SyncError::Corrupt(format!(
-                "{path}: {object} does not match its hash"
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
             )));
         }
+        Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
+    };
+    let mut stream = match reader.into_bytes_stream(..).await {
+        Ok(s) => s,
+        Err(e) if missing(&e) => {
+            return Err(SyncError::Corrupt(format!(
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
+            )));
+        }
+        Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
+    };
+    let mut file = tokio::fs::File::create(&dest)
+        .await
+        .map_err(SyncError::io(&dest))?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SyncError::Corrupt(format!(
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
+            )),
+            _ => SyncError::Store(format!("read {object}: {e}")),
+        })?;
+        hasher.update(&chunk);
+        total += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
+    }
+    file.flush().await.map_err(SyncError::io(&dest))?;
+    if total != *size || hex::encode(hasher.finalize()) != *hash {
+        return Err(SyncError::Corrupt(format!(
+            "{path}: {object} does not match its hash"
+        )));
     }
     Ok(())
 }
