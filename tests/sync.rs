@@ -564,3 +564,85 @@ async fn cli_push_and_pull_print_the_original_lines() {
     assert!(!ok, "{out}");
     assert!(out.contains("SYNC_STATUS=failed"), "{out}");
 }
+
+/// A real `weldr-agent sync push` killed with SIGKILL once some content is stored (but before
+/// its manifest): the previous snapshot still restores, and the next push completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
+    let s3 = s3();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("ws");
+    let project = project_id();
+    let config = s3_config(&base, &s3.endpoint);
+    let dir = weldr_agent::branches::branch_dir(&config, &project, "k");
+    populate(&dir);
+    let mut first = sync::push(&config, &project, "k")
+        .await
+        .unwrap()
+        .snapshot_id;
+    let mut first_tree = tree(&dir);
+    let store = sync::Store::open(&config, &project, "k").unwrap();
+    let op = store.operator();
+    let mut objects_before = op.list("objects/").await.unwrap().len();
+
+    let mut killed_midway = false;
+    for attempt in 0..3 {
+        // Plenty of new content: several uploads that take a while against moto.
+        for i in 0..12 {
+            std::fs::write(
+                dir.join(format!("blob-{attempt}-{i}.dat")),
+                random_bytes(3 << 20),
+            )
+            .unwrap();
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weldr-agent"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WELDR_MODE", "local")
+            .env("WORKSPACE_BASE", &base)
+            .env("LOG_LEVEL", "warn")
+            .env("S3_ENDPOINT", &s3.endpoint)
+            .env("S3_ACCESS_KEY_ID", "test-key")
+            .env("S3_SECRET_ACCESS_KEY", "test-secret")
+            .args(["sync", "push", "k", &project])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until some new content is stored, then kill.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while op.list("objects/").await.unwrap().len() <= objects_before
+            && std::time::Instant::now() < deadline
+            && child.try_wait().unwrap().is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let latest = String::from_utf8(op.read("latest").await.unwrap().to_vec()).unwrap();
+        if latest.trim() == first {
+            killed_midway = true;
+            break;
+        }
+        // The push finished before the kill: take it as the baseline and try again.
+        first = latest.trim().to_string();
+        first_tree = tree(&dir);
+        objects_before = op.list("objects/").await.unwrap().len();
+    }
+    assert!(killed_midway, "every push completed before SIGKILL");
+    assert!(op.list("objects/").await.unwrap().len() > objects_before);
+
+    let restore = tmp.path().join("r1");
+    sync::pull_into(&config, &project, "k", None, &restore)
+        .await
+        .unwrap();
+    assert_same(&tree(&restore), &first_tree);
+
+    let next = sync::push(&config, &project, "k").await.unwrap();
+    assert!(!next.unchanged);
+    let restore2 = tmp.path().join("r2");
+    sync::pull_into(&config, &project, "k", None, &restore2)
+        .await
+        .unwrap();
+    assert_same_tree(&restore2, &dir);
+}
