@@ -89,9 +89,8 @@ fn text(rng: &mut Rng, size: usize, id: usize) -> Vec<u8> {
         col += w.len() + 1;
         if col > 80 {
             out.push(b'\n');
-            for _ in 0..rng.below(4) * 4 {
-                out.push(b' ');
-            }
+            let indent = rng.below(4) as usize * 4;
+            out.resize(out.len() + indent, b' ');
             col = 0;
         } else {
             out.push(b' ');
