@@ -273,7 +273,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::current_dir().unwrap());
     let scratch = tempfile::Builder::new()
-        .prefix(".fork-bench-")
+        .prefix(".bench-fork-")
         .tempdir_in(&base)
         .unwrap();
     let root = scratch.path().to_path_buf();
