@@ -11,6 +11,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+#[allow(clippy::self_named_constructors)]
 pub mod openai;
 pub mod replay;
 
