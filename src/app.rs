@@ -25,6 +25,8 @@ pub struct App {
     /// Cancelled when the server starts shutting down: SSE streams and workers end.
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// The workflow engine (concurrency permits, tools).
+    pub workflows: crate::workflow::Workflows,
 }
 
 impl App {
@@ -55,6 +57,7 @@ impl App {
             auth,
             stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
             trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),
+            workflows: crate::workflow::Workflows::new(config.workflow_concurrency),
             config,
             store,
             bus,

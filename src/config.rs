@@ -96,6 +96,8 @@ pub struct Config {
     pub trigger_rate_per_minute: u32,
     /// Largest JSON request body.
     pub max_body_bytes: usize,
+    /// Workflows running at once across branches; more queue.
+    pub workflow_concurrency: usize,
     /// TLS certificate chain and key (PEM); both or neither.
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -232,6 +234,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "`/trigger` calls per user per minute",
     ),
     ("MAX_BODY_BYTES", "1048576", "largest JSON request body"),
+    (
+        "WORKFLOW_CONCURRENCY",
+        "4",
+        "workflows running at once across branches (more queue)",
+    ),
     (
         "TLS_CERT_PATH / TLS_KEY_PATH",
         "-",
@@ -480,6 +487,9 @@ impl Config {
             max_body_bytes: env
                 .parse("MAX_BODY_BYTES", 1usize << 20, "a number of bytes")?
                 .max(1024),
+            workflow_concurrency: env
+                .parse("WORKFLOW_CONCURRENCY", 4usize, "a number of workflows")?
+                .max(1),
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod server;
 pub mod stream;
 pub mod sync;
+pub mod workflow;
 
 pub use app::App;
 pub use config::Config;

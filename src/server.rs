@@ -89,6 +89,7 @@ fn spawn_server<A: Acceptor + Send + 'static>(
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
     let handle = server.handle();
+    crate::workflow::recover(&app);
     let service = crate::api::service(app.clone());
     let task = tokio::spawn(async move { server.serve(service).await });
     tracing::info!(%addr, scheme, mode = app.config.mode.as_str(), "listening");

@@ -7,6 +7,7 @@ pub mod health;
 pub mod projects;
 pub mod stream;
 pub mod versions;
+pub mod workflows;
 
 use std::sync::Arc;
 
@@ -84,6 +85,12 @@ pub fn api_routes() -> Router {
                 .hoop(crate::auth::RequireAuth)
                 .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
                 .push(Router::with_path("revert").post(versions::revert))
+                .push(Router::with_path("trigger").post(workflows::trigger))
+                .push(
+                    Router::with_path("workflows/{workflowId}")
+                        .get(workflows::get_workflow)
+                        .push(Router::with_path("cancel").post(workflows::cancel_workflow)),
+                )
                 .push(
                     Router::with_path("projects")
                         .get(projects::list_projects)

@@ -1,14 +1,84 @@
-//! Placeholder: being written (see the workflow issue). Refuses to run.
+//! The replay provider: plays a recorded transcript (tests, demos, benchmarks).
+//!
+//! A transcript is a JSON list of assistant turns. Each turn is either a list of parts (the
+//! serde form of [`Part`]: `{"type":"text","text":...}`, `{"type":"reasoning","text":...}`,
+//! `{"type":"tool_call","id","name","input"}`) or an object `{"parts": [...], "usage":
+//! {"inputTokens", "outputTokens"}}`. The turn played is chosen by counting the assistant
+//! messages already in the request, so a replay is deterministic across restarts and recovery.
 
-use super::{ChatRequest, ChatResponse, DeltaSink, LlmError, LlmProvider};
+use std::path::Path;
 
-pub struct Replay;
+use serde::Deserialize;
+
+use super::{
+    ChatRequest, ChatResponse, Delta, DeltaSink, LlmError, LlmProvider, Message, Part, Role,
+    StopReason, Usage,
+};
+
+/// Characters per streamed delta.
+const CHUNK_CHARS: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TurnFile {
+    Parts(Vec<Part>),
+    Full {
+        parts: Vec<Part>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    },
+}
+
+pub struct Replay {
+    turns: Vec<(Message, Usage)>,
+}
 
 impl Replay {
-    pub fn from_path(_path: &std::path::Path) -> Result<Self, LlmError> {
-        Err(LlmError::Config(
-            "the replay provider is not built yet".into(),
-        ))
+    pub fn from_path(path: &Path) -> Result<Self, LlmError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            LlmError::Config(format!(
+                "reading the replay transcript {}: {e}",
+                path.display()
+            ))
+        })?;
+        let turns: Vec<TurnFile> = serde_json::from_str(&text).map_err(|e| {
+            LlmError::Config(format!(
+                "the replay transcript {} is invalid: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            turns: turns
+                .into_iter()
+                .map(|t| {
+                    let (parts, usage) = match t {
+                        TurnFile::Parts(parts) => (parts, None),
+                        TurnFile::Full { parts, usage } => (parts, usage),
+                    };
+                    (
+                        Message {
+                            role: Role::Assistant,
+                            parts,
+                        },
+                        usage.unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// A replay of these assistant turns (no usage).
+    pub fn from_turns(turns: Vec<Message>) -> Self {
+        Self {
+            turns: turns.into_iter().map(|m| (m, Usage::default())).collect(),
+        }
+    }
+}
+
+fn stream_chunks(text: &str, on_delta: DeltaSink<'_>, make: fn(String) -> Delta) {
+    let chars: Vec<char> = text.chars().collect();
+    for chunk in chars.chunks(CHUNK_CHARS) {
+        on_delta(make(chunk.iter().collect()));
     }
 }
 
@@ -17,13 +87,95 @@ impl LlmProvider for Replay {
     fn name(&self) -> &str {
         "replay"
     }
+
     async fn chat(
         &self,
-        _request: &ChatRequest,
-        _on_delta: DeltaSink<'_>,
+        request: &ChatRequest,
+        on_delta: DeltaSink<'_>,
     ) -> Result<ChatResponse, LlmError> {
-        Err(LlmError::Config(
-            "the replay provider is not built yet".into(),
-        ))
+        let index = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        let (message, usage) = self.turns.get(index).cloned().ok_or_else(|| {
+            LlmError::Protocol(format!(
+                "the replay transcript has {} turns; turn {} was requested",
+                self.turns.len(),
+                index + 1
+            ))
+        })?;
+        for part in &message.parts {
+            match part {
+                Part::Text { text } => stream_chunks(text, on_delta, Delta::Text),
+                Part::Reasoning { text, .. } => stream_chunks(text, on_delta, Delta::Reasoning),
+                _ => {}
+            }
+        }
+        let stop = if message.tool_calls().next().is_some() {
+            StopReason::ToolUse
+        } else {
+            StopReason::EndTurn
+        };
+        Ok(ChatResponse {
+            message,
+            usage,
+            stop,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn plays_turns_by_assistant_count_and_streams_deltas() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(
+            &path,
+            r#"[
+              [{"type":"reasoning","text":"thinking about it"},{"type":"text","text":"Hello there, this is a long reply."}],
+              {"parts":[{"type":"tool_call","id":"c1","name":"done","input":{}}],"usage":{"inputTokens":3,"outputTokens":4}}
+            ]"#,
+        )
+        .unwrap();
+        let replay = Replay::from_path(&path).unwrap();
+        let mut request = ChatRequest {
+            model: "x".into(),
+            system: String::new(),
+            messages: vec![Message::user_text("hi")],
+            tools: vec![],
+            max_tokens: 100,
+        };
+        let seen = Mutex::new(Vec::new());
+        let sink = |d: Delta| seen.lock().unwrap().push(d);
+        let first = replay.chat(&request, &sink).await.unwrap();
+        assert_eq!(first.stop, StopReason::EndTurn);
+        let deltas = seen.lock().unwrap().clone();
+        assert!(deltas.len() > 2);
+        let text: String = deltas
+            .iter()
+            .filter_map(|d| match d {
+                Delta::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Hello there, this is a long reply.");
+        request.messages.push(first.message);
+        let second = replay.chat(&request, &sink).await.unwrap();
+        assert_eq!(second.stop, StopReason::ToolUse);
+        assert_eq!(second.usage.output_tokens, 4);
+        request.messages.push(second.message);
+        assert!(matches!(
+            replay.chat(&request, &sink).await,
+            Err(LlmError::Protocol(_))
+        ));
+        assert!(matches!(
+            Replay::from_path(&dir.path().join("missing.json")),
+            Err(LlmError::Config(_))
+        ));
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod model;
 pub mod record;
 pub mod tables;
+pub mod workflow;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,283 @@
+//! `/trigger` and `/workflows/{workflowId}`: start, read and cancel agent workflows.
+
+use salvo::oapi::ToSchema;
+use salvo::prelude::*;
+use serde::{Deserialize, Serialize};
+use weldr_storage::StorageError;
+use weldr_storage::workflow::{self as wfs, WorkflowRecord};
+
+use super::body::json_body;
+use crate::auth;
+use crate::error::ApiError;
+use crate::ids::check_id;
+use crate::llm::ModelSpec;
+
+/// Longest request text, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 100_000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = Trigger))]
+pub struct TriggerBody {
+    pub project_id: String,
+    pub branch_id: String,
+    pub message: Option<TriggerMessage>,
+    /// `provider:model`; default `WELDR_MODEL`.
+    pub model: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = TriggerMessage))]
+pub struct TriggerMessage {
+    pub content: Vec<ContentPart>,
+    pub attachment_ids: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[salvo(schema(name = ContentPart))]
+pub struct ContentPart {
+    /// `text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = Triggered))]
+pub struct Triggered {
+    pub workflow_id: String,
+    pub stream_url: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = Workflow))]
+pub struct WorkflowView {
+    pub workflow_id: String,
+    pub project_id: String,
+    pub branch_id: String,
+    pub status: String,
+    pub model: String,
+    pub plan: Option<serde_json::Value>,
+    pub tasks: Vec<TaskView>,
+    pub version_id: Option<String>,
+    pub error: Option<String>,
+    pub reply: Option<String>,
+    pub cancel_requested: bool,
+    pub usage: UsageView,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = WorkflowTask))]
+pub struct TaskView {
+    pub id: u64,
+    pub summary: String,
+    pub status: String,
+    pub attempts: u32,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = Usage))]
+pub struct UsageView {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl From<WorkflowRecord> for WorkflowView {
+    fn from(w: WorkflowRecord) -> Self {
+        let summary = |id: u64| {
+            w.plan
+                .as_ref()
+                .and_then(|p| p.tasks.iter().find(|t| t.id == id))
+                .map(|t| t.summary.clone())
+                .unwrap_or_default()
+        };
+        Self {
+            tasks: w
+                .tasks
+                .iter()
+                .map(|t| TaskView {
+                    id: t.id,
+                    summary: summary(t.id),
+                    status: t.status.as_str().into(),
+                    attempts: t.attempts,
+                })
+                .collect(),
+            plan: w.plan.as_ref().map(crate::workflow::plan_value),
+            workflow_id: w.workflow_id,
+            project_id: w.project_id,
+            branch_id: w.branch_id,
+            status: w.status.as_str().into(),
+            model: w.model,
+            version_id: w.version.map(|v| v.to_string()),
+            error: w.error,
+            reply: w.reply,
+            cancel_requested: w.cancel_requested,
+            usage: UsageView {
+                input_tokens: w.input_tokens,
+                output_tokens: w.output_tokens,
+            },
+            created_at_ms: w.created_at_ms,
+            updated_at_ms: w.updated_at_ms,
+        }
+    }
+}
+
+/// Start a workflow on a branch. Answers 202 at once; progress is on the branch stream.
+#[endpoint(tags("workflows"), request_body = TriggerBody, status_codes(202, 400, 401, 404, 409, 429))]
+pub async fn trigger(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<Json<Triggered>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let body: TriggerBody = json_body(req, app.config.max_body_bytes).await?;
+    check_id("projectId", &body.project_id)?;
+    check_id("branchId", &body.branch_id)?;
+    let message = body.message.ok_or_else(|| {
+        ApiError::bad_request(
+            "message_required",
+            "message.content with a text part is required",
+        )
+    })?;
+    let mut text = String::new();
+    for part in &message.content {
+        match (part.kind.as_str(), &part.text) {
+            ("text", Some(t)) => {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(t);
+            }
+            ("text", None) => {
+                return Err(ApiError::bad_request(
+                    "invalid_message",
+                    "a text part needs `text`",
+                ));
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(
+                    "invalid_message",
+                    format!("unsupported content part type {other:?}; use `text`"),
+                ));
+            }
+        }
+    }
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_message",
+            "the message text is empty",
+        ));
+    }
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(ApiError::bad_request(
+            "message_too_large",
+            format!("the message text is longer than {MAX_MESSAGE_BYTES} bytes"),
+        ));
+    }
+    if let Some(ids) = &message.attachment_ids {
+        for id in ids {
+            check_id("attachmentIds[]", id)?;
+        }
+        if !ids.is_empty() {
+            return Err(ApiError::bad_request(
+                "attachments_unsupported",
+                "attachments are not supported yet",
+            ));
+        }
+    }
+    let model = body
+        .model
+        .unwrap_or_else(|| app.config.providers.default_model.clone());
+    ModelSpec::parse(&model).map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+    auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    app.trigger_limiter.check(&principal.user_id)?;
+    let wf = crate::workflow::trigger(&app, &body.project_id, &body.branch_id, text, model).await?;
+    res.status_code(StatusCode::ACCEPTED);
+    Ok(Json(Triggered {
+        stream_url: format!("/stream/{}/{}", wf.project_id, wf.branch_id),
+        workflow_id: wf.workflow_id,
+    }))
+}
+
+async fn visible(
+    app: &crate::App,
+    principal: &auth::Principal,
+    id: &str,
+) -> Result<WorkflowRecord, ApiError> {
+    check_id("workflowId", id)?;
+    let (store, id2) = (app.store.clone(), id.to_string());
+    let wf = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        wfs::get_workflow(&store.begin_read()?, &id2)
+    })
+    .await??;
+    let not_found =
+        || ApiError::not_found("workflow_not_found", format!("workflow {id} not found"));
+    let wf = wf.ok_or_else(not_found)?;
+    auth::require_branch(app, principal, &wf.project_id, &wf.branch_id)
+        .await
+        .map_err(|_| not_found())?;
+    Ok(wf)
+}
+
+/// A workflow: status, plan, tasks, version, error and token usage.
+#[endpoint(
+    tags("workflows"),
+    parameters(("workflowId" = String, Path, description = "Workflow id"))
+)]
+pub async fn get_workflow(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<WorkflowView>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let id = req.param::<String>("workflowId").unwrap_or_default();
+    Ok(Json(visible(&app, &principal, &id).await?.into()))
+}
+
+/// Ask a workflow to stop at its next safe point; it ends `cancelled`.
+#[endpoint(
+    tags("workflows"),
+    parameters(("workflowId" = String, Path, description = "Workflow id")),
+    status_codes(202, 400, 401, 404, 409)
+)]
+pub async fn cancel_workflow(
+    req: &mut Request,
+    depot: &mut Depot,
+    res: &mut Response,
+) -> Result<Json<WorkflowView>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let id = req.param::<String>("workflowId").unwrap_or_default();
+    // No body is needed; one that is sent anyway is held to the body limit.
+    if let Err(salvo::http::ParseError::PayloadTooLarge) =
+        req.payload_with_max_size(app.config.max_body_bytes).await
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the request body is larger than {} bytes",
+                app.config.max_body_bytes
+            ),
+        ));
+    }
+    let wf = visible(&app, &principal, &id).await?;
+    if wf.status.is_terminal() {
+        return Err(ApiError::conflict(
+            "workflow_finished",
+            format!("workflow {id} is already {}", wf.status.as_str()),
+        ));
+    }
+    let wf = crate::workflow::request_cancel(&app, &id).await?;
+    res.status_code(StatusCode::ACCEPTED);
+    Ok(Json(wf.into()))
+}

@@ -1,0 +1,871 @@
+//! The workflow engine: `pending → planning → coding → deploying → complete` (or `failed`,
+//! `cancelled`).
+//!
+//! Every step is persisted before it is announced: a transition, a model turn or a tool result
+//! is one write that updates the [`WorkflowRecord`], appends to the journal and appends the
+//! branch-stream events together. Recovery (at startup, [`recover`]) reloads every unfinished
+//! workflow and continues from its record and journal: the conversation is rebuilt from the
+//! journaled turns and results, and a tool call with a journaled result is never run again.
+
+pub mod plan;
+pub mod tools;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use weldr_storage::model::VersionKind;
+use weldr_storage::workflow::{
+    self as wfs, JournalEntry, TaskState, TaskStatus, WorkflowRecord, WorkflowStatus,
+};
+use weldr_storage::{NewEvent, StorageError, StreamKey};
+
+use crate::app::{App, new_event};
+use crate::error::ApiError;
+use crate::llm::{
+    ChatRequest, Delta, LlmProvider, Message, ModelSpec, Part, Role, ToolSpec, provider_for,
+};
+use tools::{FsTools, READ_ONLY, Tools};
+
+/// Model steps per planning conversation and per task attempt.
+pub const MAX_STEPS: usize = 25;
+/// Attempts per task.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Largest tool result kept in an event (the journal keeps it whole).
+const EVENT_RESULT_CHARS: usize = 4096;
+const MAX_TOKENS: u32 = 8192;
+
+/// The engine's shared state on [`App`].
+pub struct Workflows {
+    permits: Arc<Semaphore>,
+    tools: RwLock<Arc<dyn Tools>>,
+}
+
+impl Workflows {
+    pub fn new(concurrency: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            tools: RwLock::new(Arc::new(FsTools)),
+        }
+    }
+
+    /// Replace the tool executor (the full tool module, or a test double).
+    pub fn set_tools(&self, tools: Arc<dyn Tools>) {
+        *self.tools.write().unwrap_or_else(|p| p.into_inner()) = tools;
+    }
+
+    fn tools(&self) -> Arc<dyn Tools> {
+        self.tools.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Why a run stopped early.
+enum Stop {
+    /// The server is shutting down or the store is closed: leave the workflow for recovery.
+    Shutdown,
+    Cancelled,
+    Fail(String),
+}
+
+impl From<StorageError> for Stop {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Closed => Stop::Shutdown,
+            other => Stop::Fail(format!("storage: {other}")),
+        }
+    }
+}
+
+impl From<ApiError> for Stop {
+    fn from(e: ApiError) -> Self {
+        Stop::Fail(e.message)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    weldr_storage::writer::now_ms()
+}
+
+fn event(wf: &WorkflowRecord, kind: &str, mut fields: Value) -> Result<NewEvent, ApiError> {
+    if let Value::Object(map) = &mut fields {
+        map.insert("workflowId".into(), wf.workflow_id.clone().into());
+    }
+    new_event(kind, fields)
+}
+
+fn status_event(wf: &WorkflowRecord) -> Result<NewEvent, ApiError> {
+    let mut fields = json!({"status": wf.status.as_str()});
+    if let Some(e) = &wf.error {
+        fields["error"] = e.clone().into();
+    }
+    event(wf, "status", fields)
+}
+
+/// Persist `wf`, append `journal` entries and `events` in one transaction.
+async fn persist(
+    app: &App,
+    wf: &WorkflowRecord,
+    journal: Vec<JournalEntry>,
+    events: Vec<NewEvent>,
+) -> Result<(), StorageError> {
+    let wf = wf.clone();
+    let key = StreamKey::new(&wf.project_id, &wf.branch_id);
+    app.store
+        .writer()
+        .write(move |ctx| {
+            // A cancel request may have landed since `wf` was read: keep it.
+            let mut wf = wf.clone();
+            if let Some(current) = wfs::get_workflow_for_update(ctx, &wf.workflow_id)? {
+                wf.cancel_requested |= current.cancel_requested;
+            }
+            wfs::put_workflow(ctx, &wf)?;
+            for entry in &journal {
+                wfs::append_journal(ctx, &wf.workflow_id, entry)?;
+            }
+            for e in &events {
+                ctx.append(&key, e.clone())?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+async fn load(app: &App, id: &str) -> Result<WorkflowRecord, Stop> {
+    let (store, id2) = (app.store.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || wfs::get_workflow(&store.begin_read()?, &id2))
+        .await
+        .map_err(|e| Stop::Fail(e.to_string()))??
+        .ok_or_else(|| Stop::Fail(format!("workflow {id} vanished")))
+}
+
+async fn load_journal(app: &App, id: &str) -> Result<Vec<(u64, JournalEntry)>, Stop> {
+    let (store, id) = (app.store.clone(), id.to_string());
+    Ok(
+        tokio::task::spawn_blocking(move || wfs::journal(&store.begin_read()?, &id))
+            .await
+            .map_err(|e| Stop::Fail(e.to_string()))??,
+    )
+}
+
+/// Create a workflow (claiming the branch) and start it. `Err(409 branch_busy)` when another
+/// workflow is active on the branch.
+pub async fn trigger(
+    app: &Arc<App>,
+    project_id: &str,
+    branch_id: &str,
+    message: String,
+    model: String,
+) -> Result<WorkflowRecord, ApiError> {
+    let now = now_ms();
+    let wf = WorkflowRecord {
+        workflow_id: new_workflow_id(),
+        project_id: project_id.into(),
+        branch_id: branch_id.into(),
+        status: WorkflowStatus::Pending,
+        model,
+        user_message: message,
+        plan: None,
+        tasks: vec![],
+        version: None,
+        error: None,
+        reply: None,
+        input_tokens: 0,
+        output_tokens: 0,
+        cancel_requested: false,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let status = status_event(&wf)?;
+    let key = StreamKey::new(project_id, branch_id);
+    let record = wf.clone();
+    let created = app
+        .store
+        .writer()
+        .write(move |ctx| {
+            wfs::create_workflow(ctx, &record)?;
+            ctx.append(&key, status.clone())?;
+            Ok(())
+        })
+        .await;
+    match created {
+        Ok(()) => {}
+        Err(StorageError::Conflict(holder)) => {
+            return Err(ApiError::conflict(
+                "branch_busy",
+                format!("workflow {holder} is active on branch {branch_id}"),
+            )
+            .with_details(json!({"workflowId": holder})));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    spawn(app.clone(), wf.workflow_id.clone());
+    Ok(wf)
+}
+
+fn new_workflow_id() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the OS random source");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("wf-{hex}")
+}
+
+/// Ask a workflow to stop at its next safe point.
+pub async fn request_cancel(app: &App, id: &str) -> Result<WorkflowRecord, ApiError> {
+    let id = id.to_string();
+    let wf = app
+        .store
+        .writer()
+        .write(move |ctx| {
+            let mut wf = wfs::get_workflow_for_update(ctx, &id)?
+                .ok_or_else(|| StorageError::NotFound(format!("workflow {id}")))?;
+            if !wf.status.is_terminal() && !wf.cancel_requested {
+                wf.cancel_requested = true;
+                wf.updated_at_ms = now_ms();
+                wfs::put_workflow(ctx, &wf)?;
+            }
+            Ok(wf)
+        })
+        .await?;
+    Ok(wf)
+}
+
+/// Resume every unfinished workflow (call once at startup, before serving).
+pub fn recover(app: &Arc<App>) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let store = app.store.clone();
+        let open =
+            tokio::task::spawn_blocking(move || wfs::list_unfinished(&store.begin_read()?)).await;
+        match open {
+            Ok(Ok(list)) => {
+                for wf in list {
+                    tracing::info!(workflow = %wf.workflow_id, status = wf.status.as_str(), "resuming workflow");
+                    spawn(app.clone(), wf.workflow_id);
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "listing unfinished workflows"),
+            Err(e) => tracing::error!(error = %e, "listing unfinished workflows"),
+        }
+    });
+}
+
+fn spawn(app: Arc<App>, id: String) {
+    tokio::spawn(async move {
+        let permits = app.workflows.permits.clone();
+        let Ok(_permit) = permits.acquire_owned().await else {
+            return;
+        };
+        let outcome = drive(&app, &id).await;
+        let end = match outcome {
+            Ok(()) | Err(Stop::Shutdown) => return,
+            Err(Stop::Cancelled) => (WorkflowStatus::Cancelled, None),
+            Err(Stop::Fail(message)) => (WorkflowStatus::Failed, Some(message)),
+        };
+        if let Err(e) = finish(&app, &id, end.0, end.1).await {
+            tracing::warn!(workflow = %id, error = %e, "could not record the end of a workflow");
+        }
+    });
+}
+
+/// Record a terminal status (releasing the branch) with its `error`, `status` and `end` events.
+async fn finish(
+    app: &App,
+    id: &str,
+    status: WorkflowStatus,
+    error: Option<String>,
+) -> Result<(), StorageError> {
+    let Ok(mut wf) = load(app, id).await else {
+        return Err(StorageError::NotFound(format!("workflow {id}")));
+    };
+    if wf.status.is_terminal() {
+        return Ok(());
+    }
+    wf.status = status;
+    wf.error = error.clone();
+    wf.updated_at_ms = now_ms();
+    let mut events = Vec::new();
+    if let Some(message) = &error {
+        events.extend(event(&wf, "error", json!({"message": message})).ok());
+    }
+    events.extend(status_event(&wf).ok());
+    events.extend(event(&wf, "end", json!({"status": status.as_str()})).ok());
+    tracing::info!(workflow = %id, status = status.as_str(), error = ?error, "workflow ended");
+    persist(app, &wf, vec![], events).await
+}
+
+async fn transition(app: &App, wf: &mut WorkflowRecord, to: WorkflowStatus) -> Result<(), Stop> {
+    wf.status = to;
+    wf.updated_at_ms = now_ms();
+    let events = vec![status_event(wf)?];
+    persist(app, wf, vec![], events).await?;
+    Ok(())
+}
+
+fn check(app: &App, wf: &WorkflowRecord) -> Result<(), Stop> {
+    if app.shutdown.is_cancelled() {
+        return Err(Stop::Shutdown);
+    }
+    if wf.cancel_requested {
+        return Err(Stop::Cancelled);
+    }
+    Ok(())
+}
+
+async fn drive(app: &Arc<App>, id: &str) -> Result<(), Stop> {
+    loop {
+        let mut wf = load(app, id).await?;
+        if wf.status.is_terminal() {
+            return Ok(());
+        }
+        check(app, &wf)?;
+        match wf.status {
+            WorkflowStatus::Pending => transition(app, &mut wf, WorkflowStatus::Planning).await?,
+            WorkflowStatus::Planning => planning(app, wf).await?,
+            WorkflowStatus::Coding => coding(app, wf).await?,
+            WorkflowStatus::Deploying => return deploying(app, wf).await,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// What ended a conversation.
+enum Outcome {
+    /// `submit_plan` was accepted (the record is in `coding` now).
+    PlanAccepted,
+    /// The model ended its turn without a tool call.
+    Reply(String),
+    /// `done` was called (the task is `completed` now).
+    TaskDone,
+    StepsExhausted,
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Plan,
+    Task(u64),
+}
+
+/// Messages, finished tool results of the phase (by call id), model steps of the phase.
+type Rebuilt = (Vec<Message>, HashMap<String, (String, bool)>, usize);
+
+/// The workflow's conversation as journaled (every phase, in order: a task sees what planning
+/// read), the results of the finished tool calls of `phase`, and the model steps of `phase`.
+fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt, Stop> {
+    let mut messages: Vec<Message> = Vec::new();
+    let mut finished = HashMap::new();
+    let mut steps = 0;
+    let parse = |json: &str| -> Result<Message, Stop> {
+        serde_json::from_str(json).map_err(|e| Stop::Fail(format!("corrupt journal entry: {e}")))
+    };
+    for (_, entry) in journal {
+        let here = entry.phase() == phase;
+        let (role, parts) = match entry {
+            JournalEntry::User { message_json, .. } => (Role::User, parse(message_json)?.parts),
+            JournalEntry::Turn { message_json, .. } => {
+                steps += usize::from(here);
+                (Role::Assistant, parse(message_json)?.parts)
+            }
+            JournalEntry::ToolResult {
+                call_id,
+                name,
+                content,
+                is_error,
+                ..
+            } => {
+                if here {
+                    finished.insert(call_id.clone(), (content.clone(), *is_error));
+                }
+                let part = Part::ToolResult {
+                    id: call_id.clone(),
+                    name: name.clone(),
+                    content: content.clone(),
+                    is_error: *is_error,
+                };
+                (Role::User, vec![part])
+            }
+        };
+        // Roles alternate: consecutive user entries share one message.
+        match messages.last_mut() {
+            Some(m) if m.role == Role::User && role == Role::User => m.parts.extend(parts),
+            _ => messages.push(Message { role, parts }),
+        }
+    }
+    Ok((messages, finished, steps))
+}
+
+struct Ctx {
+    provider: Arc<dyn LlmProvider>,
+    model: String,
+    dir: PathBuf,
+    tools: Arc<dyn Tools>,
+}
+
+fn context(app: &App, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
+    let spec = ModelSpec::parse(&wf.model).map_err(|e| Stop::Fail(e.to_string()))?;
+    let provider =
+        provider_for(&app.config.providers, &spec).map_err(|e| Stop::Fail(e.to_string()))?;
+    Ok(Ctx {
+        provider,
+        model: spec.model,
+        dir: crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id),
+        tools: app.workflows.tools(),
+    })
+}
+
+fn plan_system() -> String {
+    "You are the planning step of a coding agent working in a project directory. Read the code \
+     with the read-only tools, then call `submit_plan` with acceptance criteria and ordered \
+     tasks. If the request is unclear, answer with a question instead of a plan."
+        .into()
+}
+
+fn task_system() -> String {
+    "You are a coding agent working in a project directory. Carry out the task with the tools, \
+     then call `done`."
+        .into()
+}
+
+/// Run the conversation of `phase` until it ends (see [`Outcome`]).
+async fn converse(
+    app: &Arc<App>,
+    id: &str,
+    ctx: &Ctx,
+    mode: Mode,
+    phase: &str,
+    opening: Message,
+) -> Result<Outcome, Stop> {
+    let journal = load_journal(app, id).await?;
+    let (mut messages, mut finished, mut steps) = conversation(&journal, phase)?;
+    let fresh = !journal.iter().any(|(_, e)| e.phase() == phase);
+    // Stopped between two tool calls of a turn: drop the partial results; the loop below
+    // takes the finished ones from the journal and runs only the others.
+    let partial = messages.len() >= 2
+        && steps > 0
+        && messages[messages.len() - 1]
+            .parts
+            .iter()
+            .all(|p| matches!(p, Part::ToolResult { .. }))
+        && messages[messages.len() - 2]
+            .tool_calls()
+            .any(|(call_id, _, _)| !finished.contains_key(call_id));
+    if partial {
+        messages.pop();
+    }
+    let (system, specs): (String, Vec<ToolSpec>) = match mode {
+        Mode::Plan => {
+            let mut specs: Vec<ToolSpec> = ctx
+                .tools
+                .specs()
+                .into_iter()
+                .filter(|s| READ_ONLY.contains(&s.name.as_str()))
+                .collect();
+            specs.push(plan::submit_plan_spec());
+            (plan_system(), specs)
+        }
+        Mode::Task(_) => {
+            let mut specs = ctx.tools.specs();
+            specs.push(plan::done_spec());
+            (task_system(), specs)
+        }
+    };
+    if fresh {
+        let wf = load(app, id).await?;
+        let entry = JournalEntry::User {
+            phase: phase.into(),
+            message_json: serde_json::to_string(&opening).unwrap_or_default(),
+        };
+        persist(app, &wf, vec![entry], vec![]).await?;
+        match messages.last_mut() {
+            Some(m) if m.role == Role::User => m.parts.extend(opening.parts),
+            _ => messages.push(opening),
+        }
+    }
+    loop {
+        let mut wf = load(app, id).await?;
+        check(app, &wf)?;
+        // Tool calls of the last turn that have no journaled result yet.
+        if let Some(last) = messages
+            .last()
+            .filter(|m| m.role == Role::Assistant && steps > 0)
+        {
+            let calls: Vec<(String, String, Value)> = last
+                .tool_calls()
+                .map(|(i, n, v)| (i.to_string(), n.to_string(), v.clone()))
+                .collect();
+            if calls.is_empty() {
+                return Ok(Outcome::Reply(last.text()));
+            }
+            let mut results = Vec::new();
+            let mut outcome = None;
+            for (call_id, name, input) in calls {
+                if let Some((content, is_error)) = finished.get(&call_id) {
+                    results.push(Part::ToolResult {
+                        id: call_id,
+                        name,
+                        content: content.clone(),
+                        is_error: *is_error,
+                    });
+                    continue;
+                }
+                wf = load(app, id).await?;
+                check(app, &wf)?;
+                let mut extra = Vec::new();
+                let (content, is_error) = match (mode, name.as_str()) {
+                    (Mode::Plan, "submit_plan") => match plan::parse_plan(&input) {
+                        Ok(p) => {
+                            wf.tasks = p
+                                .tasks
+                                .iter()
+                                .map(|t| TaskState {
+                                    id: t.id,
+                                    status: TaskStatus::Pending,
+                                    attempts: 0,
+                                })
+                                .collect();
+                            extra.push(event(&wf, "plan", plan_json(&p))?);
+                            wf.plan = Some(p);
+                            wf.status = WorkflowStatus::Coding;
+                            extra.push(status_event(&wf)?);
+                            outcome = Some(Outcome::PlanAccepted);
+                            ("plan accepted".to_string(), false)
+                        }
+                        Err(e) => (e, true),
+                    },
+                    (Mode::Task(task_id), "done") => {
+                        if let Some(t) = wf.tasks.iter_mut().find(|t| t.id == task_id) {
+                            t.status = TaskStatus::Completed;
+                        }
+                        extra.push(task_event(&wf, task_id)?);
+                        outcome = Some(Outcome::TaskDone);
+                        ("task marked done".to_string(), false)
+                    }
+                    (Mode::Plan, n) if !READ_ONLY.contains(&n) => (
+                        format!("`{n}` is not available while planning; submit a plan first"),
+                        true,
+                    ),
+                    (_, "submit_plan") => ("the plan is already accepted".to_string(), true),
+                    (Mode::Plan, "done") => ("`done` ends a task, not a plan".to_string(), true),
+                    _ => ctx.tools.execute(&ctx.dir, &name, &input).await,
+                };
+                let shown: String = content.chars().take(EVENT_RESULT_CHARS).collect();
+                let mut events = vec![event(
+                    &wf,
+                    "tool-result",
+                    json!({"callId": call_id, "name": name, "content": shown, "isError": is_error,
+                           "truncated": shown.len() < content.len()}),
+                )?];
+                events.extend(extra);
+                wf.updated_at_ms = now_ms();
+                let entry = JournalEntry::ToolResult {
+                    phase: phase.into(),
+                    call_id: call_id.clone(),
+                    name: name.clone(),
+                    input_json: input.to_string(),
+                    content: content.clone(),
+                    is_error,
+                };
+                persist(app, &wf, vec![entry], events).await?;
+                finished.insert(call_id.clone(), (content.clone(), is_error));
+                results.push(Part::ToolResult {
+                    id: call_id,
+                    name,
+                    content,
+                    is_error,
+                });
+                if outcome.is_some() {
+                    break;
+                }
+            }
+            if let Some(o) = outcome {
+                return Ok(o);
+            }
+            messages.push(Message {
+                role: Role::User,
+                parts: results,
+            });
+        }
+        if steps >= MAX_STEPS {
+            return Ok(Outcome::StepsExhausted);
+        }
+        let request = ChatRequest {
+            model: ctx.model.clone(),
+            system: system.clone(),
+            messages: messages.clone(),
+            tools: specs.clone(),
+            max_tokens: MAX_TOKENS,
+        };
+        let response = chat(app, &wf, ctx, &request).await?;
+        let mut wf = load(app, id).await?;
+        wf.input_tokens += response.usage.input_tokens;
+        wf.output_tokens += response.usage.output_tokens;
+        wf.updated_at_ms = now_ms();
+        let mut events = Vec::new();
+        for (call_id, name, input) in response.message.tool_calls() {
+            events.push(event(
+                &wf,
+                "tool-call",
+                json!({"callId": call_id, "name": name, "input": input}),
+            )?);
+        }
+        let entry = JournalEntry::Turn {
+            phase: phase.into(),
+            message_json: serde_json::to_string(&response.message).unwrap_or_default(),
+        };
+        persist(app, &wf, vec![entry], events).await?;
+        messages.push(response.message);
+        steps += 1;
+    }
+}
+
+/// One model call; deltas go to the branch stream as they arrive (coalesced while the
+/// writer is busy), all before the turn itself is persisted.
+async fn chat(
+    app: &Arc<App>,
+    wf: &WorkflowRecord,
+    ctx: &Ctx,
+    request: &ChatRequest,
+) -> Result<crate::llm::ChatResponse, Stop> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delta>();
+    let forward = {
+        let (app, wf) = (app.clone(), wf.clone());
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(d) = rx.try_recv() {
+                    batch.push(d);
+                }
+                let mut merged: Vec<(&str, String)> = Vec::new();
+                for d in batch {
+                    let (kind, text) = match d {
+                        Delta::Text(t) => ("text", t),
+                        Delta::Reasoning(t) => ("reasoning", t),
+                    };
+                    match merged.last_mut() {
+                        Some((k, acc)) if *k == kind => acc.push_str(&text),
+                        _ => merged.push((kind, text)),
+                    }
+                }
+                let events: Vec<NewEvent> = merged
+                    .into_iter()
+                    .filter_map(|(kind, text)| event(&wf, kind, json!({"delta": text})).ok())
+                    .collect();
+                let key = StreamKey::new(&wf.project_id, &wf.branch_id);
+                if app.store.writer().append(key, events).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let sink = move |d: Delta| {
+        let _ = tx.send(d);
+    };
+    let result = ctx.provider.chat(request, &sink).await;
+    drop(sink);
+    let _ = forward.await;
+    result.map_err(|e| Stop::Fail(e.to_string()))
+}
+
+/// The JSON form of a plan (as in the `plan` event and `GET /workflows/{id}`).
+pub fn plan_value(p: &weldr_storage::workflow::Plan) -> Value {
+    json!({
+            "acceptanceCriteria": p.acceptance_criteria,
+            "tasks": p.tasks.iter().map(|t| json!({
+                "id": t.id,
+                "summary": t.summary,
+                "description": t.description,
+                "acceptanceCriteria": t.acceptance_criteria,
+                "dependencies": t.dependencies,
+                "subTasks": t.sub_tasks,
+                "implementationNotes": t.implementation_notes,
+            })).collect::<Vec<_>>(),
+    })
+}
+
+fn plan_json(p: &weldr_storage::workflow::Plan) -> Value {
+    json!({ "plan": plan_value(p) })
+}
+
+fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, ApiError> {
+    let t = wf.tasks.iter().find(|t| t.id == task_id);
+    event(
+        wf,
+        "task",
+        json!({
+            "taskId": task_id,
+            "status": t.map(|t| t.status.as_str()).unwrap_or("pending"),
+            "attempts": t.map(|t| t.attempts).unwrap_or(0),
+        }),
+    )
+}
+
+async fn planning(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
+    let ctx = context(app, &wf)?;
+    let opening = Message::user_text(wf.user_message.clone());
+    match converse(app, &wf.workflow_id, &ctx, Mode::Plan, "plan", opening).await? {
+        Outcome::PlanAccepted => Ok(()),
+        Outcome::Reply(text) => {
+            // A reply without a plan (a question to the user) ends the workflow.
+            let mut wf = load(app, &wf.workflow_id).await?;
+            wf.reply = Some(text.clone());
+            wf.status = WorkflowStatus::Complete;
+            wf.updated_at_ms = now_ms();
+            let events = vec![
+                status_event(&wf)?,
+                event(&wf, "end", json!({"status": "complete", "reply": text}))?,
+            ];
+            persist(app, &wf, vec![], events).await?;
+            Ok(())
+        }
+        Outcome::TaskDone => Ok(()),
+        Outcome::StepsExhausted => {
+            Err(Stop::Fail(format!("no plan after {MAX_STEPS} model steps")))
+        }
+    }
+}
+
+async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
+    let ctx = context(app, &wf)?;
+    let plan = wf
+        .plan
+        .clone()
+        .ok_or_else(|| Stop::Fail("coding without a plan".into()))?;
+    let order = plan::order(&plan).map_err(Stop::Fail)?;
+    for task_id in order {
+        let task = plan
+            .tasks
+            .iter()
+            .find(|t| t.id == task_id)
+            .cloned()
+            .ok_or_else(|| Stop::Fail(format!("task {task_id} missing")))?;
+        loop {
+            let mut wf = load(app, &wf.workflow_id).await?;
+            check(app, &wf)?;
+            let state = wf
+                .tasks
+                .iter_mut()
+                .find(|t| t.id == task_id)
+                .ok_or_else(|| Stop::Fail(format!("task {task_id} has no state")))?;
+            match state.status {
+                TaskStatus::Completed => break,
+                TaskStatus::Failed => {
+                    return Err(Stop::Fail(format!(
+                        "task {task_id} failed after {MAX_ATTEMPTS} attempts"
+                    )));
+                }
+                TaskStatus::Pending => {
+                    state.status = TaskStatus::InProgress;
+                    state.attempts += 1;
+                    wf.updated_at_ms = now_ms();
+                    let events = vec![task_event(&wf, task_id)?];
+                    persist(app, &wf, vec![], events).await?;
+                    continue;
+                }
+                TaskStatus::InProgress => {}
+            }
+            let attempt = state.attempts;
+            let phase = format!("task:{task_id}:{attempt}");
+            let opening = Message::user_text(format!(
+                "Request: {}\n\nTask {}: {}\n\n{}\n\nAcceptance criteria:\n{}{}",
+                wf.user_message,
+                task.id,
+                task.summary,
+                task.description,
+                task.acceptance_criteria
+                    .iter()
+                    .map(|c| format!("- {c}\n"))
+                    .collect::<String>(),
+                task.implementation_notes
+                    .as_deref()
+                    .map(|n| format!("\nNotes: {n}"))
+                    .unwrap_or_default(),
+            ));
+            let outcome = converse(
+                app,
+                &wf.workflow_id,
+                &ctx,
+                Mode::Task(task_id),
+                &phase,
+                opening,
+            )
+            .await?;
+            if matches!(outcome, Outcome::TaskDone) {
+                break;
+            }
+            // The attempt ended without `done`: retry or fail the task.
+            let mut wf = load(app, &wf.workflow_id).await?;
+            if let Some(state) = wf.tasks.iter_mut().find(|t| t.id == task_id) {
+                state.status = if state.attempts >= MAX_ATTEMPTS {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Pending
+                };
+            }
+            wf.updated_at_ms = now_ms();
+            let events = vec![task_event(&wf, task_id)?];
+            persist(app, &wf, vec![], events).await?;
+        }
+    }
+    let mut wf = load(app, &wf.workflow_id).await?;
+    check(app, &wf)?;
+    transition(app, &mut wf, WorkflowStatus::Deploying).await
+}
+
+async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
+    let mut wf = wf;
+    if wf.version.is_none() {
+        // After a crash the commit may exist already: it names this workflow.
+        let (store, p, b, id) = (
+            app.store.clone(),
+            wf.project_id.clone(),
+            wf.branch_id.clone(),
+            wf.workflow_id.clone(),
+        );
+        let existing = tokio::task::spawn_blocking(move || {
+            weldr_storage::model::list_versions(&store.begin_read()?, &p, &b).map(|vs| {
+                vs.into_iter()
+                    .find(|v| v.workflow_id.as_deref() == Some(id.as_str()))
+                    .map(|v| v.seq)
+            })
+        })
+        .await
+        .map_err(|e| Stop::Fail(e.to_string()))??;
+        let version = match existing {
+            Some(seq) => Some(seq),
+            None => {
+                let message: String = wf
+                    .user_message
+                    .lines()
+                    .next()
+                    .unwrap_or("workflow")
+                    .chars()
+                    .take(200)
+                    .collect();
+                crate::branches::commit_version(
+                    app,
+                    &wf.project_id,
+                    &wf.branch_id,
+                    &message,
+                    Some(wf.user_message.clone()),
+                    VersionKind::Checkpoint,
+                    Some(wf.workflow_id.clone()),
+                )
+                .await?
+                .map(|v| v.seq)
+            }
+        };
+        wf = load(app, &wf.workflow_id).await?;
+        wf.version = version;
+    }
+    // No project build command is configured yet (the deploy configuration issue adds it).
+    wf.status = WorkflowStatus::Complete;
+    wf.updated_at_ms = now_ms();
+    let mut end = json!({"status": "complete"});
+    if let Some(v) = wf.version {
+        end["versionId"] = v.to_string().into();
+    }
+    let events = vec![status_event(&wf)?, event(&wf, "end", end)?];
+    persist(app, &wf, vec![], events).await?;
+    Ok(())
+}

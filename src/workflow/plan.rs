@@ -1,0 +1,171 @@
+//! `submit_plan`: parse and validate a plan (unique ids, known dependencies, no cycle).
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weldr_storage::workflow::{Plan, PlanTask};
+
+use crate::llm::ToolSpec;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PlanInput {
+    #[serde(default)]
+    acceptance_criteria: Vec<String>,
+    tasks: Vec<TaskInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskInput {
+    id: u64,
+    summary: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    acceptance_criteria: Vec<String>,
+    #[serde(default)]
+    dependencies: Vec<u64>,
+    #[serde(default)]
+    sub_tasks: Vec<Value>,
+    #[serde(default)]
+    implementation_notes: Option<String>,
+}
+
+pub fn submit_plan_spec() -> ToolSpec {
+    ToolSpec {
+        name: "submit_plan".into(),
+        description: "Submit the implementation plan: acceptance criteria and tasks; a task's \
+                      dependencies are ids of tasks that must be done first."
+            .into(),
+        input_schema: json!({
+            "type": "object",
+            "properties": {
+                "acceptanceCriteria": {"type": "array", "items": {"type": "string"}},
+                "tasks": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "summary": {"type": "string"},
+                        "description": {"type": "string"},
+                        "acceptanceCriteria": {"type": "array", "items": {"type": "string"}},
+                        "dependencies": {"type": "array", "items": {"type": "integer"}},
+                        "subTasks": {"type": "array"},
+                        "implementationNotes": {"type": "string"}
+                    },
+                    "required": ["id", "summary", "description", "acceptanceCriteria", "dependencies"]
+                }}
+            },
+            "required": ["acceptanceCriteria", "tasks"]
+        }),
+    }
+}
+
+pub fn done_spec() -> ToolSpec {
+    ToolSpec {
+        name: "done".into(),
+        description: "Call when the current task is finished and its acceptance criteria hold."
+            .into(),
+        input_schema: json!({"type": "object", "properties": {"summary": {"type": "string"}}}),
+    }
+}
+
+/// The plan in `input`, or the error the model must fix.
+pub fn parse_plan(input: &Value) -> Result<Plan, String> {
+    let raw: PlanInput =
+        serde_json::from_value(input.clone()).map_err(|e| format!("invalid plan: {e}"))?;
+    if raw.tasks.is_empty() {
+        return Err("a plan needs at least one task".into());
+    }
+    let plan = Plan {
+        acceptance_criteria: raw.acceptance_criteria,
+        tasks: raw
+            .tasks
+            .into_iter()
+            .map(|t| PlanTask {
+                id: t.id,
+                summary: t.summary,
+                description: t.description,
+                acceptance_criteria: t.acceptance_criteria,
+                dependencies: t.dependencies,
+                sub_tasks: t
+                    .sub_tasks
+                    .into_iter()
+                    .map(|s| match s {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect(),
+                implementation_notes: t.implementation_notes,
+            })
+            .collect(),
+    };
+    order(&plan)?;
+    Ok(plan)
+}
+
+/// Task ids in dependency order (a stable topological sort), or what is wrong.
+pub fn order(plan: &Plan) -> Result<Vec<u64>, String> {
+    let ids: Vec<u64> = plan.tasks.iter().map(|t| t.id).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if ids[..i].contains(id) {
+            return Err(format!("task id {id} is used twice"));
+        }
+    }
+    for t in &plan.tasks {
+        for d in &t.dependencies {
+            if !ids.contains(d) {
+                return Err(format!("task {} depends on unknown task {d}", t.id));
+            }
+        }
+    }
+    let mut done: Vec<u64> = Vec::new();
+    while done.len() < ids.len() {
+        let next = plan
+            .tasks
+            .iter()
+            .find(|t| !done.contains(&t.id) && t.dependencies.iter().all(|d| done.contains(d)));
+        match next {
+            Some(t) => done.push(t.id),
+            None => {
+                let stuck: Vec<String> = ids
+                    .iter()
+                    .filter(|i| !done.contains(i))
+                    .map(u64::to_string)
+                    .collect();
+                return Err(format!(
+                    "the dependencies form a cycle among tasks {}",
+                    stuck.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(deps: &[(u64, &[u64])]) -> Value {
+        json!({"acceptanceCriteria": [], "tasks": deps.iter().map(|(id, d)| json!({
+            "id": id, "summary": "s", "description": "d", "acceptanceCriteria": [], "dependencies": d
+        })).collect::<Vec<_>>()})
+    }
+
+    #[test]
+    fn orders_and_refuses_cycles_and_unknown_dependencies() {
+        let p = parse_plan(&plan(&[(1, &[2]), (2, &[]), (3, &[1, 2])])).unwrap();
+        assert_eq!(order(&p).unwrap(), vec![2, 1, 3]);
+        assert!(
+            parse_plan(&plan(&[(1, &[2]), (2, &[1])]))
+                .unwrap_err()
+                .contains("cycle")
+        );
+        assert!(
+            parse_plan(&plan(&[(1, &[9])]))
+                .unwrap_err()
+                .contains("unknown")
+        );
+        assert!(parse_plan(&plan(&[])).is_err());
+    }
+}

@@ -1,0 +1,480 @@
+//! The workflow engine over the real API with the replay provider: the event sequence on the
+//! branch stream, files on disk, the git commit, 409 while busy, replies without a plan, plan
+//! validation, cancel, provider errors, and recovery after a stop mid-workflow.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use weldr_agent::llm::ToolSpec;
+use weldr_agent::workflow::tools::{FsTools, Tools};
+
+fn transcript(dir: &Path, name: &str, turns: Value) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(&turns).unwrap()).unwrap();
+    format!("replay:{}", path.display())
+}
+
+fn plan_turn(id: &str, deps: Value) -> Value {
+    json!([
+        {"type": "reasoning", "text": "Let me look at the project first."},
+        {"type": "tool_call", "id": id, "name": "submit_plan", "input": {
+            "acceptanceCriteria": ["hello.txt says hello"],
+            "tasks": [
+                {"id": 1, "summary": "write hello", "description": "create hello.txt",
+                 "acceptanceCriteria": ["exists"], "dependencies": deps}
+            ]
+        }}
+    ])
+}
+
+fn happy_turns() -> Value {
+    json!([
+        [
+            {"type": "text", "text": "I will read the tree, then plan."},
+            {"type": "tool_call", "id": "c1", "name": "list_dir", "input": {}}
+        ],
+        plan_turn("c2", json!([])),
+        [
+            {"type": "text", "text": "Writing the file now."},
+            {"type": "tool_call", "id": "c3", "name": "write_file",
+             "input": {"path": "hello.txt", "content": "hello\n"}}
+        ],
+        [{"type": "tool_call", "id": "c4", "name": "done", "input": {"summary": "wrote it"}}]
+    ])
+}
+
+async fn setup(name: &str) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(config(dir.path())).await;
+    create_branch(&s, name).await;
+    (dir, s)
+}
+
+async fn create_branch(s: &TestServer, name: &str) {
+    let res = s
+        .http
+        .post(s.url("/projects"))
+        .json(&json!({"projectId": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{name}: create project");
+    let res = s
+        .http
+        .post(s.url("/projects/p/branches"))
+        .json(&json!({"branchId": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{name}: create branch");
+}
+
+async fn trigger(s: &TestServer, text: &str, model: &str) -> reqwest::Response {
+    s.http
+        .post(s.url("/trigger"))
+        .json(&json!({"projectId": "p", "branchId": "b",
+                      "message": {"content": [{"type": "text", "text": text}]},
+                      "model": model}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn started(s: &TestServer, model: &str) -> String {
+    let res = trigger(s, "say hello", model).await;
+    assert_eq!(res.status(), 202);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["streamUrl"], "/stream/p/b");
+    body["workflowId"].as_str().unwrap().to_string()
+}
+
+/// Frames until (and including) the `end` event of `wf`.
+async fn until_end(sse: &mut SseClient, wf: &str) -> Vec<Frame> {
+    let mut out = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
+            .await
+            .expect("no event within 30 s")
+            .expect("stream ended");
+        let end = frame.event == "end" && frame.data["workflowId"] == wf;
+        out.push(frame);
+        if end {
+            return out;
+        }
+    }
+}
+
+fn statuses(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.event == "status")
+        .map(|f| f.data["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_consecutive(frames: &[Frame]) {
+    let ids = ids(frames);
+    for w in ids.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ids {ids:?}");
+    }
+}
+
+async fn get(s: &TestServer, wf: &str) -> Value {
+    s.http
+        .get(s.url(&format!("/workflows/{wf}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn trigger_plan_code_version_end() {
+    let (dir, s) = setup("happy").await;
+    let model = transcript(dir.path(), "t.json", happy_turns());
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    assert_consecutive(&frames);
+    assert_eq!(
+        statuses(&frames),
+        ["pending", "planning", "coding", "deploying", "complete"]
+    );
+    let kinds: Vec<&str> = frames.iter().map(|f| f.event.as_str()).collect();
+    for k in [
+        "text",
+        "reasoning",
+        "tool-call",
+        "tool-result",
+        "plan",
+        "task",
+        "version",
+        "end",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    let text: String = frames
+        .iter()
+        .filter(|f| f.event == "text")
+        .map(|f| f.data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        "I will read the tree, then plan.Writing the file now."
+    );
+    let tasks: Vec<&str> = frames
+        .iter()
+        .filter(|f| f.event == "task")
+        .map(|f| f.data["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["in_progress", "completed"]);
+    // The version comes after deploying and before complete.
+    let pos = |k: &str, st: Option<&str>| {
+        frames
+            .iter()
+            .position(|f| f.event == k && st.is_none_or(|st| f.data["status"] == st))
+            .unwrap()
+    };
+    assert!(pos("status", Some("deploying")) < pos("version", None));
+    assert!(pos("version", None) < pos("status", Some("complete")));
+    let branch_dir = dir.path().join("p").join("b");
+    let on_disk = std::fs::read_to_string(s.app().config.workspace_base.join("p/b/hello.txt"))
+        .or_else(|_| std::fs::read_to_string(branch_dir.join("hello.txt")))
+        .unwrap();
+    assert_eq!(on_disk, "hello\n");
+    let w = get(&s, &wf).await;
+    assert_eq!(w["status"], "complete");
+    assert_eq!(w["tasks"][0]["status"], "completed");
+    assert_eq!(w["plan"]["tasks"][0]["summary"], "write hello");
+    let version = w["versionId"].as_str().unwrap().to_string();
+    let versions: Value = s
+        .http
+        .get(s.url("/projects/p/branches/b/versions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = versions.to_string();
+    assert!(
+        text.contains("hello.txt") && text.contains("say hello"),
+        "{text}"
+    );
+    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    let log = std::process::Command::new("git")
+        .args(["log", "--format=%s", "-1"])
+        .current_dir(&wd)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&log.stdout).trim(), "say hello");
+    assert!(!version.is_empty());
+    // The branch is free again.
+    let again = trigger(&s, "again", &model).await;
+    assert_eq!(again.status(), 202);
+}
+
+#[tokio::test]
+async fn second_trigger_is_409_while_active_and_bad_input_is_400() {
+    let (dir, s) = setup("busy").await;
+    let gate = Arc::new(Gate::default());
+    s.app().workflows.set_tools(gate.clone());
+    let model = transcript(dir.path(), "t.json", happy_turns());
+    let wf = started(&s, &model).await;
+    let res = trigger(&s, "another", &model).await;
+    assert_eq!(res.status(), 409);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "branch_busy");
+    assert_eq!(body["error"]["details"]["workflowId"], wf);
+    for bad in [
+        json!({"projectId": "p", "branchId": "../b", "message": {"content": [{"type": "text", "text": "x"}]}}),
+        json!({"projectId": "p", "branchId": "b", "message": {"content": [{"type": "text", "text": "  "}]}}),
+        json!({"projectId": "p", "branchId": "b", "message": {"content": [{"type": "text", "text": "x".repeat(100_001)}]}}),
+        json!({"projectId": "p", "branchId": "b", "message": {"content": [{"type": "text", "text": "x"}]}, "model": "nope"}),
+    ] {
+        let res = s
+            .http
+            .post(s.url("/trigger"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+    }
+    gate.open();
+}
+
+/// Tools that count executions per call id and hold `block` until opened.
+#[derive(Default)]
+struct Gate {
+    runs: Mutex<HashMap<String, usize>>,
+    opened: tokio::sync::Notify,
+    is_open: std::sync::atomic::AtomicBool,
+    block: Mutex<Option<String>>,
+    /// Never return the blocked call (the server is stopped meanwhile).
+    forever: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    fn open(&self) {
+        self.is_open
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+}
+
+#[async_trait::async_trait]
+impl Tools for Gate {
+    fn specs(&self) -> Vec<ToolSpec> {
+        FsTools.specs()
+    }
+    async fn execute(&self, dir: &Path, name: &str, input: &Value) -> (String, bool) {
+        let key = format!("{name}:{}", input);
+        *self.runs.lock().unwrap().entry(key.clone()).or_default() += 1;
+        let blocked = self.block.lock().unwrap().as_deref() == Some(name)
+            || self.block.lock().unwrap().is_none();
+        if blocked {
+            if self.forever.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            let waiter = self.opened.notified();
+            if !self.is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                waiter.await;
+            }
+        }
+        FsTools.execute(dir, name, input).await
+    }
+}
+
+#[tokio::test]
+async fn a_reply_without_a_plan_completes_with_the_reply() {
+    let (dir, s) = setup("reply").await;
+    let model = transcript(
+        dir.path(),
+        "t.json",
+        json!([[{"type": "text", "text": "Which language should the greeting be in?"}]]),
+    );
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    assert_eq!(statuses(&frames), ["pending", "planning", "complete"]);
+    let w = get(&s, &wf).await;
+    assert_eq!(w["status"], "complete");
+    assert_eq!(w["reply"], "Which language should the greeting be in?");
+    assert!(w["versionId"].is_null());
+}
+
+#[tokio::test]
+async fn a_plan_with_a_cycle_goes_back_to_the_model() {
+    let (dir, s) = setup("cycle").await;
+    let cyclic = json!([[{"type": "tool_call", "id": "p1", "name": "submit_plan", "input": {
+    "acceptanceCriteria": [],
+    "tasks": [
+        {"id": 1, "summary": "a", "description": "", "acceptanceCriteria": [], "dependencies": [2]},
+        {"id": 2, "summary": "b", "description": "", "acceptanceCriteria": [], "dependencies": [1]}
+    ]}}]]);
+    let mut turns = cyclic.as_array().unwrap().clone();
+    turns.extend(happy_turns().as_array().unwrap()[1..].iter().cloned());
+    let model = transcript(dir.path(), "t.json", Value::Array(turns));
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    let results: Vec<&Frame> = frames.iter().filter(|f| f.event == "tool-result").collect();
+    assert_eq!(results[0].data["callId"], "p1");
+    assert_eq!(results[0].data["isError"], true);
+    assert!(
+        results[0].data["content"]
+            .as_str()
+            .unwrap()
+            .contains("cycle")
+    );
+    assert_eq!(results[1].data["isError"], false);
+    assert_eq!(get(&s, &wf).await["status"], "complete");
+}
+
+#[tokio::test]
+async fn cancel_during_coding() {
+    let (dir, s) = setup("cancel").await;
+    let gate = Arc::new(Gate::default());
+    *gate.block.lock().unwrap() = Some("write_file".into());
+    s.app().workflows.set_tools(gate.clone());
+    let model = transcript(dir.path(), "t.json", happy_turns());
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    // Wait for the write_file call (coding).
+    loop {
+        let f = sse.next().await.unwrap();
+        if f.event == "tool-call" && f.data["name"] == "write_file" {
+            break;
+        }
+    }
+    let res = s
+        .http
+        .post(s.url(&format!("/workflows/{wf}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    gate.open();
+    let frames = until_end(&mut sse, &wf).await;
+    assert_eq!(statuses(&frames).last().unwrap(), "cancelled");
+    let w = get(&s, &wf).await;
+    assert_eq!(w["status"], "cancelled");
+    assert!(w["versionId"].is_null());
+    let res = s
+        .http
+        .post(s.url(&format!("/workflows/{wf}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+}
+
+#[tokio::test]
+async fn a_missing_key_fails_the_workflow_with_an_error_event() {
+    let (_dir, s) = setup("nokey").await;
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, "anthropic:x").await;
+    let frames = until_end(&mut sse, &wf).await;
+    assert_consecutive(&frames);
+    assert!(frames.iter().any(|f| f.event == "error"));
+    assert_eq!(statuses(&frames).last().unwrap(), "failed");
+    let w = get(&s, &wf).await;
+    assert_eq!(w["status"], "failed");
+    assert!(!w["error"].as_str().unwrap().is_empty());
+    assert_eq!(
+        s.http
+            .get(s.url("/workflows/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn recovery_after_a_stop_mid_coding() {
+    let dir = tempfile::tempdir().unwrap();
+    let turns = json!([
+        plan_turn("c1", json!([])),
+        [
+            {"type": "tool_call", "id": "c2", "name": "write_file", "input": {"path": "a.txt", "content": "a"}},
+            {"type": "tool_call", "id": "c3", "name": "list_dir", "input": {}}
+        ],
+        [{"type": "tool_call", "id": "c4", "name": "write_file", "input": {"path": "b.txt", "content": "b"}}],
+        [{"type": "tool_call", "id": "c5", "name": "done", "input": {}}]
+    ]);
+    let model = transcript(dir.path(), "t.json", turns);
+    let gate = Arc::new(Gate::default());
+    *gate.block.lock().unwrap() = Some("list_dir".into());
+    gate.forever
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = start(config(dir.path())).await;
+    create_branch(&s, "recovery").await;
+    s.app().workflows.set_tools(gate.clone());
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let mut before = Vec::new();
+    loop {
+        let f = sse.next().await.unwrap();
+        let stop = f.event == "tool-result" && f.data["callId"] == "c2";
+        before.push(f);
+        if stop {
+            break;
+        }
+    }
+    // c3 (list_dir) is now running and never returns; stop the server.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(sse);
+    s.server.shutdown().await;
+    let last = before.last().unwrap().id.unwrap();
+
+    let gate2 = Arc::new(Gate::default());
+    gate2.open();
+    // Count across both runs.
+    *gate2.runs.lock().unwrap() = gate.runs.lock().unwrap().clone();
+    let app = weldr_agent::App::open(config(dir.path())).unwrap();
+    app.workflows.set_tools(gate2.clone());
+    let token = weldr_agent::auth::tokens::create(&app.store, "t2")
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s2 = TestServer {
+        server: weldr_agent::server::start_on(app, listener).unwrap(),
+        dir: dir.path().to_path_buf(),
+        http: client_with_token(&token),
+        token,
+    };
+    let mut sse = s2.sse("/stream/p/b", Some(&last.to_string())).await;
+    let after = until_end(&mut sse, &wf).await;
+    assert_eq!(after[0].id, Some(last + 1), "ids continue without a gap");
+    let mut all = before.clone();
+    all.extend(after.clone());
+    assert_consecutive(&all);
+    assert_eq!(statuses(&after).last().unwrap(), "complete", "{after:#?}");
+    let runs = gate2.runs.lock().unwrap().clone();
+    let count = |k: &str| {
+        runs.iter()
+            .filter(|(key, _)| key.starts_with(k))
+            .map(|(_, n)| *n)
+            .sum::<usize>()
+    };
+    assert_eq!(count("write_file:{\"content\":\"a\""), 1, "{runs:?}");
+    assert_eq!(count("write_file:{\"content\":\"b\""), 1, "{runs:?}");
+    // The unfinished list_dir ran again once (it never finished the first time).
+    assert_eq!(count("list_dir"), 2, "{runs:?}");
+    let w = get(&s2, &wf).await;
+    assert_eq!(w["status"], "complete");
+    let wd = weldr_agent::branches::branch_dir(&s2.app().config, "p", "b");
+    assert_eq!(std::fs::read_to_string(wd.join("a.txt")).unwrap(), "a");
+    assert_eq!(std::fs::read_to_string(wd.join("b.txt")).unwrap(), "b");
+}
