@@ -1,7 +1,7 @@
 //! list_dir, read_file, write_file, edit_file, delete_file.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -130,7 +130,11 @@ fn read_text(ws: &Workspace, rel: &str) -> Result<(std::path::PathBuf, String), 
         )));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(&path)
+    // The resolved path has no symlinks left; O_NOFOLLOW refuses one swapped in since.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
         .and_then(|f| f.take(MAX_FILE_BYTES).read_to_end(&mut bytes))
         .map_err(|e| io_err(rel, e))?;
     if bytes[..bytes.len().min(8192)].contains(&0) {
