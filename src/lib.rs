@@ -17,6 +17,7 @@ pub mod llm;
 pub mod registry;
 pub mod server;
 pub mod stream;
+pub mod sync;
 pub mod tools;
 
 pub use app::App;

@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Push or pull a branch snapshot to or from object storage (S3 or the local fs store).
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
     /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
     Token {
         #[command(subcommand)]
@@ -63,6 +68,25 @@ enum TokenCommand {
     List,
     /// Revoke a token by id (from `list`, at least 6 characters) or by name.
     Revoke { which: String },
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Snapshot the branch directory into the store; prints SYNC_STATUS=success|failed and
+    /// BUCKET_NAME=<bucket>, like the original sync-to-s3.sh.
+    Push {
+        branch_id: String,
+        project_id: String,
+    },
+    /// Restore the latest (or a named) snapshot into the branch directory; prints
+    /// SYNC_STATUS=success|skipped|failed, BUCKET_NAME=<bucket> and REASON=bucket_not_found
+    /// when there is no snapshot yet.
+    Pull {
+        branch_id: String,
+        project_id: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -283,6 +307,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             target.close().await;
             result
         }
+        Command::Sync { command } => sync_command(config, command).await,
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
@@ -340,6 +365,80 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             .await
         }
     }
+}
+
+/// `sync push|pull`: works on the branch directory and the object store directly, so it runs
+/// the same whether or not the server is up.
+async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
+    use weldr_agent::sync::{self, PullReport};
+    let (project_id, branch_id) = match &command {
+        SyncCommand::Push {
+            branch_id,
+            project_id,
+        }
+        | SyncCommand::Pull {
+            branch_id,
+            project_id,
+            ..
+        } => (project_id.clone(), branch_id.clone()),
+    };
+    let bucket = config
+        .s3
+        .bucket
+        .clone()
+        .unwrap_or_else(|| sync::bucket_name(&project_id, &branch_id));
+    let ids_ok =
+        weldr_agent::ids::is_valid_id(&project_id) && weldr_agent::ids::is_valid_id(&branch_id);
+    let result = if !ids_ok {
+        Err(anyhow!(
+            "projectId and branchId must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        ))
+    } else {
+        match command {
+            SyncCommand::Push { .. } => sync::push(&config, &project_id, &branch_id)
+                .await
+                .map(|r| {
+                    println!("SYNC_STATUS=success");
+                    println!("BUCKET_NAME={}", r.bucket);
+                    println!("SNAPSHOT_ID={}", r.snapshot_id);
+                    println!("UNCHANGED={}", r.unchanged);
+                    println!("FILES={}", r.files);
+                    println!("BYTES={}", r.bytes);
+                    println!("UPLOADED_BYTES={}", r.uploaded_bytes);
+                })
+                .map_err(anyhow::Error::from),
+            SyncCommand::Pull { snapshot, .. } => {
+                sync::pull(&config, &project_id, &branch_id, snapshot.as_deref())
+                    .await
+                    .map(|r| match r {
+                        PullReport::Restored {
+                            bucket,
+                            snapshot_id,
+                            files,
+                            bytes,
+                            ..
+                        } => {
+                            println!("SYNC_STATUS=success");
+                            println!("BUCKET_NAME={bucket}");
+                            println!("SNAPSHOT_ID={snapshot_id}");
+                            println!("FILES={files}");
+                            println!("BYTES={bytes}");
+                        }
+                        PullReport::Skipped { bucket } => {
+                            println!("SYNC_STATUS=skipped");
+                            println!("BUCKET_NAME={bucket}");
+                            println!("REASON=bucket_not_found");
+                        }
+                    })
+                    .map_err(anyhow::Error::from)
+            }
+        }
+    };
+    if result.is_err() {
+        println!("SYNC_STATUS=failed");
+        println!("BUCKET_NAME={bucket}");
+    }
+    result
 }
 
 async fn one_call(

@@ -28,7 +28,7 @@ fn free_port() -> u16 {
 }
 
 fn serve(ws: &Path, port: u16) -> Child {
-    let child = cli(ws)
+    let mut child = cli(ws)
         .arg("serve")
         .env("PORT", port.to_string())
         .stdout(Stdio::null())
@@ -43,6 +43,8 @@ fn serve(ws: &Path, port: u16) -> Child {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("server did not start");
 }
 

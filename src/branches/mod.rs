@@ -44,10 +44,12 @@ pub fn branch_dir(config: &Config, project_id: &str, branch_id: &str) -> PathBuf
     }
 }
 
+type LockMap = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// One async lock per branch.
 #[derive(Default)]
 pub struct BranchLocks {
-    locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<LockMap>,
 }
 
 impl BranchLocks {

@@ -1,15 +1,52 @@
-//! Placeholder: being written (see the workflow issue). Refuses to run.
+//! Anthropic Messages API, streamed (`POST {base}/v1/messages` with `stream: true`).
 
-use super::{ChatRequest, ChatResponse, DeltaSink, LlmError, LlmProvider};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+
+use super::http::{self, Retry, SseEvent, StreamParser, Transport};
+use super::{
+    ChatRequest, ChatResponse, Delta, DeltaSink, LlmError, LlmProvider, Message, Part, Role,
+    StopReason, Usage,
+};
 use crate::config::ProviderKeys;
 
-pub struct Anthropic;
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+pub struct Anthropic {
+    base: String,
+    key: HeaderValue,
+    transport: Transport,
+}
 
 impl Anthropic {
-    pub fn new(_keys: &ProviderKeys) -> Result<Self, LlmError> {
-        Err(LlmError::Config(
-            "the anthropic provider is not built yet".into(),
-        ))
+    pub fn new(keys: &ProviderKeys) -> Result<Self, LlmError> {
+        let key = keys
+            .anthropic_api_key
+            .as_ref()
+            .filter(|k| !k.expose().trim().is_empty())
+            .ok_or_else(|| LlmError::Config("ANTHROPIC_API_KEY is not set".into()))?;
+        Ok(Self {
+            base: http::trim_base(
+                keys.anthropic_base_url
+                    .as_deref()
+                    .unwrap_or(DEFAULT_BASE_URL),
+            ),
+            key: http::header_value("ANTHROPIC_API_KEY", key.expose().trim())?,
+            transport: Transport::new()?,
+        })
+    }
+
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.transport.set_retry(retry);
+        self
+    }
+
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.transport.set_idle_timeout(idle);
+        self
     }
 }
 
@@ -18,13 +55,293 @@ impl LlmProvider for Anthropic {
     fn name(&self) -> &str {
         "anthropic"
     }
+
     async fn chat(
         &self,
-        _request: &ChatRequest,
-        _on_delta: DeltaSink<'_>,
+        request: &ChatRequest,
+        on_delta: DeltaSink<'_>,
     ) -> Result<ChatResponse, LlmError> {
-        Err(LlmError::Config(
-            "the anthropic provider is not built yet".into(),
-        ))
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", self.key.clone());
+        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        let body = request_body(request);
+        let url = format!("{}/v1/messages", self.base);
+        self.transport
+            .stream(&url, headers, &body, Parser::default, on_delta)
+            .await
+    }
+}
+
+/// The Messages API body for `request`.
+pub fn request_body(request: &ChatRequest) -> Value {
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(message)
+        .filter(|m| m["content"].as_array().is_some_and(|c| !c.is_empty()))
+        .collect();
+    let mut body = json!({
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "stream": true,
+        "messages": messages,
+    });
+    if !request.system.is_empty() {
+        body["system"] = json!(request.system);
+    }
+    if !request.tools.is_empty() {
+        body["tools"] = request
+            .tools
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "description": t.description,
+                    "input_schema": t.input_schema,
+                })
+            })
+            .collect();
+    }
+    body
+}
+
+fn message(m: &Message) -> Value {
+    let role = match m.role {
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    };
+    let content: Vec<Value> = m
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text { text } if text.is_empty() => None,
+            Part::Text { text } => Some(json!({"type": "text", "text": text})),
+            // Thinking goes back only with its signature (the API refuses it otherwise).
+            Part::Reasoning {
+                text,
+                signature: Some(sig),
+            } => Some(json!({"type": "thinking", "thinking": text, "signature": sig})),
+            Part::Reasoning { .. } => None,
+            Part::ToolCall { id, name, input } => Some(json!({
+                "type": "tool_use", "id": id, "name": name, "input": input,
+            })),
+            Part::ToolResult {
+                id,
+                content,
+                is_error,
+                ..
+            } => Some(json!({
+                "type": "tool_result", "tool_use_id": id, "content": content, "is_error": is_error,
+            })),
+        })
+        .collect();
+    json!({"role": role, "content": content})
+}
+
+enum Block {
+    Text(String),
+    Thinking {
+        text: String,
+        signature: String,
+    },
+    Tool {
+        id: String,
+        name: String,
+        json: String,
+    },
+    Other,
+}
+
+#[derive(Default)]
+struct Parser {
+    blocks: BTreeMap<u64, Block>,
+    usage: Usage,
+    stop: Option<String>,
+    started: bool,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Result<&'a str, LlmError> {
+    v.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| LlmError::Protocol(format!("missing string field {name:?}: {v}")))
+}
+
+fn index(v: &Value) -> Result<u64, LlmError> {
+    v.get("index")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| LlmError::Protocol(format!("event without an index: {v}")))
+}
+
+impl StreamParser for Parser {
+    fn event(&mut self, event: SseEvent, on_delta: DeltaSink<'_>) -> Result<bool, LlmError> {
+        let v = http::json(&event.data)?;
+        let kind = match v.get("type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => event.event.clone().unwrap_or_default(),
+        };
+        match kind.as_str() {
+            "message_start" => {
+                self.started = true;
+                let u = &v["message"]["usage"];
+                let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+                self.usage.input_tokens = n("input_tokens")
+                    + n("cache_creation_input_tokens")
+                    + n("cache_read_input_tokens");
+                self.usage.output_tokens = n("output_tokens");
+            }
+            "content_block_start" => {
+                let i = index(&v)?;
+                let b = v
+                    .get("content_block")
+                    .ok_or_else(|| LlmError::Protocol(format!("block start without block: {v}")))?;
+                let block = match b.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        let t = b.get("text").and_then(Value::as_str).unwrap_or("");
+                        if !t.is_empty() {
+                            on_delta(Delta::Text(t.to_string()));
+                        }
+                        Block::Text(t.to_string())
+                    }
+                    Some("thinking") => Block::Thinking {
+                        text: b
+                            .get("thinking")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        signature: b
+                            .get("signature")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    },
+                    Some("tool_use") => Block::Tool {
+                        id: field(b, "id")?.to_string(),
+                        name: field(b, "name")?.to_string(),
+                        json: String::new(),
+                    },
+                    _ => Block::Other,
+                };
+                self.blocks.insert(i, block);
+            }
+            "content_block_delta" => {
+                let i = index(&v)?;
+                let d = v
+                    .get("delta")
+                    .ok_or_else(|| LlmError::Protocol(format!("block delta without delta: {v}")))?;
+                let block = self.blocks.get_mut(&i).ok_or_else(|| {
+                    LlmError::Protocol(format!("delta for block {i}, which never started"))
+                })?;
+                match (d.get("type").and_then(Value::as_str), block) {
+                    (Some("text_delta"), Block::Text(t)) => {
+                        let s = field(d, "text")?;
+                        t.push_str(s);
+                        on_delta(Delta::Text(s.to_string()));
+                    }
+                    (Some("thinking_delta"), Block::Thinking { text, .. }) => {
+                        let s = field(d, "thinking")?;
+                        text.push_str(s);
+                        on_delta(Delta::Reasoning(s.to_string()));
+                    }
+                    (Some("signature_delta"), Block::Thinking { signature, .. }) => {
+                        signature.push_str(field(d, "signature")?);
+                    }
+                    (Some("input_json_delta"), Block::Tool { json, .. }) => {
+                        json.push_str(field(d, "partial_json")?);
+                    }
+                    (_, Block::Other) => {}
+                    (Some("citations_delta"), _) => {}
+                    (t, _) => {
+                        return Err(LlmError::Protocol(format!(
+                            "delta {t:?} does not fit block {i}"
+                        )));
+                    }
+                }
+            }
+            "content_block_stop" | "ping" => {}
+            "message_delta" => {
+                if let Some(r) = v["delta"].get("stop_reason").and_then(Value::as_str) {
+                    self.stop = Some(r.to_string());
+                }
+                if let Some(n) = v["usage"].get("output_tokens").and_then(Value::as_u64) {
+                    self.usage.output_tokens = n;
+                }
+                if let Some(n) = v["usage"].get("input_tokens").and_then(Value::as_u64)
+                    && n > self.usage.input_tokens
+                {
+                    self.usage.input_tokens = n;
+                }
+            }
+            "message_stop" => return Ok(true),
+            "error" => {
+                let e = &v["error"];
+                let message = e
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+                    .to_string();
+                return Err(match e.get("type").and_then(Value::as_str) {
+                    Some("overloaded_error" | "api_error") => LlmError::Unavailable {
+                        attempts: 0,
+                        message,
+                    },
+                    Some("rate_limit_error") => LlmError::RateLimited {
+                        attempts: 0,
+                        message,
+                    },
+                    Some("authentication_error" | "permission_error") => LlmError::Auth(message),
+                    _ => LlmError::Refused(message),
+                });
+            }
+            other => {
+                if !self.started {
+                    return Err(LlmError::Protocol(format!(
+                        "unexpected event {other:?} before message_start"
+                    )));
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn finish(self, complete: bool) -> Result<ChatResponse, LlmError> {
+        if !complete {
+            return Err(LlmError::Unavailable {
+                attempts: 0,
+                message: "the stream ended before message_stop".into(),
+            });
+        }
+        let mut parts = Vec::new();
+        for block in self.blocks.into_values() {
+            match block {
+                Block::Text(text) => {
+                    if !text.is_empty() {
+                        parts.push(Part::Text { text });
+                    }
+                }
+                Block::Thinking { text, signature } => parts.push(Part::Reasoning {
+                    text,
+                    signature: (!signature.is_empty()).then_some(signature),
+                }),
+                Block::Tool { id, name, json } => {
+                    let input = http::tool_input(&name, &json)?;
+                    parts.push(Part::ToolCall { id, name, input });
+                }
+                Block::Other => {}
+            }
+        }
+        let stop = match self.stop.as_deref() {
+            Some("end_turn" | "stop_sequence") => StopReason::EndTurn,
+            Some("tool_use") => StopReason::ToolUse,
+            Some("max_tokens") => StopReason::MaxTokens,
+            _ => StopReason::Other,
+        };
+        Ok(ChatResponse {
+            message: Message {
+                role: Role::Assistant,
+                parts,
+            },
+            usage: self.usage,
+            stop,
+        })
     }
 }

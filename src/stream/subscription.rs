@@ -101,11 +101,11 @@ impl Subscription {
         }
         let deadline = tokio::time::Instant::now() + self.heartbeat;
         loop {
-            if self.catching_up {
-                if let Err(e) = self.catch_up(&mut out).await {
-                    tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
-                    self.done = true;
-                }
+            if self.catching_up
+                && let Err(e) = self.catch_up(&mut out).await
+            {
+                tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
+                self.done = true;
             }
             if !out.is_empty() || self.done {
                 return (!out.is_empty()).then(|| out.freeze());

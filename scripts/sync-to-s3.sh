@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# sync-to-s3.sh <branchId> <projectId>: push the branch directory as a new snapshot.
+# Prints SYNC_STATUS=success|failed and BUCKET_NAME=<bucket>, like the original script; exits
+# non-zero on failure. Works whether or not the server is running.
+set -euo pipefail
+[ $# -eq 2 ] || { echo "usage: $0 <branchId> <projectId>" >&2; exit 2; }
+exec "${WELDR_AGENT_BIN:-weldr-agent}" sync push "$1" "$2"

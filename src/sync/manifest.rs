@@ -1,0 +1,385 @@
+//! The snapshot format and the directory walk.
+//!
+//! Store layout (under the branch's bucket or prefix):
+//! - `objects/{sha256}`: a big file's content, uploaded on its own (multipart, streamed);
+//! - `packs/{sha256}`: small files' contents concatenated, so many small files cost one request;
+//! - `snapshots/{id}.json`: a [`Manifest`], written after all the content it references;
+//! - `latest`: the id of the newest snapshot, written last.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::SyncError;
+use crate::excludes::Excludes;
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub version: u32,
+    pub id: String,
+    pub created_at_ms: u64,
+    /// Sorted by path; every directory is listed (so empty ones travel).
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Entry {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    File {
+        path: String,
+        mode: u32,
+        size: u64,
+        /// sha256 of the content, hex.
+        hash: String,
+        loc: Loc,
+    },
+}
+
+impl Entry {
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path, .. } | Entry::Symlink { path, .. } | Entry::File { path, .. } => {
+                path
+            }
+        }
+    }
+}
+
+/// Where a file's content is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "in", rename_all = "snake_case")]
+pub enum Loc {
+    /// `objects/{hash}`.
+    Object,
+    /// `packs/{pack}` at `offset`, `size` bytes.
+    Pack { pack: String, offset: u64 },
+}
+
+pub fn object_path(hash: &str) -> String {
+    format!("objects/{hash}")
+}
+
+pub fn pack_path(pack: &str) -> String {
+    format!("packs/{pack}")
+}
+
+pub fn manifest_path(id: &str) -> String {
+    format!("snapshots/{id}.json")
+}
+
+/// Snapshot ids are opaque to users but must be safe as object names.
+pub fn check_snapshot_id(id: &str) -> Result<(), SyncError> {
+    if !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(SyncError::NotFound(format!(
+            "{id:?} is not a snapshot id (letters, digits, '-' and '_')"
+        )))
+    }
+}
+
+/// Reject a manifest that could write outside the target or through a symlink: every path
+/// must be relative and plain, listed once, in order, with its parent listed as a directory.
+pub fn validate(m: &Manifest) -> Result<(), SyncError> {
+    let bad = |path: &str, why: &str| {
+        Err(SyncError::Corrupt(format!(
+            "snapshot {}: entry {path:?} {why}",
+            m.id
+        )))
+    };
+    let mut dirs = std::collections::HashSet::new();
+    let mut previous: Option<&str> = None;
+    for e in &m.entries {
+        let path = e.path();
+        let p = Path::new(path);
+        if path.is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return bad(path, "is not a plain relative path");
+        }
+        if previous.is_some_and(|prev| prev >= path) {
+            return bad(path, "is out of order or listed twice");
+        }
+        previous = Some(path);
+        if let Some(parent) = p.parent().and_then(Path::to_str)
+            && !parent.is_empty()
+            && !dirs.contains(parent)
+        {
+            return bad(path, "has a parent that is not a directory of the snapshot");
+        }
+        if let Entry::Dir { .. } = e {
+            dirs.insert(path);
+        }
+    }
+    Ok(())
+}
+
+/// One walked path, before its content is located in the store.
+#[derive(Debug, Clone)]
+pub enum Scanned {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    File {
+        path: String,
+        mode: u32,
+        size: u64,
+        hash: String,
+    },
+}
+
+impl Scanned {
+    pub fn path(&self) -> &str {
+        match self {
+            Scanned::Dir { path, .. }
+            | Scanned::Symlink { path, .. }
+            | Scanned::File { path, .. } => path,
+        }
+    }
+}
+
+/// What a file looked like when it was last hashed: reused when size, mtime, ctime and inode
+/// all match, so a no-op push does not re-read the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+}
+
+impl StatKey {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+pub type StatCache = HashMap<String, (StatKey, String)>;
+
+fn rel_string(rel: &Path) -> Result<String, SyncError> {
+    rel.to_str().map(str::to_string).ok_or_else(|| {
+        SyncError::Io(format!(
+            "{} is not valid UTF-8; rename it to sync this branch",
+            rel.display()
+        ))
+    })
+}
+
+/// sha256 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<String, SyncError> {
+    let mut file = std::fs::File::open(path).map_err(SyncError::io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(SyncError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+pub fn hash_bytes(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Walk `root` (blocking): every directory, regular file and symlink, sorted by path, minus the
+/// excludes. `cache` (may be empty) avoids re-hashing unchanged files; `fresh` receives the
+/// entries safe to cache (files not modified within the last two seconds).
+pub fn scan(
+    root: &Path,
+    cache: &StatCache,
+    fresh: &mut StatCache,
+) -> Result<Vec<Scanned>, SyncError> {
+    let excludes = Excludes::for_dir(root);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs_dir = root.join(&rel_dir);
+        let mut names: Vec<_> = std::fs::read_dir(&abs_dir)
+            .map_err(SyncError::io(&abs_dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(SyncError::io(&abs_dir))?;
+        names.sort();
+        for name in names {
+            let rel = rel_dir.join(&name);
+            let abs = root.join(&rel);
+            let meta = std::fs::symlink_metadata(&abs).map_err(SyncError::io(&abs))?;
+            let ft = meta.file_type();
+            if excludes.is_excluded(&rel, ft.is_dir()) {
+                continue;
+            }
+            let path = rel_string(&rel)?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if ft.is_dir() {
+                out.push(Scanned::Dir { path, mode });
+                stack.push(rel);
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&abs).map_err(SyncError::io(&abs))?;
+                let target = rel_string(&target)?;
+                out.push(Scanned::Symlink { path, target });
+            } else if ft.is_file() {
+                let key = StatKey::of(&meta);
+                let hash = match cache.get(&path) {
+                    Some((k, h)) if *k == key => h.clone(),
+                    _ => hash_file(&abs)?,
+                };
+                if now_ns - key.mtime_ns > 2_000_000_000 && now_ns - key.ctime_ns > 2_000_000_000 {
+                    fresh.insert(path.clone(), (key.clone(), hash.clone()));
+                }
+                out.push(Scanned::File {
+                    path,
+                    mode,
+                    size: key.size,
+                    hash,
+                });
+            }
+            // Sockets, fifos and devices are not part of a workspace snapshot.
+        }
+    }
+    out.sort_by(|a, b| a.path().cmp(b.path()));
+    Ok(out)
+}
+
+/// Does `scanned` describe exactly the manifest's tree (content, modes, links, directories)?
+pub fn matches(manifest: &Manifest, scanned: &[Scanned]) -> bool {
+    manifest.entries.len() == scanned.len()
+        && manifest
+            .entries
+            .iter()
+            .zip(scanned)
+            .all(|(e, s)| match (e, s) {
+                (Entry::Dir { path, mode }, Scanned::Dir { path: p, mode: m }) => {
+                    path == p && mode == m
+                }
+                (Entry::Symlink { path, target }, Scanned::Symlink { path: p, target: t }) => {
+                    path == p && target == t
+                }
+                (
+                    Entry::File {
+                        path,
+                        mode,
+                        size,
+                        hash,
+                        ..
+                    },
+                    Scanned::File {
+                        path: p,
+                        mode: m,
+                        size: s,
+                        hash: h,
+                    },
+                ) => path == p && mode == m && size == s && hash == h,
+                _ => false,
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: "s".into(),
+            created_at_ms: 0,
+            entries,
+        }
+    }
+
+    fn file(path: &str) -> Entry {
+        Entry::File {
+            path: path.into(),
+            mode: 0o644,
+            size: 0,
+            hash: hash_bytes(b""),
+            loc: Loc::Object,
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
+    }
+
+    #[test]
+    fn manifests_that_escape_or_write_through_links_are_rejected() {
+        assert!(validate(&m(vec![dir("a"), file("a/b"), file("c")])).is_ok());
+        for bad in [
+            vec![file("../evil")],
+            vec![file("/etc/passwd")],
+            vec![dir("a"), file("a/../../x")],
+            vec![file("a/b")],
+            vec![
+                Entry::Symlink {
+                    path: "l".into(),
+                    target: "/tmp".into(),
+                },
+                file("l/x"),
+            ],
+            vec![file("b"), file("a")],
+            vec![file("a"), file("a")],
+            vec![file("")],
+        ] {
+            assert!(validate(&m(bad.clone())).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn scan_sees_modes_links_and_empty_dirs_and_skips_excludes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("e/f")).unwrap();
+        std::fs::create_dir_all(root.join("node_modules/x")).unwrap();
+        std::fs::write(root.join("node_modules/x/i.js"), "x").unwrap();
+        std::fs::write(root.join("run"), "x").unwrap();
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink("run", root.join("l")).unwrap();
+        let mut fresh = StatCache::new();
+        let s = scan(root, &StatCache::new(), &mut fresh).unwrap();
+        let paths: Vec<_> = s.iter().map(Scanned::path).collect();
+        assert_eq!(paths, ["e", "e/f", "l", "run"]);
+        assert!(matches!(&s[3], Scanned::File { mode: 0o750, .. }));
+        assert!(matches!(&s[2], Scanned::Symlink { target, .. } if target == "run"));
+    }
+}

@@ -1,0 +1,957 @@
+//! Branch snapshots in object storage: push, pull and verify.
+//!
+//! A push walks the branch directory (the excludes aside), uploads only content the store does
+//! not have yet (small files packed together, big files streamed as their own multipart
+//! objects), then writes the manifest and, last, the `latest` pointer: a crash mid-push leaves
+//! the previous snapshot whole. A pull stages and verifies every file before it touches the
+//! branch directory. See [`manifest`] for the layout.
+
+pub mod manifest;
+pub mod store;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::branches::branch_dir;
+use crate::config::Config;
+use crate::excludes::Excludes;
+use manifest::{Entry, Loc, Manifest, Scanned, StatCache};
+pub use store::{Store, bucket_name};
+
+/// Files below this size go into packs; bigger ones are objects of their own.
+pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
+/// A pack is written once it holds this much.
+pub const PACK_TARGET: usize = 8 << 20;
+/// Multipart chunk size for big objects (memory per upload stays about this).
+pub const CHUNK: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("object store: {0}")]
+    Store(String),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("file system: {0}")]
+    Io(String),
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("push aborted: {0}")]
+    Aborted(String),
+}
+
+impl SyncError {
+    fn store(what: &str, e: opendal::Error) -> Self {
+        SyncError::Store(format!(
+            "{what}: {e}; check S3_ENDPOINT, the credentials and the network, then retry"
+        ))
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+        move |e| SyncError::Io(format!("{}: {e}", path.display()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushReport {
+    pub bucket: String,
+    pub snapshot_id: String,
+    /// True when the tree matched the latest snapshot and nothing was written.
+    pub unchanged: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    /// Store requests made (a multipart upload counts once per chunk).
+    pub requests: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase", tag = "status")]
+pub enum PullReport {
+    Restored {
+        bucket: String,
+        snapshot_id: String,
+        files: u64,
+        bytes: u64,
+        requests: u64,
+        duration_ms: u64,
+    },
+    /// No snapshot in the store (the original: `REASON=bucket_not_found`).
+    Skipped { bucket: String },
+}
+
+/// Test hooks (not for production use).
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Fail after this many content uploads, before the manifest: a simulated crash.
+    pub fail_after_uploads: Option<u64>,
+}
+
+/// What this machine knows the store holds: the last snapshot it pushed or pulled, so a no-op
+/// push costs one request, plus the stat cache that saves re-hashing.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LocalIndex {
+    store: String,
+    manifest: Option<Manifest>,
+    stat: StatCache,
+}
+
+fn index_path(config: &Config, project_id: &str, branch_id: &str) -> PathBuf {
+    config
+        .data_dir
+        .join("sync")
+        .join(project_id)
+        .join(format!("{branch_id}.json"))
+}
+
+fn store_identity(config: &Config, store: &Store) -> String {
+    match &config.s3.access_key_id {
+        Some(_) => format!("s3:{}/{}", config.s3.endpoint, store.bucket),
+        None => format!(
+            "fs:{}",
+            config.object_store_dir.join(&store.bucket).display()
+        ),
+    }
+}
+
+async fn load_index(path: PathBuf, identity: &str) -> LocalIndex {
+    let loaded = tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice::<LocalIndex>(&bytes).ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    match loaded {
+        Some(index) if index.store == identity => index,
+        _ => LocalIndex {
+            store: identity.to_string(),
+            ..Default::default()
+        },
+    }
+}
+
+/// Best effort: a lost index only costs a re-hash and one more request.
+async fn save_index(path: PathBuf, index: LocalIndex) {
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(&index).unwrap_or_default())?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await;
+    if !matches!(result, Ok(Ok(()))) {
+        tracing::warn!("could not save the local sync index: {result:?}");
+    }
+}
+
+fn new_snapshot_id() -> String {
+    let ms = now_ms();
+    let mut rand = [0u8; 4];
+    let _ = getrandom::fill(&mut rand);
+    format!("{ms:013}-{}", hex::encode(rand))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
+) -> Result<T, SyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SyncError::Io(format!("background task failed: {e}")))?
+}
+
+/// The manifest of `id`, or of `latest` when None. Ok(None): no snapshot (or no bucket) yet.
+async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manifest>, SyncError> {
+    let id = match id {
+        Some(id) => id.to_string(),
+        None => match store.get("latest").await? {
+            None => return Ok(None),
+            Some(bytes) => String::from_utf8(bytes)
+                .map_err(|_| SyncError::Corrupt("the latest pointer is not text".into()))?
+                .trim()
+                .to_string(),
+        },
+    };
+    manifest::check_snapshot_id(&id)?;
+    let Some(bytes) = store.get(&manifest::manifest_path(&id)).await? else {
+        return Err(SyncError::NotFound(format!(
+            "snapshot {id} does not exist in bucket {}",
+            store.bucket
+        )));
+    };
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| SyncError::Corrupt(format!("manifest of snapshot {id}: {e}")))?;
+    manifest::validate(&m)?;
+    if m.version != manifest::MANIFEST_VERSION || m.id != id {
+        return Err(SyncError::Corrupt(format!(
+            "manifest of snapshot {id} has version {} and id {}; this agent reads version {}",
+            m.version,
+            m.id,
+            manifest::MANIFEST_VERSION
+        )));
+    }
+    Ok(Some(m))
+}
+
+/// Push the branch directory as a new snapshot (or nothing when it matches the latest one).
+pub async fn push(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<PushReport, SyncError> {
+    push_with(config, project_id, branch_id, &PushOptions::default()).await
+}
+
+pub async fn push_with(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    options: &PushOptions,
+) -> Result<PushReport, SyncError> {
+    let started = Instant::now();
+    let dir = branch_dir(config, project_id, branch_id);
+    if !dir.is_dir() {
+        return Err(SyncError::NotFound(format!(
+            "branch directory {} does not exist; create or pull the branch first",
+            dir.display()
+        )));
+    }
+    let store = Store::open(config, project_id, branch_id)?;
+    let identity = store_identity(config, &store);
+    let ipath = index_path(config, project_id, branch_id);
+    let mut index = load_index(ipath.clone(), &identity).await;
+
+    // 1 request: where is the store now?
+    let latest = store
+        .get("latest")
+        .await?
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
+    let previous = match &latest {
+        None => {
+            store.ensure_bucket().await?;
+            None
+        }
+        Some(id) if index.manifest.as_ref().is_some_and(|m| &m.id == id) => index.manifest.take(),
+        Some(id) => fetch_manifest(&store, Some(id)).await?,
+    };
+
+    let cache = std::mem::take(&mut index.stat);
+    let root = dir.clone();
+    let (scanned, fresh) = blocking(move || {
+        let mut fresh = StatCache::new();
+        let scanned = manifest::scan(&root, &cache, &mut fresh)?;
+        Ok((scanned, fresh))
+    })
+    .await?;
+    index.stat = fresh;
+
+    let files = scanned
+        .iter()
+        .filter(|s| matches!(s, Scanned::File { .. }))
+        .count() as u64;
+    let bytes: u64 = scanned
+        .iter()
+        .map(|s| match s {
+            Scanned::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+
+    if let Some(prev) = &previous
+        && manifest::matches(prev, &scanned)
+    {
+        let report = PushReport {
+            bucket: store.bucket.clone(),
+            snapshot_id: prev.id.clone(),
+            unchanged: true,
+            files,
+            bytes,
+            uploaded_objects: 0,
+            uploaded_bytes: 0,
+            requests: store.requests(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        index.manifest = previous;
+        save_index(ipath, index).await;
+        return Ok(report);
+    }
+
+    // Content the store already has, by hash.
+    let mut known: HashMap<String, Loc> = HashMap::new();
+    if let Some(prev) = &previous {
+        for e in &prev.entries {
+            if let Entry::File { hash, loc, .. } = e {
+                known.insert(hash.clone(), loc.clone());
+            }
+        }
+    }
+
+    // Plan the uploads: new small files grouped into packs, new big files as objects; content
+    // already stored (or planned) is referenced, not uploaded again.
+    let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut current: Vec<PackItem> = Vec::new();
+    let mut current_bytes = 0u64;
+    let mut planned: HashMap<String, usize> = HashMap::new();
+    let mut dups: Vec<(usize, usize)> = Vec::new();
+    for s in scanned {
+        match s {
+            Scanned::Dir { path, mode } => entries.push(Entry::Dir { path, mode }),
+            Scanned::Symlink { path, target } => entries.push(Entry::Symlink { path, target }),
+            Scanned::File {
+                path,
+                mode,
+                size,
+                hash,
+            } => {
+                let i = entries.len();
+                let loc = if let Some(loc) = known.get(&hash) {
+                    loc.clone()
+                } else if let Some(&first) = planned.get(&hash) {
+                    // Same content as an earlier file of this push: filled in below.
+                    dups.push((i, first));
+                    Loc::Object
+                } else {
+                    planned.insert(hash.clone(), i);
+                    if size >= SMALL_FILE_LIMIT {
+                        jobs.push(Job::Big {
+                            path: path.clone(),
+                            hash: hash.clone(),
+                        });
+                        Loc::Object
+                    } else {
+                        current.push(PackItem {
+                            entry: i,
+                            path: path.clone(),
+                            hash: hash.clone(),
+                            size,
+                        });
+                        current_bytes += size;
+                        if current_bytes >= PACK_TARGET as u64 {
+                            jobs.push(Job::Pack(std::mem::take(&mut current)));
+                            current_bytes = 0;
+                        }
+                        Loc::Pack {
+                            pack: String::new(),
+                            offset: 0,
+                        }
+                    }
+                };
+                entries.push(Entry::File {
+                    path,
+                    mode,
+                    size,
+                    hash,
+                    loc,
+                });
+            }
+        }
+    }
+    if !current.is_empty() {
+        jobs.push(Job::Pack(current));
+    }
+
+    // Upload concurrently; the first failure stops the push before any manifest is written.
+    let started_uploads = AtomicU64::new(0);
+    let (mut uploaded_objects, mut uploaded_bytes) = (0u64, 0u64);
+    {
+        let ctx = JobCtx {
+            store: &store,
+            dir: &dir,
+            options,
+            started: &started_uploads,
+        };
+        let mut results = futures_util::stream::iter(jobs)
+            .map(|job| run_job(&ctx, job))
+            .buffer_unordered(UPLOAD_CONCURRENCY);
+        while let Some(result) = results.next().await {
+            let (placed, len) = result?;
+            uploaded_objects += 1;
+            uploaded_bytes += len;
+            for (i, pack, off) in placed {
+                if let Entry::File {
+                    loc: Loc::Pack { pack: p, offset },
+                    ..
+                } = &mut entries[i]
+                {
+                    *p = pack;
+                    *offset = off;
+                }
+            }
+        }
+    }
+    for (i, first) in dups {
+        let loc = match &entries[first] {
+            Entry::File { loc, .. } => loc.clone(),
+            _ => continue,
+        };
+        if let Entry::File { loc: l, .. } = &mut entries[i] {
+            *l = loc;
+        }
+    }
+
+    let id = new_snapshot_id();
+    let m = Manifest {
+        version: manifest::MANIFEST_VERSION,
+        id: id.clone(),
+        created_at_ms: now_ms(),
+        entries,
+    };
+    let body =
+        serde_json::to_vec(&m).map_err(|e| SyncError::Io(format!("encode the manifest: {e}")))?;
+    store.put(&manifest::manifest_path(&id), body).await?;
+    store.put("latest", id.clone().into_bytes()).await?;
+    let report = PushReport {
+        bucket: store.bucket.clone(),
+        snapshot_id: id,
+        unchanged: false,
+        files,
+        bytes,
+        uploaded_objects,
+        uploaded_bytes,
+        requests: store.requests(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    index.manifest = Some(m);
+    save_index(ipath, index).await;
+    Ok(report)
+}
+
+/// Uploads running at once (each holds at most one pack or one multipart chunk in memory).
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// (entry index, pack name, offset) of files written into a pack.
+type Placed = Vec<(usize, String, u64)>;
+
+struct PackItem {
+    entry: usize,
+    path: String,
+    hash: String,
+    size: u64,
+}
+
+enum Job {
+    Pack(Vec<PackItem>),
+    Big { path: String, hash: String },
+}
+
+struct JobCtx<'a> {
+    store: &'a Store,
+    dir: &'a Path,
+    options: &'a PushOptions,
+    started: &'a AtomicU64,
+}
+
+impl JobCtx<'_> {
+    fn before_upload(&self) -> Result<(), SyncError> {
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        if let Some(limit) = self.options.fail_after_uploads
+            && n >= limit
+        {
+            return Err(SyncError::Aborted(format!(
+                "stopped after {limit} uploads (test hook)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Upload one pack or big object. Returns the pack placements (entry, pack, offset) and the
+/// bytes uploaded.
+async fn run_job(ctx: &JobCtx<'_>, job: Job) -> Result<(Placed, u64), SyncError> {
+    match job {
+        Job::Big { path, hash } => {
+            ctx.before_upload()?;
+            let len = upload_big(ctx.store, ctx.dir, &path, &hash).await?;
+            Ok((Vec::new(), len))
+        }
+        Job::Pack(items) => {
+            let dir = ctx.dir.to_path_buf();
+            let (data, offsets) = blocking(move || {
+                let mut data = Vec::new();
+                let mut offsets = Vec::with_capacity(items.len());
+                for item in items {
+                    let abs = dir.join(&item.path);
+                    let bytes = std::fs::read(&abs).map_err(SyncError::io(&abs))?;
+                    if bytes.len() as u64 != item.size || manifest::hash_bytes(&bytes) != item.hash
+                    {
+                        return Err(changed_during_push(&abs));
+                    }
+                    offsets.push((item.entry, data.len() as u64));
+                    data.extend_from_slice(&bytes);
+                }
+                Ok((data, offsets))
+            })
+            .await?;
+            ctx.before_upload()?;
+            let name = manifest::hash_bytes(&data);
+            let len = data.len() as u64;
+            ctx.store.put(&manifest::pack_path(&name), data).await?;
+            let placed = offsets
+                .into_iter()
+                .map(|(i, off)| (i, name.clone(), off))
+                .collect();
+            Ok((placed, len))
+        }
+    }
+}
+
+/// Stream a big file into `objects/{hash}` (multipart, bounded memory), checking that its
+/// content still hashes to `hash`; otherwise the upload is aborted.
+async fn upload_big(store: &Store, dir: &Path, path: &str, hash: &str) -> Result<u64, SyncError> {
+    let abs = dir.join(path);
+    let mut file = tokio::fs::File::open(&abs)
+        .await
+        .map_err(SyncError::io(&abs))?;
+    let object = manifest::object_path(hash);
+    let mut writer = store
+        .operator()
+        .writer_with(&object)
+        .chunk(CHUNK)
+        .await
+        .map_err(|e| SyncError::store(&format!("start upload of {object}"), e))?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let result: Result<(), SyncError> = async {
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf[filled..])
+                    .await
+                    .map_err(SyncError::io(&abs))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            total += filled as u64;
+            store.count();
+            writer
+                .write(buf)
+                .await
+                .map_err(|e| SyncError::store(&format!("upload {object}"), e))?;
+            if filled < CHUNK {
+                break;
+            }
+        }
+        if hex::encode(hasher.finalize_reset()) != hash {
+            return Err(changed_during_push(&abs));
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = writer.abort().await;
+        return Err(e);
+    }
+    writer
+        .close()
+        .await
+        .map_err(|e| SyncError::store(&format!("finish upload of {object}"), e))?;
+    Ok(total)
+}
+
+fn changed_during_push(path: &Path) -> SyncError {
+    SyncError::Io(format!(
+        "{} changed while it was being pushed; push again once writes settle",
+        path.display()
+    ))
+}
+
+/// Restore the latest snapshot (or `snapshot_id`) into the branch directory.
+pub async fn pull(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+) -> Result<PullReport, SyncError> {
+    let dir = branch_dir(config, project_id, branch_id);
+    let report = pull_into(config, project_id, branch_id, snapshot_id, &dir).await?;
+    Ok(report)
+}
+
+/// Restore into `target` (created when missing). Every file is staged beside `target` and its
+/// hash verified before anything in `target` changes; then files not in the snapshot (and not
+/// excluded) are removed. On error `target` is left as it was.
+pub async fn pull_into(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+    target: &Path,
+) -> Result<PullReport, SyncError> {
+    let started = Instant::now();
+    let store = Store::open(config, project_id, branch_id)?;
+    let Some(m) = fetch_manifest(&store, snapshot_id).await? else {
+        return Ok(PullReport::Skipped {
+            bucket: store.bucket.clone(),
+        });
+    };
+    let parent = target
+        .parent()
+        .ok_or_else(|| SyncError::Io(format!("{} has no parent directory", target.display())))?
+        .to_path_buf();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tokio::fs::create_dir_all(&parent)
+        .await
+        .map_err(SyncError::io(&parent))?;
+    let mut rand = [0u8; 4];
+    let _ = getrandom::fill(&mut rand);
+    let staging = parent.join(format!(".{name}.weldr-pull-{}", hex::encode(rand)));
+    tokio::fs::create_dir(&staging)
+        .await
+        .map_err(SyncError::io(&staging))?;
+
+    let staged = stage(&store, &m, &staging).await;
+    let result = match staged {
+        Ok(()) => {
+            let (m2, staging2, target2) = (m.clone(), staging.clone(), target.to_path_buf());
+            blocking(move || apply(&m2, &staging2, &target2)).await
+        }
+        Err(e) => Err(e),
+    };
+    let st = staging.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(st)).await;
+    let stat = result?;
+
+    let files = m
+        .entries
+        .iter()
+        .filter(|e| matches!(e, Entry::File { .. }))
+        .count() as u64;
+    let bytes = m
+        .entries
+        .iter()
+        .map(|e| match e {
+            Entry::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    let report = PullReport::Restored {
+        bucket: store.bucket.clone(),
+        snapshot_id: m.id.clone(),
+        files,
+        bytes,
+        requests: store.requests(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    if target == branch_dir(config, project_id, branch_id) {
+        let identity = store_identity(config, &store);
+        let index = LocalIndex {
+            store: identity,
+            manifest: Some(m),
+            stat,
+        };
+        save_index(index_path(config, project_id, branch_id), index).await;
+    }
+    Ok(report)
+}
+
+/// Downloads running at once (each holds at most one pack in memory).
+const DOWNLOAD_CONCURRENCY: usize = 8;
+
+enum Fetch {
+    /// A pack and the entries it holds.
+    Pack(String, Vec<usize>),
+    /// The entry stored as its own object.
+    Object(usize),
+}
+
+/// Download and verify every file of `m` into `staging` (flat names: `f{n}`).
+async fn stage(store: &Store, m: &Manifest, staging: &Path) -> Result<(), SyncError> {
+    // One request per pack, however many files it holds.
+    let mut by_pack: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut jobs = Vec::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        match e {
+            Entry::File {
+                loc: Loc::Pack { pack, .. },
+                ..
+            } => by_pack.entry(pack.as_str()).or_default().push(i),
+            Entry::File {
+                loc: Loc::Object, ..
+            } => jobs.push(Fetch::Object(i)),
+            _ => {}
+        }
+    }
+    jobs.extend(
+        by_pack
+            .into_iter()
+            .map(|(pack, idxs)| Fetch::Pack(pack.to_string(), idxs)),
+    );
+    let mut results = futures_util::stream::iter(jobs)
+        .map(|job| async move {
+            match job {
+                Fetch::Pack(pack, idxs) => fetch_pack(store, m, staging, &pack, idxs).await,
+                Fetch::Object(i) => fetch_object(store, m, staging, i).await,
+            }
+        })
+        .buffer_unordered(DOWNLOAD_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn fetch_pack(
+    store: &Store,
+    m: &Manifest,
+    staging: &Path,
+    pack: &str,
+    idxs: Vec<usize>,
+) -> Result<(), SyncError> {
+    let ppath = manifest::pack_path(pack);
+    let Some(data) = store.get(&ppath).await? else {
+        return Err(SyncError::Corrupt(format!(
+            "{ppath} is missing from bucket {}",
+            store.bucket
+        )));
+    };
+    let items: Vec<(usize, String, u64, u64, String)> = idxs
+        .into_iter()
+        .filter_map(|i| match &m.entries[i] {
+            Entry::File {
+                path,
+                size,
+                hash,
+                loc: Loc::Pack { offset, .. },
+                ..
+            } => Some((i, path.clone(), *offset, *size, hash.clone())),
+            _ => None,
+        })
+        .collect();
+    let staging = staging.to_path_buf();
+    blocking(move || {
+        for (i, path, offset, size, hash) in items {
+            let slice = usize::try_from(offset)
+                .ok()
+                .zip(
+                    offset
+                        .checked_add(size)
+                        .and_then(|end| usize::try_from(end).ok()),
+                )
+                .and_then(|(a, b)| data.get(a..b))
+                .ok_or_else(|| SyncError::Corrupt(format!("{ppath} is too short for {path}")))?;
+            if manifest::hash_bytes(slice) != hash {
+                return Err(SyncError::Corrupt(format!(
+                    "{path}: content in {ppath} does not match its hash {hash}"
+                )));
+            }
+            let dest = staging.join(format!("f{i}"));
+            std::fs::write(&dest, slice).map_err(SyncError::io(&dest))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Stream one big object into its staging file, hashing as it comes (bounded memory).
+async fn fetch_object(
+    store: &Store,
+    m: &Manifest,
+    staging: &Path,
+    i: usize,
+) -> Result<(), SyncError> {
+    let Entry::File {
+        path, hash, size, ..
+    } = &m.entries[i]
+    else {
+        return Ok(());
+    };
+    let object = manifest::object_path(hash);
+    let dest = staging.join(format!("f{i}"));
+    store.count();
+    let missing = |e: &opendal::Error| {
+        e.kind() == opendal::ErrorKind::NotFound || e.to_string().contains("NoSuchBucket")
+    };
+    let reader = match store.operator().reader_with(&object).chunk(CHUNK).await {
+        Ok(r) => r,
+        Err(e) if missing(&e) => {
+            return Err(SyncError::Corrupt(format!(
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
+            )));
+        }
+        Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
+    };
+    let mut stream = match reader.into_bytes_stream(..).await {
+        Ok(s) => s,
+        Err(e) if missing(&e) => {
+            return Err(SyncError::Corrupt(format!(
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
+            )));
+        }
+        Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
+    };
+    let mut file = tokio::fs::File::create(&dest)
+        .await
+        .map_err(SyncError::io(&dest))?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SyncError::Corrupt(format!(
+                "{object} ({path}) is missing from bucket {}",
+                store.bucket
+            )),
+            _ => SyncError::Store(format!("read {object}: {e}")),
+        })?;
+        hasher.update(&chunk);
+        total += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
+    }
+    file.flush().await.map_err(SyncError::io(&dest))?;
+    if total != *size || hex::encode(hasher.finalize()) != *hash {
+        return Err(SyncError::Corrupt(format!(
+            "{path}: {object} does not match its hash"
+        )));
+    }
+    Ok(())
+}
+
+/// Move the staged snapshot into `target` (blocking). Returns the stat cache of the result.
+fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncError> {
+    std::fs::create_dir_all(target).map_err(SyncError::io(target))?;
+    let wanted: HashMap<&str, &Entry> = m.entries.iter().map(|e| (e.path(), e)).collect();
+    // Remove what the snapshot does not have (or has as another kind); keep excluded paths.
+    let excludes = Excludes::for_dir(target);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs_dir = target.join(&rel_dir);
+        let Ok(rd) = std::fs::read_dir(&abs_dir) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            let rel = rel_dir.join(entry.file_name());
+            let abs = target.join(&rel);
+            let Ok(meta) = std::fs::symlink_metadata(&abs) else {
+                continue;
+            };
+            let ft = meta.file_type();
+            if excludes.is_excluded(&rel, ft.is_dir()) {
+                continue;
+            }
+            let keep = rel.to_str().and_then(|p| wanted.get(p)).is_some_and(|e| {
+                matches!(
+                    (e, ft.is_dir(), ft.is_symlink()),
+                    (Entry::Dir { .. }, true, false)
+                        | (Entry::File { .. }, false, false)
+                        | (Entry::Symlink { .. }, false, true)
+                )
+            });
+            if keep {
+                if ft.is_dir() {
+                    // Make sure we can write into it.
+                    let _ = std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o755));
+                    stack.push(rel);
+                }
+            } else if ft.is_dir() {
+                std::fs::remove_dir_all(&abs).map_err(SyncError::io(&abs))?;
+            } else {
+                std::fs::remove_file(&abs).map_err(SyncError::io(&abs))?;
+            }
+        }
+    }
+    let mut stat = StatCache::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        // Plain relative paths under listed directories: checked by `manifest::validate`.
+        let rel = Path::new(e.path());
+        let abs = target.join(rel);
+        match e {
+            Entry::Dir { .. } => {
+                std::fs::create_dir_all(&abs).map_err(SyncError::io(&abs))?;
+            }
+            Entry::Symlink { target: to, .. } => {
+                let _ = std::fs::remove_file(&abs);
+                std::os::unix::fs::symlink(to, &abs).map_err(SyncError::io(&abs))?;
+            }
+            Entry::File { mode, hash, .. } => {
+                let staged = staging.join(format!("f{i}"));
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(*mode))
+                    .map_err(SyncError::io(&staged))?;
+                std::fs::rename(&staged, &abs).map_err(SyncError::io(&abs))?;
+                if let Ok(meta) = std::fs::symlink_metadata(&abs) {
+                    stat.insert(
+                        e.path().to_string(),
+                        (manifest::StatKey::of(&meta), hash.clone()),
+                    );
+                }
+            }
+        }
+    }
+    // Directory modes last (deepest first), so read-only directories did not block writes.
+    for e in m.entries.iter().rev() {
+        if let Entry::Dir { path, mode } = e {
+            let abs = target.join(path);
+            std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(*mode))
+                .map_err(SyncError::io(&abs))?;
+        }
+    }
+    Ok(stat)
+}
+
+/// Does the branch directory match the stored snapshot exactly (every file re-hashed)?
+/// Eviction calls this before deleting a directory.
+pub async fn verify(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: &str,
+) -> Result<bool, SyncError> {
+    let store = Store::open(config, project_id, branch_id)?;
+    let Some(m) = fetch_manifest(&store, Some(snapshot_id)).await? else {
+        return Ok(false);
+    };
+    let dir = branch_dir(config, project_id, branch_id);
+    let scanned = blocking(move || {
+        let mut fresh = StatCache::new();
+        manifest::scan(&dir, &StatCache::new(), &mut fresh)
+    })
+    .await?;
+    Ok(manifest::matches(&m, &scanned))
+}
+
+/// Snapshot ids referenced by the local index and the files the store must hold: used by
+/// tests and tools to inspect a snapshot.
+pub async fn manifest(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+) -> Result<Option<Manifest>, SyncError> {
+    let store = Store::open(config, project_id, branch_id)?;
+    fetch_manifest(&store, snapshot_id).await
+}

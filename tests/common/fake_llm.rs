@@ -1,0 +1,533 @@
+//! A fake LLM provider server on 127.0.0.1:0 that speaks the real streaming wire formats of
+//! Anthropic Messages, OpenAI Chat Completions and Gemini `streamGenerateContent` (chosen by
+//! the request path), plays a script of replies in order, and records every request.
+//!
+//! Use it from a test with `#[path = "common/fake_llm.rs"] mod fake_llm;` and point providers
+//! at it with [`FakeLlm::keys`].
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weldr_agent::config::{ProviderKeys, Secret};
+
+pub const TEST_KEY: &str = "test-key-123";
+
+/// One scripted tool call; the arguments are streamed in these fragments (Gemini, which sends
+/// whole calls, gets them joined).
+#[derive(Debug, Clone)]
+pub struct ScriptCall {
+    pub id: String,
+    pub name: String,
+    pub args_chunks: Vec<String>,
+}
+
+/// One scripted assistant turn.
+#[derive(Debug, Clone, Default)]
+pub struct Turn {
+    /// Reasoning deltas, and the signature (Anthropic) / thought signature (Gemini).
+    pub reasoning: Vec<String>,
+    pub signature: Option<String>,
+    pub text: Vec<String>,
+    pub calls: Vec<ScriptCall>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `max_tokens` instead of the natural stop reason.
+    pub max_tokens: bool,
+}
+
+impl Turn {
+    /// A text answer streamed in these chunks.
+    pub fn text(chunks: &[&str]) -> Self {
+        Self {
+            text: chunks.iter().map(|s| s.to_string()).collect(),
+            input_tokens: 11,
+            output_tokens: 7,
+            ..Self::default()
+        }
+    }
+
+    pub fn reasoning(mut self, chunks: &[&str], signature: Option<&str>) -> Self {
+        self.reasoning = chunks.iter().map(|s| s.to_string()).collect();
+        self.signature = signature.map(str::to_string);
+        self
+    }
+
+    /// Adds a tool call whose arguments arrive in `args_chunks`.
+    pub fn call(mut self, id: &str, name: &str, args_chunks: &[&str]) -> Self {
+        self.calls.push(ScriptCall {
+            id: id.into(),
+            name: name.into(),
+            args_chunks: args_chunks.iter().map(|s| s.to_string()).collect(),
+        });
+        self
+    }
+
+    pub fn usage(mut self, input: u64, output: u64) -> Self {
+        self.input_tokens = input;
+        self.output_tokens = output;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Turn(Turn),
+    /// An error status with a provider-style JSON error body.
+    Status {
+        code: u16,
+        message: String,
+        retry_after: Option<u32>,
+    },
+    /// 200 and an event stream whose data is not JSON.
+    Malformed,
+    /// 200, a first text delta, then the connection closes.
+    Truncated,
+    /// 200 and these raw event-stream pieces, as given (any wire).
+    Raw(Vec<String>),
+    /// 200, then nothing until the client gives up.
+    Stall,
+}
+
+impl Reply {
+    pub fn status(code: u16, message: &str) -> Self {
+        Reply::Status {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// A request the server got.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<Reply>,
+    requests: Vec<Recorded>,
+}
+
+pub struct FakeLlm {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeLlm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeLlm {
+    pub async fn start(script: Vec<Reply>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State {
+            script: script.into(),
+            requests: Vec::new(),
+        }));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let _ = serve(sock, st).await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    pub fn push(&self, reply: Reply) {
+        self.state.lock().unwrap().script.push_back(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Keys for every provider (`TEST_KEY`) with every base URL pointing here.
+    pub fn keys(&self) -> ProviderKeys {
+        keys_for(&self.base())
+    }
+
+    /// A base URL where nothing listens (connection refused).
+    pub async fn down_base() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        format!("http://{addr}")
+    }
+}
+
+/// Provider keys with every base URL under `base` (`/v1` for the OpenAI-style ones).
+pub fn keys_for(base: &str) -> ProviderKeys {
+    ProviderKeys {
+        anthropic_api_key: Some(Secret(TEST_KEY.into())),
+        openai_api_key: Some(Secret(TEST_KEY.into())),
+        gemini_api_key: Some(Secret(TEST_KEY.into())),
+        anthropic_base_url: Some(base.to_string()),
+        openai_base_url: Some(format!("{base}/v1")),
+        gemini_base_url: Some(base.to_string()),
+        ollama_base_url: format!("{base}/v1"),
+        default_model: "anthropic:claude-test".into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Anthropic,
+    OpenAi,
+    Gemini,
+}
+
+async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    let head_end = loop {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut rl = request_line.split(' ');
+    let method = rl.next().unwrap_or_default().to_string();
+    let path = rl.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let wire = if path.contains(":streamGenerateContent") {
+        Wire::Gemini
+    } else if path.ends_with("/chat/completions") {
+        Wire::OpenAi
+    } else {
+        Wire::Anthropic
+    };
+    let reply = {
+        let mut st = state.lock().unwrap();
+        st.requests.push(Recorded {
+            method,
+            path,
+            headers,
+            body,
+        });
+        st.script
+            .pop_front()
+            .unwrap_or_else(|| Reply::status(500, "the fake LLM's script is exhausted"))
+    };
+    match reply {
+        Reply::Status {
+            code,
+            message,
+            retry_after,
+        } => {
+            let body = json!({"type": "error", "error": {"type": "test_error", "message": message, "code": code}})
+                .to_string();
+            let mut head = format!(
+                "HTTP/1.1 {code} Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+                body.len()
+            );
+            if let Some(s) = retry_after {
+                head.push_str(&format!("retry-after: {s}\r\n"));
+            }
+            head.push_str("\r\n");
+            sock.write_all(head.as_bytes()).await?;
+            sock.write_all(body.as_bytes()).await?;
+            sock.shutdown().await?;
+        }
+        Reply::Malformed => {
+            start_stream(&mut sock).await?;
+            chunk(&mut sock, "data: {\"type\": not json\n\n").await?;
+            chunk(&mut sock, "").await?;
+        }
+        Reply::Truncated => {
+            start_stream(&mut sock).await?;
+            let events = match wire {
+                Wire::Anthropic => anthropic(&Turn::text(&["partial"])),
+                Wire::OpenAi => openai(&Turn::text(&["partial"])),
+                Wire::Gemini => gemini(&Turn::text(&["partial"])),
+            };
+            // Up to and including the first text delta.
+            let keep = match wire {
+                Wire::Anthropic => 4,
+                Wire::OpenAi => 2,
+                Wire::Gemini => 1,
+            };
+            for e in events.iter().take(keep) {
+                chunk(&mut sock, e).await?;
+            }
+            sock.shutdown().await?;
+        }
+        Reply::Raw(events) => {
+            start_stream(&mut sock).await?;
+            for e in events {
+                chunk(&mut sock, &e).await?;
+            }
+            chunk(&mut sock, "").await?;
+        }
+        Reply::Stall => {
+            start_stream(&mut sock).await?;
+            let mut rest = [0u8; 64];
+            // Wait for the client to close the connection.
+            while sock.read(&mut rest).await? > 0 {}
+        }
+        Reply::Turn(turn) => {
+            start_stream(&mut sock).await?;
+            let events = match wire {
+                Wire::Anthropic => anthropic(&turn),
+                Wire::OpenAi => openai(&turn),
+                Wire::Gemini => gemini(&turn),
+            };
+            for e in events {
+                chunk(&mut sock, &e).await?;
+            }
+            chunk(&mut sock, "").await?;
+        }
+    }
+    Ok(())
+}
+
+async fn start_stream(sock: &mut TcpStream) -> std::io::Result<()> {
+    sock.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+    )
+    .await
+}
+
+/// One HTTP chunk (the empty string ends the body).
+async fn chunk(sock: &mut TcpStream, data: &str) -> std::io::Result<()> {
+    sock.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+        .await?;
+    sock.flush().await
+}
+
+fn sse(event: Option<&str>, data: &Value) -> String {
+    match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+/// Anthropic Messages stream events for `turn`.
+pub fn anthropic(turn: &Turn) -> Vec<String> {
+    let mut out = Vec::new();
+    let ev = |t: &str, v: Value| sse(Some(t), &v);
+    out.push(ev(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "content": [], "model": "fake", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": turn.input_tokens, "output_tokens": 1}}}),
+    ));
+    let mut index = 0;
+    if !turn.reasoning.is_empty() {
+        out.push(ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": {"type": "thinking", "thinking": ""}}),
+        ));
+        for r in &turn.reasoning {
+            out.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": r}}),
+            ));
+        }
+        if let Some(s) = &turn.signature {
+            out.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": s}}),
+            ));
+        }
+        out.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    if !turn.text.is_empty() {
+        out.push(ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}),
+        ));
+        out.push(ev("ping", json!({"type": "ping"})));
+        for t in &turn.text {
+            out.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": t}}),
+            ));
+        }
+        out.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    for c in &turn.calls {
+        out.push(ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}}),
+        ));
+        for a in &c.args_chunks {
+            out.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": a}}),
+            ));
+        }
+        out.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    let stop = if turn.max_tokens {
+        "max_tokens"
+    } else if turn.calls.is_empty() {
+        "end_turn"
+    } else {
+        "tool_use"
+    };
+    out.push(ev(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": turn.output_tokens}}),
+    ));
+    out.push(ev("message_stop", json!({"type": "message_stop"})));
+    out
+}
+
+/// OpenAI Chat Completions stream chunks for `turn`.
+pub fn openai(turn: &Turn) -> Vec<String> {
+    let chunk = |delta: Value, finish: Value| {
+        sse(
+            None,
+            &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+        )
+    };
+    let mut out = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    for r in &turn.reasoning {
+        out.push(chunk(json!({"reasoning_content": r}), Value::Null));
+    }
+    for t in &turn.text {
+        out.push(chunk(json!({"content": t}), Value::Null));
+    }
+    for (i, c) in turn.calls.iter().enumerate() {
+        out.push(chunk(
+            json!({"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}),
+            Value::Null,
+        ));
+        for a in &c.args_chunks {
+            out.push(chunk(
+                json!({"tool_calls": [{"index": i, "function": {"arguments": a}}]}),
+                Value::Null,
+            ));
+        }
+    }
+    let finish = if turn.max_tokens {
+        "length"
+    } else if turn.calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
+    out.push(chunk(json!({}), json!(finish)));
+    out.push(sse(
+        None,
+        &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake", "choices": [],
+            "usage": {"prompt_tokens": turn.input_tokens, "completion_tokens": turn.output_tokens, "total_tokens": turn.input_tokens + turn.output_tokens}}),
+    ));
+    out.push("data: [DONE]\n\n".to_string());
+    out
+}
+
+/// Gemini `streamGenerateContent?alt=sse` chunks for `turn`.
+pub fn gemini(turn: &Turn) -> Vec<String> {
+    let chunk = |parts: Value, finish: Option<&str>, usage: Option<Value>| {
+        let mut cand = json!({"content": {"role": "model", "parts": parts}, "index": 0});
+        if let Some(f) = finish {
+            cand["finishReason"] = json!(f);
+        }
+        let mut v = json!({"candidates": [cand], "modelVersion": "fake"});
+        if let Some(u) = usage {
+            v["usageMetadata"] = u;
+        }
+        sse(None, &v)
+    };
+    let usage = |out: u64| json!({"promptTokenCount": turn.input_tokens, "candidatesTokenCount": out, "totalTokenCount": turn.input_tokens + out});
+    let mut out = Vec::new();
+    for r in &turn.reasoning {
+        out.push(chunk(json!([{"text": r, "thought": true}]), None, None));
+    }
+    for t in &turn.text {
+        out.push(chunk(json!([{"text": t}]), None, Some(usage(1))));
+    }
+    let mut calls = Vec::new();
+    for (i, c) in turn.calls.iter().enumerate() {
+        let args: Value = serde_json::from_str(&c.args_chunks.concat()).unwrap_or(json!({}));
+        let mut part = json!({"functionCall": {"name": c.name, "args": args}});
+        if i == 0
+            && let Some(s) = &turn.signature
+        {
+            part["thoughtSignature"] = json!(s);
+        }
+        calls.push(part);
+    }
+    let finish = if turn.max_tokens {
+        "MAX_TOKENS"
+    } else {
+        "STOP"
+    };
+    out.push(chunk(
+        Value::Array(calls),
+        Some(finish),
+        Some(usage(turn.output_tokens)),
+    ));
+    out
+}
