@@ -19,6 +19,7 @@ pub mod server;
 pub mod stream;
 pub mod sync;
 pub mod workflow;
+pub mod tools;
 
 pub use app::App;
 pub use config::Config;

@@ -22,6 +22,8 @@ pub struct TestServer {
 
 /// A reqwest client that sends `Authorization: Bearer <token>` on every request.
 pub fn client_with_token(token: &str) -> reqwest::Client {
+    // reqwest is built without a bundled rustls provider: the process installs ring, once.
+    weldr_agent::install_crypto_provider();
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
     reqwest::Client::builder()
@@ -49,6 +51,7 @@ pub fn config(dir: &Path) -> Config {
 
 /// Start a server on a fresh listener over the workspace `dir`.
 pub async fn start(config: Config) -> TestServer {
+    weldr_agent::install_crypto_provider();
     let dir = config.workspace_base.clone();
     let app = App::open(config).expect("open store");
     weldr_agent::app::prepare(&app).await.unwrap();
