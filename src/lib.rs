@@ -18,8 +18,8 @@ pub mod registry;
 pub mod server;
 pub mod stream;
 pub mod sync;
-pub mod workflow;
 pub mod tools;
+pub mod workflow;
 
 pub use app::App;
 pub use config::Config;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use weldr_agent::llm::ToolSpec;
-use weldr_agent::workflow::tools::{FsTools, Tools};
+use weldr_agent::workflow::tools::{BranchTools, Tools};
 
 fn transcript(dir: &Path, name: &str, turns: Value) -> String {
     let path = dir.join(name);
@@ -43,7 +43,7 @@ fn happy_turns() -> Value {
         [
             {"type": "text", "text": "Writing the file now."},
             {"type": "tool_call", "id": "c3", "name": "write_file",
-             "input": {"path": "hello.txt", "content": "hello\n"}}
+             "input": {"filePath": "hello.txt", "content": "hello\n"}}
         ],
         [{"type": "tool_call", "id": "c4", "name": "done", "input": {"summary": "wrote it"}}]
     ])
@@ -274,7 +274,7 @@ impl Gate {
 #[async_trait::async_trait]
 impl Tools for Gate {
     fn specs(&self) -> Vec<ToolSpec> {
-        FsTools.specs()
+        BranchTools.specs()
     }
     async fn execute(&self, dir: &Path, name: &str, input: &Value) -> (String, bool) {
         let key = format!("{name}:{}", input);
@@ -290,7 +290,7 @@ impl Tools for Gate {
                 waiter.await;
             }
         }
-        FsTools.execute(dir, name, input).await
+        BranchTools.execute(dir, name, input).await
     }
 }
 
@@ -407,10 +407,10 @@ async fn recovery_after_a_stop_mid_coding() {
     let turns = json!([
         plan_turn("c1", json!([])),
         [
-            {"type": "tool_call", "id": "c2", "name": "write_file", "input": {"path": "a.txt", "content": "a"}},
+            {"type": "tool_call", "id": "c2", "name": "write_file", "input": {"filePath": "a.txt", "content": "a"}},
             {"type": "tool_call", "id": "c3", "name": "list_dir", "input": {}}
         ],
-        [{"type": "tool_call", "id": "c4", "name": "write_file", "input": {"path": "b.txt", "content": "b"}}],
+        [{"type": "tool_call", "id": "c4", "name": "write_file", "input": {"filePath": "b.txt", "content": "b"}}],
         [{"type": "tool_call", "id": "c5", "name": "done", "input": {}}]
     ]);
     let model = transcript(dir.path(), "t.json", turns);

@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::llm::{
     ChatRequest, Delta, LlmProvider, Message, ModelSpec, Part, Role, ToolSpec, provider_for,
 };
-use tools::{FsTools, READ_ONLY, Tools};
+use tools::{BranchTools, READ_ONLY, Tools};
 
 /// Model steps per planning conversation and per task attempt.
 pub const MAX_STEPS: usize = 25;
@@ -47,7 +47,7 @@ impl Workflows {
     pub fn new(concurrency: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            tools: RwLock::new(Arc::new(FsTools)),
+            tools: RwLock::new(Arc::new(BranchTools)),
         }
     }
 
