@@ -164,7 +164,7 @@ async fn trigger_plan_code_version_end() {
     let text: String = frames
         .iter()
         .filter(|f| f.event == "text")
-        .map(|f| f.data["delta"].as_str().unwrap())
+        .map(|f| f.data["text"].as_str().unwrap())
         .collect();
     assert_eq!(
         text,

@@ -649,7 +649,7 @@ async fn chat(
                 }
                 let events: Vec<NewEvent> = merged
                     .into_iter()
-                    .filter_map(|(kind, text)| event(&wf, kind, json!({"delta": text})).ok())
+                    .filter_map(|(kind, text)| event(&wf, kind, json!({"text": text})).ok())
                     .collect();
                 let key = StreamKey::new(&wf.project_id, &wf.branch_id);
                 if app.store.writer().append(key, events).await.is_err() {

@@ -1,0 +1,224 @@
+//! trigger → plan → code → version → end through each real provider client, against a fake
+//! provider server speaking that provider's streaming wire format: the stream's event
+//! sequence, the file written and the commit.
+
+mod common;
+#[path = "common/fake_llm.rs"]
+mod fake_llm;
+
+use std::time::Duration;
+
+use common::*;
+use fake_llm::{FakeLlm, Reply, Turn};
+use serde_json::{Value, json};
+
+fn script() -> Vec<Reply> {
+    let plan = json!({
+        "acceptanceCriteria": ["hello.txt says hello"],
+        "tasks": [{"id": 1, "summary": "write hello", "description": "create hello.txt",
+                   "acceptanceCriteria": ["exists"], "dependencies": []}]
+    })
+    .to_string();
+    let (plan_a, plan_b) = plan.split_at(plan.len() / 2);
+    let write = json!({"filePath": "hello.txt", "content": "hello from the model\n"}).to_string();
+    let (write_a, write_b) = write.split_at(20);
+    vec![
+        Reply::Turn(
+            Turn::text(&["Let me ", "look around."])
+                .call("c1", "list_dir", &["{}"])
+                .usage(100, 10),
+        ),
+        Reply::Turn(
+            Turn::text(&["Here is the plan."])
+                .call("c2", "submit_plan", &[plan_a, plan_b])
+                .usage(120, 40),
+        ),
+        Reply::Turn(
+            Turn::text(&["Writing ", "the file."])
+                .call("c3", "write_file", &[write_a, write_b])
+                .usage(150, 30),
+        ),
+        Reply::Turn(
+            Turn::default()
+                .call("c4", "done", &[r#"{"summary":"wrote hello.txt"}"#])
+                .usage(160, 5),
+        ),
+    ]
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn run_with(provider: &str) {
+    let fake = FakeLlm::start(script()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.providers = fake.keys();
+    let s = start(cfg).await;
+    for (path, body) in [
+        ("/projects", json!({"projectId": "p"})),
+        ("/projects/p/branches", json!({"branchId": "b"})),
+    ] {
+        let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 201, "{provider}: {path}");
+    }
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let res = s
+        .http
+        .post(s.url("/trigger"))
+        .json(&json!({"projectId": "p", "branchId": "b",
+                      "message": {"content": [{"type": "text", "text": "say hello"}]},
+                      "model": format!("{provider}:test-model")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202, "{provider}");
+    let wf = res.json::<Value>().await.unwrap()["workflowId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut frames = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
+            .await
+            .unwrap_or_else(|_| panic!("{provider}: no event within 30 s after {frames:#?}"))
+            .expect("stream ended");
+        let end = frame.event == "end";
+        frames.push(frame);
+        if end {
+            break;
+        }
+    }
+    // Ids increase by one, with no gap.
+    let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "{provider}: {ids:?}"
+    );
+    let statuses: Vec<&str> = frames
+        .iter()
+        .filter(|f| f.event == "status")
+        .filter_map(|f| f.data["status"].as_str())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["pending", "planning", "coding", "deploying", "complete"],
+        "{provider}"
+    );
+    let text: String = frames
+        .iter()
+        .filter(|f| f.event == "text")
+        .filter_map(|f| f.data["text"].as_str())
+        .collect();
+    assert!(
+        text.contains("Let me look around.") && text.contains("Writing the file."),
+        "{provider}: {text}"
+    );
+    let calls: Vec<&str> = frames
+        .iter()
+        .filter(|f| f.event == "tool-call")
+        .filter_map(|f| f.data["name"].as_str())
+        .collect();
+    assert_eq!(
+        calls,
+        ["list_dir", "submit_plan", "write_file", "done"],
+        "{provider}"
+    );
+    assert!(
+        frames
+            .iter()
+            .filter(|f| f.event == "tool-result")
+            .all(|f| f.data["isError"] == false),
+        "{provider}: {frames:#?}"
+    );
+    let version = frames
+        .iter()
+        .find(|f| f.event == "version")
+        .unwrap_or_else(|| panic!("{provider}: no version event"));
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.data["workflowId"].is_null() || f.data["workflowId"] == wf.as_str())
+    );
+
+    // The file and the commit.
+    let dir = s.dir.join("p/b");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("hello.txt")).unwrap(),
+        "hello from the model\n",
+        "{provider}"
+    );
+    let head = git(&dir, &["rev-parse", "HEAD"]);
+    assert_eq!(
+        version.data["commitHash"].as_str().unwrap(),
+        head.trim(),
+        "{provider}"
+    );
+    assert_eq!(
+        git(&dir, &["show", "--name-only", "--format=", "HEAD"]).trim(),
+        "hello.txt"
+    );
+    git(&dir, &["fsck", "--strict"]);
+
+    // The workflow record: complete, the plan, the version, usage from the provider.
+    let record: Value = s
+        .http
+        .get(s.url(&format!("/workflows/{wf}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["status"], "complete", "{provider}: {record}");
+    assert_eq!(
+        record["tasks"][0]["status"], "completed",
+        "{provider}: {record}"
+    );
+    assert!(
+        record["usage"]["inputTokens"].as_u64().unwrap() > 0,
+        "{provider}: {record}"
+    );
+    // The provider got the tool results back in its own format, with its key.
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 4, "{provider}");
+    let last = requests.last().unwrap().body.to_string();
+    assert!(
+        last.contains("hello.txt"),
+        "{provider}: the write_file call goes back: {last}"
+    );
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_end_to_end() {
+    run_with("anthropic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_end_to_end() {
+    run_with("openai").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_end_to_end() {
+    run_with("ollama").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_end_to_end() {
+    run_with("gemini").await;
+}
