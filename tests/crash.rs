@@ -2,62 +2,13 @@
 //! cleanly with streams open; CLI commands reach a running server.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_weldr-agent");
+#[path = "common/binary.rs"]
+mod binary;
 
-fn cli(ws: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", ws)
-        .env("WELDR_MODE", "local")
-        .env("WORKSPACE_BASE", ws)
-        .env("LOG_LEVEL", "warn");
-    c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn serve(ws: &Path, port: u16) -> Child {
-    let mut child = cli(ws)
-        .arg("serve")
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && ws.join(".weldr-agent/control.sock").exists()
-        {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("server did not start");
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use binary::{cli, free_port, run_ok, serve};
 
 #[test]
 fn sigkill_during_an_append_burst_loses_nothing_acknowledged() {

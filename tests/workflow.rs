@@ -478,3 +478,134 @@ async fn recovery_after_a_stop_mid_coding() {
     assert_eq!(std::fs::read_to_string(wd.join("a.txt")).unwrap(), "a");
     assert_eq!(std::fs::read_to_string(wd.join("b.txt")).unwrap(), "b");
 }
+
+#[tokio::test]
+async fn a_model_cannot_write_outside_the_branch() {
+    let (dir, s) = setup("escape").await;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    std::os::unix::fs::symlink(&outside, wd.join("link")).unwrap();
+    let abs = outside.join("abs.txt");
+    let turns = json!([
+        plan_turn("c1", json!([])),
+        [
+            {"type": "tool_call", "id": "e1", "name": "write_file",
+             "input": {"filePath": "../../outside/up.txt", "content": "x"}},
+            {"type": "tool_call", "id": "e2", "name": "write_file",
+             "input": {"filePath": abs.to_str().unwrap(), "content": "x"}},
+            {"type": "tool_call", "id": "e3", "name": "write_file",
+             "input": {"filePath": "link/through.txt", "content": "x"}},
+            {"type": "tool_call", "id": "e4", "name": "edit_file",
+             "input": {"filePath": "link/../../outside/up.txt", "oldText": "a", "newText": "b"}},
+            {"type": "tool_call", "id": "e5", "name": "delete_file",
+             "input": {"filePath": "../escape"}},
+            {"type": "tool_call", "id": "e6", "name": "write_file",
+             "input": {"filePath": ".git/config", "content": "x"}}
+        ],
+        [{"type": "tool_call", "id": "c2", "name": "write_file",
+          "input": {"filePath": "inside.txt", "content": "ok"}}],
+        [{"type": "tool_call", "id": "c3", "name": "done", "input": {}}]
+    ]);
+    let model = transcript(dir.path(), "t.json", turns);
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    for id in ["e1", "e2", "e3", "e4", "e5", "e6"] {
+        let result = frames
+            .iter()
+            .find(|f| f.event == "tool-result" && f.data["callId"] == id)
+            .unwrap_or_else(|| panic!("no result for {id}"));
+        assert_eq!(result.data["isError"], true, "{id}: {:?}", result.data);
+    }
+    // Refusals went back to the model; the workflow carried on and completed.
+    assert_eq!(statuses(&frames).last().unwrap(), "complete");
+    assert_eq!(
+        std::fs::read_to_string(wd.join("inside.txt")).unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
+    assert!(!dir.path().join("escape").exists());
+    assert!(
+        !std::fs::read_to_string(wd.join(".git/config"))
+            .unwrap()
+            .eq("x")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
+    let (dir, s) = setup("build").await;
+    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    std::fs::write(
+        wd.join("weldr.json"),
+        json!({"buildCommand": "echo compiling; echo 'error: it broke' >&2; exit 3"}).to_string(),
+    )
+    .unwrap();
+    let model = transcript(dir.path(), "t.json", happy_turns());
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    let build = frames
+        .iter()
+        .find(|f| f.event == "build")
+        .expect("build event");
+    assert_eq!(build.data["exitCode"], 3);
+    assert!(build.data["output"].as_str().unwrap().contains("it broke"));
+    assert_eq!(statuses(&frames).last().unwrap(), "failed");
+    let w = get(&s, &wf).await;
+    assert_eq!(w["status"], "failed");
+    assert!(w["error"].as_str().unwrap().contains("build"), "{w}");
+    assert!(
+        w["versionId"].is_string(),
+        "the work is kept as a version: {w}"
+    );
+
+    // A passing build completes; a broken weldr.json is a clear failure, not a crash.
+    std::fs::write(
+        wd.join("weldr.json"),
+        r#"{"buildCommand": "test -f hello.txt"}"#,
+    )
+    .unwrap();
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    assert_eq!(statuses(&frames).last().unwrap(), "complete");
+    let build = frames
+        .iter()
+        .find(|f| f.event == "build")
+        .expect("build event");
+    assert_eq!(build.data["exitCode"], 0);
+    std::fs::write(wd.join("weldr.json"), "{not json").unwrap();
+    let wf = started(&s, &model).await;
+    let frames = until_end(&mut sse, &wf).await;
+    assert_eq!(statuses(&frames).last().unwrap(), "failed");
+    let w = get(&s, &wf).await;
+    assert!(w["error"].as_str().unwrap().contains("weldr.json"), "{w}");
+}
+
+#[tokio::test]
+async fn triggers_are_rate_limited_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.trigger_rate_per_minute = 2;
+    let s = start(cfg).await;
+    create_branch(&s, "rate").await;
+    let model = transcript(dir.path(), "t.json", happy_turns());
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let first = started(&s, &model).await;
+    until_end(&mut sse, &first).await;
+    let second = started(&s, &model).await;
+    until_end(&mut sse, &second).await;
+    let res = trigger(&s, "third", &model).await;
+    assert_eq!(res.status(), 429);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    // The refused trigger left nothing behind: the branch is free, no workflow was recorded.
+    let store = s.app().store.clone();
+    let active = weldr_storage::model::active_workflow(&store.begin_read().unwrap(), "p", "b");
+    assert!(matches!(active, Ok(None)), "{active:?}");
+}

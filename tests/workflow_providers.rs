@@ -222,3 +222,97 @@ async fn ollama_end_to_end() {
 async fn gemini_end_to_end() {
     run_with("gemini").await;
 }
+
+/// A server with these provider keys, project `p` and branch `b`; a workflow on the
+/// OpenAI wire, run to its `end`: (frames, workflow record).
+async fn run_script(keys: weldr_agent::config::ProviderKeys) -> (Vec<common::Frame>, Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.providers = keys;
+    let s = start(cfg).await;
+    for (path, body) in [
+        ("/projects", json!({"projectId": "p"})),
+        ("/projects/p/branches", json!({"branchId": "b"})),
+    ] {
+        let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let res = s
+        .http
+        .post(s.url("/trigger"))
+        .json(&json!({"projectId": "p", "branchId": "b",
+                      "message": {"content": [{"type": "text", "text": "say hello"}]},
+                      "model": "openai:test-model"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let wf = res.json::<Value>().await.unwrap()["workflowId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut frames = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), sse.next())
+            .await
+            .unwrap_or_else(|_| panic!("no event within 60 s after {frames:#?}"))
+            .expect("stream ended");
+        let end = frame.event == "end";
+        frames.push(frame);
+        if end {
+            break;
+        }
+    }
+    let record: Value = s
+        .http
+        .get(s.url(&format!("/workflows/{wf}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The server is healthy after whatever the provider did.
+    let health = s.http.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    s.server.shutdown().await;
+    (frames, record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_429_then_success_completes() {
+    let mut script = vec![Reply::Status {
+        code: 429,
+        message: "slow down".into(),
+        retry_after: Some(0),
+    }];
+    script.extend(self::script());
+    let fake = FakeLlm::start(script).await;
+    let (frames, record) = run_script(fake.keys()).await;
+    assert_eq!(record["status"], "complete", "{record}");
+    assert!(frames.iter().all(|f| f.event != "error"), "{frames:#?}");
+    assert_eq!(fake.requests().len(), 5, "the 429 was retried once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_down_fails_the_workflow_with_an_error_event() {
+    let keys = fake_llm::keys_for(&FakeLlm::down_base().await);
+    let (frames, record) = run_script(keys).await;
+    assert_eq!(record["status"], "failed", "{record}");
+    let error = frames
+        .iter()
+        .find(|f| f.event == "error")
+        .expect("error event");
+    assert!(!error.data["message"].as_str().unwrap().is_empty());
+    assert_eq!(frames.last().unwrap().data["status"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_provider_stream_fails_the_workflow_with_an_error_event() {
+    let fake = FakeLlm::start(vec![Reply::Malformed; 4]).await;
+    let (frames, record) = run_script(fake.keys()).await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert!(frames.iter().any(|f| f.event == "error"), "{frames:#?}");
+    assert!(record["error"].as_str().is_some(), "{record}");
+}

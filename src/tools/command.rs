@@ -88,6 +88,21 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
+    // is async-signal-safe. The shell dies with the server (SIGKILL included), so a command
+    // interrupted by a crash cannot finish behind the recovered workflow's back; the tokio
+    // worker thread that spawns it lives as long as the runtime.
+    let server = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The server died before the prctl: do not run orphaned.
+            if libc::getppid() != server {
+                return Err(std::io::Error::other("the server exited"));
+            }
+            Ok(())
+        });
+    }
     for key in ENV_ALLOWLIST {
         if let Some(v) = std::env::var_os(key) {
             cmd.env(key, v);

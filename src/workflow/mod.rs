@@ -858,7 +858,27 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
         wf = load(app, &wf.workflow_id).await?;
         wf.version = version;
     }
-    // No project build command is configured yet (the deploy configuration issue adds it).
+    // The version is recorded before the build: a crash during the build resumes here without
+    // committing again, and a failed build keeps the work.
+    wf.updated_at_ms = now_ms();
+    persist(app, &wf, vec![], vec![]).await?;
+    let dir = crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id);
+    if let Some(build) = BuildConfig::read(&dir).map_err(Stop::Fail)? {
+        check(app, &wf)?;
+        let report = run_build(&dir, &build).await;
+        let ok = report["exitCode"] == json!(0) && report["timedOut"] != json!(true);
+        wf = load(app, &wf.workflow_id).await?;
+        let events = vec![event(&wf, "build", report.clone())?];
+        persist(app, &wf, vec![], events).await?;
+        if !ok {
+            let tail: String = report["output"].as_str().unwrap_or_default().to_string();
+            let tail = tail_chars(&tail, 2000);
+            return Err(Stop::Fail(format!(
+                "the build command `{}` failed (exit {}); the version is kept. Output:\n{tail}",
+                build.command, report["exitCode"]
+            )));
+        }
+    }
     wf.status = WorkflowStatus::Complete;
     wf.updated_at_ms = now_ms();
     let mut end = json!({"status": "complete"});
@@ -868,4 +888,91 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
     let events = vec![status_event(&wf)?, event(&wf, "end", end)?];
     persist(app, &wf, vec![], events).await?;
     Ok(())
+}
+
+/// The project's build, configured in the branch's `weldr.json`:
+/// `{"buildCommand": "npm run build", "buildTimeoutSeconds": 300}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildConfig {
+    pub command: String,
+    pub timeout_seconds: u64,
+}
+
+/// Build timeout when `weldr.json` names none.
+pub const DEFAULT_BUILD_TIMEOUT_SECS: u64 = 300;
+
+/// The name of the branch file that configures the build.
+pub const BUILD_CONFIG_FILE: &str = "weldr.json";
+
+impl BuildConfig {
+    /// The build of the branch at `dir`: none without `weldr.json` or without a
+    /// `buildCommand` in it; an error (the workflow fails with it) when the file is unreadable.
+    pub fn read(dir: &std::path::Path) -> Result<Option<Self>, String> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            #[serde(rename = "buildCommand")]
+            command: Option<String>,
+            #[serde(rename = "buildTimeoutSeconds")]
+            timeout_seconds: Option<u64>,
+        }
+        let path = dir.join(BUILD_CONFIG_FILE);
+        // Not followed through a symlink: the file must be the branch's own.
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{BUILD_CONFIG_FILE}: {e}")),
+            Ok(m) if !m.is_file() => {
+                return Err(format!("{BUILD_CONFIG_FILE} is not a regular file"));
+            }
+            Ok(_) => {}
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{BUILD_CONFIG_FILE}: {e}"))?;
+        let file: File = serde_json::from_str(&text)
+            .map_err(|e| format!("{BUILD_CONFIG_FILE} is not valid: {e}"))?;
+        Ok(file
+            .command
+            .filter(|c| !c.trim().is_empty())
+            .map(|command| BuildConfig {
+                command,
+                timeout_seconds: file
+                    .timeout_seconds
+                    .unwrap_or(DEFAULT_BUILD_TIMEOUT_SECS)
+                    .clamp(1, crate::tools::MAX_TIMEOUT_SECS),
+            }))
+    }
+}
+
+/// Run the build like `run_command` (in the branch directory, its own process group, a
+/// timeout, capped output, no server secrets): `{command, exitCode, output, truncated,
+/// timedOut, durationMs}`.
+async fn run_build(dir: &std::path::Path, build: &BuildConfig) -> Value {
+    let started = std::time::Instant::now();
+    let mut report = match crate::tools::Workspace::new(dir) {
+        Ok(ws) => {
+            let input = json!({"command": build.command, "timeoutSeconds": build.timeout_seconds});
+            let outcome = crate::tools::execute(&ws, "run_command", &input).await;
+            match outcome.result {
+                Ok(content) => serde_json::from_str::<Value>(&content)
+                    .unwrap_or_else(|_| json!({"exitCode": null, "output": content})),
+                Err(message) => json!({"exitCode": null, "output": message}),
+            }
+        }
+        Err(e) => {
+            json!({"exitCode": null, "output": format!("the branch directory is not usable: {e}")})
+        }
+    };
+    report["command"] = build.command.clone().into();
+    report["durationMs"] = u64::try_from(started.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .into();
+    report
+}
+
+/// The last `n` characters of `s`.
+fn tail_chars(s: &str, n: usize) -> &str {
+    let count = s.chars().count();
+    match s.char_indices().nth(count.saturating_sub(n)) {
+        Some((i, _)) if count > n => &s[i..],
+        _ => s,
+    }
 }
