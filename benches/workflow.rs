@@ -64,6 +64,7 @@ impl Server {
             .env("PORT", port.to_string())
             .env("LOG_LEVEL", "warn")
             .env("WORKFLOW_CONCURRENCY", concurrency.to_string())
+            .env("TRIGGER_RATE_PER_MINUTE", "100000")
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
