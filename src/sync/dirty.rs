@@ -119,17 +119,26 @@ impl Tracker {
         }
     }
 
-    /// Watch a project directory and the branches in it (local mode).
-    fn watch_project(&mut self, dir: &Path) {
+    /// Watch a project directory and the branches in it (local mode); answers the branches.
+    fn watch_project(&mut self, dir: &Path) -> Vec<(String, String)> {
         self.watch_one(dir);
+        let mut found = Vec::new();
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir())
-                && matches!(locate(&self.app.config, &path), Some(Place::Branch { .. }))
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Some(Place::Branch {
+                project_id,
+                branch_id,
+                ..
+            }) = locate(&self.app.config, &path)
             {
                 self.watch_tree(&path, &path);
+                found.push((project_id, branch_id));
             }
         }
+        found
     }
 
     /// Watch the whole workspace.
@@ -145,7 +154,9 @@ impl Tracker {
             }
             let path = entry.path();
             match locate(&self.app.config, &path) {
-                Some(Place::Project(_)) => self.watch_project(&path),
+                Some(Place::Project(_)) => {
+                    self.watch_project(&path);
+                }
                 Some(Place::Branch { .. }) => self.watch_tree(&path, &path),
                 None => {}
             }
@@ -176,8 +187,11 @@ impl Tracker {
                 ));
             match place {
                 Place::Project(_) => {
+                    // Branches made in it before its watch began are new: push them.
                     if is_dir {
-                        self.watch_project(path);
+                        for (p, b) in self.watch_project(path) {
+                            self.app.syncer.mark_dirty(&p, &b);
+                        }
                     }
                 }
                 Place::Branch {

@@ -202,7 +202,11 @@ impl Syncer {
             .write(move |ctx| {
                 let mut unknown = Vec::new();
                 for (p, b) in &marks {
-                    if model::get_branch_for_update(ctx, p, b)?.is_none() {
+                    // No registered branch (a directory made by hand), or an evicted one whose
+                    // directory is being deleted: nothing to push.
+                    let active = model::get_branch_for_update(ctx, p, b)?
+                        .is_some_and(|branch| branch.state == BranchState::Active);
+                    if !active {
                         unknown.push((p.clone(), b.clone()));
                         continue;
                     }
@@ -216,7 +220,6 @@ impl Syncer {
             })
             .await;
         match unknown {
-            // A directory that is no registered branch (made by hand): nothing to push.
             Ok(unknown) => {
                 let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
                 for k in unknown {
