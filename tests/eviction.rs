@@ -495,7 +495,9 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     assert_eq!(status, 200);
     assert!(disk["usagePercent"].as_f64().is_some());
     assert_eq!(disk["branches"][0]["branchId"], "main");
-    assert_eq!(disk["branches"][0]["reason"], "recently_used");
+    // Watched (the stream above) and just used: not evictable.
+    assert_eq!(disk["branches"][0]["evictable"], false);
+    assert_eq!(disk["branches"][0]["reason"], "subscribers");
     let anonymous = reqwest::Client::new();
     let res = anonymous.get(s.url("/disk")).send().await.unwrap();
     assert_eq!(res.status(), 401);
