@@ -79,12 +79,6 @@ impl SyncView {
     }
 }
 
-/// The optional body of `POST .../sync`: nothing to set yet.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[salvo(schema(name = SyncRequest))]
-pub struct SyncRequest {}
-
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[salvo(schema(name = SyncReport))]
@@ -267,7 +261,14 @@ pub async fn sync_branch(
     .to_string();
     // No body is needed; a JSON one may be sent, and must then be the empty object `{}`.
     if req.headers().contains_key("content-type") {
-        let _: SyncRequest = json_body(req, app.config.max_body_bytes).await?;
+        let body: serde_json::Map<String, serde_json::Value> =
+            json_body(req, app.config.max_body_bytes).await?;
+        if let Some(field) = body.keys().next() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("unknown field `{field}`; the body is `{{}}` or nothing"),
+            ));
+        }
     } else {
         match req.payload_with_max_size(app.config.max_body_bytes).await {
             Ok(bytes) if bytes.is_empty() => {}
