@@ -405,8 +405,14 @@ async fn cleanup_command(config: Config) -> Result<()> {
     };
     let status = report["status"].as_str().unwrap_or("failed");
     println!("CLEANUP_STATUS={status}");
-    println!("USAGE_BEFORE={:.1}", report["usageBefore"].as_f64().unwrap_or(0.0));
-    println!("USAGE_AFTER={:.1}", report["usageAfter"].as_f64().unwrap_or(0.0));
+    println!(
+        "USAGE_BEFORE={:.1}",
+        report["usageBefore"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "USAGE_AFTER={:.1}",
+        report["usageAfter"].as_f64().unwrap_or(0.0)
+    );
     println!("EVICTED={}", list("evicted", ""));
     println!("SKIPPED={}", list("skipped", "reason"));
     println!("FAILED={}", list("failed", ""));
@@ -444,7 +450,11 @@ fn progress_line(label: &'static str) -> Option<weldr_agent::sync::Progress> {
         }
         *last = Some(Instant::now());
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
         let width = 30usize;
         let filled = ((pct / 100.0) * width as f64) as usize;
         let mut err = std::io::stderr().lock();
@@ -502,49 +512,47 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
                 },
             )
             .await
-                .map(|r| {
+            .map(|r| {
+                println!("SYNC_STATUS=success");
+                println!("BUCKET_NAME={}", r.bucket);
+                println!("SNAPSHOT_ID={}", r.snapshot_id);
+                println!("UNCHANGED={}", r.unchanged);
+                println!("FILES={}", r.files);
+                println!("BYTES={}", r.bytes);
+                println!("UPLOADED_BYTES={}", r.uploaded_bytes);
+            })
+            .map_err(anyhow::Error::from),
+            SyncCommand::Pull { snapshot, .. } => sync::pull_with(
+                &config,
+                &project_id,
+                &branch_id,
+                snapshot.as_deref(),
+                &sync::PullOptions {
+                    progress: progress_line("pull"),
+                },
+            )
+            .await
+            .map(|r| match r {
+                PullReport::Restored {
+                    bucket,
+                    snapshot_id,
+                    files,
+                    bytes,
+                    ..
+                } => {
                     println!("SYNC_STATUS=success");
-                    println!("BUCKET_NAME={}", r.bucket);
-                    println!("SNAPSHOT_ID={}", r.snapshot_id);
-                    println!("UNCHANGED={}", r.unchanged);
-                    println!("FILES={}", r.files);
-                    println!("BYTES={}", r.bytes);
-                    println!("UPLOADED_BYTES={}", r.uploaded_bytes);
-                })
-                .map_err(anyhow::Error::from),
-            SyncCommand::Pull { snapshot, .. } => {
-                sync::pull_with(
-                    &config,
-                    &project_id,
-                    &branch_id,
-                    snapshot.as_deref(),
-                    &sync::PullOptions {
-                        progress: progress_line("pull"),
-                    },
-                )
-                .await
-                    .map(|r| match r {
-                        PullReport::Restored {
-                            bucket,
-                            snapshot_id,
-                            files,
-                            bytes,
-                            ..
-                        } => {
-                            println!("SYNC_STATUS=success");
-                            println!("BUCKET_NAME={bucket}");
-                            println!("SNAPSHOT_ID={snapshot_id}");
-                            println!("FILES={files}");
-                            println!("BYTES={bytes}");
-                        }
-                        PullReport::Skipped { bucket } => {
-                            println!("SYNC_STATUS=skipped");
-                            println!("BUCKET_NAME={bucket}");
-                            println!("REASON=bucket_not_found");
-                        }
-                    })
-                    .map_err(anyhow::Error::from)
-            }
+                    println!("BUCKET_NAME={bucket}");
+                    println!("SNAPSHOT_ID={snapshot_id}");
+                    println!("FILES={files}");
+                    println!("BYTES={bytes}");
+                }
+                PullReport::Skipped { bucket } => {
+                    println!("SYNC_STATUS=skipped");
+                    println!("BUCKET_NAME={bucket}");
+                    println!("REASON=bucket_not_found");
+                }
+            })
+            .map_err(anyhow::Error::from),
         }
     };
     if result.is_err() {

@@ -39,7 +39,10 @@ impl Drop for Tmpfs {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
         }
     }
 }
@@ -48,7 +51,13 @@ impl Drop for Tmpfs {
 fn tmpfs(mib: u32) -> Option<Tmpfs> {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0755"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0755"),
+            "tmpfs",
+        ])
         .arg(dir.path())
         .output();
     match out {
@@ -136,7 +145,11 @@ fn assert_same(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>, what:
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| format!("{k}: {:?} vs {:?}", a.get(k), b.get(k)))
         .collect();
-    assert!(diff.is_empty(), "{what}: trees differ:\n{}", diff.join("\n"));
+    assert!(
+        diff.is_empty(),
+        "{what}: trees differ:\n{}",
+        diff.join("\n")
+    );
 }
 
 /// A branch's content: a committed text file, an executable, a symlink, an empty directory, and
@@ -245,7 +258,11 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
         .unwrap();
     let now = now_ms();
     for (i, b) in names.iter().enumerate() {
-        let age_s = if *b == "b5" { 0 } else { 7000 - 1000 * i as u64 };
+        let age_s = if *b == "b5" {
+            0
+        } else {
+            7000 - 1000 * i as u64
+        };
         set_last_access(&app, p, b, now - age_s * 1000).await;
     }
     let trees: BTreeMap<&str, BTreeMap<String, String>> = names
@@ -284,9 +301,8 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert_eq!(reason("b0"), Value::Null);
 
     // One pass through the original script's name, which goes through the server.
-    let mut cmd = Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cleanup-lru.sh"),
-    );
+    let mut cmd =
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cleanup-lru.sh"));
     cli_env(&mut cmd, &config);
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
@@ -328,7 +344,10 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     let b0 = weldr_agent::branches::branch_dir(&config, p, "b0");
     assert_same(&tree(&b0), &trees["b0"], "b0 restored");
     git(&b0, &["fsck", "--full", "--strict"]);
-    assert_eq!(git(&b0, &["log", "--format=%s"]).lines().next(), Some("content"));
+    assert_eq!(
+        git(&b0, &["log", "--format=%s"]).lines().next(),
+        Some("content")
+    );
     let (_, view) = get_json(&s, "/projects/proj/branches/b0").await;
     assert_eq!(view["state"], "active");
     // ... and a stream connect, which sees the `sync` events of the push and the restore.

@@ -271,7 +271,12 @@ pub async fn cleanup(app: &App) -> Result<CleanupReport, ApiError> {
     if before < max {
         return Ok(report);
     }
-    tracing::info!(usage = before, max, target, "disk above the maximum: evicting");
+    tracing::info!(
+        usage = before,
+        max,
+        target,
+        "disk above the maximum: evicting"
+    );
     let mut current = before;
     for c in lru(app).await? {
         if current <= target {
@@ -346,11 +351,7 @@ async fn evict_branch(app: &App, project_id: &str, branch_id: &str) -> Result<()
     result.map(|_| ())
 }
 
-async fn evict_locked(
-    app: &App,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<String, NotEvicted> {
+async fn evict_locked(app: &App, project_id: &str, branch_id: &str) -> Result<String, NotEvicted> {
     let failed = |what: &str, e: &dyn std::fmt::Display| NotEvicted::Failed(format!("{what}: {e}"));
     // Look again under the lock: the branch may have been used since the LRU list was made.
     let (store, p, b) = (

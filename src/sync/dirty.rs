@@ -206,8 +206,7 @@ impl Tracker {
                     if self.is_excluded(&root, &rel, is_dir) {
                         continue;
                     }
-                    if is_dir && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_))
-                    {
+                    if is_dir && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
                         self.watch_tree(&root, path);
                     }
                     self.app.syncer.mark_dirty(&project_id, &branch_id);
@@ -302,19 +301,37 @@ mod tests {
                 rel: rel.into(),
             })
         };
-        assert_eq!(locate(&local, Path::new("/ws/p1/main/src/a.rs")), b("p1", "main", "src/a.rs"));
-        assert_eq!(locate(&local, Path::new("/ws/p1/main")), b("p1", "main", ""));
-        assert_eq!(locate(&local, Path::new("/ws/p1")), Some(Place::Project("p1".into())));
+        assert_eq!(
+            locate(&local, Path::new("/ws/p1/main/src/a.rs")),
+            b("p1", "main", "src/a.rs")
+        );
+        assert_eq!(
+            locate(&local, Path::new("/ws/p1/main")),
+            b("p1", "main", "")
+        );
+        assert_eq!(
+            locate(&local, Path::new("/ws/p1")),
+            Some(Place::Project("p1".into()))
+        );
         assert_eq!(locate(&local, Path::new("/ws")), None);
-        assert_eq!(locate(&local, Path::new("/ws/.weldr-agent/state.redb")), None);
+        assert_eq!(
+            locate(&local, Path::new("/ws/.weldr-agent/state.redb")),
+            None
+        );
         assert_eq!(locate(&local, Path::new("/ws/.weldr-objects/x/y")), None);
-        assert_eq!(locate(&local, Path::new("/ws/p1/.main.weldr-pull-ab/f1")), None);
+        assert_eq!(
+            locate(&local, Path::new("/ws/p1/.main.weldr-pull-ab/f1")),
+            None
+        );
         assert_eq!(locate(&local, Path::new("/elsewhere/p1/main")), None);
 
         let mut cloud = local.clone();
         cloud.mode = Mode::Cloud;
         cloud.project_id = Some("proj".into());
-        assert_eq!(locate(&cloud, Path::new("/ws/main/.git/HEAD")), b("proj", "main", ".git/HEAD"));
+        assert_eq!(
+            locate(&cloud, Path::new("/ws/main/.git/HEAD")),
+            b("proj", "main", ".git/HEAD")
+        );
         assert_eq!(locate(&cloud, Path::new("/ws/.main.weldr-pull-ab")), None);
     }
 }

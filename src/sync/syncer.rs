@@ -158,7 +158,8 @@ impl Syncer {
     /// Branches marked dirty in memory, oldest change first.
     pub fn dirty_branches(&self) -> Vec<Key> {
         let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<(Key, Instant)> = dirty.iter().map(|(k, d)| (k.clone(), d.since)).collect();
+        let mut list: Vec<(Key, Instant)> =
+            dirty.iter().map(|(k, d)| (k.clone(), d.since)).collect();
         list.sort_by_key(|(_, since)| *since);
         list.into_iter().map(|(k, _)| k).collect()
     }
@@ -166,7 +167,11 @@ impl Syncer {
     /// Branches due for a background push now.
     fn due(&self, quiet: Duration) -> Vec<Key> {
         let at = Instant::now();
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         dirty
             .iter()
@@ -210,7 +215,8 @@ impl Syncer {
                         unknown.push((p.clone(), b.clone()));
                         continue;
                     }
-                    let mut state = model::get_sync_state_for_update(ctx, p, b)?.unwrap_or_default();
+                    let mut state =
+                        model::get_sync_state_for_update(ctx, p, b)?.unwrap_or_default();
                     if !state.dirty {
                         state.dirty = true;
                         model::put_sync_state(ctx, p, b, &state)?;
@@ -305,13 +311,8 @@ impl Syncer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&k);
-        let result = super::push_with(
-            &app.config,
-            project_id,
-            branch_id,
-            &PushOptions::default(),
-        )
-        .await;
+        let result =
+            super::push_with(&app.config, project_id, branch_id, &PushOptions::default()).await;
         if result.is_err()
             && let Some(mut d) = taken
         {
@@ -369,10 +370,10 @@ impl Syncer {
         let Ok(event) = new_event("sync", fields) else {
             return;
         };
-        let outcome = result
-            .as_ref()
-            .map(|r| r.clone())
-            .map_err(|e| e.to_string());
+        let outcome: Result<PushReport, String> = match result {
+            Ok(r) => Ok(r.clone()),
+            Err(e) => Err(e.to_string()),
+        };
         let (p, b) = (project_id.to_string(), branch_id.to_string());
         // Changes seen during the push keep the branch dirty.
         let dirty_now = self.is_dirty(project_id, branch_id);
@@ -415,7 +416,10 @@ impl Syncer {
         if list.is_empty() {
             return;
         }
-        tracing::info!(branches = list.len(), "pushing dirty branches before stopping");
+        tracing::info!(
+            branches = list.len(),
+            "pushing dirty branches before stopping"
+        );
         let pushes = list.into_iter().map(|(p, b)| async move {
             let _ = self.push_branch(app, &p, &b, Trigger::Shutdown, true).await;
         });
@@ -494,8 +498,10 @@ pub async fn state(
     branch_id: &str,
 ) -> Result<SyncStateRecord, ApiError> {
     let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
-    Ok(tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        Ok(model::get_sync_state(&s.begin_read()?, &p, &b)?.unwrap_or_default())
-    })
-    .await??)
+    Ok(
+        tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            Ok(model::get_sync_state(&s.begin_read()?, &p, &b)?.unwrap_or_default())
+        })
+        .await??,
+    )
 }

@@ -349,20 +349,6 @@ pub fn get_sync_state(
         .transpose()
 }
 
-/// Every branch's sync state: ((projectId, branchId), state).
-pub fn list_sync_states(
-    rtx: &ReadTransaction,
-) -> Result<Vec<((String, String), SyncStateRecord)>, StorageError> {
-    let t = rtx.open_table(crate::tables::SYNC_STATE)?;
-    let mut out = Vec::new();
-    for entry in t.iter()? {
-        let (k, v) = entry?;
-        let (p, b) = k.value();
-        out.push(((p.to_string(), b.to_string()), decode(v.value())?));
-    }
-    Ok(out)
-}
-
 pub fn get_sync_state_for_update(
     ctx: &mut WriteCtx<'_>,
     project_id: &str,
