@@ -338,7 +338,22 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert!(view["sync"]["lastError"].is_string(), "{view}");
     assert_eq!(view["sync"]["dirty"], true, "{view}");
 
-    // Next use restores: a branch route ...
+    // Next use restores: `branch create` reusing it (the original script's name, through the
+    // server's control socket) ...
+    let mut cmd =
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/create-branch-dir.sh"));
+    cli_env(&mut cmd, &config);
+    cmd.args(["b0", "proj"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("STATUS=reused"), "{text}");
     let (status, versions) = get_json(&s, "/projects/proj/branches/b0/versions").await;
     assert_eq!(status, 200, "{versions}");
     let b0 = weldr_agent::branches::branch_dir(&config, p, "b0");
