@@ -27,6 +27,10 @@ pub struct App {
     pub started: Instant,
     /// The workflow engine (concurrency permits, tools).
     pub workflows: crate::workflow::Workflows,
+    /// Dirty marks and pushes of branch directories.
+    pub syncer: crate::sync::syncer::Syncer,
+    /// Disk usage and the cleanup pass.
+    pub evictor: crate::evict::Evictor,
 }
 
 impl App {
@@ -58,6 +62,8 @@ impl App {
             stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
             trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),
             workflows: crate::workflow::Workflows::new(config.workflow_concurrency),
+            syncer: Default::default(),
+            evictor: Default::default(),
             config,
             store,
             bus,

@@ -81,6 +81,10 @@ pub struct Config {
     pub max_volume_usage_percent: u8,
     pub target_volume_usage_percent: u8,
     pub eviction_grace: Duration,
+    /// How often the disk watermark loop looks at the volume; zero turns the loop off.
+    pub eviction_interval: Duration,
+    /// A dirty branch is pushed once no change was seen for this long.
+    pub sync_quiet: Duration,
     pub log_level: String,
     /// Events kept per branch stream.
     pub event_retention: u64,
@@ -209,6 +213,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "EVICTION_GRACE_SECONDS",
         "300",
         "recently used branches are never evicted",
+    ),
+    (
+        "EVICTION_INTERVAL_SECONDS",
+        "30",
+        "how often the disk watermark loop runs (0: never; `weldr-agent cleanup` still works)",
+    ),
+    (
+        "SYNC_QUIET_SECONDS",
+        "30",
+        "a changed branch is pushed after this long without further changes (and after each version)",
     ),
     ("EVENT_RETENTION", "50000", "events kept per branch stream"),
     (
@@ -462,6 +476,14 @@ impl Config {
                 300u64,
                 "seconds",
             )?),
+            eviction_interval: Duration::from_secs(env.parse(
+                "EVICTION_INTERVAL_SECONDS",
+                30u64,
+                "seconds",
+            )?),
+            sync_quiet: Duration::from_secs(
+                env.parse("SYNC_QUIET_SECONDS", 30u64, "seconds")?.max(1),
+            ),
             log_level: env.var("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             event_retention,
             shutdown_timeout: Duration::from_secs(env.parse(

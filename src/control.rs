@@ -65,6 +65,9 @@ pub enum ControlRequest {
     RevokeToken {
         which: String,
     },
+    /// One disk watermark pass: evict LRU branches (pushed and verified first) while the volume
+    /// is at or above `MAX_VOLUME_USAGE_PERCENT`, until it is at `TARGET_VOLUME_USAGE_PERCENT`.
+    Cleanup,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -174,6 +177,10 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             let store = app.store.clone();
             let list = tokio::task::spawn_blocking(move || tokens::list(&store)).await??;
             Ok(serde_json::to_value(list).unwrap_or_default())
+        }
+        ControlRequest::Cleanup => {
+            let report = crate::evict::cleanup(app).await?;
+            Ok(serde_json::to_value(report).unwrap_or_default())
         }
         ControlRequest::RevokeToken { which } => {
             let revoked = tokens::revoke(&app.store, &which).await?;

@@ -60,6 +60,10 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.details = Some(details);
         self

@@ -10,6 +10,7 @@ pub mod branches;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod evict;
 pub mod excludes;
 pub mod git;
 pub mod ids;

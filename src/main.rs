@@ -50,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         command: SyncCommand,
     },
+    /// Evict least-recently-used branches (pushed and verified first) while the workspace volume
+    /// is at or above MAX_VOLUME_USAGE_PERCENT, until TARGET_VOLUME_USAGE_PERCENT; prints
+    /// CLEANUP_STATUS=success|failed, USAGE_BEFORE, USAGE_AFTER, EVICTED, SKIPPED and FAILED.
+    Cleanup,
     /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
     Token {
         #[command(subcommand)]
@@ -308,6 +312,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             result
         }
         Command::Sync { command } => sync_command(config, command).await,
+        Command::Cleanup => cleanup_command(config).await,
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
@@ -367,6 +372,108 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
     }
 }
 
+/// `cleanup`: one disk watermark pass, here or in the running server.
+async fn cleanup_command(config: Config) -> Result<()> {
+    let mut target = Target::open(config).await?;
+    let result = target.call(ControlRequest::Cleanup).await;
+    target.close().await;
+    let report = match result {
+        Ok(v) => v,
+        Err(e) => {
+            println!("CLEANUP_STATUS=failed");
+            return Err(e);
+        }
+    };
+    let list = |key: &str, extra: &str| -> String {
+        report[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let name = format!(
+                    "{}/{}",
+                    b["projectId"].as_str().unwrap_or_default(),
+                    b["branchId"].as_str().unwrap_or_default()
+                );
+                match b[extra].as_str() {
+                    Some(x) if !extra.is_empty() => format!("{name}:{x}"),
+                    _ => name,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let status = report["status"].as_str().unwrap_or("failed");
+    println!("CLEANUP_STATUS={status}");
+    println!(
+        "USAGE_BEFORE={:.1}",
+        report["usageBefore"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "USAGE_AFTER={:.1}",
+        report["usageAfter"].as_f64().unwrap_or(0.0)
+    );
+    println!("EVICTED={}", list("evicted", ""));
+    println!("SKIPPED={}", list("skipped", "reason"));
+    println!("FAILED={}", list("failed", ""));
+    for f in report["failed"].as_array().into_iter().flatten() {
+        eprintln!(
+            "weldr-agent: {}/{} was kept: {}",
+            f["projectId"].as_str().unwrap_or_default(),
+            f["branchId"].as_str().unwrap_or_default(),
+            f["error"].as_str().unwrap_or_default()
+        );
+    }
+    if status != "success" {
+        anyhow::bail!(
+            "the volume is still at or above MAX_VOLUME_USAGE_PERCENT ({}%) after cleanup",
+            report["maxUsagePercent"]
+        );
+    }
+    Ok(())
+}
+
+/// A progress line on stderr for long transfers, only when stderr is a terminal.
+fn progress_line(label: &'static str) -> Option<weldr_agent::sync::Progress> {
+    use std::io::{IsTerminal, Write};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let last: Mutex<Option<Instant>> = Mutex::new(None);
+    Some(weldr_agent::sync::Progress(Arc::new(move |done, total| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = done >= total;
+        if !finished && last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let width = 30usize;
+        let filled = ((pct / 100.0) * width as f64) as usize;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{label} [{}{}] {:>5.1}% {:.1}/{:.1} MiB",
+            "#".repeat(filled.min(width)),
+            " ".repeat(width - filled.min(width)),
+            pct,
+            mib(done),
+            mib(total)
+        );
+        if finished {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    })))
+}
+
 /// `sync push|pull`: works on the branch directory and the object store directly, so it runs
 /// the same whether or not the server is up.
 async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
@@ -395,43 +502,57 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
         ))
     } else {
         match command {
-            SyncCommand::Push { .. } => sync::push(&config, &project_id, &branch_id)
-                .await
-                .map(|r| {
+            SyncCommand::Push { .. } => sync::push_with(
+                &config,
+                &project_id,
+                &branch_id,
+                &sync::PushOptions {
+                    progress: progress_line("push"),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(|r| {
+                println!("SYNC_STATUS=success");
+                println!("BUCKET_NAME={}", r.bucket);
+                println!("SNAPSHOT_ID={}", r.snapshot_id);
+                println!("UNCHANGED={}", r.unchanged);
+                println!("FILES={}", r.files);
+                println!("BYTES={}", r.bytes);
+                println!("UPLOADED_BYTES={}", r.uploaded_bytes);
+            })
+            .map_err(anyhow::Error::from),
+            SyncCommand::Pull { snapshot, .. } => sync::pull_with(
+                &config,
+                &project_id,
+                &branch_id,
+                snapshot.as_deref(),
+                &sync::PullOptions {
+                    progress: progress_line("pull"),
+                },
+            )
+            .await
+            .map(|r| match r {
+                PullReport::Restored {
+                    bucket,
+                    snapshot_id,
+                    files,
+                    bytes,
+                    ..
+                } => {
                     println!("SYNC_STATUS=success");
-                    println!("BUCKET_NAME={}", r.bucket);
-                    println!("SNAPSHOT_ID={}", r.snapshot_id);
-                    println!("UNCHANGED={}", r.unchanged);
-                    println!("FILES={}", r.files);
-                    println!("BYTES={}", r.bytes);
-                    println!("UPLOADED_BYTES={}", r.uploaded_bytes);
-                })
-                .map_err(anyhow::Error::from),
-            SyncCommand::Pull { snapshot, .. } => {
-                sync::pull(&config, &project_id, &branch_id, snapshot.as_deref())
-                    .await
-                    .map(|r| match r {
-                        PullReport::Restored {
-                            bucket,
-                            snapshot_id,
-                            files,
-                            bytes,
-                            ..
-                        } => {
-                            println!("SYNC_STATUS=success");
-                            println!("BUCKET_NAME={bucket}");
-                            println!("SNAPSHOT_ID={snapshot_id}");
-                            println!("FILES={files}");
-                            println!("BYTES={bytes}");
-                        }
-                        PullReport::Skipped { bucket } => {
-                            println!("SYNC_STATUS=skipped");
-                            println!("BUCKET_NAME={bucket}");
-                            println!("REASON=bucket_not_found");
-                        }
-                    })
-                    .map_err(anyhow::Error::from)
-            }
+                    println!("BUCKET_NAME={bucket}");
+                    println!("SNAPSHOT_ID={snapshot_id}");
+                    println!("FILES={files}");
+                    println!("BYTES={bytes}");
+                }
+                PullReport::Skipped { bucket } => {
+                    println!("SYNC_STATUS=skipped");
+                    println!("BUCKET_NAME={bucket}");
+                    println!("REASON=bucket_not_found");
+                }
+            })
+            .map_err(anyhow::Error::from),
         }
     };
     if result.is_err() {

@@ -1,8 +1,9 @@
 //! Running the HTTP server and the control socket, and stopping them within a budget.
 //!
 //! Shutdown order: cancel the app token (SSE streams end, workers stop), stop accepting and let
-//! in-flight requests finish within the budget, stop the control socket, then flush and close
-//! the redb writer. Never waits on open streams: they end with the token.
+//! in-flight requests finish while dirty branches are pushed to object storage, both within the
+//! budget; stop the control socket, then flush and close the redb writer. Never waits on open
+//! streams: they end with the token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use tokio::task::JoinHandle;
 
 use crate::app::App;
 use crate::control::ControlServer;
+use crate::sync::dirty::DirtyWatcher;
+use crate::sync::syncer::Syncer;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -29,6 +32,7 @@ pub struct RunningServer {
     handle: ServerHandle,
     task: JoinHandle<()>,
     control: Option<ControlServer>,
+    watcher: Option<DirtyWatcher>,
 }
 
 /// Bind `HOST:PORT` from the config (HTTPS when `TLS_CERT_PATH`/`TLS_KEY_PATH` are set) and
@@ -90,6 +94,7 @@ fn spawn_server<A: Acceptor + Send + 'static>(
         .max_headers(MAX_HEADERS);
     let handle = server.handle();
     crate::workflow::recover(&app);
+    let watcher = start_workers(&app);
     let service = crate::api::service(app.clone());
     let task = tokio::spawn(async move { server.serve(service).await });
     tracing::info!(%addr, scheme, mode = app.config.mode.as_str(), "listening");
@@ -100,7 +105,19 @@ fn spawn_server<A: Acceptor + Send + 'static>(
         handle,
         task,
         control: None,
+        watcher: Some(watcher),
     }
+}
+
+/// The background workers: a full rescan (changes made while the server was down count), the
+/// syncer, the disk watermark loop and the shared directory watcher. They stop with the app's
+/// shutdown token.
+fn start_workers(app: &Arc<App>) -> DirtyWatcher {
+    let a = app.clone();
+    tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.store));
+    Syncer::spawn_loop(app.clone());
+    crate::evict::spawn_loop(app.clone());
+    DirtyWatcher::start(app.clone())
 }
 
 impl RunningServer {
@@ -114,11 +131,30 @@ impl RunningServer {
         tracing::info!(budget_secs = budget.as_secs(), "shutting down");
         self.app.shutdown.cancel();
         self.handle.stop_graceful(Some(budget));
-        if tokio::time::timeout(budget + Duration::from_secs(1), self.task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("HTTP connections still open after the shutdown budget; closing anyway");
+        let http = async {
+            if tokio::time::timeout(budget + Duration::from_secs(1), self.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "HTTP connections still open after the shutdown budget; closing anyway"
+                );
+            }
+        };
+        let push = async {
+            if tokio::time::timeout(budget, self.app.syncer.flush(&self.app))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    branches = ?self.app.syncer.dirty_branches(),
+                    "shutdown budget spent before every dirty branch was pushed; they are pushed after the next start"
+                );
+            }
+        };
+        tokio::join!(http, push);
+        if let Some(watcher) = self.watcher {
+            let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
         }
         if let Some(control) = self.control {
             control.stop().await;

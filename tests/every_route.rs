@@ -136,8 +136,8 @@ fn tree(dir: &std::path::Path) -> Vec<String> {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            if rel.starts_with(".weldr-agent") {
-                continue; // the store itself
+            if rel.starts_with(".weldr-agent") || rel.starts_with(".weldr-objects") {
+                continue; // the store itself, and the fs object store the syncer pushes to
             }
             out.push(rel);
             if entry.file_type().unwrap().is_dir() {

@@ -390,6 +390,7 @@ async fn interrupted_push_keeps_previous_snapshot_and_next_push_completes() {
     std::fs::write(dir.join("big3.dat"), random_bytes(2 << 20)).unwrap();
     let options = PushOptions {
         fail_after_uploads: Some(1),
+        ..Default::default()
     };
     let err = sync::push_with(&config, &project, "b1", &options)
         .await

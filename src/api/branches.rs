@@ -4,7 +4,7 @@ use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::{Deserialize, Serialize};
 use weldr_storage::StorageError;
-use weldr_storage::model::{self, BranchRecord, BranchState};
+use weldr_storage::model::{self, BranchRecord, BranchState, SyncStateRecord};
 
 use super::body::json_body;
 use crate::auth;
@@ -37,11 +37,68 @@ pub struct BranchView {
     /// `active`, `evicted` or `restoring`.
     pub state: String,
     pub head_version_id: Option<String>,
+    /// Object-storage sync state (absent in lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncView>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = SyncState))]
+pub struct SyncView {
+    /// Changed since the last successful push.
+    pub dirty: bool,
+    /// A push of the branch is running now.
+    pub running: bool,
+    /// The snapshot of the last successful push (an evicted branch is restored from it).
+    pub last_snapshot_id: Option<String>,
+    pub last_sync_at_ms: Option<u64>,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_bytes: u64,
+    pub duration_ms: u64,
+    /// The last push's error; cleared by the next successful push.
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+}
+
+impl SyncView {
+    pub fn new(state: SyncStateRecord, dirty_in_memory: bool, running: bool) -> Self {
+        Self {
+            dirty: state.dirty || dirty_in_memory,
+            running,
+            last_snapshot_id: state.snapshot_id,
+            last_sync_at_ms: state.last_sync_ms,
+            files: state.files,
+            bytes: state.bytes,
+            uploaded_bytes: state.uploaded_bytes,
+            duration_ms: state.duration_ms,
+            last_error: state.last_error,
+            last_error_at_ms: state.last_error_ms,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = SyncReport))]
+pub struct SyncReportView {
+    pub bucket: String,
+    pub snapshot_id: String,
+    /// The directory matched the latest snapshot: nothing was written.
+    pub unchanged: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    pub requests: u64,
+    pub duration_ms: u64,
 }
 
 impl From<BranchRecord> for BranchView {
     fn from(b: BranchRecord) -> Self {
         Self {
+            sync: None,
             project_id: b.project_id,
             branch_id: b.branch_id,
             parent_branch_id: b.parent_branch_id,
@@ -168,5 +225,93 @@ pub async fn get_branch(
     )?;
     let branch = auth::require_branch(&app, &principal, project_id, branch_id).await?;
     crate::registry::touch_branch(&app.store, project_id, branch_id);
-    Ok(Json(branch.into()))
+    let state = crate::sync::syncer::state(&app.store, project_id, branch_id).await?;
+    let mut view = BranchView::from(branch);
+    view.sync = Some(SyncView::new(
+        state,
+        app.syncer.is_dirty(project_id, branch_id),
+        app.syncer.is_running(project_id, branch_id),
+    ));
+    Ok(Json(view))
+}
+
+/// Push the branch to object storage now (a new snapshot unless nothing changed). The report
+/// is also announced as a `sync` event on the branch stream. 409 `sync_running` while a push of
+/// the branch runs, 409 `branch_evicted` when the branch is evicted (its snapshot is stored).
+#[endpoint(
+    tags("branches"),
+    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id")),
+    status_codes(200, 400, 401, 404, 409, 502)
+)]
+pub async fn sync_branch(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Json<SyncReportView>, ApiError> {
+    let app = super::app(depot)?;
+    let principal = auth::principal(depot)?;
+    let project_id = check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
+    let branch_id = check_id(
+        "branchId",
+        req.param::<&str>("branchId").unwrap_or_default(),
+    )?
+    .to_string();
+    // No body is needed; a JSON one may be sent, and must then be the empty object `{}`.
+    if req.headers().contains_key("content-type") {
+        let body: serde_json::Map<String, serde_json::Value> =
+            json_body(req, app.config.max_body_bytes).await?;
+        if let Some(field) = body.keys().next() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("unknown field `{field}`; the body is `{{}}` or nothing"),
+            ));
+        }
+    } else {
+        match req.payload_with_max_size(app.config.max_body_bytes).await {
+            Ok(bytes) if bytes.is_empty() => {}
+            Err(salvo::http::ParseError::PayloadTooLarge) => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the request body is larger than {} bytes",
+                        app.config.max_body_bytes
+                    ),
+                ));
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send no body, or `{}` as application/json",
+                ));
+            }
+        }
+    }
+    auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
+    crate::registry::touch_branch(&app.store, &project_id, &branch_id);
+    let r = app
+        .syncer
+        .push_branch(
+            &app,
+            &project_id,
+            &branch_id,
+            crate::sync::syncer::Trigger::Api,
+            false,
+        )
+        .await?;
+    Ok(Json(SyncReportView {
+        bucket: r.bucket,
+        snapshot_id: r.snapshot_id,
+        unchanged: r.unchanged,
+        files: r.files,
+        bytes: r.bytes,
+        uploaded_objects: r.uploaded_objects,
+        uploaded_bytes: r.uploaded_bytes,
+        requests: r.requests,
+        duration_ms: r.duration_ms,
+    }))
 }

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod branches;
+pub mod disk;
 pub mod docs;
 pub mod health;
 pub mod projects;
@@ -85,6 +86,7 @@ pub fn api_routes() -> Router {
                 .hoop(crate::auth::RequireAuth)
                 .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
                 .push(Router::with_path("revert").post(versions::revert))
+                .push(Router::with_path("disk").get(disk::disk))
                 .push(Router::with_path("trigger").post(workflows::trigger))
                 .push(
                     Router::with_path("workflows/{workflowId}")
@@ -105,6 +107,10 @@ pub fn api_routes() -> Router {
                                         .push(
                                             Router::with_path("{branchId}")
                                                 .get(branches::get_branch)
+                                                .push(
+                                                    Router::with_path("sync")
+                                                        .post(branches::sync_branch),
+                                                )
                                                 .push(
                                                     Router::with_path("versions")
                                                         .get(versions::list_versions)

@@ -9,7 +9,6 @@ use futures_util::StreamExt;
 use crate::auth;
 use crate::error::ApiError;
 use crate::ids::check_id;
-use crate::registry;
 use crate::stream::Cursor;
 
 /// Parse a resume cursor: decimal u64.
@@ -81,7 +80,7 @@ pub async fn stream(
     } else {
         Some(app.stream_limiter.acquire(&principal.user_id)?)
     };
-    registry::touch_branch(&app.store, &project_id, &branch_id);
+    crate::branches::ensure_present(&app, &project_id, &branch_id).await?;
     let subscription = app.subscribe(&project_id, &branch_id, cursor).await?;
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

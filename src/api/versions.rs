@@ -99,7 +99,7 @@ pub async fn list_versions(
     let principal = auth::principal(depot)?;
     let (p, b) = path_ids(req)?;
     auth::require_branch(&app, &principal, &p, &b).await?;
-    crate::registry::touch_branch(&app.store, &p, &b);
+    branches::ensure_present(&app, &p, &b).await?;
     let store = app.store.clone();
     let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
         model::list_versions(&store.begin_read()?, &p, &b)
@@ -135,6 +135,7 @@ pub async fn version_diff(
     let (p, b) = path_ids(req)?;
     let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
     auth::require_branch(&app, &principal, &p, &b).await?;
+    branches::ensure_present(&app, &p, &b).await?;
     let (version, files) = branches::version_diff(&app, &p, &b, seq).await?;
     Ok(Json(VersionDiff {
         version: version.into(),
@@ -183,6 +184,7 @@ pub async fn create_version(
         ));
     }
     auth::require_branch(&app, &principal, &p, &b).await?;
+    branches::ensure_present(&app, &p, &b).await?;
     let version = branches::commit_version(
         &app,
         &p,
@@ -234,6 +236,7 @@ pub async fn revert(
     check_id("branchId", &body.branch_id)?;
     let seq = parse_version_id(&body.version_id)?;
     auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    branches::ensure_present(&app, &body.project_id, &body.branch_id).await?;
     let version = branches::revert(&app, &body.project_id, &body.branch_id, seq).await?;
     Ok(Json(RevertResponse {
         success: true,

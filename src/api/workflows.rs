@@ -200,6 +200,7 @@ pub async fn trigger(
     ModelSpec::parse(&model).map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
     auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
     app.trigger_limiter.check(&principal.user_id)?;
+    crate::branches::ensure_present(&app, &body.project_id, &body.branch_id).await?;
     let wf = crate::workflow::trigger(&app, &body.project_id, &body.branch_id, text, model).await?;
     res.status_code(StatusCode::ACCEPTED);
     Ok(Json(Triggered {

@@ -53,22 +53,32 @@ pub struct BranchLocks {
 }
 
 impl BranchLocks {
+    fn get(&self, project_id: &str, branch_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks
+            .entry((project_id.to_string(), branch_id.to_string()))
+            .or_default()
+            .clone()
+    }
+
     pub async fn lock(
         &self,
         project_id: &str,
         branch_id: &str,
     ) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            if locks.len() > 4096 {
-                locks.retain(|_, l| Arc::strong_count(l) > 1);
-            }
-            locks
-                .entry((project_id.to_string(), branch_id.to_string()))
-                .or_default()
-                .clone()
-        };
-        lock.lock_owned().await
+        self.get(project_id, branch_id).lock_owned().await
+    }
+
+    /// The lock if nobody holds it now.
+    pub fn try_lock(
+        &self,
+        project_id: &str,
+        branch_id: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.get(project_id, branch_id).try_lock_owned().ok()
     }
 }
 
@@ -137,6 +147,20 @@ pub async fn create_branch(
     from: Option<ForkFrom>,
 ) -> Result<Created, ApiError> {
     check_machine_project(&app.config, project_id)?;
+    // Before any lock: a cleanup pass takes other branches' locks.
+    crate::evict::ensure_space(app).await?;
+    if let Some(fork) = &from
+        && fork.branch_id != branch_id
+    {
+        crate::ids::check_id("fromBranchId", &fork.branch_id)?;
+        match ensure_present(app, project_id, &fork.branch_id).await {
+            // Reported below, with the project checked first.
+            Err(e) if e.code == "branch_not_found" => {}
+            other => {
+                other?;
+            }
+        }
+    }
     let _guard = app.branch_locks.lock(project_id, branch_id).await;
     let dir = branch_dir(&app.config, project_id, branch_id);
     let (p, b) = (project_id.to_string(), branch_id.to_string());
@@ -157,12 +181,16 @@ pub async fn create_branch(
                 format!("branch {branch_id} already exists"),
             ));
         }
-        if !dir.join(".git").exists() && branch.state == BranchState::Active {
-            // The directory went away outside our control: start it again, empty.
-            let d = dir.clone();
-            blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
-        }
-        crate::registry::touch_branch(&app.store, project_id, branch_id);
+        let branch = if branch.state == BranchState::Active {
+            if !dir.join(".git").exists() {
+                // The directory went away outside our control: start it again, empty.
+                let d = dir.clone();
+                blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
+            }
+            touch_now(app, project_id, branch_id).await?
+        } else {
+            restore_locked(app, project_id, branch_id).await?
+        };
         return Ok(Created {
             branch,
             created: false,
@@ -367,6 +395,7 @@ async fn record_version(
         })
         .await?;
     version.seq = seq;
+    app.syncer.push_soon(project_id, branch_id);
     crate::registry::refresh_size(
         &app.store,
         project_id,
@@ -472,4 +501,139 @@ pub async fn version_diff(
     let hash = version.commit_hash.clone();
     let diff = blocking(move || git::diff(&dir, &hash)).await?;
     Ok((version, diff))
+}
+
+/// Record a use of the branch now and answer its record (awaited, unlike
+/// [`crate::registry::touch_branch`]: the eviction loop must see it).
+async fn touch_now(app: &App, project_id: &str, branch_id: &str) -> Result<BranchRecord, ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let branch = app
+        .store
+        .writer()
+        .write(move |ctx| {
+            let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? else {
+                return Ok(None);
+            };
+            branch.last_access_ms = now_ms();
+            model::put_branch(ctx, &branch)?;
+            Ok(Some(branch))
+        })
+        .await?;
+    branch.ok_or_else(|| branch_not_found(project_id, branch_id))
+}
+
+/// Make sure a branch's directory is here before it is used: an evicted branch is restored from
+/// object storage (state `restoring` while it is pulled, then `active`). Also records the use,
+/// under the branch lock, so that an eviction pass never removes a branch that was just
+/// handed to a caller.
+pub async fn ensure_present(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<BranchRecord, ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let state = read(app, move |rtx| model::get_branch(rtx, &p, &b))
+        .await?
+        .ok_or_else(|| branch_not_found(project_id, branch_id))?
+        .state;
+    if state != BranchState::Active {
+        // Before the lock: a cleanup pass takes other branches' locks.
+        crate::evict::ensure_space(app).await?;
+    }
+    let _guard = app.branch_locks.lock(project_id, branch_id).await;
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    let branch = read(app, move |rtx| model::get_branch(rtx, &p, &b))
+        .await?
+        .ok_or_else(|| branch_not_found(project_id, branch_id))?;
+    if branch.state == BranchState::Active {
+        return touch_now(app, project_id, branch_id).await;
+    }
+    restore_locked(app, project_id, branch_id).await
+}
+
+async fn set_state(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    state: BranchState,
+) -> Result<(), ApiError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    app.store
+        .writer()
+        .write(move |ctx| {
+            if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
+                branch.state = state;
+                branch.last_access_ms = now_ms();
+                model::put_branch(ctx, &branch)?;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Pull an evicted branch back (the caller holds the branch lock).
+async fn restore_locked(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<BranchRecord, ApiError> {
+    let snapshot = crate::sync::syncer::state(&app.store, project_id, branch_id)
+        .await?
+        .snapshot_id;
+    set_state(app, project_id, branch_id, BranchState::Restoring).await?;
+    tracing::info!(project = project_id, branch = branch_id, snapshot = ?snapshot, "restoring an evicted branch");
+    let pulled = crate::sync::pull(&app.config, project_id, branch_id, snapshot.as_deref()).await;
+    let outcome = match pulled {
+        Ok(crate::sync::PullReport::Restored {
+            snapshot_id,
+            files,
+            bytes,
+            duration_ms,
+            ..
+        }) => Ok(json!({
+            "action": "restore",
+            "status": "success",
+            "snapshotId": snapshot_id,
+            "files": files,
+            "bytes": bytes,
+            "durationMs": duration_ms,
+        })),
+        Ok(crate::sync::PullReport::Skipped { bucket }) => Err(format!(
+            "no snapshot of the branch in {bucket}; the object store lost it"
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok(fields) => {
+            set_state(app, project_id, branch_id, BranchState::Active).await?;
+            let _ = app.emit(project_id, branch_id, "sync", fields).await;
+            crate::registry::refresh_size(
+                &app.store,
+                project_id,
+                branch_id,
+                branch_dir(&app.config, project_id, branch_id),
+            );
+            let (p, b) = (project_id.to_string(), branch_id.to_string());
+            read(app, move |rtx| model::get_branch(rtx, &p, &b))
+                .await?
+                .ok_or_else(|| branch_not_found(project_id, branch_id))
+        }
+        Err(error) => {
+            tracing::warn!(project = project_id, branch = branch_id, error = %error, "restore failed");
+            set_state(app, project_id, branch_id, BranchState::Evicted).await?;
+            let _ = app
+                .emit(
+                    project_id,
+                    branch_id,
+                    "sync",
+                    json!({ "action": "restore", "status": "failed", "error": error }),
+                )
+                .await;
+            Err(ApiError::unavailable(format!(
+                "branch {branch_id} is evicted and could not be restored from object storage: {error}; retry later"
+            ))
+            .with_code("restore_failed"))
+        }
+    }
 }

@@ -6,8 +6,10 @@
 //! the previous snapshot whole. A pull stages and verifies every file before it touches the
 //! branch directory. See [`manifest`] for the layout.
 
+pub mod dirty;
 pub mod manifest;
 pub mod store;
+pub mod syncer;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -94,11 +96,53 @@ pub enum PullReport {
     Skipped { bucket: String },
 }
 
-/// Test hooks (not for production use).
+/// Called as content moves: (bytes done, bytes in total) of this push's uploads or this pull's
+/// downloads. The CLI draws its progress line with it.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+/// Byte counter behind a [`Progress`] callback.
+struct Meter<'a> {
+    progress: Option<&'a Progress>,
+    done: AtomicU64,
+    total: u64,
+}
+
+impl<'a> Meter<'a> {
+    fn new(progress: Option<&'a Progress>, total: u64) -> Self {
+        let meter = Self {
+            progress,
+            done: AtomicU64::new(0),
+            total,
+        };
+        meter.add(0);
+        meter
+    }
+
+    fn add(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(p) = self.progress {
+            (p.0)(done.min(self.total), self.total);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PushOptions {
-    /// Fail after this many content uploads, before the manifest: a simulated crash.
+    /// Test hook: fail after this many content uploads, before the manifest (a simulated crash).
     pub fail_after_uploads: Option<u64>,
+    pub progress: Option<Progress>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    pub progress: Option<Progress>,
 }
 
 /// What this machine knows the store holds: the last snapshot it pushed or pulled, so a no-op
@@ -317,6 +361,7 @@ pub async fn push_with(
     let mut current_bytes = 0u64;
     let mut planned: HashMap<String, usize> = HashMap::new();
     let mut dups: Vec<(usize, usize)> = Vec::new();
+    let mut planned_bytes = 0u64;
     for s in scanned {
         match s {
             Scanned::Dir { path, mode } => entries.push(Entry::Dir { path, mode }),
@@ -336,6 +381,7 @@ pub async fn push_with(
                     Loc::Object
                 } else {
                     planned.insert(hash.clone(), i);
+                    planned_bytes += size;
                     if size >= SMALL_FILE_LIMIT {
                         jobs.push(Job::Big {
                             path: path.clone(),
@@ -373,6 +419,7 @@ pub async fn push_with(
     if !current.is_empty() {
         jobs.push(Job::Pack(current));
     }
+    let meter = Meter::new(options.progress.as_ref(), planned_bytes);
 
     // Upload concurrently; the first failure stops the push before any manifest is written.
     let started_uploads = AtomicU64::new(0);
@@ -383,6 +430,7 @@ pub async fn push_with(
             dir: &dir,
             options,
             started: &started_uploads,
+            meter: &meter,
         };
         let mut results = futures_util::stream::iter(jobs)
             .map(|job| run_job(&ctx, job))
@@ -463,6 +511,7 @@ struct JobCtx<'a> {
     dir: &'a Path,
     options: &'a PushOptions,
     started: &'a AtomicU64,
+    meter: &'a Meter<'a>,
 }
 
 impl JobCtx<'_> {
@@ -485,7 +534,7 @@ async fn run_job(ctx: &JobCtx<'_>, job: Job) -> Result<(Placed, u64), SyncError>
     match job {
         Job::Big { path, hash } => {
             ctx.before_upload()?;
-            let len = upload_big(ctx.store, ctx.dir, &path, &hash).await?;
+            let len = upload_big(ctx.store, ctx.dir, &path, &hash, ctx.meter).await?;
             Ok((Vec::new(), len))
         }
         Job::Pack(items) => {
@@ -510,6 +559,7 @@ async fn run_job(ctx: &JobCtx<'_>, job: Job) -> Result<(Placed, u64), SyncError>
             let name = manifest::hash_bytes(&data);
             let len = data.len() as u64;
             ctx.store.put(&manifest::pack_path(&name), data).await?;
+            ctx.meter.add(len);
             let placed = offsets
                 .into_iter()
                 .map(|(i, off)| (i, name.clone(), off))
@@ -521,7 +571,13 @@ async fn run_job(ctx: &JobCtx<'_>, job: Job) -> Result<(Placed, u64), SyncError>
 
 /// Stream a big file into `objects/{hash}` (multipart, bounded memory), checking that its
 /// content still hashes to `hash`; otherwise the upload is aborted.
-async fn upload_big(store: &Store, dir: &Path, path: &str, hash: &str) -> Result<u64, SyncError> {
+async fn upload_big(
+    store: &Store,
+    dir: &Path,
+    path: &str,
+    hash: &str,
+    meter: &Meter<'_>,
+) -> Result<u64, SyncError> {
     let abs = dir.join(path);
     let mut file = tokio::fs::File::open(&abs)
         .await
@@ -559,6 +615,7 @@ async fn upload_big(store: &Store, dir: &Path, path: &str, hash: &str) -> Result
                 .write(buf)
                 .await
                 .map_err(|e| SyncError::store(&format!("upload {object}"), e))?;
+            meter.add(filled as u64);
             if filled < CHUNK {
                 break;
             }
@@ -594,9 +651,26 @@ pub async fn pull(
     branch_id: &str,
     snapshot_id: Option<&str>,
 ) -> Result<PullReport, SyncError> {
+    pull_with(
+        config,
+        project_id,
+        branch_id,
+        snapshot_id,
+        &PullOptions::default(),
+    )
+    .await
+}
+
+/// [`pull`] with progress reports.
+pub async fn pull_with(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+    options: &PullOptions,
+) -> Result<PullReport, SyncError> {
     let dir = branch_dir(config, project_id, branch_id);
-    let report = pull_into(config, project_id, branch_id, snapshot_id, &dir).await?;
-    Ok(report)
+    pull_into_with(config, project_id, branch_id, snapshot_id, &dir, options).await
 }
 
 /// Restore into `target` (created when missing). Every file is staged beside `target` and its
@@ -608,6 +682,18 @@ pub async fn pull_into(
     branch_id: &str,
     snapshot_id: Option<&str>,
     target: &Path,
+) -> Result<PullReport, SyncError> {
+    let options = PullOptions::default();
+    pull_into_with(config, project_id, branch_id, snapshot_id, target, &options).await
+}
+
+pub async fn pull_into_with(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    snapshot_id: Option<&str>,
+    target: &Path,
+    options: &PullOptions,
 ) -> Result<PullReport, SyncError> {
     let started = Instant::now();
     let store = Store::open(config, project_id, branch_id)?;
@@ -634,7 +720,16 @@ pub async fn pull_into(
         .await
         .map_err(SyncError::io(&staging))?;
 
-    let staged = stage(&store, &m, &staging).await;
+    let total: u64 = m
+        .entries
+        .iter()
+        .map(|e| match e {
+            Entry::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    let meter = Meter::new(options.progress.as_ref(), total);
+    let staged = stage(&store, &m, &staging, &meter).await;
     let result = match staged {
         Ok(()) => {
             let (m2, staging2, target2) = (m.clone(), staging.clone(), target.to_path_buf());
@@ -690,7 +785,12 @@ enum Fetch {
 }
 
 /// Download and verify every file of `m` into `staging` (flat names: `f{n}`).
-async fn stage(store: &Store, m: &Manifest, staging: &Path) -> Result<(), SyncError> {
+async fn stage(
+    store: &Store,
+    m: &Manifest,
+    staging: &Path,
+    meter: &Meter<'_>,
+) -> Result<(), SyncError> {
     // One request per pack, however many files it holds.
     let mut by_pack: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut jobs = Vec::new();
@@ -714,8 +814,8 @@ async fn stage(store: &Store, m: &Manifest, staging: &Path) -> Result<(), SyncEr
     let mut results = futures_util::stream::iter(jobs)
         .map(|job| async move {
             match job {
-                Fetch::Pack(pack, idxs) => fetch_pack(store, m, staging, &pack, idxs).await,
-                Fetch::Object(i) => fetch_object(store, m, staging, i).await,
+                Fetch::Pack(pack, idxs) => fetch_pack(store, m, staging, &pack, idxs, meter).await,
+                Fetch::Object(i) => fetch_object(store, m, staging, i, meter).await,
             }
         })
         .buffer_unordered(DOWNLOAD_CONCURRENCY);
@@ -731,6 +831,7 @@ async fn fetch_pack(
     staging: &Path,
     pack: &str,
     idxs: Vec<usize>,
+    meter: &Meter<'_>,
 ) -> Result<(), SyncError> {
     let ppath = manifest::pack_path(pack);
     let Some(data) = store.get(&ppath).await? else {
@@ -753,6 +854,7 @@ async fn fetch_pack(
         })
         .collect();
     let staging = staging.to_path_buf();
+    let bytes: u64 = items.iter().map(|(_, _, _, size, _)| size).sum();
     blocking(move || {
         for (i, path, offset, size, hash) in items {
             let slice = usize::try_from(offset)
@@ -774,7 +876,9 @@ async fn fetch_pack(
         }
         Ok(())
     })
-    .await
+    .await?;
+    meter.add(bytes);
+    Ok(())
 }
 
 /// Stream one big object into its staging file, hashing as it comes (bounded memory).
@@ -783,6 +887,7 @@ async fn fetch_object(
     m: &Manifest,
     staging: &Path,
     i: usize,
+    meter: &Meter<'_>,
 ) -> Result<(), SyncError> {
     let Entry::File {
         path, hash, size, ..
@@ -831,6 +936,7 @@ async fn fetch_object(
         })?;
         hasher.update(&chunk);
         total += chunk.len() as u64;
+        meter.add(chunk.len() as u64);
         file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
     }
     file.flush().await.map_err(SyncError::io(&dest))?;

@@ -312,3 +312,61 @@ pub fn set_project_owner(
     }
     Ok(())
 }
+
+/// A branch's object-storage sync state: whether it has changes not yet pushed, and the outcome
+/// of its last push. Kept apart from [`BranchRecord`] so that marking a branch dirty (often)
+/// rewrites a small record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStateRecord {
+    /// Changed since the last successful push (or never pushed).
+    pub dirty: bool,
+    /// The snapshot the last successful push wrote or found (the one an evicted branch is
+    /// restored from).
+    pub snapshot_id: Option<String>,
+    pub last_sync_ms: Option<u64>,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_bytes: u64,
+    pub duration_ms: u64,
+    /// The last push's error, cleared by the next successful push.
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
+}
+
+impl Record for SyncStateRecord {
+    const KIND: &'static str = "sync_state";
+    const VERSION: u8 = 1;
+}
+
+pub fn get_sync_state(
+    rtx: &ReadTransaction,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Option<SyncStateRecord>, StorageError> {
+    let t = rtx.open_table(crate::tables::SYNC_STATE)?;
+    t.get((project_id, branch_id))?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+pub fn get_sync_state_for_update(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Option<SyncStateRecord>, StorageError> {
+    let t = ctx.tx().open_table(crate::tables::SYNC_STATE)?;
+    t.get((project_id, branch_id))?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+pub fn put_sync_state(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+    state: &SyncStateRecord,
+) -> Result<(), StorageError> {
+    let mut t = ctx.tx().open_table(crate::tables::SYNC_STATE)?;
+    t.insert((project_id, branch_id), encode(state).as_slice())?;
+    Ok(())
+}

@@ -30,6 +30,8 @@ pub const INTEGRATION_QUEUE: TableDefinition<(&str, u64), &[u8]> =
 pub const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Local API tokens by token hash.
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Object-storage sync state of a branch: `(projectId, branchId)`.
+pub const SYNC_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_state");
 
 /// Create every table so that readers never meet a missing one.
 pub(crate) fn create_all(db: &Database) -> Result<(), StorageError> {
@@ -48,6 +50,7 @@ pub(crate) fn create_all(db: &Database) -> Result<(), StorageError> {
         tx.open_table(INTEGRATION_QUEUE)?;
         tx.open_table(SESSIONS)?;
         tx.open_table(TOKENS)?;
+        tx.open_table(SYNC_STATE)?;
     }
     tx.commit()?;
     Ok(())

@@ -1,0 +1,507 @@
+//! The background syncer: which branches changed since their last push, and pushing them.
+//!
+//! Branches are marked dirty in memory (by the shared watcher in [`super::dirty`], after each
+//! version, or by a full rescan) and the mark is persisted in redb's `sync_state` table by the
+//! syncer loop. A dirty branch is pushed once no change was seen for `SYNC_QUIET_SECONDS` (or at
+//! once after a version, or after ten quiet periods of constant change). Every push of a branch,
+//! whoever asks for it, goes through [`Syncer::push_branch`]: one push per branch at a time
+//! (a per-branch sync lock), its outcome recorded in redb and announced as a `sync` event on the
+//! branch stream in the same transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use weldr_storage::model::{self, BranchState, SyncStateRecord};
+use weldr_storage::writer::now_ms;
+use weldr_storage::{StorageError, Store, StreamKey};
+
+use super::{PushOptions, PushReport, SyncError};
+use crate::app::{App, new_event};
+use crate::branches::BranchLocks;
+use crate::error::ApiError;
+
+type Key = (String, String);
+
+/// Pushes running at once from the background loop.
+const PUSH_CONCURRENCY: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+struct Dirty {
+    /// First change not yet pushed.
+    since: Instant,
+    /// Latest change seen.
+    last: Instant,
+    /// Push without waiting for quiet (a version was just made).
+    now: bool,
+    /// Not yet written to redb.
+    unsaved: bool,
+}
+
+/// Who asked for a push (carried in the `sync` event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The branch was quiet after changes.
+    Background,
+    /// A version was committed.
+    Version,
+    /// `POST .../sync`.
+    Api,
+    /// Before the directory is evicted.
+    Eviction,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Background => "background",
+            Trigger::Version => "version",
+            Trigger::Api => "api",
+            Trigger::Eviction => "eviction",
+            Trigger::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Dirty marks and per-branch push locks, shared by the watcher, the loop and the API.
+#[derive(Default)]
+pub struct Syncer {
+    dirty: Mutex<HashMap<Key, Dirty>>,
+    running: Mutex<HashSet<Key>>,
+    locks: BranchLocks,
+    wake: tokio::sync::Notify,
+}
+
+/// Held while a push of one branch runs; lets `POST .../sync` answer 409 instead of waiting.
+struct Running<'a> {
+    syncer: &'a Syncer,
+    key: Key,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.syncer
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn key(project_id: &str, branch_id: &str) -> Key {
+    (project_id.to_string(), branch_id.to_string())
+}
+
+impl Syncer {
+    /// Note a change in a branch directory. Cheap; callable from any thread.
+    pub fn mark_dirty(&self, project_id: &str, branch_id: &str) {
+        self.mark(project_id, branch_id, false);
+    }
+
+    /// A version was made: push as soon as possible.
+    pub fn push_soon(&self, project_id: &str, branch_id: &str) {
+        self.mark(project_id, branch_id, true);
+    }
+
+    fn mark(&self, project_id: &str, branch_id: &str, now: bool) {
+        let at = Instant::now();
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = dirty.entry(key(project_id, branch_id)).or_insert(Dirty {
+            since: at,
+            last: at,
+            now: false,
+            unsaved: true,
+        });
+        entry.last = at;
+        entry.now |= now;
+        drop(dirty);
+        if now {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn is_dirty(&self, project_id: &str, branch_id: &str) -> bool {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key(project_id, branch_id))
+    }
+
+    /// Forget a branch's dirty mark (its directory is gone: evicted).
+    pub fn clear(&self, project_id: &str, branch_id: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(project_id, branch_id));
+    }
+
+    /// Every active branch is dirty: after an inotify queue overflow, at startup, or when no
+    /// watcher could be had. Blocks on a redb read: call off the async runtime's workers.
+    pub fn mark_all_dirty(&self, store: &Store) {
+        let branches = store
+            .begin_read()
+            .and_then(|rtx| model::list_all_branches(&rtx));
+        match branches {
+            Ok(list) => {
+                for b in list.iter().filter(|b| b.state == BranchState::Active) {
+                    self.mark_dirty(&b.project_id, &b.branch_id);
+                }
+                tracing::info!(branches = list.len(), "full rescan: every branch is dirty");
+            }
+            Err(e) => tracing::warn!(error = %e, "full rescan: cannot list branches"),
+        }
+    }
+
+    /// Branches marked dirty in memory, oldest change first.
+    pub fn dirty_branches(&self) -> Vec<Key> {
+        let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<(Key, Instant)> =
+            dirty.iter().map(|(k, d)| (k.clone(), d.since)).collect();
+        list.sort_by_key(|(_, since)| *since);
+        list.into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Branches due for a background push now.
+    fn due(&self, quiet: Duration) -> Vec<Key> {
+        let at = Instant::now();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty
+            .iter()
+            .filter(|(k, d)| {
+                !running.contains(*k)
+                    && (d.now
+                        || at.duration_since(d.last) >= quiet
+                        || at.duration_since(d.since) >= quiet * 10)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Write new dirty marks to redb (one transaction).
+    async fn save_marks(&self, store: &Store) {
+        let unsaved: Vec<Key> = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            dirty
+                .iter_mut()
+                .filter(|(_, d)| d.unsaved)
+                .map(|(k, d)| {
+                    d.unsaved = false;
+                    k.clone()
+                })
+                .collect()
+        };
+        if unsaved.is_empty() {
+            return;
+        }
+        let marks = unsaved.clone();
+        let unknown = store
+            .writer()
+            .write(move |ctx| {
+                let mut unknown = Vec::new();
+                for (p, b) in &marks {
+                    // No registered branch (a directory made by hand), or an evicted one whose
+                    // directory is being deleted: nothing to push.
+                    let active = model::get_branch_for_update(ctx, p, b)?
+                        .is_some_and(|branch| branch.state == BranchState::Active);
+                    if !active {
+                        unknown.push((p.clone(), b.clone()));
+                        continue;
+                    }
+                    let mut state =
+                        model::get_sync_state_for_update(ctx, p, b)?.unwrap_or_default();
+                    if !state.dirty {
+                        state.dirty = true;
+                        model::put_sync_state(ctx, p, b, &state)?;
+                    }
+                }
+                Ok(unknown)
+            })
+            .await;
+        match unknown {
+            Ok(unknown) => {
+                let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                for k in unknown {
+                    dirty.remove(&k);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not record dirty branches");
+                let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                for k in unsaved {
+                    if let Some(d) = dirty.get_mut(&k) {
+                        d.unsaved = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Is a push of this branch running now?
+    pub fn is_running(&self, project_id: &str, branch_id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key(project_id, branch_id))
+    }
+
+    /// Push a branch now, record the outcome and emit a `sync` event. With `wait` false, a push
+    /// of the branch that is already running answers 409 `sync_running`; with `wait` true this
+    /// push waits for it. A branch that is not active (evicted) answers 409 `branch_evicted`.
+    pub async fn push_branch(
+        &self,
+        app: &App,
+        project_id: &str,
+        branch_id: &str,
+        trigger: Trigger,
+        wait: bool,
+    ) -> Result<PushReport, ApiError> {
+        let _guard = if wait {
+            self.locks.lock(project_id, branch_id).await
+        } else {
+            self.locks.try_lock(project_id, branch_id).ok_or_else(|| {
+                ApiError::conflict(
+                    "sync_running",
+                    format!("a push of branch {branch_id} is running; wait for its `sync` event"),
+                )
+            })?
+        };
+        let k = key(project_id, branch_id);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k.clone());
+        let _running = Running {
+            syncer: self,
+            key: k.clone(),
+        };
+
+        let (store, p, b) = (app.store.clone(), k.0.clone(), k.1.clone());
+        let branch = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            model::get_branch(&store.begin_read()?, &p, &b)
+        })
+        .await??;
+        match branch {
+            None => {
+                self.clear(project_id, branch_id);
+                return Err(crate::registry::branch_not_found(project_id, branch_id));
+            }
+            Some(b) if b.state != BranchState::Active => {
+                self.clear(project_id, branch_id);
+                return Err(ApiError::conflict(
+                    "branch_evicted",
+                    format!(
+                        "branch {branch_id} is evicted; its last snapshot is in object storage and it is restored on its next use"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+
+        // Changes seen from here on belong to the next push.
+        let taken = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&k);
+        let result =
+            super::push_with(&app.config, project_id, branch_id, &PushOptions::default()).await;
+        if result.is_err()
+            && let Some(mut d) = taken
+        {
+            // Still dirty: put the mark back (merged with changes seen meanwhile).
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = dirty.entry(k.clone()).or_insert(d);
+            d.since = d.since.min(entry.since);
+            d.last = d.last.max(entry.last);
+            d.now = false;
+            d.unsaved = false;
+            *entry = d;
+        }
+        self.record(app, project_id, branch_id, trigger, &result)
+            .await;
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    project = project_id,
+                    branch = branch_id,
+                    trigger = trigger.as_str(),
+                    snapshot = %report.snapshot_id,
+                    unchanged = report.unchanged,
+                    uploaded_bytes = report.uploaded_bytes,
+                    "pushed"
+                );
+                Ok(report)
+            }
+            Err(e) => {
+                tracing::warn!(project = project_id, branch = branch_id, trigger = trigger.as_str(), error = %e, "push failed");
+                Err(sync_error(e))
+            }
+        }
+    }
+
+    /// Persist the outcome of a push and announce it, in one transaction.
+    async fn record(
+        &self,
+        app: &App,
+        project_id: &str,
+        branch_id: &str,
+        trigger: Trigger,
+        result: &Result<PushReport, SyncError>,
+    ) {
+        let at = now_ms();
+        let mut fields = match result {
+            Ok(report) => {
+                let mut v = serde_json::to_value(report).unwrap_or_else(|_| json!({}));
+                v["status"] = "success".into();
+                v
+            }
+            Err(e) => json!({ "status": "failed", "error": e.to_string() }),
+        };
+        fields["action"] = "push".into();
+        fields["trigger"] = trigger.as_str().into();
+        let Ok(event) = new_event("sync", fields) else {
+            return;
+        };
+        let outcome: Result<PushReport, String> = match result {
+            Ok(r) => Ok(r.clone()),
+            Err(e) => Err(e.to_string()),
+        };
+        let (p, b) = (project_id.to_string(), branch_id.to_string());
+        // Changes seen during the push keep the branch dirty.
+        let dirty_now = self.is_dirty(project_id, branch_id);
+        let written = app
+            .store
+            .writer()
+            .write(move |ctx| {
+                let mut state = model::get_sync_state_for_update(ctx, &p, &b)?.unwrap_or_default();
+                match &outcome {
+                    Ok(r) => {
+                        state.snapshot_id = Some(r.snapshot_id.clone());
+                        state.last_sync_ms = Some(at);
+                        state.files = r.files;
+                        state.bytes = r.bytes;
+                        state.uploaded_bytes = r.uploaded_bytes;
+                        state.duration_ms = r.duration_ms;
+                        state.last_error = None;
+                        state.last_error_ms = None;
+                        state.dirty = dirty_now;
+                    }
+                    Err(e) => {
+                        state.last_error = Some(e.clone());
+                        state.last_error_ms = Some(at);
+                        state.dirty = true;
+                    }
+                }
+                model::put_sync_state(ctx, &p, &b, &state)?;
+                ctx.append(&StreamKey::new(&p, &b), event.clone())?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not record a push");
+        }
+    }
+
+    /// Push every dirty branch (the server is stopping). The caller bounds the time.
+    pub async fn flush(&self, app: &App) {
+        let list = self.dirty_branches();
+        if list.is_empty() {
+            return;
+        }
+        tracing::info!(
+            branches = list.len(),
+            "pushing dirty branches before stopping"
+        );
+        let pushes = list.into_iter().map(|(p, b)| async move {
+            let _ = self.push_branch(app, &p, &b, Trigger::Shutdown, true).await;
+        });
+        futures_util::StreamExt::collect::<Vec<()>>(futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(pushes),
+            PUSH_CONCURRENCY,
+        ))
+        .await;
+    }
+
+    /// Load dirty marks, then save new marks and push quiet dirty branches until shutdown.
+    pub fn spawn_loop(app: Arc<App>) {
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(PUSH_CONCURRENCY));
+            let quiet = app.config.sync_quiet;
+            let tick = (quiet / 2).clamp(Duration::from_millis(200), Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = app.shutdown.cancelled() => return,
+                    _ = app.syncer.wake.notified() => {}
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                app.syncer.save_marks(&app.store).await;
+                for (p, b) in app.syncer.due(quiet) {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let app = app.clone();
+                    let trigger = if app
+                        .syncer
+                        .dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&(p.clone(), b.clone()))
+                        .is_some_and(|d| d.now)
+                    {
+                        Trigger::Version
+                    } else {
+                        Trigger::Background
+                    };
+                    app.syncer
+                        .running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((p.clone(), b.clone()));
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let result = app.syncer.push_branch(&app, &p, &b, trigger, true).await;
+                        if let Err(e) = result
+                            && e.code != "branch_evicted"
+                        {
+                            // Retry after another quiet period, not in a tight loop.
+                            app.syncer.mark_dirty(&p, &b);
+                        }
+                    });
+                }
+            }
+        });
+    }
+}
+
+/// A failed push as an API error.
+pub fn sync_error(e: SyncError) -> ApiError {
+    let status = match &e {
+        SyncError::NotFound(_) => salvo::http::StatusCode::CONFLICT,
+        SyncError::Config(_) => salvo::http::StatusCode::SERVICE_UNAVAILABLE,
+        _ => salvo::http::StatusCode::BAD_GATEWAY,
+    };
+    ApiError::new(status, "sync_failed", e.to_string())
+}
+
+/// A branch's sync state as stored (default when never synced).
+pub async fn state(
+    store: &Store,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<SyncStateRecord, ApiError> {
+    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+    Ok(
+        tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            Ok(model::get_sync_state(&s.begin_read()?, &p, &b)?.unwrap_or_default())
+        })
+        .await??,
+    )
+}
