@@ -263,6 +263,13 @@ impl Syncer {
         trigger: Trigger,
         wait: bool,
     ) -> Result<PushReport, ApiError> {
+        // No git operation (commit, revert, fork) is half done while the push reads the
+        // branch. The eviction pass holds this lock already; the order is always this lock,
+        // then the push lock.
+        let _git = match trigger {
+            Trigger::Eviction => None,
+            _ => Some(app.branch_locks.lock(project_id, branch_id).await),
+        };
         let _guard = if wait {
             self.locks.lock(project_id, branch_id).await
         } else {
