@@ -114,7 +114,7 @@ fn spawn_server<A: Acceptor + Send + 'static>(
 /// shutdown token.
 fn start_workers(app: &Arc<App>) -> DirtyWatcher {
     let a = app.clone();
-    tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.store));
+    tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.config, &a.store));
     Syncer::spawn_loop(app.clone());
     crate::evict::spawn_loop(app.clone());
     DirtyWatcher::start(app.clone())

@@ -185,6 +185,10 @@ async fn trigger_plan_code_version_end() {
     };
     assert!(pos("status", Some("deploying")) < pos("version", None));
     assert!(pos("version", None) < pos("status", Some("complete")));
+    // The snapshot was pushed before the workflow completed.
+    assert!(pos("sync", None) < pos("status", Some("complete")));
+    let end = frames.last().unwrap();
+    assert!(end.data["snapshotId"].is_string(), "{:?}", end.data);
     let branch_dir = dir.path().join("p").join("b");
     let on_disk = std::fs::read_to_string(s.app().config.workspace_base.join("p/b/hello.txt"))
         .or_else(|_| std::fs::read_to_string(branch_dir.join("hello.txt")))

@@ -77,15 +77,6 @@ impl DiskUsage for Statvfs {
     }
 }
 
-/// A fixed answer, for tests of code that only needs numbers.
-pub struct FixedUsage(pub std::sync::Mutex<Usage>);
-
-impl DiskUsage for FixedUsage {
-    fn usage(&self, _path: &Path) -> std::io::Result<Usage> {
-        Ok(*self.0.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
 /// The evictor's shared state on [`App`].
 pub struct Evictor {
     pub disk: Box<dyn DiskUsage>,

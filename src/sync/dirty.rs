@@ -166,7 +166,9 @@ impl Tracker {
     fn handle(&mut self, event: Event) {
         if event.need_rescan() {
             tracing::warn!("inotify queue overflowed: every branch is treated as changed");
-            self.app.syncer.mark_all_dirty(&self.app.store);
+            self.app
+                .syncer
+                .mark_all_dirty(&self.app.config, &self.app.store);
             self.excludes.clear();
             self.watch_all();
             return;
@@ -248,7 +250,7 @@ impl DirtyWatcher {
                         Ok(Ok(event)) => tracker.handle(event),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "watcher error: every branch is treated as changed");
-                            tracker.app.syncer.mark_all_dirty(&tracker.app.store);
+                            tracker.app.syncer.mark_all_dirty(&tracker.app.config, &tracker.app.store);
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -277,7 +279,9 @@ fn spawn_periodic_rescan(app: Arc<App>) {
         let every = app.config.sync_quiet * 10;
         loop {
             let a = app.clone();
-            let _ = tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.store)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.config, &a.store))
+                    .await;
             tokio::select! {
                 _ = app.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}

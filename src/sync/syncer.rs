@@ -140,16 +140,22 @@ impl Syncer {
 
     /// Every active branch is dirty: after an inotify queue overflow, at startup, or when no
     /// watcher could be had. Blocks on a redb read: call off the async runtime's workers.
-    pub fn mark_all_dirty(&self, store: &Store) {
+    pub fn mark_all_dirty(&self, config: &crate::config::Config, store: &Store) {
         let branches = store
             .begin_read()
             .and_then(|rtx| model::list_all_branches(&rtx));
         match branches {
             Ok(list) => {
-                for b in list.iter().filter(|b| b.state == BranchState::Active) {
+                // A branch without a directory (registered, never written) has nothing to push.
+                let mut marked = 0;
+                for b in list.iter().filter(|b| {
+                    b.state == BranchState::Active
+                        && crate::branches::branch_dir(config, &b.project_id, &b.branch_id).is_dir()
+                }) {
                     self.mark_dirty(&b.project_id, &b.branch_id);
+                    marked += 1;
                 }
-                tracing::info!(branches = list.len(), "full rescan: every branch is dirty");
+                tracing::info!(branches = marked, "full rescan: every branch is dirty");
             }
             Err(e) => tracing::warn!(error = %e, "full rescan: cannot list branches"),
         }

@@ -879,11 +879,35 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
             )));
         }
     }
+    // The snapshot goes to object storage before the workflow completes. A push that fails is
+    // recorded (a `sync` event) and retried by the background syncer; the workflow completes
+    // anyway, its work is safe in the branch's git history.
+    let snapshot = match app
+        .syncer
+        .push_branch(
+            app,
+            &wf.project_id,
+            &wf.branch_id,
+            crate::sync::syncer::Trigger::Version,
+            true,
+        )
+        .await
+    {
+        Ok(report) => Some(report.snapshot_id),
+        Err(e) => {
+            tracing::warn!(workflow = %wf.workflow_id, error = %e.message, "snapshot push failed; the syncer retries");
+            None
+        }
+    };
+    wf = load(app, &wf.workflow_id).await?;
     wf.status = WorkflowStatus::Complete;
     wf.updated_at_ms = now_ms();
     let mut end = json!({"status": "complete"});
     if let Some(v) = wf.version {
         end["versionId"] = v.to_string().into();
+    }
+    if let Some(id) = snapshot {
+        end["snapshotId"] = id.into();
     }
     let events = vec![status_event(&wf)?, event(&wf, "end", end)?];
     persist(app, &wf, vec![], events).await?;
