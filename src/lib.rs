@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod branches;
 pub mod config;
 pub mod control;

@@ -222,9 +222,9 @@ fn now_ms() -> u64 {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SyncError> + Send + 'static,
 ) -> Result<T, SyncError> {
-    tokio::task::spawn_blocking(f)
+    crate::background::low_priority(f)
         .await
-        .map_err(|e| SyncError::Io(format!("background task failed: {e}")))?
+        .map_err(|e| SyncError::Io(e.to_string()))?
 }
 
 /// The manifest of `id`, or of `latest` when None. Ok(None): no snapshot (or no bucket) yet.
