@@ -61,18 +61,22 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn run_with(provider: &str) {
-    let fake = FakeLlm::start(script()).await;
+/// A server with these provider keys, project `p` and branch `b`, and one workflow on `model`
+/// read from the branch stream up to its `end`: (workspace, server, workflow id, frames).
+async fn run_workflow(
+    keys: weldr_agent::config::ProviderKeys,
+    model: &str,
+) -> (tempfile::TempDir, TestServer, String, Vec<common::Frame>) {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
-    cfg.providers = fake.keys();
+    cfg.providers = keys;
     let s = start(cfg).await;
     for (path, body) in [
         ("/projects", json!({"projectId": "p"})),
         ("/projects/p/branches", json!({"branchId": "b"})),
     ] {
         let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-        assert_eq!(res.status(), 201, "{provider}: {path}");
+        assert_eq!(res.status(), 201, "{model}: {path}");
     }
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let res = s
@@ -80,28 +84,32 @@ async fn run_with(provider: &str) {
         .post(s.url("/trigger"))
         .json(&json!({"projectId": "p", "branchId": "b",
                       "message": {"content": [{"type": "text", "text": "say hello"}]},
-                      "model": format!("{provider}:test-model")}))
+                      "model": model}))
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 202, "{provider}");
+    assert_eq!(res.status(), 202, "{model}");
     let wf = res.json::<Value>().await.unwrap()["workflowId"]
         .as_str()
         .unwrap()
         .to_string();
-
     let mut frames = Vec::new();
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
+        let frame = tokio::time::timeout(Duration::from_secs(60), sse.next())
             .await
-            .unwrap_or_else(|_| panic!("{provider}: no event within 30 s after {frames:#?}"))
+            .unwrap_or_else(|_| panic!("{model}: no event within 60 s after {frames:#?}"))
             .expect("stream ended");
         let end = frame.event == "end";
         frames.push(frame);
         if end {
-            break;
+            return (tmp, s, wf, frames);
         }
     }
+}
+
+async fn run_with(provider: &str) {
+    let fake = FakeLlm::start(script()).await;
+    let (_tmp, s, wf, frames) = run_workflow(fake.keys(), &format!("{provider}:test-model")).await;
     // Ids increase by one, with no gap.
     let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
     assert!(
@@ -223,47 +231,9 @@ async fn gemini_end_to_end() {
     run_with("gemini").await;
 }
 
-/// A server with these provider keys, project `p` and branch `b`; a workflow on the
-/// OpenAI wire, run to its `end`: (frames, workflow record).
+/// A workflow on the OpenAI wire with these keys, run to its `end`: (frames, workflow record).
 async fn run_script(keys: weldr_agent::config::ProviderKeys) -> (Vec<common::Frame>, Value) {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.providers = keys;
-    let s = start(cfg).await;
-    for (path, body) in [
-        ("/projects", json!({"projectId": "p"})),
-        ("/projects/p/branches", json!({"branchId": "b"})),
-    ] {
-        let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-        assert_eq!(res.status(), 201);
-    }
-    let mut sse = s.sse("/stream/p/b", Some("0")).await;
-    let res = s
-        .http
-        .post(s.url("/trigger"))
-        .json(&json!({"projectId": "p", "branchId": "b",
-                      "message": {"content": [{"type": "text", "text": "say hello"}]},
-                      "model": "openai:test-model"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
-    let wf = res.json::<Value>().await.unwrap()["workflowId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut frames = Vec::new();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(60), sse.next())
-            .await
-            .unwrap_or_else(|_| panic!("no event within 60 s after {frames:#?}"))
-            .expect("stream ended");
-        let end = frame.event == "end";
-        frames.push(frame);
-        if end {
-            break;
-        }
-    }
+    let (_tmp, s, wf, frames) = run_workflow(keys, "openai:test-model").await;
     let record: Value = s
         .http
         .get(s.url(&format!("/workflows/{wf}")))

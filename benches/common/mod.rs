@@ -240,7 +240,13 @@ impl RawSse {
                 self.buf.drain(..scanned);
                 scanned = 0;
             }
-            let n = self.conn.read(&mut chunk).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.conn.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    let tail = String::from_utf8_lossy(&self.buf[self.buf.len().saturating_sub(300)..]);
+                    panic!("no bytes for 30 s while waiting for id {last}; buffer ends with {tail:?}")
+                })
+                .unwrap();
             assert!(n > 0, "stream ended");
             self.buf.extend_from_slice(&chunk[..n]);
         }
