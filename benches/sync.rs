@@ -1371,9 +1371,10 @@ fn print_report(r: &Report) {
         yes(restore_ratio >= 2.0)
     );
     println!(
-        "\nEvery restore was checked: the same {} files (path set and a sha256 over every path and \
-         content) as the source; after the 10-file changes every tool's bucket restored to the \
-         changed source. Changes (one per repeat): {}.",
+        "\nEvery restore was checked against the source: the same file set ({} files) and a \
+         sha256 over every path and content; after the last 10-file change every tool's bucket \
+         restored to the changed source ({} files). A change (a new one each repeat): {}.",
+        r.files,
         r.want.files,
         r.changes.first().map(String::as_str).unwrap_or("none")
     );
