@@ -1,5 +1,5 @@
-//! Shared benchmark helpers: statistics, a loopback redis-server, a minimal RESP client, a
-//! raw SSE client, and process memory readings.
+//! Shared benchmark helpers: statistics, deterministic file content, a loopback redis-server, a
+//! minimal RESP client, a raw SSE client, and process memory readings.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -49,6 +49,69 @@ pub fn fmt(values: &[f64], digits: usize) -> String {
         digits,
         hi
     )
+}
+
+pub fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: deterministic content without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+pub const WORDS: &[&str] = &[
+    "fn", "let", "mut", "impl", "struct", "return", "match", "Some", "None", "Ok", "Err", "self",
+    "pub", "use", "async", "await", "const", "value", "index", "branch", "version", "commit",
+    "tree", "file", "path", "error", "result", "config", "state", "event", "stream", "workflow",
+    "{", "}", "(", ")", ";", "=", "=>", "->", "::", ".", ",", "&", "<", ">", "+", "*",
+];
+
+/// Source-like text of exactly `size` bytes, unique per file.
+pub fn text(rng: &mut Rng, size: usize, id: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 64);
+    out.extend_from_slice(format!("// file {id}\n").as_bytes());
+    let mut col = 0;
+    while out.len() < size {
+        let w = if rng.below(16) == 0 {
+            format!("v{}", rng.below(100_000))
+        } else {
+            WORDS[rng.below(WORDS.len() as u64) as usize].to_string()
+        };
+        out.extend_from_slice(w.as_bytes());
+        col += w.len() + 1;
+        if col > 80 {
+            out.push(b'\n');
+            let indent = rng.below(4) as usize * 4;
+            out.resize(out.len() + indent, b' ');
+            col = 0;
+        } else {
+            out.push(b' ');
+        }
+    }
+    out.truncate(size);
+    out
 }
 
 pub fn free_port() -> u16 {

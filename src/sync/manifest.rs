@@ -235,14 +235,15 @@ pub fn scan(
         let abs_dir = root.join(&rel_dir);
         let mut names: Vec<_> = std::fs::read_dir(&abs_dir)
             .map_err(SyncError::io(&abs_dir))?
-            .map(|e| e.map(|e| e.file_name()))
+            .map(|e| e.map(|e| (e.file_name(), e)))
             .collect::<Result<_, _>>()
             .map_err(SyncError::io(&abs_dir))?;
-        names.sort();
-        for name in names {
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, dir_entry) in names {
             let rel = rel_dir.join(&name);
             let abs = root.join(&rel);
-            let meta = std::fs::symlink_metadata(&abs).map_err(SyncError::io(&abs))?;
+            // lstat relative to the open directory: no path walk from the root per file.
+            let meta = dir_entry.metadata().map_err(SyncError::io(&abs))?;
             let ft = meta.file_type();
             if excludes.is_excluded(&rel, ft.is_dir()) {
                 continue;

@@ -293,21 +293,25 @@ pub async fn push_with(
         .get("latest")
         .await?
         .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
+    let manifest_from_index = latest
+        .as_ref()
+        .is_some_and(|id| index.manifest.as_ref().is_some_and(|m| &m.id == id));
     let previous = match &latest {
         None => {
             store.ensure_bucket().await?;
             None
         }
-        Some(id) if index.manifest.as_ref().is_some_and(|m| &m.id == id) => index.manifest.take(),
+        Some(_) if manifest_from_index => index.manifest.take(),
         Some(id) => fetch_manifest(&store, Some(id)).await?,
     };
 
     let cache = std::mem::take(&mut index.stat);
     let root = dir.clone();
-    let (scanned, fresh) = blocking(move || {
+    let (scanned, fresh, stat_unchanged) = blocking(move || {
         let mut fresh = StatCache::new();
         let scanned = manifest::scan(&root, &cache, &mut fresh)?;
-        Ok((scanned, fresh))
+        let unchanged = fresh == cache;
+        Ok((scanned, fresh, unchanged))
     })
     .await?;
     index.stat = fresh;
@@ -338,8 +342,12 @@ pub async fn push_with(
             requests: store.requests(),
             duration_ms: started.elapsed().as_millis() as u64,
         };
-        index.manifest = previous;
-        save_index(ipath, index).await;
+        // The index on disk already says exactly this: rewriting it (megabytes of JSON for a
+        // big tree) would be most of a no-op push's time.
+        if !(manifest_from_index && stat_unchanged) {
+            index.manifest = previous;
+            save_index(ipath, index).await;
+        }
         return Ok(report);
     }
 
