@@ -188,10 +188,16 @@ async fn bench_fanout() {
     println!("|---:|---:|---:|---:|");
     for subscribers in [1usize, 100, 1000] {
         let (mut p50, mut p99, mut max) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..REPEATS {
+        for rep in 0..REPEATS {
+            let step = |what: &str| {
+                if std::env::var_os("BENCH_TRACE").is_some() {
+                    eprintln!("fanout {subscribers} #{rep}: {what}");
+                }
+            };
             let dir = tempfile::tempdir().unwrap();
             let app = open_app(dir.path()).await;
             let (server, token) = start_server(app.clone()).await;
+            step("server started");
             let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
                 (0..=EVENTS + 1)
                     .map(|_| std::sync::OnceLock::new())
@@ -201,6 +207,7 @@ async fn bench_fanout() {
             for _ in 0..subscribers {
                 clients.push(RawSse::connect(server.addr, "/stream/p/b", &token, None).await);
             }
+            step("connected");
             // Let every subscription reach the live ring before the first append.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let readers: Vec<_> = clients
@@ -229,15 +236,18 @@ async fn bench_fanout() {
                 assert_eq!(e.id, id);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            step("emitted");
             let mut lat = Vec::new();
             for r in readers {
                 lat.extend(r.await.unwrap());
             }
+            step("read");
             lat.sort();
             p50.push(ms(percentile(&lat, 0.5)));
             p99.push(ms(percentile(&lat, 0.99)));
             max.push(ms(*lat.last().unwrap()));
             server.shutdown().await;
+            step("stopped");
         }
         println!(
             "| {subscribers} | {} | {} | {} |",

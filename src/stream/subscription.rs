@@ -118,22 +118,13 @@ impl Subscription {
                 }
                 received = self.rx.recv() => match received {
                     Ok(frame) => {
-                        // One frame alone (the common case) goes out as the shared bytes every
-                        // subscriber holds, without a copy; several are written as one chunk.
-                        let mut single = None;
-                        self.take_live(&frame, &mut out, &mut single);
+                        self.take_live(&frame, &mut out);
                         while !self.catching_up && out.len() < CHUNK_LIMIT {
                             match self.rx.try_recv() {
-                                Ok(frame) => self.take_live(&frame, &mut out, &mut single),
+                                Ok(frame) => self.take_live(&frame, &mut out),
                                 Err(TryRecvError::Lagged(_)) => self.catching_up = true,
                                 Err(_) => break,
                             }
-                        }
-                        if let Some(bytes) = single {
-                            if out.is_empty() && !self.catching_up {
-                                return Some(bytes);
-                            }
-                            out.extend_from_slice(&bytes);
                         }
                     }
                     Err(RecvError::Lagged(_)) => self.catching_up = true,
@@ -146,21 +137,12 @@ impl Subscription {
         }
     }
 
-    /// Take a live frame: the first one into `single` when nothing else is pending, the
-    /// others (and then that one too, in order) into `out`.
-    fn take_live(&mut self, frame: &Frame, out: &mut BytesMut, single: &mut Option<Bytes>) {
+    fn take_live(&mut self, frame: &Frame, out: &mut BytesMut) {
         if frame.id <= self.last_sent {
             return;
         }
         if frame.id == self.last_sent + 1 {
-            if out.is_empty() && single.is_none() {
-                *single = Some(frame.bytes.clone());
-            } else {
-                if let Some(first) = single.take() {
-                    out.extend_from_slice(&first);
-                }
-                out.extend_from_slice(&frame.bytes);
-            }
+            out.extend_from_slice(&frame.bytes);
             self.last_sent = frame.id;
         } else {
             self.catching_up = true;
