@@ -306,8 +306,11 @@ impl RawSse {
             let n = tokio::time::timeout(Duration::from_secs(30), self.conn.read(&mut chunk))
                 .await
                 .unwrap_or_else(|_| {
-                    let tail = String::from_utf8_lossy(&self.buf[self.buf.len().saturating_sub(300)..]);
-                    panic!("no bytes for 30 s while waiting for id {last}; buffer ends with {tail:?}")
+                    let tail =
+                        String::from_utf8_lossy(&self.buf[self.buf.len().saturating_sub(300)..]);
+                    panic!(
+                        "no bytes for 30 s while waiting for id {last}; buffer ends with {tail:?}"
+                    )
                 })
                 .unwrap();
             assert!(n > 0, "stream ended");

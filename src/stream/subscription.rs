@@ -23,6 +23,9 @@ use super::{Frame, encode_frame};
 
 /// Events read from redb per page.
 const PAGE: usize = 1024;
+/// The first page of a replay is small, so that every one of many clients resuming at once
+/// gets its first events quickly; later pages are full.
+const FIRST_PAGE: usize = 32;
 /// A chunk written to the socket is cut at about this size.
 const CHUNK_LIMIT: usize = 256 * 1024;
 /// Browser reconnect delay hint.
@@ -45,6 +48,8 @@ pub struct Subscription {
     heartbeat: Duration,
     last_sent: u64,
     catching_up: bool,
+    /// Pages read from redb so far.
+    pages: u64,
     preamble: Option<Bytes>,
     done: bool,
 }
@@ -74,6 +79,7 @@ impl Subscription {
             heartbeat,
             last_sent,
             catching_up,
+            pages: 0,
             preamble: Some(Bytes::from(format!("retry: {RETRY_MS}\n: connected\n\n"))),
             done: false,
         })
@@ -152,7 +158,10 @@ impl Subscription {
     /// Append events after `last_sent` from redb until caught up or the chunk is full.
     async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), StorageError> {
         while self.catching_up && out.len() < CHUNK_LIMIT {
-            let (meta, events) = read_page(&self.store, &self.key, self.last_sent + 1).await?;
+            let limit = if self.pages == 0 { FIRST_PAGE } else { PAGE };
+            self.pages += 1;
+            let (meta, events) =
+                read_page(&self.store, &self.key, self.last_sent + 1, limit).await?;
             if self.last_sent > meta.last_id() {
                 // The client knows ids this log never had (e.g. the store was replaced).
                 self.reset(out, meta.last_id(), "cursor_ahead", &meta);
@@ -181,6 +190,10 @@ impl Subscription {
                     kind: "event",
                     message: format!("stream {} has no event {}", self.key, before + 1),
                 });
+            }
+            if self.pages == 1 {
+                // The first events go out on their own.
+                break;
             }
         }
         Ok(())
@@ -211,13 +224,20 @@ async fn read_page(
     store: &Store,
     key: &StreamKey,
     from_id: u64,
+    limit: usize,
 ) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
     let store = store.clone();
     let key = key.clone();
     tokio::task::spawn_blocking(move || {
         let rtx = store.begin_read()?;
         let meta = read_meta(&rtx, &key)?;
-        let events = read_range(&rtx, &key, from_id.max(meta.first_id), meta.last_id(), PAGE)?;
+        let events = read_range(
+            &rtx,
+            &key,
+            from_id.max(meta.first_id),
+            meta.last_id(),
+            limit,
+        )?;
         Ok((meta, events))
     })
     .await
