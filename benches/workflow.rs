@@ -293,12 +293,8 @@ fn bench_concurrent(rt: &tokio::runtime::Runtime, scripts: &Path) {
 }
 
 impl Server {
-    fn run_owned(
-        &self,
-        branch: String,
-        model: String,
-    ) -> impl std::future::Future<Output = Duration> + '_ {
-        async move { self.run(&branch, &model).await }
+    async fn run_owned(&self, branch: String, model: String) -> Duration {
+        self.run(&branch, &model).await
     }
 }
 
