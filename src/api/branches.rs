@@ -79,22 +79,6 @@ impl SyncView {
     }
 }
 
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[salvo(schema(name = SyncReport))]
-pub struct SyncReportView {
-    pub bucket: String,
-    pub snapshot_id: String,
-    /// The directory matched the latest snapshot: nothing was written.
-    pub unchanged: bool,
-    pub files: u64,
-    pub bytes: u64,
-    pub uploaded_objects: u64,
-    pub uploaded_bytes: u64,
-    pub requests: u64,
-    pub duration_ms: u64,
-}
-
 impl From<BranchRecord> for BranchView {
     fn from(b: BranchRecord) -> Self {
         Self {
@@ -246,19 +230,10 @@ pub async fn get_branch(
 pub async fn sync_branch(
     req: &mut Request,
     depot: &mut Depot,
-) -> Result<Json<SyncReportView>, ApiError> {
+) -> Result<Json<crate::sync::PushReport>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let project_id = check_id(
-        "projectId",
-        req.param::<&str>("projectId").unwrap_or_default(),
-    )?
-    .to_string();
-    let branch_id = check_id(
-        "branchId",
-        req.param::<&str>("branchId").unwrap_or_default(),
-    )?
-    .to_string();
+    let (project_id, branch_id) = super::path_ids(req)?;
     // No body is needed; a JSON one may be sent, and must then be the empty object `{}`.
     if req.headers().contains_key("content-type") {
         let body: serde_json::Map<String, serde_json::Value> =
@@ -293,7 +268,7 @@ pub async fn sync_branch(
     }
     auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
     crate::registry::touch_branch(&app.store, &project_id, &branch_id);
-    let r = app
+    let report = app
         .syncer
         .push_branch(
             &app,
@@ -303,15 +278,5 @@ pub async fn sync_branch(
             false,
         )
         .await?;
-    Ok(Json(SyncReportView {
-        bucket: r.bucket,
-        snapshot_id: r.snapshot_id,
-        unchanged: r.unchanged,
-        files: r.files,
-        bytes: r.bytes,
-        uploaded_objects: r.uploaded_objects,
-        uploaded_bytes: r.uploaded_bytes,
-        requests: r.requests,
-        duration_ms: r.duration_ms,
-    }))
+    Ok(Json(report))
 }

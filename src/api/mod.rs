@@ -165,3 +165,18 @@ pub fn service(app: Arc<App>) -> Service {
         .hoop(cors)
         .catcher(Catcher::new(JsonCatcher))
 }
+
+/// The `projectId` and `branchId` path parameters of a branch route, validated.
+fn path_ids(req: &salvo::Request) -> Result<(String, String), ApiError> {
+    let p = crate::ids::check_id(
+        "projectId",
+        req.param::<&str>("projectId").unwrap_or_default(),
+    )?
+    .to_string();
+    let b = crate::ids::check_id(
+        "branchId",
+        req.param::<&str>("branchId").unwrap_or_default(),
+    )?
+    .to_string();
+    Ok((p, b))
+}

@@ -8,7 +8,6 @@ use futures_util::StreamExt;
 
 use crate::auth;
 use crate::error::ApiError;
-use crate::ids::check_id;
 use crate::stream::Cursor;
 
 /// Parse a resume cursor: decimal u64.
@@ -61,16 +60,7 @@ pub async fn stream(
     res: &mut Response,
 ) -> Result<(), ApiError> {
     let app = super::app(depot)?;
-    let project_id = check_id(
-        "projectId",
-        req.param::<&str>("projectId").unwrap_or_default(),
-    )?
-    .to_string();
-    let branch_id = check_id(
-        "branchId",
-        req.param::<&str>("branchId").unwrap_or_default(),
-    )?
-    .to_string();
+    let (project_id, branch_id) = super::path_ids(req)?;
     let cursor = request_cursor(req)?;
     let principal = auth::principal(depot)?;
     auth::require_branch(&app, &principal, &project_id, &branch_id).await?;

@@ -72,20 +72,6 @@ impl From<VersionRecord> for VersionView {
     }
 }
 
-fn path_ids(req: &Request) -> Result<(String, String), ApiError> {
-    let p = check_id(
-        "projectId",
-        req.param::<&str>("projectId").unwrap_or_default(),
-    )?
-    .to_string();
-    let b = check_id(
-        "branchId",
-        req.param::<&str>("branchId").unwrap_or_default(),
-    )?
-    .to_string();
-    Ok((p, b))
-}
-
 /// Versions of a branch, oldest first.
 #[endpoint(
     tags("versions"),
@@ -97,7 +83,7 @@ pub async fn list_versions(
 ) -> Result<Json<Vec<VersionView>>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let (p, b) = path_ids(req)?;
+    let (p, b) = super::path_ids(req)?;
     auth::require_branch(&app, &principal, &p, &b).await?;
     branches::ensure_present(&app, &p, &b).await?;
     let store = app.store.clone();
@@ -132,7 +118,7 @@ pub async fn version_diff(
 ) -> Result<Json<VersionDiff>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let (p, b) = path_ids(req)?;
+    let (p, b) = super::path_ids(req)?;
     let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
     auth::require_branch(&app, &principal, &p, &b).await?;
     branches::ensure_present(&app, &p, &b).await?;
@@ -174,7 +160,7 @@ pub async fn create_version(
 ) -> Result<Json<VersionCreated>, ApiError> {
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
-    let (p, b) = path_ids(req)?;
+    let (p, b) = super::path_ids(req)?;
     let body: CreateVersion = json_body(req, app.config.max_body_bytes).await?;
     let message = body.message.trim();
     if message.is_empty() || message.len() > 2000 {

@@ -65,8 +65,10 @@ impl SyncError {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// What a push did (the `POST .../sync` answer and the `sync` event's fields).
+#[derive(Debug, Clone, Serialize, salvo::oapi::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[salvo(schema(name = SyncReport))]
 pub struct PushReport {
     pub bucket: String,
     pub snapshot_id: String,
