@@ -7,6 +7,8 @@
 //! except under `CI=true`, where it fails.
 
 mod common;
+#[path = "common/tree.rs"]
+mod tree;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -17,7 +19,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use weldr_agent::app::App;
-use weldr_agent::sync::manifest;
 use weldr_storage::model;
 use weldr_storage::writer::now_ms;
 
@@ -100,56 +101,9 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Everything in a tree: kind, mode, content hash or link target.
+/// Everything in a branch directory.
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for name in names {
-            let r = rel.join(&name);
-            let abs = root.join(&r);
-            let meta = std::fs::symlink_metadata(&abs).unwrap();
-            let mode = meta.permissions().mode() & 0o7777;
-            let key = r.to_string_lossy().into_owned();
-            if meta.file_type().is_symlink() {
-                let t = std::fs::read_link(&abs).unwrap();
-                out.insert(key, format!("link {}", t.display()));
-            } else if meta.is_dir() {
-                out.insert(key, format!("dir {mode:o}"));
-                walk(root, &r, out);
-            } else {
-                let data = std::fs::read(&abs).unwrap();
-                out.insert(
-                    key,
-                    format!(
-                        "file {mode:o} {} {}",
-                        data.len(),
-                        manifest::hash_bytes(&data)
-                    ),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, Path::new(""), &mut out);
-    out
-}
-
-fn assert_same(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>, what: &str) {
-    let diff: Vec<String> = a
-        .keys()
-        .chain(b.keys())
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: {:?} vs {:?}", a.get(k), b.get(k)))
-        .collect();
-    assert!(
-        diff.is_empty(),
-        "{what}: trees differ:\n{}",
-        diff.join("\n")
-    );
+    tree::tree(root, &[])
 }
 
 /// A branch's content: a committed text file, an executable, a symlink, an empty directory, and
@@ -331,7 +285,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     // Kept: the failed push, the busy ones, the recent one, and the one not needed.
     for b in ["bfail", "b1", "b2", "b4", "b5"] {
         let dir = weldr_agent::branches::branch_dir(&config, p, b);
-        assert_same(&tree(&dir), &trees[b], b);
+        tree::assert_same(&tree(&dir), &trees[b], b);
     }
     let (_, view) = get_json(&s, "/projects/proj/branches/bfail").await;
     assert_eq!(view["state"], "active");
@@ -357,7 +311,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     let (status, versions) = get_json(&s, "/projects/proj/branches/b0/versions").await;
     assert_eq!(status, 200, "{versions}");
     let b0 = weldr_agent::branches::branch_dir(&config, p, "b0");
-    assert_same(&tree(&b0), &trees["b0"], "b0 restored");
+    tree::assert_same(&tree(&b0), &trees["b0"], "b0 restored");
     git(&b0, &["fsck", "--full", "--strict"]);
     assert_eq!(
         git(&b0, &["log", "--format=%s"]).lines().next(),
@@ -368,7 +322,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     // ... and a stream connect, which sees the `sync` events of the push and the restore.
     let mut stream = s.sse("/stream/proj/b3", Some("0")).await;
     let b3 = weldr_agent::branches::branch_dir(&config, p, "b3");
-    assert_same(&tree(&b3), &trees["b3"], "b3 restored");
+    tree::assert_same(&tree(&b3), &trees["b3"], "b3 restored");
     git(&b3, &["fsck", "--full", "--strict"]);
     let mut seen = Vec::new();
     while seen.len() < 3 {

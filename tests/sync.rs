@@ -5,6 +5,9 @@
 //! it, outside CI, each test starts `python3 -m moto.server` on a free port itself; in CI a
 //! missing endpoint fails the test.
 
+#[path = "common/tree.rs"]
+mod tree;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -113,58 +116,15 @@ fn git(dir: &Path, args: &[&str]) -> String {
 
 /// Everything in a tree except `node_modules` (excluded): kind, mode, content or link target.
 fn tree(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, String>) {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        for name in names {
-            if name == "node_modules" {
-                continue;
-            }
-            let r = rel.join(&name);
-            let abs = root.join(&r);
-            let meta = std::fs::symlink_metadata(&abs).unwrap();
-            let mode = meta.permissions().mode() & 0o7777;
-            let key = r.to_string_lossy().into_owned();
-            if meta.file_type().is_symlink() {
-                let t = std::fs::read_link(&abs).unwrap();
-                out.insert(key, format!("link {}", t.display()));
-            } else if meta.is_dir() {
-                out.insert(key, format!("dir {mode:o}"));
-                walk(root, &r, out);
-            } else {
-                let data = std::fs::read(&abs).unwrap();
-                out.insert(
-                    key,
-                    format!(
-                        "file {mode:o} {} {}",
-                        data.len(),
-                        manifest::hash_bytes(&data)
-                    ),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, Path::new(""), &mut out);
-    out
+    tree::tree(root, &["node_modules"])
 }
 
-/// Compare two trees, printing only the differences.
 fn assert_same_tree(a: &Path, b: &Path) {
     assert_same(&tree(a), &tree(b));
 }
 
 fn assert_same(ta: &BTreeMap<String, String>, tb: &BTreeMap<String, String>) {
-    let diff: Vec<String> = ta
-        .keys()
-        .chain(tb.keys())
-        .filter(|k| ta.get(*k) != tb.get(*k))
-        .map(|k| format!("{k}: {:?} vs {:?}", ta.get(k), tb.get(k)))
-        .collect();
-    assert!(diff.is_empty(), "trees differ:\n{}", diff.join("\n"));
+    tree::assert_same(ta, tb, "restore");
 }
 
 fn set_mode(path: &Path, mode: u32) {
