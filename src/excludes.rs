@@ -54,6 +54,12 @@ impl Excludes {
             .matched_path_or_any_parents(rel, is_dir)
             .is_ignore()
     }
+
+    /// Is the relative path excluded, for a walk that never enters an excluded directory (so
+    /// the parents need no second look)? A fraction of [`Self::is_excluded`]'s cost.
+    pub fn is_excluded_here(&self, rel: &Path, is_dir: bool) -> bool {
+        self.matcher.matched(rel, is_dir).is_ignore()
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +82,15 @@ mod tests {
         ] {
             assert!(ex.is_excluded(Path::new(path), is_dir), "{path}");
         }
+        // A walk that stops at excluded directories sees the same with the cheaper check.
+        for (path, is_dir) in [
+            ("node_modules", true),
+            ("a/debug.log", false),
+            ("secret", true),
+        ] {
+            assert!(ex.is_excluded_here(Path::new(path), is_dir), "{path}");
+        }
+        assert!(!ex.is_excluded_here(Path::new("src/main.rs"), false));
         for (path, is_dir) in [
             ("src/main.rs", false),
             (".git", true),

@@ -433,6 +433,71 @@ async fn fs_backend_round_trip_in_local_mode() {
     assert!(again.unchanged && again.requests <= 2, "{again:?}");
 }
 
+/// The local index (last snapshot, tree digest, stat cache, cached manifest) only ever saves
+/// work: a corrupt or missing index, a stale manifest cache or another machine's push must
+/// never turn a changed tree into a "no-op" or lose content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_index_is_only_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = Config::for_workspace(tmp.path());
+    let dir = weldr_agent::branches::branch_dir(&config, "proj", "b");
+    populate(&dir);
+    let first = sync::push(&config, "proj", "b").await.unwrap();
+    let noop = sync::push(&config, "proj", "b").await.unwrap();
+    assert!(noop.unchanged && noop.requests == 1, "{noop:?}");
+    assert_eq!(noop.snapshot_id, first.snapshot_id);
+
+    // A corrupt index: the store's manifest is read again, nothing is uploaded, and the index
+    // is whole afterwards.
+    let index_dir = config.data_dir.join("sync/proj");
+    std::fs::write(index_dir.join("b.idx"), b"\xa7\x01garbage").unwrap();
+    let relearn = sync::push(&config, "proj", "b").await.unwrap();
+    assert!(
+        relearn.unchanged && relearn.uploaded_objects == 0,
+        "{relearn:?}"
+    );
+    assert_eq!(relearn.snapshot_id, first.snapshot_id);
+    let noop = sync::push(&config, "proj", "b").await.unwrap();
+    assert!(noop.unchanged && noop.requests == 1, "{noop:?}");
+
+    // A missing manifest cache and a change: the push reads the manifest from the store and
+    // still uploads only what changed (the 9 MiB file is not sent again).
+    std::fs::remove_file(index_dir.join("b.manifest.json")).unwrap();
+    std::fs::write(dir.join("README.md"), "# changed\n").unwrap();
+    let changed = sync::push(&config, "proj", "b").await.unwrap();
+    assert!(!changed.unchanged, "{changed:?}");
+    assert!(changed.uploaded_bytes < 1 << 20, "{changed:?}");
+
+    // Another machine (its own workspace and index, the same store) pulls, changes and pushes.
+    let other_base = tempfile::tempdir().unwrap();
+    let mut other = Config::for_workspace(other_base.path());
+    other.object_store_dir = config.object_store_dir.clone();
+    let other_dir = weldr_agent::branches::branch_dir(&other, "proj", "b");
+    sync::pull_into(&other, "proj", "b", None, &other_dir)
+        .await
+        .unwrap();
+    let noop = sync::push(&other, "proj", "b").await.unwrap();
+    assert!(
+        noop.unchanged && noop.requests == 1,
+        "a pull leaves a usable index: {noop:?}"
+    );
+    std::fs::write(other_dir.join("src/other.rs"), "// other\n").unwrap();
+    let theirs = sync::push(&other, "proj", "b").await.unwrap();
+    assert!(!theirs.unchanged);
+
+    // This machine's tree did not change since its own push, but the store moved on: pushing
+    // makes the store hold this tree again.
+    let ours = sync::push(&config, "proj", "b").await.unwrap();
+    assert!(!ours.unchanged, "{ours:?}");
+    assert_ne!(ours.snapshot_id, theirs.snapshot_id);
+    let restore = tmp.path().join("restore");
+    sync::pull_into(&config, "proj", "b", None, &restore)
+        .await
+        .unwrap();
+    assert_same_tree(&restore, &dir);
+    assert!(!restore.join("src/other.rs").exists());
+}
+
 fn cli(config_base: &Path, envs: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_weldr-agent"))
         .env_clear()

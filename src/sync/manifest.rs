@@ -219,51 +219,144 @@ pub fn hash_bytes(data: &[u8]) -> String {
 /// Walk `root` (blocking): every directory, regular file and symlink, sorted by path, minus the
 /// excludes. `cache` (may be empty) avoids re-hashing unchanged files; `fresh` receives the
 /// entries safe to cache (files not modified within the last two seconds).
+///
+/// Directories are shared out to a few threads (stat and hashing latency overlap, and a first
+/// push hashes on every core); the result does not depend on how the work was split.
 pub fn scan(
     root: &Path,
     cache: &StatCache,
     fresh: &mut StatCache,
 ) -> Result<Vec<Scanned>, SyncError> {
-    let excludes = Excludes::for_dir(root);
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let walk = Walk {
+        root,
+        cache,
+        excludes: Excludes::for_dir(root),
+        now_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+        queue: std::sync::Mutex::new(WalkQueue {
+            dirs: vec![PathBuf::new()],
+            busy: 0,
+            failed: false,
+        }),
+        wake: std::sync::Condvar::new(),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_mul(2)
+        .clamp(2, 16);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).map(|_| s.spawn(|| walk.work())).collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(SyncError::Io("a scan thread panicked".into())))
+            })
+            .collect()
+    });
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
-        let abs_dir = root.join(&rel_dir);
-        let mut names: Vec<_> = std::fs::read_dir(&abs_dir)
-            .map_err(SyncError::io(&abs_dir))?
-            .map(|e| e.map(|e| (e.file_name(), e)))
-            .collect::<Result<_, _>>()
-            .map_err(SyncError::io(&abs_dir))?;
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, dir_entry) in names {
-            let rel = rel_dir.join(&name);
-            let abs = root.join(&rel);
+    for result in results {
+        let (scanned, cached) = result?;
+        out.extend(scanned);
+        fresh.extend(cached);
+    }
+    out.sort_unstable_by(|a, b| a.path().cmp(b.path()));
+    Ok(out)
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    cache: &'a StatCache,
+    excludes: Excludes,
+    now_ns: i64,
+    queue: std::sync::Mutex<WalkQueue>,
+    wake: std::sync::Condvar,
+}
+
+struct WalkQueue {
+    /// Directories (relative to the root) not yet read.
+    dirs: Vec<PathBuf>,
+    /// Directories being read right now: the walk is over when none is queued or busy.
+    busy: usize,
+    failed: bool,
+}
+
+impl Walk<'_> {
+    /// One thread's share: (entries found, entries safe to cache).
+    fn work(&self) -> Result<(Vec<Scanned>, StatCache), SyncError> {
+        let (mut out, mut fresh, mut subdirs) = (Vec::new(), StatCache::new(), Vec::new());
+        let lock = || self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let dir = {
+                let mut q = lock();
+                loop {
+                    if q.failed {
+                        // The thread that failed reports the error.
+                        return Ok((out, fresh));
+                    }
+                    if let Some(dir) = q.dirs.pop() {
+                        q.busy += 1;
+                        break dir;
+                    }
+                    if q.busy == 0 {
+                        return Ok((out, fresh));
+                    }
+                    q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let result = self.read_dir(&dir, &mut out, &mut fresh, &mut subdirs);
+            let mut q = lock();
+            q.busy -= 1;
+            if result.is_err() {
+                q.failed = true;
+            }
+            q.dirs.append(&mut subdirs);
+            self.wake.notify_all();
+            result?;
+        }
+    }
+
+    fn read_dir(
+        &self,
+        rel_dir: &Path,
+        out: &mut Vec<Scanned>,
+        fresh: &mut StatCache,
+        subdirs: &mut Vec<PathBuf>,
+    ) -> Result<(), SyncError> {
+        let abs_dir = self.root.join(rel_dir);
+        for dir_entry in std::fs::read_dir(&abs_dir).map_err(SyncError::io(&abs_dir))? {
+            let dir_entry = dir_entry.map_err(SyncError::io(&abs_dir))?;
+            let rel = rel_dir.join(dir_entry.file_name());
             // lstat relative to the open directory: no path walk from the root per file.
-            let meta = dir_entry.metadata().map_err(SyncError::io(&abs))?;
+            let meta = dir_entry
+                .metadata()
+                .map_err(SyncError::io(&dir_entry.path()))?;
             let ft = meta.file_type();
-            if excludes.is_excluded(&rel, ft.is_dir()) {
+            // The walk never enters an excluded directory, so the path itself is all to match.
+            if self.excludes.is_excluded_here(&rel, ft.is_dir()) {
                 continue;
             }
             let path = rel_string(&rel)?;
             let mode = meta.permissions().mode() & 0o7777;
             if ft.is_dir() {
                 out.push(Scanned::Dir { path, mode });
-                stack.push(rel);
+                subdirs.push(rel);
             } else if ft.is_symlink() {
+                let abs = dir_entry.path();
                 let target = std::fs::read_link(&abs).map_err(SyncError::io(&abs))?;
                 let target = rel_string(&target)?;
                 out.push(Scanned::Symlink { path, target });
             } else if ft.is_file() {
                 let key = StatKey::of(&meta);
-                let hash = match cache.get(&path) {
+                let hash = match self.cache.get(&path) {
                     Some((k, h)) if *k == key => h.clone(),
-                    _ => hash_file(&abs)?,
+                    _ => hash_file(&dir_entry.path())?,
                 };
-                if now_ns - key.mtime_ns > 2_000_000_000 && now_ns - key.ctime_ns > 2_000_000_000 {
+                if self.now_ns - key.mtime_ns > 2_000_000_000
+                    && self.now_ns - key.ctime_ns > 2_000_000_000
+                {
                     fresh.insert(path.clone(), (key.clone(), hash.clone()));
                 }
                 out.push(Scanned::File {
@@ -275,42 +368,92 @@ pub fn scan(
             }
             // Sockets, fifos and devices are not part of a workspace snapshot.
         }
+        Ok(())
     }
-    out.sort_by(|a, b| a.path().cmp(b.path()));
-    Ok(out)
 }
 
 /// Does `scanned` describe exactly the manifest's tree (content, modes, links, directories)?
 pub fn matches(manifest: &Manifest, scanned: &[Scanned]) -> bool {
-    manifest.entries.len() == scanned.len()
-        && manifest
-            .entries
-            .iter()
-            .zip(scanned)
-            .all(|(e, s)| match (e, s) {
-                (Entry::Dir { path, mode }, Scanned::Dir { path: p, mode: m }) => {
-                    path == p && mode == m
-                }
-                (Entry::Symlink { path, target }, Scanned::Symlink { path: p, target: t }) => {
-                    path == p && target == t
-                }
-                (
-                    Entry::File {
-                        path,
-                        mode,
-                        size,
-                        hash,
-                        ..
-                    },
-                    Scanned::File {
-                        path: p,
-                        mode: m,
-                        size: s,
-                        hash: h,
-                    },
-                ) => path == p && mode == m && size == s && hash == h,
-                _ => false,
-            })
+    manifest
+        .entries
+        .iter()
+        .map(Entry::item)
+        .eq(scanned.iter().map(Scanned::item))
+}
+
+/// One path of a tree as a snapshot sees it: what [`matches`] compares and [`tree_digest`]
+/// hashes, the same whether it comes from a walk or from a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeItem<'a> {
+    Dir(&'a str, u32),
+    Symlink(&'a str, &'a str),
+    /// path, mode, size, content hash.
+    File(&'a str, u32, u64, &'a str),
+}
+
+impl Entry {
+    pub fn item(&self) -> TreeItem<'_> {
+        match self {
+            Entry::Dir { path, mode } => TreeItem::Dir(path, *mode),
+            Entry::Symlink { path, target } => TreeItem::Symlink(path, target),
+            Entry::File {
+                path,
+                mode,
+                size,
+                hash,
+                ..
+            } => TreeItem::File(path, *mode, *size, hash),
+        }
+    }
+}
+
+impl Scanned {
+    pub fn item(&self) -> TreeItem<'_> {
+        match self {
+            Scanned::Dir { path, mode } => TreeItem::Dir(path, *mode),
+            Scanned::Symlink { path, target } => TreeItem::Symlink(path, target),
+            Scanned::File {
+                path,
+                mode,
+                size,
+                hash,
+            } => TreeItem::File(path, *mode, *size, hash),
+        }
+    }
+}
+
+/// sha256 over a tree's items in order (every field length-prefixed or fixed-width, so no two
+/// different listings encode alike): two trees with equal digests are the same snapshot tree.
+/// The local index keeps the digest of the last snapshot, so a no-op push compares 32 bytes
+/// instead of loading that snapshot's manifest.
+pub fn tree_digest<'a>(items: impl Iterator<Item = TreeItem<'a>>) -> [u8; 32] {
+    fn text(h: &mut Sha256, s: &str) {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    let mut h = Sha256::new();
+    for item in items {
+        match item {
+            TreeItem::Dir(path, mode) => {
+                h.update([b'd']);
+                text(&mut h, path);
+                h.update(mode.to_le_bytes());
+            }
+            TreeItem::Symlink(path, target) => {
+                h.update([b'l']);
+                text(&mut h, path);
+                text(&mut h, target);
+            }
+            TreeItem::File(path, mode, size, hash) => {
+                h.update([b'f']);
+                text(&mut h, path);
+                h.update(mode.to_le_bytes());
+                h.update(size.to_le_bytes());
+                text(&mut h, hash);
+            }
+        }
+    }
+    h.finalize().into()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! branch directory. See [`manifest`] for the layout.
 
 pub mod dirty;
+mod index;
 pub mod manifest;
 pub mod store;
 pub mod syncer;
@@ -18,13 +19,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::branches::branch_dir;
 use crate::config::Config;
 use crate::excludes::Excludes;
+use index::{IndexFiles, LocalIndex};
 use manifest::{Entry, Loc, Manifest, Scanned, StatCache};
 pub use store::{Store, bucket_name};
 
@@ -147,23 +149,6 @@ pub struct PullOptions {
     pub progress: Option<Progress>,
 }
 
-/// What this machine knows the store holds: the last snapshot it pushed or pulled, so a no-op
-/// push costs one request, plus the stat cache that saves re-hashing.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct LocalIndex {
-    store: String,
-    manifest: Option<Manifest>,
-    stat: StatCache,
-}
-
-fn index_path(config: &Config, project_id: &str, branch_id: &str) -> PathBuf {
-    config
-        .data_dir
-        .join("sync")
-        .join(project_id)
-        .join(format!("{branch_id}.json"))
-}
-
 fn store_identity(config: &Config, store: &Store) -> String {
     match &config.s3.access_key_id {
         Some(_) => format!("s3:{}/{}", config.s3.endpoint, store.bucket),
@@ -171,39 +156,6 @@ fn store_identity(config: &Config, store: &Store) -> String {
             "fs:{}",
             config.object_store_dir.join(&store.bucket).display()
         ),
-    }
-}
-
-async fn load_index(path: PathBuf, identity: &str) -> LocalIndex {
-    let loaded = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(path).ok()?;
-        serde_json::from_slice::<LocalIndex>(&bytes).ok()
-    })
-    .await
-    .ok()
-    .flatten();
-    match loaded {
-        Some(index) if index.store == identity => index,
-        _ => LocalIndex {
-            store: identity.to_string(),
-            ..Default::default()
-        },
-    }
-}
-
-/// Best effort: a lost index only costs a re-hash and one more request.
-async fn save_index(path: PathBuf, index: LocalIndex) {
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec(&index).unwrap_or_default())?;
-        std::fs::rename(&tmp, &path)
-    })
-    .await;
-    if !matches!(result, Ok(Ok(()))) {
-        tracing::warn!("could not save the local sync index: {result:?}");
     }
 }
 
@@ -286,26 +238,14 @@ pub async fn push_with(
         )));
     }
     let store = Store::open(config, project_id, branch_id)?;
-    let identity = store_identity(config, &store);
-    let ipath = index_path(config, project_id, branch_id);
-    let mut index = load_index(ipath.clone(), &identity).await;
+    let files_at = IndexFiles::new(config, project_id, branch_id);
+    let mut index = files_at.load(&store_identity(config, &store)).await;
 
     // 1 request: where is the store now?
     let latest = store
         .get("latest")
         .await?
         .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
-    let manifest_from_index = latest
-        .as_ref()
-        .is_some_and(|id| index.manifest.as_ref().is_some_and(|m| &m.id == id));
-    let previous = match &latest {
-        None => {
-            store.ensure_bucket().await?;
-            None
-        }
-        Some(_) if manifest_from_index => index.manifest.take(),
-        Some(id) => fetch_manifest(&store, Some(id)).await?,
-    };
 
     let cache = std::mem::take(&mut index.stat);
     let root = dir.clone();
@@ -317,6 +257,7 @@ pub async fn push_with(
     })
     .await?;
     index.stat = fresh;
+    let digest = manifest::tree_digest(scanned.iter().map(Scanned::item));
 
     let files = scanned
         .iter()
@@ -329,28 +270,47 @@ pub async fn push_with(
             _ => 0,
         })
         .sum();
+    let unchanged = |snapshot_id: String| PushReport {
+        bucket: store.bucket.clone(),
+        snapshot_id,
+        unchanged: true,
+        files,
+        bytes,
+        uploaded_objects: 0,
+        uploaded_bytes: 0,
+        requests: store.requests(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
 
+    // The tree is the one this machine last pushed or pulled, and that is still the latest
+    // snapshot: nothing to do, and nothing more to read.
+    let known_latest = matches!((&latest, &index.snapshot), (Some(l), Some((id, _))) if l == id);
+    if known_latest && index.snapshot.as_ref().is_some_and(|(_, d)| *d == digest) {
+        let id = latest.unwrap_or_default();
+        if !stat_unchanged {
+            files_at.save(index, None).await;
+        }
+        return Ok(unchanged(id));
+    }
+
+    let previous = match &latest {
+        None => {
+            store.ensure_bucket().await?;
+            None
+        }
+        Some(id) if known_latest => match files_at.load_manifest(id).await {
+            Some(m) => Some(m),
+            None => fetch_manifest(&store, Some(id)).await?,
+        },
+        Some(id) => fetch_manifest(&store, Some(id)).await?,
+    };
     if let Some(prev) = &previous
         && manifest::matches(prev, &scanned)
     {
-        let report = PushReport {
-            bucket: store.bucket.clone(),
-            snapshot_id: prev.id.clone(),
-            unchanged: true,
-            files,
-            bytes,
-            uploaded_objects: 0,
-            uploaded_bytes: 0,
-            requests: store.requests(),
-            duration_ms: started.elapsed().as_millis() as u64,
-        };
-        // The index on disk already says exactly this: rewriting it (megabytes of JSON for a
-        // big tree) would be most of a no-op push's time.
-        if !(manifest_from_index && stat_unchanged) {
-            index.manifest = previous;
-            save_index(ipath, index).await;
-        }
-        return Ok(report);
+        // Someone else pushed this very tree, or the index was lost: remember it now.
+        index.snapshot = Some((prev.id.clone(), digest));
+        files_at.save(index, Some(prev)).await;
+        return Ok(unchanged(prev.id.clone()));
     }
 
     // Content the store already has, by hash.
@@ -493,8 +453,8 @@ pub async fn push_with(
         requests: store.requests(),
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    index.manifest = Some(m);
-    save_index(ipath, index).await;
+    index.snapshot = Some((m.id.clone(), digest));
+    files_at.save(index, Some(&m)).await;
     Ok(report)
 }
 
@@ -773,13 +733,17 @@ pub async fn pull_into_with(
         duration_ms: started.elapsed().as_millis() as u64,
     };
     if target == branch_dir(config, project_id, branch_id) {
-        let identity = store_identity(config, &store);
         let index = LocalIndex {
-            store: identity,
-            manifest: Some(m),
+            store: store_identity(config, &store),
+            snapshot: Some((
+                m.id.clone(),
+                manifest::tree_digest(m.entries.iter().map(Entry::item)),
+            )),
             stat,
         };
-        save_index(index_path(config, project_id, branch_id), index).await;
+        IndexFiles::new(config, project_id, branch_id)
+            .save(index, Some(&m))
+            .await;
     }
     Ok(report)
 }
