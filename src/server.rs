@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use salvo::conn::rustls::{Keycert, RustlsConfig};
-use salvo::conn::tcp::TcpAcceptor;
 use salvo::conn::{Acceptor, Listener};
 use salvo::prelude::*;
 use salvo::server::ServerHandle;
@@ -77,7 +76,9 @@ pub fn start_on(
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<RunningServer> {
     let addr = listener.local_addr()?;
-    let acceptor = TcpAcceptor::try_from(listener)?;
+    // Stream requests are answered on the raw connection (see api::stream_conn); the rest
+    // goes to salvo.
+    let acceptor = crate::api::stream_conn::SplitAcceptor::new(app.clone(), listener)?;
     Ok(spawn_server(app, acceptor, addr, "http"))
 }
 

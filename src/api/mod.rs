@@ -7,6 +7,7 @@ pub mod docs;
 pub mod health;
 pub mod projects;
 pub mod stream;
+pub mod stream_conn;
 pub mod versions;
 pub mod workflows;
 

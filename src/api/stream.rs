@@ -6,9 +6,10 @@ use salvo::prelude::*;
 
 use futures_util::StreamExt;
 
-use crate::auth;
+use crate::app::App;
+use crate::auth::{self, limits::ConnectionGuard};
 use crate::error::ApiError;
-use crate::stream::Cursor;
+use crate::stream::{Cursor, Subscription};
 
 /// Parse a resume cursor: decimal u64.
 pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
@@ -25,16 +26,46 @@ pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
 
 /// The cursor of a request: the `Last-Event-ID` header wins over the `lastEventId` query.
 pub fn request_cursor(req: &Request) -> Result<Cursor, ApiError> {
-    if let Some(header) = req.headers().get("last-event-id") {
+    cursor_of(
+        req.headers().get("last-event-id"),
+        req.queries().get("lastEventId").map(String::as_str),
+    )
+}
+
+/// The cursor from the `Last-Event-ID` header and the `lastEventId` query value.
+pub fn cursor_of(header: Option<&HeaderValue>, query: Option<&str>) -> Result<Cursor, ApiError> {
+    if let Some(header) = header {
         let value = header
             .to_str()
             .map_err(|_| ApiError::bad_request("invalid_cursor", "Last-Event-ID is not ASCII"))?;
         return Ok(Cursor::After(parse_cursor(value)?));
     }
-    match req.queries().get("lastEventId") {
+    match query {
         Some(value) => Ok(Cursor::After(parse_cursor(value)?)),
         None => Ok(Cursor::Live),
     }
+}
+
+/// Everything a stream request does before its first byte: check access, take the user's
+/// stream slot (the operator's local token is not capped), bring an evicted branch back and
+/// subscribe. Shared by this route and the direct path ([`super::stream_conn`]); the slot is
+/// held until the stream ends.
+pub async fn open(
+    app: &App,
+    principal: &auth::Principal,
+    project_id: &str,
+    branch_id: &str,
+    cursor: Cursor,
+) -> Result<(Subscription, Option<ConnectionGuard>), ApiError> {
+    auth::require_branch(app, principal, project_id, branch_id).await?;
+    let slot = if principal.is_operator() {
+        None
+    } else {
+        Some(app.stream_limiter.acquire(&principal.user_id)?)
+    };
+    crate::branches::ensure_present(app, project_id, branch_id).await?;
+    let subscription = app.subscribe(project_id, branch_id, cursor).await?;
+    Ok((subscription, slot))
 }
 
 /// Subscribe to a branch's events.
@@ -63,15 +94,7 @@ pub async fn stream(
     let (project_id, branch_id) = super::path_ids(req)?;
     let cursor = request_cursor(req)?;
     let principal = auth::principal(depot)?;
-    auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
-    // The machine's operator (local token) is not capped; users are.
-    let slot = if principal.is_operator() {
-        None
-    } else {
-        Some(app.stream_limiter.acquire(&principal.user_id)?)
-    };
-    crate::branches::ensure_present(&app, &project_id, &branch_id).await?;
-    let subscription = app.subscribe(&project_id, &branch_id, cursor).await?;
+    let (subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -72,7 +72,17 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub async fn authenticate(&self, store: &Store, req: &Request) -> Result<Principal, ApiError> {
-        if let Some(header) = req.headers().get("authorization") {
+        self.authenticate_headers(store, req.headers()).await
+    }
+
+    /// [`Self::authenticate`] from the request's headers alone (the direct SSE path has no
+    /// salvo request).
+    pub async fn authenticate_headers(
+        &self,
+        store: &Store,
+        headers: &salvo::http::HeaderMap,
+    ) -> Result<Principal, ApiError> {
+        if let Some(header) = headers.get("authorization") {
             let header = header
                 .to_str()
                 .map_err(|_| unauthorized("malformed Authorization header"))?;
@@ -90,8 +100,7 @@ impl Authenticator {
                 None => Err(unauthorized("malformed or badly signed bearer token")),
             };
         }
-        let cookies = req
-            .headers()
+        let cookies = headers
             .get_all("cookie")
             .iter()
             .filter_map(|v| v.to_str().ok())

@@ -85,6 +85,12 @@ impl Subscription {
         })
     }
 
+    /// The `retry:` hint and the connected comment, for a writer that sends them with the
+    /// response head; [`Self::next_chunk`] sends them first otherwise.
+    pub fn take_preamble(&mut self) -> Option<Bytes> {
+        self.preamble.take()
+    }
+
     pub fn last_sent(&self) -> u64 {
         self.last_sent
     }

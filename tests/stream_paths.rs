@@ -1,0 +1,302 @@
+//! A stream request is served on the raw connection when it is the connection's first request
+//! (`api::stream_conn`), and by the salvo route otherwise (a keep-alive connection, TLS). The
+//! two must be indistinguishable to a client: same status, headers that matter, errors and
+//! bytes. Raw TCP on both sides, so which path serves is certain.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw HTTP/1.1 connection with a read buffer.
+struct Conn {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+struct Head {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Conn {
+    async fn open(url: &str) -> Conn {
+        let addr = url.trim_start_matches("http://");
+        Conn {
+            tcp: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk))
+            .await
+            .expect("the server answers")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn send(&mut self, request: &str) {
+        self.tcp.write_all(request.as_bytes()).await.unwrap();
+    }
+
+    async fn head(&mut self) -> Head {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8(self.buf.drain(..end + 4).collect()).unwrap();
+                let mut lines = text.split("\r\n");
+                let status = lines.next().unwrap().split(' ').nth(1).unwrap();
+                let headers = lines
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let (k, v) = l.split_once(':').unwrap();
+                        (k.trim().to_ascii_lowercase(), v.trim().to_string())
+                    })
+                    .collect();
+                return Head {
+                    status: status.parse().unwrap(),
+                    headers,
+                };
+            }
+            assert!(
+                self.fill().await,
+                "connection closed before the response head"
+            );
+        }
+    }
+
+    /// A whole response body (content-length or chunked to its end).
+    async fn body(&mut self, head: &Head) -> Vec<u8> {
+        if let Some(len) = head.get("content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                assert!(self.fill().await);
+            }
+            return self.buf.drain(..len).collect();
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            body.extend(chunk);
+        }
+        body
+    }
+
+    /// The next chunk of a chunked body; None at its end.
+    async fn chunk(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let size = std::str::from_utf8(&self.buf[..eol]).unwrap();
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                if self.buf.len() >= eol + 2 + size + 2 {
+                    let chunk = self.buf[eol + 2..eol + 2 + size].to_vec();
+                    assert_eq!(&self.buf[eol + 2 + size..eol + 4 + size], b"\r\n");
+                    self.buf.drain(..eol + 4 + size);
+                    return (size > 0).then_some(chunk);
+                }
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Body bytes until they hold `needle` (the stream stays open).
+    async fn body_until(&mut self, body: &mut Vec<u8>, needle: &str) {
+        while !String::from_utf8_lossy(body).contains(needle) {
+            body.extend(self.chunk().await.expect("the stream ended early"));
+        }
+    }
+}
+
+fn stream_request(path: &str, token: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
+    )
+}
+
+/// A connection already used for one request, so the next one goes to salvo.
+async fn salvo_conn(url: &str) -> Conn {
+    let mut c = Conn::open(url).await;
+    c.send("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let head = c.head().await;
+    assert_eq!(head.status, 200);
+    c.body(&head).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_salvo_streams_are_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    emit_n(s.app(), "p", "b", 50).await;
+    let url = s.server.url();
+    let request = stream_request(
+        "/stream/p/b?lastEventId=999",
+        &s.token,
+        "Last-Event-ID: 0\r\nOrigin: http://localhost:3000\r\n",
+    );
+
+    let mut direct = Conn::open(&url).await;
+    direct.send(&request).await;
+    let mut salvo = salvo_conn(&url).await;
+    salvo.send(&request).await;
+
+    let (dh, sh) = (direct.head().await, salvo.head().await);
+    for h in [&dh, &sh] {
+        assert_eq!(h.status, 200);
+        assert_eq!(h.get("content-type"), Some("text/event-stream"));
+        assert_eq!(h.get("cache-control"), Some("no-cache"));
+        assert_eq!(h.get("transfer-encoding"), Some("chunked"));
+        assert_eq!(
+            h.get("access-control-allow-origin"),
+            Some("http://localhost:3000")
+        );
+        assert_eq!(h.get("access-control-allow-credentials"), Some("true"));
+    }
+
+    // The header wins over the query on both; replay, then live events.
+    let (mut db, mut sb) = (Vec::new(), Vec::new());
+    direct.body_until(&mut db, "\"id\":50,").await;
+    salvo.body_until(&mut sb, "\"id\":50,").await;
+    assert_eq!(db, sb);
+    let text = String::from_utf8(db.clone()).unwrap();
+    assert!(text.starts_with("retry: 2000\n"), "{text}");
+    assert!(text.contains("id: 1\nevent: text\n"));
+    emit_n(s.app(), "p", "b", 5).await;
+    direct.body_until(&mut db, "\"id\":55,").await;
+    salvo.body_until(&mut sb, "\"id\":55,").await;
+    assert_eq!(db, sb);
+    assert_eq!(s.app().bus.total_subscribers(), 2);
+
+    // Shutdown ends both streams: the last chunk, then the connection closes.
+    s.server.shutdown().await;
+    for c in [&mut direct, &mut salvo] {
+        while c.chunk().await.is_some() {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_salvo_refuse_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    let url = s.server.url();
+    let no_auth = "GET /stream/p/b HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string();
+    let cases = [
+        (no_auth, 401, "unauthorized"),
+        (
+            stream_request("/stream/p/nope", &s.token, ""),
+            404,
+            "branch_not_found",
+        ),
+        (
+            stream_request("/stream/nope/b", &s.token, ""),
+            404,
+            "project_not_found",
+        ),
+        (
+            stream_request("/stream/p/b", &s.token, "Last-Event-ID: x1\r\n"),
+            400,
+            "invalid_cursor",
+        ),
+        (
+            stream_request("/stream/p/b?lastEventId=-1", &s.token, ""),
+            400,
+            "invalid_cursor",
+        ),
+        (
+            stream_request(
+                "/stream/p/b?lastEventId=99999999999999999999999",
+                &s.token,
+                "",
+            ),
+            400,
+            "invalid_cursor",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let mut answers = Vec::new();
+        for mut c in [Conn::open(&url).await, salvo_conn(&url).await] {
+            c.send(&request).await;
+            let head = c.head().await;
+            let body: serde_json::Value = serde_json::from_slice(&c.body(&head).await).unwrap();
+            assert_eq!(head.status, status, "{request}: {body}");
+            assert!(
+                head.get("content-type")
+                    .is_some_and(|t| t.starts_with("application/json")),
+                "{request}"
+            );
+            assert_eq!(body["error"]["code"], code, "{request}: {body}");
+            answers.push(body);
+        }
+        assert_eq!(answers[0], answers[1], "{request}");
+    }
+    assert_eq!(s.app().bus.total_subscribers(), 0);
+    // Requests the direct path does not take still get salvo's answers on a fresh connection.
+    for (request, status) in [
+        ("GET /stream/p/b HTTP/1.0\r\n\r\n", 401),
+        ("GET /stream/p/b/extra HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (
+            "GET /stream/p/b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+            401,
+        ),
+    ] {
+        let mut c = Conn::open(&url).await;
+        c.send(request).await;
+        assert_eq!(c.head().await.status, status, "{request}");
+    }
+    let health = s.http.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_releases_its_subscription() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    let url = s.server.url();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut c = Conn::open(&url).await;
+        c.send(&stream_request("/stream/p/b", &s.token, "")).await;
+        assert_eq!(c.head().await.status, 200);
+        conns.push(c);
+    }
+    assert_eq!(s.app().bus.total_subscribers(), 10);
+    conns.truncate(3);
+    // No event is sent, so only noticing the hang-up frees them (not a failed write).
+    let mut waited = 0;
+    while s.app().bus.total_subscribers() != 3 {
+        assert!(
+            waited < 200,
+            "{} subscribers left",
+            s.app().bus.total_subscribers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    // The rest still stream.
+    emit_n(s.app(), "p", "b", 1).await;
+    for c in &mut conns {
+        let mut body = Vec::new();
+        c.body_until(&mut body, "\"id\":1,").await;
+    }
+    s.server.shutdown().await;
+}
