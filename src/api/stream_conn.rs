@@ -160,7 +160,8 @@ struct StreamRequest {
 /// stream request, None for everything that salvo must see.
 async fn classify(conn: &TcpStream) -> Option<StreamRequest> {
     const PREFIX: &[u8] = b"GET /stream/";
-    let mut buf = vec![0u8; PEEK_LIMIT];
+    // Most heads fit the small buffer; a bigger one (long cookies) gets the large one.
+    let mut buf = vec![0u8; 4096];
     let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -177,7 +178,11 @@ async fn classify(conn: &TcpStream) -> Option<StreamRequest> {
             return parse(seen);
         }
         if n == buf.len() {
-            return None;
+            if buf.len() >= PEEK_LIMIT {
+                return None;
+            }
+            buf.resize(PEEK_LIMIT, 0);
+            continue;
         }
         // The rest of the head is still on its way: peek again shortly.
         if tokio::time::Instant::now() + pause >= deadline {

@@ -785,18 +785,30 @@ async fn stage(
             .into_iter()
             .map(|(pack, idxs)| Fetch::Pack(pack.to_string(), idxs)),
     );
+    // After the first failure no new download starts, but the ones under way are waited
+    // for: their file writes run on threads that dropping the future would not stop, and the
+    // caller removes the staging directory as soon as this returns.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let failed = &failed;
     let mut results = futures_util::stream::iter(jobs)
         .map(|job| async move {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             match job {
                 Fetch::Pack(pack, idxs) => fetch_pack(store, m, staging, &pack, idxs, meter).await,
                 Fetch::Object(i) => fetch_object(store, m, staging, i, meter).await,
             }
         })
         .buffer_unordered(DOWNLOAD_CONCURRENCY);
+    let mut first_error = None;
     while let Some(result) = results.next().await {
-        result?;
+        if let Err(e) = result {
+            failed.store(true, Ordering::Relaxed);
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn fetch_pack(
