@@ -10,6 +10,8 @@
 //! 2. Live fan-out: append → delivery latency to 1, 100 and 1,000 SSE subscribers of one branch.
 //! 3. Catch-up: 1,000 clients resuming from `Last-Event-ID: 0` and from the middle of a 10k
 //!    log, against 1,000 clients paging through the same stream with `XRANGE ... COUNT 1000`.
+//!    Both servers run as their own processes (`weldr-agent serve`, `redis-server`); the
+//!    clients share this process.
 //! 4. The real binary: idle RSS, RSS per idle SSE subscriber, and startup time with 1,000
 //!    branches' logs present.
 
@@ -282,7 +284,20 @@ async fn bench_catchup() {
             .await
             .unwrap();
     }
-    let (server, token) = start_server(app.clone()).await;
+    // The server runs as its own process, as redis-server does: the 1,000 clients in this
+    // process then compete with neither server for the same scheduler.
+    let token = weldr_agent::auth::tokens::create(&app.store, "bench")
+        .await
+        .unwrap();
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap();
+    drop(app);
+    let port = free_port();
+    let mut child = spawn_server_process(dir.path(), port);
+    wait_healthy(port, Duration::from_secs(60)).expect("server up");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let redis = Redis::start(false);
     {
         let mut conn = Resp::connect(redis.port).await;
@@ -308,7 +323,7 @@ async fn bench_catchup() {
             let start = Instant::now();
             let tasks: Vec<_> = (0..CLIENTS)
                 .map(|_| {
-                    let (addr, token) = (server.addr, token.clone());
+                    let token = token.clone();
                     tokio::spawn(async move {
                         let t = Instant::now();
                         let mut c = RawSse::connect(addr, "/stream/p/b", &token, Some(from)).await;
@@ -405,7 +420,20 @@ async fn bench_catchup() {
             pair(&their_ttfe)
         );
     }
-    server.shutdown().await;
+    stop(&mut child);
+}
+
+/// `weldr-agent serve` (the release binary) on workspace `ws`.
+fn spawn_server_process(ws: &std::path::Path, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weldr-agent"))
+        .arg("serve")
+        .env("WELDR_MODE", "local")
+        .env("WORKSPACE_BASE", ws)
+        .env("PORT", port.to_string())
+        .env("LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// The release binary as a user runs it.
@@ -418,17 +446,6 @@ fn stop(child: &mut std::process::Child) {
 fn bench_binary() {
     let bin = env!("CARGO_BIN_EXE_weldr-agent");
     println!("\n### The binary: memory and startup ({REPEATS} runs)\n");
-    let spawn = |ws: &std::path::Path, port: u16| {
-        std::process::Command::new(bin)
-            .arg("serve")
-            .env("WELDR_MODE", "local")
-            .env("WORKSPACE_BASE", ws)
-            .env("PORT", port.to_string())
-            .env("LOG_LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     // A workspace with 1,000 branches, 100 events each.
     let big = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -479,7 +496,7 @@ fn bench_binary() {
         let empty = tempfile::tempdir().unwrap();
         let port = free_port();
         let t = Instant::now();
-        let mut child = spawn(empty.path(), port);
+        let mut child = spawn_server_process(empty.path(), port);
         wait_healthy(port, Duration::from_secs(30)).expect("server up");
         startup_empty.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(300));
@@ -488,7 +505,7 @@ fn bench_binary() {
 
         let port = free_port();
         let t = Instant::now();
-        let mut child = spawn(big.path(), port);
+        let mut child = spawn_server_process(big.path(), port);
         wait_healthy(port, Duration::from_secs(60)).expect("server up");
         startup_big.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(300));

@@ -24,7 +24,7 @@ use salvo::fuse::{ArcFusePolicy, FuseAction, FuseInfo, TransProto};
 use salvo::http::header::{HeaderName, HeaderValue};
 use salvo::http::uri::Scheme;
 use salvo::http::{HeaderMap, StatusCode, Version};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -79,11 +79,11 @@ impl Acceptor for SplitAcceptor {
     ) -> io::Result<Accepted<Self::Coupler, Self::Stream>> {
         let local_addr = self.holdings[0].local_addr.clone();
         loop {
-            let (conn, remote) = self
-                .rx
-                .recv()
-                .await
-                .ok_or_else(|| io::Error::new(ErrorKind::BrokenPipe, "the listener stopped"))?;
+            let Some((conn, remote)) = self.rx.recv().await else {
+                // The listener stopped (shutdown): salvo is draining and stops on its own;
+                // an error here would only make it log and retry.
+                return std::future::pending().await;
+            };
             let conn_ctrl = salvo::conn::ConnCtrl::new();
             let (fuse_config, observer) = match &fuse_policy {
                 Some(policy) => {
@@ -161,7 +161,7 @@ struct StreamRequest {
 async fn classify(conn: &TcpStream) -> Option<StreamRequest> {
     const PREFIX: &[u8] = b"GET /stream/";
     // Most heads fit the small buffer; a bigger one (long cookies) gets the large one.
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 2048];
     let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -246,15 +246,14 @@ fn parse(seen: &[u8]) -> Option<StreamRequest> {
 async fn serve(app: Arc<App>, mut conn: TcpStream, request: StreamRequest) {
     // Consume the head that was only peeked so far.
     let mut head = vec![0u8; request.head_len];
-    if tokio::io::AsyncReadExt::read_exact(&mut conn, &mut head)
-        .await
-        .is_err()
-    {
+    if conn.read_exact(&mut head).await.is_err() {
         return;
     }
     drop(head);
     let cors = cors_headers(&app, &request.headers);
-    let opened = async {
+    // Boxed: the checks (and a possible restore of an evicted branch) are a big future that
+    // must not stay part of every idle subscriber's task.
+    let opened = Box::pin(async {
         let principal = app
             .auth
             .authenticate_headers(&app.store, &request.headers)
@@ -271,7 +270,7 @@ async fn serve(app: Arc<App>, mut conn: TcpStream, request: StreamRequest) {
             cursor,
         )
         .await
-    }
+    })
     .await;
     drop(request);
     match opened {

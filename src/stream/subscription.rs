@@ -113,8 +113,10 @@ impl Subscription {
         }
         let deadline = tokio::time::Instant::now() + self.heartbeat;
         loop {
+            // Boxed: the replay's future is large and rarely needed; an idle subscriber's
+            // task should not carry it.
             if self.catching_up
-                && let Err(e) = self.catch_up(&mut out).await
+                && let Err(e) = Box::pin(self.catch_up(&mut out)).await
             {
                 tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
                 self.done = true;
@@ -226,26 +228,38 @@ async fn read_meta_blocking(store: &Store, key: &StreamKey) -> Result<StreamMeta
         .map_err(|e| StorageError::Database(e.to_string()))?
 }
 
+/// Full replay pages being read at once, process-wide. Without a bound, a thousand clients
+/// catching up at once keep hundreds of blocking threads reading redb, and those threads take
+/// the CPU from the runtime that accepts, authenticates and sends first pages. A first page is
+/// small and does not wait here: a new subscriber gets its first events ahead of the bulk.
+fn bulk_reads() -> &'static tokio::sync::Semaphore {
+    static BULK: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    BULK.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cpus.clamp(2, 16))
+    })
+}
+
 async fn read_page(
     store: &Store,
     key: &StreamKey,
     from_id: u64,
     limit: usize,
 ) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
-    let store = store.clone();
-    let key = key.clone();
-    tokio::task::spawn_blocking(move || {
+    let read = move |store: &Store, key: &StreamKey| {
         let rtx = store.begin_read()?;
-        let meta = read_meta(&rtx, &key)?;
-        let events = read_range(
-            &rtx,
-            &key,
-            from_id.max(meta.first_id),
-            meta.last_id(),
-            limit,
-        )?;
+        let meta = read_meta(&rtx, key)?;
+        let events = read_range(&rtx, key, from_id.max(meta.first_id), meta.last_id(), limit)?;
         Ok((meta, events))
-    })
-    .await
-    .map_err(|e| StorageError::Database(e.to_string()))?
+    };
+    let _permit = if limit > FIRST_PAGE {
+        let permit = bulk_reads().acquire().await;
+        Some(permit.map_err(|e| StorageError::Database(e.to_string()))?)
+    } else {
+        None
+    };
+    let (store, key) = (store.clone(), key.clone());
+    tokio::task::spawn_blocking(move || read(&store, &key))
+        .await
+        .map_err(|e| StorageError::Database(e.to_string()))?
 }
