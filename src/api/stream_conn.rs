@@ -137,7 +137,8 @@ async fn accept_loop(
         let _ = conn.set_nodelay(true);
         let (app, to_salvo) = (app.clone(), to_salvo.clone());
         tokio::spawn(async move {
-            match classify(&conn).await {
+            // Boxed, as the checks in `serve`: only the streaming state stays in the task.
+            match Box::pin(classify(&conn)).await {
                 Some(request) => serve(app, conn, request).await,
                 None => {
                     let _ = to_salvo.send((conn, remote)).await;
