@@ -7,7 +7,9 @@
 //!    and 256 concurrent producers: ours (redb, one batching writer) against `XADD` on a
 //!    loopback redis-server with `appendonly yes` + `appendfsync always` (equal durability) and
 //!    with its defaults (no fsync per write).
-//! 2. Live fan-out: append → delivery latency to 1, 100 and 1,000 SSE subscribers of one branch.
+//! 2. Live fan-out: append → delivery latency to 1, 100 and 1,000 SSE subscribers of one branch,
+//!    with the server in this process (sharing the clients' runtime) and as its own process
+//!    (appends through its control socket, as `weldr-agent` CLI commands do).
 //! 3. Catch-up: 1,000 clients resuming from `Last-Event-ID: 0` and from the middle of a 10k
 //!    log, against 1,000 clients paging through the same stream with `XRANGE ... COUNT 1000`.
 //!    Both servers run as their own processes (`weldr-agent serve`, `redis-server`); the
@@ -181,10 +183,91 @@ async fn start_server(app: Arc<App>) -> (weldr_agent::server::RunningServer, Str
     (weldr_agent::server::start_on(app, listener).unwrap(), token)
 }
 
+/// Where the fan-out benchmark's server runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    /// In this process, sharing the runtime with the 1,000 reading clients.
+    InProcess,
+    /// `weldr-agent serve` as its own process; appends go through its control socket.
+    OwnProcess,
+}
+
+/// A fan-out benchmark server and a way to append to branch p/b.
+enum FanoutServer {
+    InProcess(weldr_agent::server::RunningServer, Arc<App>),
+    OwnProcess(std::process::Child, weldr_agent::control::ControlClient),
+}
+
+impl FanoutServer {
+    async fn start(
+        dir: &std::path::Path,
+        placement: Placement,
+    ) -> (Self, std::net::SocketAddr, String) {
+        let app = open_app(dir).await;
+        if placement == Placement::InProcess {
+            let (server, token) = start_server(app.clone()).await;
+            let addr = server.addr;
+            return (FanoutServer::InProcess(server, app), addr, token);
+        }
+        let token = weldr_agent::auth::tokens::create(&app.store, "bench")
+            .await
+            .unwrap();
+        let store = app.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+        let socket = app.config.control_socket_path();
+        drop(app);
+        let port = free_port();
+        let child = spawn_server_process(dir, port);
+        wait_healthy(port, Duration::from_secs(60)).expect("server up");
+        let control = weldr_agent::control::ControlClient::connect(&socket)
+            .await
+            .expect("control socket");
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        (FanoutServer::OwnProcess(child, control), addr, token)
+    }
+
+    async fn append(&mut self) -> u64 {
+        let data = serde_json::json!({ "text": "hello" });
+        match self {
+            FanoutServer::InProcess(_, app) => app.emit("p", "b", "text", data).await.unwrap().id,
+            FanoutServer::OwnProcess(_, control) => {
+                let request = weldr_agent::control::ControlRequest::Append {
+                    project_id: "p".into(),
+                    branch_id: "b".into(),
+                    kind: "text".into(),
+                    data,
+                };
+                control.call(&request).await.unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            FanoutServer::InProcess(server, _) => server.shutdown().await,
+            FanoutServer::OwnProcess(mut child, _) => stop(&mut child),
+        }
+    }
+}
+
 async fn bench_fanout() {
+    for placement in [Placement::InProcess, Placement::OwnProcess] {
+        bench_fanout_with(placement).await;
+    }
+}
+
+async fn bench_fanout_with(placement: Placement) {
     const EVENTS: u64 = 200;
+    let where_ = match placement {
+        Placement::InProcess => "server and clients in this process",
+        Placement::OwnProcess => "server as its own process, appends over its control socket",
+    };
     println!(
-        "\n### Live fan-out: append → delivery to every subscriber of one branch ({EVENTS} events at 500/s, {REPEATS} runs)\n"
+        "\n### Live fan-out: append → delivery to every subscriber of one branch ({EVENTS} events at 500/s, {REPEATS} runs; {where_})\n"
     );
     println!("| subscribers | p50 ms | p99 ms | max ms |");
     println!("|---:|---:|---:|---:|");
@@ -197,8 +280,7 @@ async fn bench_fanout() {
                 }
             };
             let dir = tempfile::tempdir().unwrap();
-            let app = open_app(dir.path()).await;
-            let (server, token) = start_server(app.clone()).await;
+            let (mut server, addr, token) = FanoutServer::start(dir.path(), placement).await;
             step("server started");
             let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
                 (0..=EVENTS + 1)
@@ -207,7 +289,7 @@ async fn bench_fanout() {
             );
             let mut clients = Vec::new();
             for _ in 0..subscribers {
-                clients.push(RawSse::connect(server.addr, "/stream/p/b", &token, None).await);
+                clients.push(RawSse::connect(addr, "/stream/p/b", &token, None).await);
             }
             step("connected");
             // Let every subscription reach the live ring before the first append.
@@ -231,11 +313,7 @@ async fn bench_fanout() {
                 .collect();
             for id in 1..=EVENTS {
                 let _ = sent[id as usize].set(Instant::now());
-                let e = app
-                    .emit("p", "b", "text", serde_json::json!({ "text": "hello" }))
-                    .await
-                    .unwrap();
-                assert_eq!(e.id, id);
+                assert_eq!(server.append().await, id);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             step("emitted");
@@ -248,7 +326,7 @@ async fn bench_fanout() {
             p50.push(ms(percentile(&lat, 0.5)));
             p99.push(ms(percentile(&lat, 0.99)));
             max.push(ms(*lat.last().unwrap()));
-            server.shutdown().await;
+            server.stop().await;
             step("stopped");
         }
         println!(
