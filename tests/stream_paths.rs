@@ -300,3 +300,59 @@ async fn a_client_that_hangs_up_releases_its_subscription() {
     }
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_that_arrive_in_pieces_or_are_large_are_still_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    emit_n(s.app(), "p", "b", 3).await;
+    let url = s.server.url();
+    let request = stream_request("/stream/p/b", &s.token, "Last-Event-ID: 0\r\n");
+
+    // The head in three pieces, with pauses: the peek waits for the rest.
+    let mut c = Conn::open(&url).await;
+    let (a, rest) = request.split_at(9);
+    let (b, tail) = rest.split_at(20);
+    for piece in [a, b, tail] {
+        c.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(c.head().await.status, 200);
+    let mut body = Vec::new();
+    c.body_until(&mut body, "\"id\":3,").await;
+
+    // A 6 KiB header (a long cookie) outgrows the first peek buffer; still served directly.
+    let cookie = format!(
+        "Cookie: other={}\r\nLast-Event-ID: 0\r\n",
+        "x".repeat(6 * 1024)
+    );
+    let mut c = Conn::open(&url).await;
+    c.send(&stream_request("/stream/p/b", &s.token, &cookie))
+        .await;
+    assert_eq!(c.head().await.status, 200);
+    let mut body = Vec::new();
+    c.body_until(&mut body, "\"id\":3,").await;
+
+    // A 20 KiB header is beyond what the direct path takes: salvo answers it, the same way.
+    let cookie = format!(
+        "Cookie: other={}\r\nLast-Event-ID: 0\r\n",
+        "x".repeat(20 * 1024)
+    );
+    let mut c = Conn::open(&url).await;
+    c.send(&stream_request("/stream/p/b", &s.token, &cookie))
+        .await;
+    assert_eq!(c.head().await.status, 200);
+    let mut body = Vec::new();
+    c.body_until(&mut body, "\"id\":3,").await;
+
+    // A connection that sends nothing for longer than the peek waits goes to salvo, which
+    // still serves the request when it comes.
+    let mut c = Conn::open(&url).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.send(&request).await;
+    assert_eq!(c.head().await.status, 200);
+    let mut body = Vec::new();
+    c.body_until(&mut body, "\"id\":3,").await;
+    s.server.shutdown().await;
+}
