@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::app::App;
+use crate::auth::limits::ConnectionGuard;
 use crate::error::ApiError;
 use crate::stream::Subscription;
 
@@ -137,13 +138,14 @@ async fn accept_loop(
         let _ = conn.set_nodelay(true);
         let (app, to_salvo) = (app.clone(), to_salvo.clone());
         tokio::spawn(async move {
-            // Boxed, as the checks in `serve`: only the streaming state stays in the task.
-            match Box::pin(classify(&conn)).await {
-                Some(request) => serve(app, conn, request).await,
-                None => {
-                    let _ = to_salvo.send((conn, remote)).await;
-                }
-            }
+            // Everything before the first event is boxed and freed once done: an idle
+            // subscriber's task holds only the streaming state.
+            let Some(mut open) = Box::pin(prepare(app, conn, remote, to_salvo)).await else {
+                return;
+            };
+            stream_to(&mut open.conn, open.subscription, &open.cors).await;
+            drop(open.slot);
+            let _ = open.conn.shutdown().await;
         });
     }
 }
@@ -244,17 +246,32 @@ fn parse(seen: &[u8]) -> Option<StreamRequest> {
     })
 }
 
-async fn serve(app: Arc<App>, mut conn: TcpStream, request: StreamRequest) {
+/// A stream request that passed every check, ready to stream.
+struct OpenStream {
+    conn: TcpStream,
+    subscription: Subscription,
+    slot: Option<ConnectionGuard>,
+    cors: String,
+}
+
+/// Classify the connection: hand it to salvo, answer a refused stream request, or return the
+/// opened stream.
+async fn prepare(
+    app: Arc<App>,
+    mut conn: TcpStream,
+    remote: StdSocketAddr,
+    to_salvo: mpsc::Sender<(TcpStream, StdSocketAddr)>,
+) -> Option<OpenStream> {
+    let Some(request) = classify(&conn).await else {
+        let _ = to_salvo.send((conn, remote)).await;
+        return None;
+    };
     // Consume the head that was only peeked so far.
     let mut head = vec![0u8; request.head_len];
-    if conn.read_exact(&mut head).await.is_err() {
-        return;
-    }
+    conn.read_exact(&mut head).await.ok()?;
     drop(head);
     let cors = cors_headers(&app, &request.headers);
-    // Boxed: the checks (and a possible restore of an evicted branch) are a big future that
-    // must not stay part of every idle subscriber's task.
-    let opened = Box::pin(async {
+    let opened = async {
         let principal = app
             .auth
             .authenticate_headers(&app.store, &request.headers)
@@ -271,19 +288,21 @@ async fn serve(app: Arc<App>, mut conn: TcpStream, request: StreamRequest) {
             cursor,
         )
         .await
-    })
+    }
     .await;
-    drop(request);
     match opened {
-        Ok((subscription, slot)) => {
-            stream_to(&mut conn, subscription, &cors).await;
-            drop(slot);
-        }
+        Ok((subscription, slot)) => Some(OpenStream {
+            conn,
+            subscription,
+            slot,
+            cors,
+        }),
         Err(e) => {
             let _ = write_error(&mut conn, &e, &cors).await;
+            let _ = conn.shutdown().await;
+            None
         }
     }
-    let _ = conn.shutdown().await;
 }
 
 /// The CORS headers salvo's `Cors` handler adds to a simple request from an allowed origin.
