@@ -209,13 +209,7 @@ impl FanoutServer {
             let addr = server.addr;
             return (FanoutServer::InProcess(server, app), addr, token);
         }
-        let token = weldr_agent::auth::tokens::create(&app.store, "bench")
-            .await
-            .unwrap();
-        let store = app.store.clone();
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        let token = token_then_close(&app).await;
         let socket = app.config.control_socket_path();
         drop(app);
         let port = free_port();
@@ -364,13 +358,7 @@ async fn bench_catchup() {
     }
     // The server runs as its own process, as redis-server does: the 1,000 clients in this
     // process then compete with neither server for the same scheduler.
-    let token = weldr_agent::auth::tokens::create(&app.store, "bench")
-        .await
-        .unwrap();
-    let store = app.store.clone();
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .unwrap();
+    let token = token_then_close(&app).await;
     drop(app);
     let port = free_port();
     let mut child = spawn_server_process(dir.path(), port);

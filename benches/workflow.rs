@@ -46,14 +46,7 @@ impl Server {
                 let app =
                     weldr_agent::App::open(weldr_agent::config::Config::for_workspace(ws.path()))
                         .unwrap();
-                let token = weldr_agent::auth::tokens::create(&app.store, "bench")
-                    .await
-                    .unwrap();
-                let store = app.store.clone();
-                tokio::task::spawn_blocking(move || store.close())
-                    .await
-                    .unwrap();
-                token
+                token_then_close(&app).await
             })
         };
         let port = free_port();

@@ -318,41 +318,30 @@ async fn heads_that_arrive_in_pieces_or_are_large_are_still_served() {
         c.send(piece).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    assert_eq!(c.head().await.status, 200);
-    let mut body = Vec::new();
-    c.body_until(&mut body, "\"id\":3,").await;
+    replays_three(&mut c).await;
 
     // A 6 KiB header (a long cookie) outgrows the first peek buffer; still served directly.
-    let cookie = format!(
-        "Cookie: other={}\r\nLast-Event-ID: 0\r\n",
-        "x".repeat(6 * 1024)
-    );
-    let mut c = Conn::open(&url).await;
-    c.send(&stream_request("/stream/p/b", &s.token, &cookie))
-        .await;
-    assert_eq!(c.head().await.status, 200);
-    let mut body = Vec::new();
-    c.body_until(&mut body, "\"id\":3,").await;
-
-    // A 20 KiB header is beyond what the direct path takes: salvo answers it, the same way.
-    let cookie = format!(
-        "Cookie: other={}\r\nLast-Event-ID: 0\r\n",
-        "x".repeat(20 * 1024)
-    );
-    let mut c = Conn::open(&url).await;
-    c.send(&stream_request("/stream/p/b", &s.token, &cookie))
-        .await;
-    assert_eq!(c.head().await.status, 200);
-    let mut body = Vec::new();
-    c.body_until(&mut body, "\"id\":3,").await;
+    // A 20 KiB one is beyond what the direct path takes: salvo answers it, the same way.
+    for size in [6 * 1024, 20 * 1024] {
+        let cookie = format!("Cookie: other={}\r\nLast-Event-ID: 0\r\n", "x".repeat(size));
+        let mut c = Conn::open(&url).await;
+        c.send(&stream_request("/stream/p/b", &s.token, &cookie))
+            .await;
+        replays_three(&mut c).await;
+    }
 
     // A connection that sends nothing for longer than the peek waits goes to salvo, which
     // still serves the request when it comes.
     let mut c = Conn::open(&url).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     c.send(&request).await;
+    replays_three(&mut c).await;
+    s.server.shutdown().await;
+}
+
+/// The stream answers 200 and replays events 1 to 3.
+async fn replays_three(c: &mut Conn) {
     assert_eq!(c.head().await.status, 200);
     let mut body = Vec::new();
     c.body_until(&mut body, "\"id\":3,").await;
-    s.server.shutdown().await;
 }

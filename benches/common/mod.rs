@@ -362,3 +362,16 @@ pub fn dir_size(path: &Path) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// Create a local API token in `app`'s store and close the store, so that a `weldr-agent
+/// serve` process can open it next.
+pub async fn token_then_close(app: &weldr_agent::App) -> String {
+    let token = weldr_agent::auth::tokens::create(&app.store, "bench")
+        .await
+        .unwrap();
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .unwrap();
+    token
+}
