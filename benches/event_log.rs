@@ -535,13 +535,7 @@ fn bench_binary() {
                 .await
                 .unwrap();
         }
-        weldr_agent::auth::tokens::create(&app.store, "bench")
-            .await
-            .unwrap();
-        let store = app.store.clone();
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        token_then_close(&app).await;
     });
     let (
         mut idle,
