@@ -345,3 +345,48 @@ async fn replays_three(c: &mut Conn) {
     let mut body = Vec::new();
     c.body_until(&mut body, "\"id\":3,").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_get_heartbeats_and_busy_ones_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.sse_heartbeat = Duration::from_millis(500);
+    let s = start(cfg).await;
+    branch(s.app(), "p", "b").await;
+    let url = s.server.url();
+    let request = stream_request("/stream/p/b", &s.token, "");
+    let mut direct = Conn::open(&url).await;
+    direct.send(&request).await;
+    let mut salvo = salvo_conn(&url).await;
+    salvo.send(&request).await;
+    let (mut db, mut sb) = (Vec::new(), Vec::new());
+    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+        assert_eq!(c.head().await.status, 200);
+        c.body_until(body, ": connected\n\n").await;
+        body.clear();
+    }
+
+    // Idle: a keep-alive comment every interval, on both paths.
+    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+        c.body_until(body, ": keep-alive\n\n: keep-alive\n\n").await;
+        body.clear();
+    }
+
+    // Busy (an event every 50 ms for 1.2 s): events keep the connection alive, no comment
+    // between the first event and the last.
+    let app = s.app().clone();
+    let producer = tokio::spawn(async move {
+        for _ in 0..24 {
+            emit_n(&app, "p", "b", 1).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+        c.body_until(body, "\"id\":24,").await;
+        let text = String::from_utf8_lossy(body);
+        let busy = &text[text.find("id: 1\n").unwrap()..];
+        assert!(!busy.contains("keep-alive"), "{text}");
+    }
+    producer.await.unwrap();
+    s.server.shutdown().await;
+}

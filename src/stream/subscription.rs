@@ -52,6 +52,10 @@ pub struct Subscription {
     pages: u64,
     preamble: Option<Bytes>,
     done: bool,
+    /// When the last chunk went out, and a timer that fires at most once per heartbeat
+    /// interval: a live event only notes the time instead of re-arming a timer.
+    last_write: tokio::time::Instant,
+    heartbeat_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Subscription {
@@ -82,6 +86,8 @@ impl Subscription {
             pages: 0,
             preamble: Some(Bytes::from(format!("retry: {RETRY_MS}\n: connected\n\n"))),
             done: false,
+            last_write: tokio::time::Instant::now(),
+            heartbeat_timer: Box::pin(tokio::time::sleep(heartbeat)),
         })
     }
 
@@ -111,7 +117,6 @@ impl Subscription {
         if let Some(preamble) = self.preamble.take() {
             out.extend_from_slice(&preamble);
         }
-        let deadline = tokio::time::Instant::now() + self.heartbeat;
         loop {
             // Boxed: the replay's future is large and rarely needed; an idle subscriber's
             // task should not carry it.
@@ -122,7 +127,11 @@ impl Subscription {
                 self.done = true;
             }
             if !out.is_empty() || self.done {
-                return (!out.is_empty()).then(|| out.freeze());
+                if out.is_empty() {
+                    return None;
+                }
+                self.last_write = tokio::time::Instant::now();
+                return Some(out.freeze());
             }
             tokio::select! {
                 biased;
@@ -144,8 +153,16 @@ impl Subscription {
                     Err(RecvError::Lagged(_)) => self.catching_up = true,
                     Err(RecvError::Closed) => self.done = true,
                 },
-                _ = tokio::time::sleep_until(deadline) => {
-                    out.extend_from_slice(b": keep-alive\n\n");
+                _ = self.heartbeat_timer.as_mut() => {
+                    let now = tokio::time::Instant::now();
+                    let due = self.last_write + self.heartbeat;
+                    if due > now {
+                        // Something went out since the timer was set: wait out the rest.
+                        self.heartbeat_timer.as_mut().reset(due);
+                    } else {
+                        out.extend_from_slice(b": keep-alive\n\n");
+                        self.heartbeat_timer.as_mut().reset(now + self.heartbeat);
+                    }
                 }
             }
         }
