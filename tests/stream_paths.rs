@@ -116,7 +116,10 @@ impl Conn {
 
     /// Body bytes until they hold `needle` (the stream stays open).
     async fn body_until(&mut self, body: &mut Vec<u8>, needle: &str) {
-        while !String::from_utf8_lossy(body).contains(needle) {
+        let needle = needle.as_bytes();
+        let mut searched = 0;
+        while !body[searched..].windows(needle.len()).any(|w| w == needle) {
+            searched = body.len().saturating_sub(needle.len() - 1);
             body.extend(self.chunk().await.expect("the stream ended early"));
         }
     }
@@ -388,5 +391,66 @@ async fn idle_streams_get_heartbeats_and_busy_ones_do_not() {
         assert!(!busy.contains("keep-alive"), "{text}");
     }
     producer.await.unwrap();
+    s.server.shutdown().await;
+}
+
+/// The ids of the event frames in an SSE body, in order.
+fn frame_ids(body: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|frame| frame.strip_prefix("id: ")?.split('\n').next()?.parse().ok())
+        .collect()
+}
+
+/// The scale the fan-out benchmark runs at, as a correctness check: a thousand direct
+/// subscribers (live and resuming) while two producers append, each gets every event once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_subscribers_see_every_event_once_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    emit_n(s.app(), "p", "b", 20).await;
+    let url = s.server.url();
+    let mut conns = Vec::new();
+    for i in 0..1000 {
+        let extra = match i % 3 {
+            0 => "",
+            1 => "Last-Event-ID: 0\r\n",
+            _ => "Last-Event-ID: 10\r\n",
+        };
+        let mut c = Conn::open(&url).await;
+        c.send(&stream_request("/stream/p/b", &s.token, extra))
+            .await;
+        assert_eq!(c.head().await.status, 200);
+        conns.push(c);
+    }
+    // Every subscription is open (the live-only ones start at 20).
+    assert_eq!(s.app().bus.total_subscribers(), 1000);
+    let producers: Vec<_> = (0..2)
+        .map(|_| {
+            let app = s.app().clone();
+            tokio::spawn(async move { emit_n(&app, "p", "b", 100).await })
+        })
+        .collect();
+    let readers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let mut body = Vec::new();
+                c.body_until(&mut body, "\"id\":220,").await;
+                (i, frame_ids(&body))
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    for r in readers {
+        let (i, got) = r.await.unwrap();
+        let from = [21, 1, 11][i % 3];
+        assert_eq!(got, (from..=220).collect::<Vec<_>>(), "subscriber {i}");
+    }
     s.server.shutdown().await;
 }
