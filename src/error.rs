@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra machine-readable fields (e.g. the active workflow id of a busy branch).
     pub details: Option<serde_json::Value>,
+    /// Seconds a client should wait before retrying: sent as `Retry-After`.
+    pub retry_after_secs: Option<u64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -43,6 +45,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after_secs: None,
         }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -66,6 +69,10 @@ impl ApiError {
     }
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.details = Some(details);
+        self
+    }
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
         self
     }
 
@@ -164,6 +171,10 @@ impl Writer for ApiError {
             tracing::warn!(code = self.code, message = %self.message, "request failed");
         }
         res.status_code(self.status);
+        if let Some(secs) = self.retry_after_secs {
+            res.headers_mut()
+                .insert(salvo::http::header::RETRY_AFTER, secs.into());
+        }
         res.render(Json(self.body()));
     }
 }

@@ -606,6 +606,13 @@ async fn triggers_are_rate_limited_per_user() {
     until_end(&mut sse, &second).await;
     let res = trigger(&s, "third", &model).await;
     assert_eq!(res.status(), 429);
+    // When to come back: a whole number of seconds, at most the minute the bucket refills in.
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     // The refused trigger left nothing behind: the branch is free, no workflow was recorded.

@@ -319,9 +319,13 @@ fn cors_headers(app: &App, headers: &HeaderMap) -> String {
 
 async fn write_error(conn: &mut TcpStream, e: &ApiError, cors: &str) -> io::Result<()> {
     let body = serde_json::to_vec(&e.body()).unwrap_or_default();
+    let retry = e
+        .retry_after_secs
+        .map(|secs| format!("retry-after: {secs}\r\n"))
+        .unwrap_or_default();
     let head = format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: \
-         {len}\r\nconnection: close\r\n{cors}\r\n",
+         {len}\r\nconnection: close\r\n{retry}{cors}\r\n",
         status = status_line(e.status),
         len = body.len(),
     );

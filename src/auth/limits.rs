@@ -89,7 +89,8 @@ impl RateLimiter {
                 salvo::http::StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!("too many requests; retry in {wait} s"),
-            ));
+            )
+            .with_retry_after(wait));
         }
         *tokens -= 1.0;
         Ok(())
@@ -117,7 +118,13 @@ mod tests {
         for _ in 0..3 {
             r.check("u").unwrap();
         }
-        assert_eq!(r.check("u").unwrap_err().code, "rate_limited");
+        let refused = r.check("u").unwrap_err();
+        assert_eq!(refused.code, "rate_limited");
+        assert!(
+            refused
+                .retry_after_secs
+                .is_some_and(|s| (1..=60).contains(&s))
+        );
         assert!(r.check("v").is_ok());
     }
 }
