@@ -566,6 +566,22 @@ fn expand_home(p: &str) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// The README's configuration table names every setting (it is the user's reference).
+    #[test]
+    fn the_readme_table_names_every_setting() {
+        let readme = include_str!("../README.md");
+        let table = &readme[readme.find("## Configuration").unwrap()..];
+        let table = &table[..table.find("\n## ").unwrap_or(table.len())];
+        for (vars, _, _) in SETTINGS {
+            for var in vars.split(" / ") {
+                assert!(
+                    table.contains(&format!("`{var}`")),
+                    "README's configuration table lacks {var}"
+                );
+            }
+        }
+    }
+
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = pairs
             .iter()
