@@ -82,15 +82,16 @@ impl IndexFiles {
 
     /// Save the index, and the manifest when given (best effort). The manifest goes first:
     /// an index naming a snapshot whose manifest file is older is caught by the id check.
-    pub async fn save(&self, index: LocalIndex, manifest: Option<&Manifest>) {
-        let body = manifest.map(serde_json::to_vec);
+    pub async fn save(&self, index: LocalIndex, manifest: Option<Manifest>) {
         let (ipath, mpath) = (self.index.clone(), self.manifest.clone());
+        // Encoding a big tree's manifest takes tens of milliseconds: not on the runtime.
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if let Some(parent) = ipath.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            if let Some(body) = body {
-                write_atomic(&mpath, &body.map_err(std::io::Error::other)?)?;
+            if let Some(m) = manifest {
+                let body = serde_json::to_vec(&m).map_err(std::io::Error::other)?;
+                write_atomic(&mpath, &body)?;
             }
             write_atomic(&ipath, &record::encode(&index))?;
             // The JSON index of earlier versions is dead weight once this one exists.

@@ -249,15 +249,15 @@ pub async fn push_with(
 
     let cache = std::mem::take(&mut index.stat);
     let root = dir.clone();
-    let (scanned, fresh, stat_unchanged) = blocking(move || {
+    let (scanned, fresh, stat_unchanged, digest) = blocking(move || {
         let mut fresh = StatCache::new();
         let scanned = manifest::scan(&root, &cache, &mut fresh)?;
         let unchanged = fresh == cache;
-        Ok((scanned, fresh, unchanged))
+        let digest = manifest::tree_digest(scanned.iter().map(Scanned::item));
+        Ok((scanned, fresh, unchanged, digest))
     })
     .await?;
     index.stat = fresh;
-    let digest = manifest::tree_digest(scanned.iter().map(Scanned::item));
 
     let files = scanned
         .iter()
@@ -308,9 +308,10 @@ pub async fn push_with(
         && manifest::matches(prev, &scanned)
     {
         // Someone else pushed this very tree, or the index was lost: remember it now.
-        index.snapshot = Some((prev.id.clone(), digest));
-        files_at.save(index, Some(prev)).await;
-        return Ok(unchanged(prev.id.clone()));
+        let id = prev.id.clone();
+        index.snapshot = Some((id.clone(), digest));
+        files_at.save(index, previous).await;
+        return Ok(unchanged(id));
     }
 
     // Content the store already has, by hash.
@@ -454,7 +455,7 @@ pub async fn push_with(
         duration_ms: started.elapsed().as_millis() as u64,
     };
     index.snapshot = Some((m.id.clone(), digest));
-    files_at.save(index, Some(&m)).await;
+    files_at.save(index, Some(m)).await;
     Ok(report)
 }
 
@@ -742,7 +743,7 @@ pub async fn pull_into_with(
             stat,
         };
         IndexFiles::new(config, project_id, branch_id)
-            .save(index, Some(&m))
+            .save(index, Some(m))
             .await;
     }
     Ok(report)
