@@ -125,17 +125,6 @@ fn assert_consecutive(frames: &[Frame]) {
     }
 }
 
-async fn get(s: &TestServer, wf: &str) -> Value {
-    s.http
-        .get(s.url(&format!("/workflows/{wf}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn trigger_plan_code_version_end() {
     let (dir, s) = setup("happy").await;
@@ -194,7 +183,7 @@ async fn trigger_plan_code_version_end() {
         .or_else(|_| std::fs::read_to_string(branch_dir.join("hello.txt")))
         .unwrap();
     assert_eq!(on_disk, "hello\n");
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "complete");
     assert_eq!(w["tasks"][0]["status"], "completed");
     assert_eq!(w["plan"]["tasks"][0]["summary"], "write hello");
@@ -310,7 +299,7 @@ async fn a_reply_without_a_plan_completes_with_the_reply() {
     let wf = started(&s, &model).await;
     let frames = until_end(&mut sse, &wf).await;
     assert_eq!(statuses(&frames), ["pending", "planning", "complete"]);
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "complete");
     assert_eq!(w["reply"], "Which language should the greeting be in?");
     assert!(w["versionId"].is_null());
@@ -341,7 +330,7 @@ async fn a_plan_with_a_cycle_goes_back_to_the_model() {
             .contains("cycle")
     );
     assert_eq!(results[1].data["isError"], false);
-    assert_eq!(get(&s, &wf).await["status"], "complete");
+    assert_eq!(s.workflow(&wf).await["status"], "complete");
 }
 
 #[tokio::test]
@@ -370,7 +359,7 @@ async fn cancel_during_coding() {
     gate.open();
     let frames = until_end(&mut sse, &wf).await;
     assert_eq!(statuses(&frames).last().unwrap(), "cancelled");
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "cancelled");
     assert!(w["versionId"].is_null());
     let res = s
@@ -391,7 +380,7 @@ async fn a_missing_key_fails_the_workflow_with_an_error_event() {
     assert_consecutive(&frames);
     assert!(frames.iter().any(|f| f.event == "error"));
     assert_eq!(statuses(&frames).last().unwrap(), "failed");
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "failed");
     assert!(!w["error"].as_str().unwrap().is_empty());
     assert_eq!(
@@ -476,7 +465,7 @@ async fn recovery_after_a_stop_mid_coding() {
     assert_eq!(count("write_file:{\"content\":\"b\""), 1, "{runs:?}");
     // The unfinished list_dir ran again once (it never finished the first time).
     assert_eq!(count("list_dir"), 2, "{runs:?}");
-    let w = get(&s2, &wf).await;
+    let w = s2.workflow(&wf).await;
     assert_eq!(w["status"], "complete");
     let wd = weldr_agent::branches::branch_dir(&s2.app().config, "p", "b");
     assert_eq!(std::fs::read_to_string(wd.join("a.txt")).unwrap(), "a");
@@ -561,7 +550,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     assert_eq!(build.data["exitCode"], 3);
     assert!(build.data["output"].as_str().unwrap().contains("it broke"));
     assert_eq!(statuses(&frames).last().unwrap(), "failed");
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "failed");
     assert!(w["error"].as_str().unwrap().contains("build"), "{w}");
     assert!(
@@ -587,7 +576,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     let wf = started(&s, &model).await;
     let frames = until_end(&mut sse, &wf).await;
     assert_eq!(statuses(&frames).last().unwrap(), "failed");
-    let w = get(&s, &wf).await;
+    let w = s.workflow(&wf).await;
     assert!(w["error"].as_str().unwrap().contains("weldr.json"), "{w}");
 }
 

@@ -107,18 +107,6 @@ async fn run_workflow(
     }
 }
 
-/// `GET /workflows/{wf}`.
-async fn workflow_record(s: &TestServer, wf: &str) -> Value {
-    s.http
-        .get(s.url(&format!("/workflows/{wf}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn run_with(provider: &str) {
     let fake = FakeLlm::start(script()).await;
     let (_tmp, s, wf, frames) = run_workflow(fake.keys(), &format!("{provider}:test-model")).await;
@@ -194,7 +182,7 @@ async fn run_with(provider: &str) {
     git(&dir, &["fsck", "--strict"]);
 
     // The workflow record: complete, the plan, the version, usage from the provider.
-    let record = workflow_record(&s, &wf).await;
+    let record = s.workflow(&wf).await;
     assert_eq!(record["status"], "complete", "{provider}: {record}");
     assert_eq!(
         record["tasks"][0]["status"], "completed",
@@ -238,7 +226,7 @@ async fn gemini_end_to_end() {
 /// A workflow on the OpenAI wire with these keys, run to its `end`: (frames, workflow record).
 async fn run_script(keys: weldr_agent::config::ProviderKeys) -> (Vec<common::Frame>, Value) {
     let (_tmp, s, wf, frames) = run_workflow(keys, "openai:test-model").await;
-    let record = workflow_record(&s, &wf).await;
+    let record = s.workflow(&wf).await;
     // The server is healthy after whatever the provider did.
     let health = s.http.get(s.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);

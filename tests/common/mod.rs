@@ -37,6 +37,18 @@ impl TestServer {
         SseClient::connect_with(&self.http, &self.url(path), last_event_id).await
     }
 
+    /// `GET /workflows/{wf}` as JSON.
+    pub async fn workflow(&self, wf: &str) -> serde_json::Value {
+        self.http
+            .get(self.url(&format!("/workflows/{wf}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn app(&self) -> &Arc<App> {
         &self.server.app
     }
