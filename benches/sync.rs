@@ -864,6 +864,21 @@ enum Op {
 
 const OPS: [Op; 4] = [Op::FirstPush, Op::NoopPush, Op::ChangePush, Op::Restore];
 
+/// A Markdown table with a row per operation and a column per tool (`align`: `---` or `---:`).
+fn tool_table(align: &str, cell: impl Fn(Op, Tool) -> String) {
+    println!("| Operation | ours | rclone | rclone tuned |");
+    println!("|---|{align}|{align}|{align}|");
+    for op in OPS {
+        println!(
+            "| {} | {} | {} | {} |",
+            op_label(op),
+            cell(op, Tool::Ours),
+            cell(op, Tool::RcloneDefault),
+            cell(op, Tool::RcloneTuned)
+        );
+    }
+}
+
 fn op_label(op: Op) -> &'static str {
     match op {
         Op::FirstPush => "first push (empty bucket)",
@@ -1256,74 +1271,41 @@ fn print_report(r: &Report) {
     }
 
     println!("\n#### CPU seconds per operation (median; client process + S3 server)\n");
-    println!("| Operation | ours | rclone | rclone tuned |");
-    println!("|---|---:|---:|---:|");
-    for op in OPS {
-        let cell = |tool: Tool| {
-            let v = r
-                .samples
-                .get(&(op, tool_index(tool)))
-                .cloned()
-                .unwrap_or_default();
-            let c: Vec<f64> = v.iter().map(|s| s.client_cpu).collect();
-            let s: Vec<f64> = v.iter().map(|s| s.server_cpu).collect();
-            format!("{:.2} + {:.2}", median(&c), median(&s))
-        };
-        println!(
-            "| {} | {} | {} | {} |",
-            op_label(op),
-            cell(Tool::Ours),
-            cell(Tool::RcloneDefault),
-            cell(Tool::RcloneTuned)
-        );
-    }
+    tool_table("---:", |op, tool| {
+        let v = r
+            .samples
+            .get(&(op, tool_index(tool)))
+            .cloned()
+            .unwrap_or_default();
+        let c: Vec<f64> = v.iter().map(|s| s.client_cpu).collect();
+        let s: Vec<f64> = v.iter().map(|s| s.server_cpu).collect();
+        format!("{:.2} + {:.2}", median(&c), median(&s))
+    });
 
     println!(
         "\n#### S3 requests per operation (moto behind a counting proxy; one run each; bytes sent \
          ↑ and received ↓ on the wire)\n"
     );
-    println!("| Operation | ours | rclone | rclone tuned |");
-    println!("|---|---|---|---|");
-    for op in OPS {
-        let cell = |tool: Tool| {
-            let Some(c) = r.requests.get(&(op, tool_index(tool))) else {
-                return "–".to_string();
-            };
-            let kinds: Vec<String> = c.by_kind.iter().map(|(k, v)| format!("{v} {k}")).collect();
-            format!(
-                "**{}** ({}); ↑{} ↓{}",
-                c.total,
-                kinds.join(", "),
-                fmt_bytes(c.up),
-                fmt_bytes(c.down)
-            )
+    tool_table("---", |op, tool| {
+        let Some(c) = r.requests.get(&(op, tool_index(tool))) else {
+            return "–".to_string();
         };
-        println!(
-            "| {} | {} | {} | {} |",
-            op_label(op),
-            cell(Tool::Ours),
-            cell(Tool::RcloneDefault),
-            cell(Tool::RcloneTuned)
-        );
-    }
+        let kinds: Vec<String> = c.by_kind.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        format!(
+            "**{}** ({}); ↑{} ↓{}",
+            c.total,
+            kinds.join(", "),
+            fmt_bytes(c.up),
+            fmt_bytes(c.down)
+        )
+    });
     println!("\nWall time of those runs against moto, s (informational; moto is slow):\n");
-    println!("| Operation | ours | rclone | rclone tuned |");
-    println!("|---|---:|---:|---:|");
-    for op in OPS {
-        let cell = |tool: Tool| {
-            r.requests
-                .get(&(op, tool_index(tool)))
-                .map(|c| format!("{:.2}", c.moto_secs))
-                .unwrap_or_default()
-        };
-        println!(
-            "| {} | {} | {} | {} |",
-            op_label(op),
-            cell(Tool::Ours),
-            cell(Tool::RcloneDefault),
-            cell(Tool::RcloneTuned)
-        );
-    }
+    tool_table("---:", |op, tool| {
+        r.requests
+            .get(&(op, tool_index(tool)))
+            .map(|c| format!("{:.2}", c.moto_secs))
+            .unwrap_or_default()
+    });
 
     // The issue's targets.
     let med = |op: Op, tool: Tool| median(&secs(r.samples, op, tool));
