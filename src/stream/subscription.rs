@@ -263,12 +263,6 @@ async fn read_page(
     from_id: u64,
     limit: usize,
 ) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
-    let read = move |store: &Store, key: &StreamKey| {
-        let rtx = store.begin_read()?;
-        let meta = read_meta(&rtx, key)?;
-        let events = read_range(&rtx, key, from_id.max(meta.first_id), meta.last_id(), limit)?;
-        Ok((meta, events))
-    };
     let _permit = if limit > FIRST_PAGE {
         let permit = bulk_reads().acquire().await;
         Some(permit.map_err(|e| StorageError::Database(e.to_string()))?)
@@ -276,7 +270,18 @@ async fn read_page(
         None
     };
     let (store, key) = (store.clone(), key.clone());
-    tokio::task::spawn_blocking(move || read(&store, &key))
-        .await
-        .map_err(|e| StorageError::Database(e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        let rtx = store.begin_read()?;
+        let meta = read_meta(&rtx, &key)?;
+        let events = read_range(
+            &rtx,
+            &key,
+            from_id.max(meta.first_id),
+            meta.last_id(),
+            limit,
+        )?;
+        Ok((meta, events))
+    })
+    .await
+    .map_err(|e| StorageError::Database(e.to_string()))?
 }

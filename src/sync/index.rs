@@ -50,14 +50,10 @@ impl IndexFiles {
 
     /// The index for `identity`, or an empty one (missing, unreadable, another store).
     pub async fn load(&self, identity: &str) -> LocalIndex {
-        let path = self.index.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(path).ok()?;
-            record::decode::<LocalIndex>(&bytes).ok()
+        let loaded = read_decoded(self.index.clone(), |bytes| {
+            record::decode::<LocalIndex>(bytes).ok()
         })
-        .await
-        .ok()
-        .flatten();
+        .await;
         match loaded {
             Some(index) if index.store == identity => index,
             _ => LocalIndex {
@@ -69,15 +65,12 @@ impl IndexFiles {
 
     /// The cached manifest of snapshot `id`, if the file holds exactly that snapshot.
     pub async fn load_manifest(&self, id: &str) -> Option<Manifest> {
-        let path = self.manifest.clone();
-        let m = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(path).ok()?;
-            serde_json::from_slice::<Manifest>(&bytes).ok()
+        let id = id.to_string();
+        read_decoded(self.manifest.clone(), move |bytes| {
+            let m = serde_json::from_slice::<Manifest>(bytes).ok()?;
+            (m.id == id && manifest::validate(&m).is_ok()).then_some(m)
         })
         .await
-        .ok()
-        .flatten()?;
-        (m.id == id && manifest::validate(&m).is_ok()).then_some(m)
     }
 
     /// Save the index, and the manifest when given (best effort). The manifest goes first:
@@ -103,6 +96,17 @@ impl IndexFiles {
             tracing::warn!("could not save the local sync index: {result:?}");
         }
     }
+}
+
+/// Read `path` and decode it off the runtime; None when it is missing or does not decode.
+async fn read_decoded<T: Send + 'static>(
+    path: PathBuf,
+    decode: impl FnOnce(&[u8]) -> Option<T> + Send + 'static,
+) -> Option<T> {
+    tokio::task::spawn_blocking(move || decode(&std::fs::read(path).ok()?))
+        .await
+        .ok()
+        .flatten()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
