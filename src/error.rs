@@ -171,6 +171,7 @@ impl Writer for ApiError {
             tracing::warn!(code = self.code, message = %self.message, "request failed");
         }
         res.status_code(self.status);
+        close_if_body_unread(self.status, res);
         if let Some(secs) = self.retry_after_secs {
             res.headers_mut()
                 .insert(salvo::http::header::RETRY_AFTER, secs.into());
@@ -220,6 +221,19 @@ impl Handler for JsonCatcher {
         };
         let err = ApiError::from_status(status, detail);
         res.status_code(status);
+        close_if_body_unread(status, res);
         res.render(Json(err.body()));
+    }
+}
+
+/// A 413 leaves the rest of the body unread, so the server will not reuse the connection. Say so
+/// (`Connection: close`): a client that pooled it would otherwise send its next request into a
+/// connection that is closing and see it fail.
+fn close_if_body_unread(status: StatusCode, res: &mut Response) {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        res.headers_mut().insert(
+            salvo::http::header::CONNECTION,
+            salvo::http::HeaderValue::from_static("close"),
+        );
     }
 }

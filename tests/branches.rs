@@ -494,6 +494,12 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         .await
         .unwrap();
     assert_eq!(res.status(), 413);
+    // The rest of the body is never read, so the connection must not be offered for reuse: the
+    // next request below would otherwise go into a closing connection.
+    assert_eq!(
+        res.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     for path in [
         "/projects/p/branches/main/versions/abc/diff",
         "/projects/p/branches/main/versions/99/diff",
