@@ -42,6 +42,8 @@ impl App {
             ..StoreOptions::default()
         };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
+        // Layered branches' mounts do not survive a reboot: back before anything reads a branch.
+        crate::branches::layers::mount_all(&config);
         let source: Option<Arc<dyn SessionSource>> = config.database_url.as_ref().map(|url| {
             Arc::new(PostgresSource::new(
                 url.expose().to_string(),

@@ -104,6 +104,9 @@ pub struct Config {
     pub workflow_concurrency: usize,
     /// TLS certificate chain and key (PEM); both or neither.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Fork at a parent's head as copy-on-write layers (overlayfs) where the system can mount
+    /// them; false: always copy.
+    pub fork_layers: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +251,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "`/trigger` calls per user per minute",
     ),
     ("MAX_BODY_BYTES", "1048576", "largest JSON request body"),
+    (
+        "FORK_MODE",
+        "layers",
+        "`layers`: forks at a head are copy-on-write overlayfs layers where the kernel lets us mount (root), else copies; `copy`: always copy",
+    ),
     (
         "WORKFLOW_CONCURRENCY",
         "4",
@@ -512,6 +520,17 @@ impl Config {
             workflow_concurrency: env
                 .parse("WORKFLOW_CONCURRENCY", 4usize, "a number of workflows")?
                 .max(1),
+            fork_layers: match env.var("FORK_MODE").as_deref() {
+                None | Some("layers") => true,
+                Some("copy") => false,
+                Some(other) => {
+                    return Err(ConfigError {
+                        var: "FORK_MODE",
+                        value: other.into(),
+                        message: "expected `layers` or `copy`".into(),
+                    });
+                }
+            },
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,

@@ -126,7 +126,10 @@ async fn setup(s: &TestServer) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_keep_files_and_histories_apart() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = start(config(tmp.path())).await;
+    // The copying fork (without overlayfs); tests/layered_forks.rs has the layered one.
+    let mut cfg = config(tmp.path());
+    cfg.fork_layers = false;
+    let s = start(cfg).await;
     let main = setup(&s).await;
     assert_eq!(
         git(&main, &["rev-parse", "--abbrev-ref", "HEAD"]).trim(),

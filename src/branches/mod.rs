@@ -21,6 +21,8 @@ use crate::error::ApiError;
 use crate::git::{self, GitError};
 use crate::registry::{branch_not_found, project_not_found};
 
+pub mod layers;
+
 pub const AGENT_AUTHOR: &str = "weldr-agent";
 
 /// In cloud mode a machine serves one project; any other id is refused.
@@ -182,6 +184,7 @@ pub async fn create_branch(
             ));
         }
         let branch = if branch.state == BranchState::Active {
+            mount_if_layered(app, project_id, branch_id).await?;
             if !dir.join(".git").exists() {
                 // The directory went away outside our control: start it again, empty.
                 let d = dir.clone();
@@ -231,10 +234,11 @@ pub async fn create_branch(
         Some(fork) => {
             crate::ids::check_id("fromBranchId", &fork.branch_id)?;
             let (p, pb) = (project_id.to_string(), fork.branch_id.clone());
-            let (parent, versions) = read(app, move |rtx| {
+            let (parent, versions, parent_workflow) = read(app, move |rtx| {
                 Ok((
                     model::get_branch(rtx, &p, &pb)?,
                     model::list_versions(rtx, &p, &pb)?,
+                    model::active_workflow(rtx, &p, &pb)?,
                 ))
             })
             .await?;
@@ -266,7 +270,14 @@ pub async fn create_branch(
             let (d, hash) = (dir.clone(), at.commit_hash.clone());
             // At the parent's head, uncommitted work travels too; at an older version, its tree.
             let include_worktree = fork.version.is_none() || Some(at.seq) == parent.head_version;
-            blocking(move || git::fork(&src, &d, &hash, include_worktree)).await?;
+            // A workflow's tools may write into the parent at any moment: never freeze it then.
+            let layered = include_worktree
+                && app.config.fork_layers
+                && parent_workflow.is_none()
+                && fork_layered(app, project_id, &parent.branch_id, branch_id).await?;
+            if !layered {
+                blocking(move || git::fork(&src, &d, &hash, include_worktree)).await?;
+            }
             record.parent_branch_id = Some(parent.branch_id.clone());
             record.fork_version = Some(at.seq);
             inherited = versions.into_iter().filter(|v| v.seq <= at.seq).collect();
@@ -290,7 +301,13 @@ pub async fn create_branch(
         })
         .await;
     if let Err(e) = stored {
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let (config, p, b, d) = (
+            app.config.clone(),
+            project_id.to_string(),
+            branch_id.to_string(),
+            dir.clone(),
+        );
+        let _ = tokio::task::spawn_blocking(move || remove_branch_dir(&config, &p, &b, &d)).await;
         return Err(e.into());
     }
     crate::registry::refresh_size(&app.store, project_id, branch_id, dir.clone());
@@ -299,6 +316,63 @@ pub async fn create_branch(
         created: true,
         dir,
     })
+}
+
+/// Fork `parent` into `child` as copy-on-write layers. False when that cannot be done now (no
+/// overlayfs here, the parent in use, its stack too deep): the caller copies instead.
+async fn fork_layered(
+    app: &App,
+    project_id: &str,
+    parent_id: &str,
+    child_id: &str,
+) -> Result<bool, ApiError> {
+    let config = app.config.clone();
+    let (p, parent, child) = (
+        project_id.to_string(),
+        parent_id.to_string(),
+        child_id.to_string(),
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        let parent_dir = branch_dir(&config, &p, &parent);
+        let child_dir = branch_dir(&config, &p, &child);
+        layers::Layers::new(&config).fork(&p, (&parent, &parent_dir), (&child, &child_dir))
+    })
+    .await?;
+    match outcome {
+        Ok(Ok(())) => {
+            for b in [parent_id, child_id] {
+                app.syncer.rewatch(&branch_dir(&app.config, project_id, b));
+            }
+            Ok(true)
+        }
+        Ok(Err(declined)) => {
+            if !matches!(declined, layers::Declined::Unavailable) {
+                tracing::info!(project = project_id, branch = child_id, reason = ?declined, "fork copies instead of layering");
+            }
+            Ok(false)
+        }
+        Err(e) => {
+            tracing::error!(project = project_id, branch = child_id, error = %e, "layered fork failed");
+            Err(ApiError::internal(format!("the fork failed: {e}")))
+        }
+    }
+}
+
+/// Delete a branch's directory: unmount a layered branch and drop its own layer of changes, or
+/// delete a plain directory. Blocks.
+pub fn remove_branch_dir(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    if layers::Layers::new(config).remove_branch(project_id, branch_id, dir)? {
+        return Ok(());
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Commit the branch's current tree as a new version. None when nothing changed.
@@ -546,9 +620,26 @@ pub async fn ensure_present(
         .await?
         .ok_or_else(|| branch_not_found(project_id, branch_id))?;
     if branch.state == BranchState::Active {
+        mount_if_layered(app, project_id, branch_id).await?;
         return touch_now(app, project_id, branch_id).await;
     }
     restore_locked(app, project_id, branch_id).await
+}
+
+/// A layered branch's overlay is mounted before use (a no-op when it is; a stat for a plain
+/// branch).
+async fn mount_if_layered(app: &App, project_id: &str, branch_id: &str) -> Result<(), ApiError> {
+    let config = app.config.clone();
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    tokio::task::spawn_blocking(move || {
+        let dir = branch_dir(&config, &p, &b);
+        layers::Layers::new(&config).mount_branch(&p, &b, &dir)
+    })
+    .await?
+    .map_err(|e| {
+        tracing::error!(project = project_id, branch = branch_id, error = %e, "cannot mount a layered branch");
+        ApiError::internal(format!("branch {branch_id} cannot be mounted: {e}"))
+    })
 }
 
 async fn set_state(
@@ -582,6 +673,22 @@ async fn restore_locked(
         .await?
         .snapshot_id;
     set_state(app, project_id, branch_id, BranchState::Restoring).await?;
+    // Layers an interrupted eviction left behind go first: the snapshot is the branch now.
+    let (config, p, b) = (
+        app.config.clone(),
+        project_id.to_string(),
+        branch_id.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let layers = layers::Layers::new(&config);
+        if layers.is_layered(&p, &b) {
+            let dir = branch_dir(&config, &p, &b);
+            layers.remove_branch(&p, &b, &dir)?;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await?
+    .map_err(|e| ApiError::internal(format!("cannot clear the evicted branch's layers: {e}")))?;
     tracing::info!(project = project_id, branch = branch_id, snapshot = ?snapshot, "restoring an evicted branch");
     let pulled = crate::sync::pull(&app.config, project_id, branch_id, snapshot.as_deref()).await;
     let outcome = match pulled {

@@ -413,7 +413,15 @@ async fn evict_locked(app: &App, project_id: &str, branch_id: &str) -> Result<St
     app.syncer.clear(project_id, branch_id);
 
     let dir = branch_dir(&app.config, project_id, branch_id);
-    let removed = crate::background::low_priority(move || std::fs::remove_dir_all(&dir)).await;
+    let (config, p, b) = (
+        app.config.clone(),
+        project_id.to_string(),
+        branch_id.to_string(),
+    );
+    let removed = crate::background::low_priority(move || {
+        crate::branches::remove_branch_dir(&config, &p, &b, &dir)
+    })
+    .await;
     if !matches!(removed, Ok(Ok(()))) {
         // The branch is evicted either way; a restore pulls over whatever is left.
         tracing::warn!(project = project_id, branch = branch_id, result = ?removed, "could not remove all of an evicted branch's directory");

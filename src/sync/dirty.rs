@@ -228,6 +228,7 @@ impl DirtyWatcher {
     /// every ten quiet periods instead, so nothing goes unpushed.
     pub fn start(app: Arc<App>) -> Self {
         let (tx, rx) = mpsc::channel::<notify::Result<Event>>();
+        app.syncer.set_watcher(tx.clone());
         let watcher = match notify::recommended_watcher(tx) {
             Ok(w) => w,
             Err(e) => {

@@ -995,7 +995,7 @@ fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncE
                 let staged = staging.join(format!("f{i}"));
                 std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(*mode))
                     .map_err(SyncError::io(&staged))?;
-                std::fs::rename(&staged, &abs).map_err(SyncError::io(&abs))?;
+                move_into(&staged, &abs).map_err(SyncError::io(&abs))?;
                 if let Ok(meta) = std::fs::symlink_metadata(&abs) {
                     stat.insert(
                         e.path().to_string(),
@@ -1014,6 +1014,21 @@ fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncE
         }
     }
     Ok(stat)
+}
+
+/// Move a staged file to its place. Into a layered branch (an overlay mount) a rename from the
+/// staging directory crosses file systems: then the file is copied beside its place and renamed
+/// over it, so the place never holds half a file.
+fn move_into(staged: &Path, place: &Path) -> std::io::Result<()> {
+    match std::fs::rename(staged, place) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let name = place.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = place.with_file_name(format!(".{name}.weldr-pull"));
+            std::fs::copy(staged, &tmp)?;
+            std::fs::rename(&tmp, place)
+        }
+        other => other,
+    }
 }
 
 /// Does the branch directory match the stored snapshot exactly (every file re-hashed)?

@@ -73,6 +73,8 @@ pub struct Syncer {
     running: Mutex<HashSet<Key>>,
     locks: BranchLocks,
     wake: tokio::sync::Notify,
+    /// The dirty watcher's inbox, to have a directory watched again (see [`Syncer::rewatch`]).
+    watcher: Mutex<Option<std::sync::mpsc::Sender<notify::Result<notify::Event>>>>,
 }
 
 /// Held while a push of one branch runs; lets `POST .../sync` answer 409 instead of waiting.
@@ -97,6 +99,27 @@ fn key(project_id: &str, branch_id: &str) -> Key {
 
 impl Syncer {
     /// Note a change in a branch directory. Cheap; callable from any thread.
+    /// A branch directory was mounted anew (a layered fork): its old watches saw the tree
+    /// that is now hidden or frozen. Has the watcher walk it again, and marks it dirty.
+    pub fn rewatch(&self, dir: &std::path::Path) {
+        let event =
+            notify::Event::new(notify::EventKind::Create(notify::event::CreateKind::Folder))
+                .add_path(dir.to_path_buf());
+        if let Some(tx) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(Ok(event));
+        }
+    }
+
+    /// Where [`Syncer::rewatch`] sends (set by the dirty watcher when it starts).
+    pub(crate) fn set_watcher(&self, tx: std::sync::mpsc::Sender<notify::Result<notify::Event>>) {
+        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
     pub fn mark_dirty(&self, project_id: &str, branch_id: &str) {
         self.mark(project_id, branch_id, false);
     }

@@ -18,6 +18,17 @@ pub struct TestServer {
     pub token: String,
     /// A client that sends the token.
     pub http: reqwest::Client,
+    pub mounts: Unmount,
+}
+
+/// Layered branches are overlay mounts; they would outlive the test's temporary directory.
+/// Dropped with the server, this detaches them (as a reboot would).
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        weldr_agent::branches::layers::unmount_below(&self.0);
+    }
 }
 
 /// A reqwest client that sends `Authorization: Bearer <token>` on every request.
@@ -49,6 +60,12 @@ impl TestServer {
             .unwrap()
     }
 
+    /// Shut the server down and detach the workspace's mounts, as a reboot would.
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+        drop(self.mounts);
+    }
+
     pub fn app(&self) -> &Arc<App> {
         &self.server.app
     }
@@ -74,6 +91,7 @@ pub async fn start(config: Config) -> TestServer {
     let http = client_with_token(&token);
     TestServer {
         server: start_on(app, listener).unwrap(),
+        mounts: Unmount(dir.clone()),
         dir,
         token,
         http,
