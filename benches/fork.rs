@@ -12,14 +12,18 @@
 //! Then, interleaved (the order rotates every repeat), each repeat makes a new tree with:
 //!
 //! * ours: `branches::create_branch(.., Some(ForkFrom { branch_id: "main", version: None }))`,
-//!   timed until it returns (a usable, isolated tree with its index, `git status` clean);
+//!   timed until it returns (a usable, isolated tree with its index, `git status` clean). As
+//!   root with overlayfs this is a layered fork (`main` frozen into a layer, both mounted over
+//!   it; one untimed fork before the repeats does the first freeze, so every method reads the
+//!   same overlay source); otherwise the copying fork;
 //! * `cp -a src dst`;
 //! * `git worktree add -b <new> dst` run in the source repository;
 //! * `git clone --local src dst`.
 //!
 //! For each: time (median, min–max) and the extra disk the new tree takes, from
 //! `du -s --block-size=1 src dst` (du counts a hard-linked inode once, so the second line is
-//! what `dst` does not share with `src`), and from the filesystem's free space (statvfs, after
+//! what `dst` does not share with `src`; for a layered fork, du of its own upper and work
+//! directories), and from the filesystem's free space (statvfs, after
 //! `sync`) as a cross-check that also sees reflinks. Forks are deleted between repeats.
 //! Prints Markdown tables for the README, a breakdown of where our fork's time goes, and
 //! whether the filesystem supports reflinks.
@@ -214,6 +218,7 @@ fn main() {
         .tempdir_in(&base)
         .unwrap();
     let root = scratch.path().to_path_buf();
+    let _mounts = weldr_agent::branches::layers::DetachOnDrop(root.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -267,6 +272,30 @@ fn main() {
         mb(bytes as f64),
         mb(src_du as f64),
         mb(git_du as f64)
+    );
+    // One fork before the timed ones: with layers it freezes `main` into a layer, so every
+    // method reads the same source (an overlay) in every repeat; it also warms the page cache.
+    let config = app.config.clone();
+    let warm = rt
+        .block_on(branches::create_branch(
+            &app,
+            "p",
+            "warm",
+            Some(ForkFrom {
+                branch_id: "main".into(),
+                version: None,
+            }),
+        ))
+        .unwrap();
+    let layered = weldr_agent::branches::layers::is_mount_point(&warm.dir).unwrap();
+    branches::remove_branch_dir(&config, "p", "warm", &warm.dir).unwrap();
+    eprintln!(
+        "fork mode: {}",
+        if layered {
+            "layers (overlayfs)"
+        } else {
+            "copy"
+        }
     );
     // Warm the page cache for everyone alike.
     run(Command::new("git")
@@ -322,7 +351,16 @@ fn main() {
             let free_after = free_bytes(&root);
             let s = &mut samples[idx];
             s.ms.push(ms(elapsed));
-            s.du.push(extra_du(&src, &dst) as f64);
+            // A layered fork's own disk is its state directory (upper, work, stack); du of the
+            // mount would count the shared layers under another device id.
+            let own = ws
+                .join(".weldr-layers/branches/p")
+                .join(format!("fork{rep}"));
+            s.du.push(if method == Method::Ours && own.exists() {
+                dir_size(&own) as f64
+            } else {
+                extra_du(&src, &dst) as f64
+            });
             s.df.push(free_before.saturating_sub(free_after) as f64);
 
             if method == Method::Ours && !checked {
@@ -330,7 +368,11 @@ fn main() {
                 check_isolated(&src, &dst);
             }
             // Clean up before the next one so the disk does not fill.
-            std::fs::remove_dir_all(&dst).unwrap();
+            if method == Method::Ours {
+                branches::remove_branch_dir(&config, "p", &format!("fork{rep}"), &dst).unwrap();
+            } else {
+                std::fs::remove_dir_all(&dst).unwrap();
+            }
             if method == Method::Worktree {
                 git(&src, &["worktree", "prune"]);
                 git(&src, &["branch", "-q", "-D", &format!("wt{rep}")]);
@@ -353,12 +395,17 @@ fn main() {
         mb(src_du as f64)
     );
     println!(
-        "Filesystem: {fs}, reflink (`cp --reflink=always`): {}. {cpus} CPUs. {repeats} repeats, \
-         interleaved; median (min–max).\n",
+        "Filesystem: {fs}, reflink (`cp --reflink=always`): {}. Fork mode: {}. {cpus} CPUs. \
+         {repeats} repeats, interleaved; median (min–max).\n",
         if reflink {
             "supported"
         } else {
             "not supported"
+        },
+        if layered {
+            "copy-on-write layers (overlayfs)"
+        } else {
+            "copy"
         }
     );
     println!(
@@ -387,7 +434,9 @@ fn main() {
         "\nThe free-space column is noisy on a shared disk (other writers); du is exact for hard \
          links but counts reflinked files in full."
     );
-    println!("\n#### Where our fork's time goes (same tree, {repeats} repeats)\n");
+    println!(
+        "\n#### The copying fork's steps (`FORK_MODE=copy`, or where overlayfs cannot be mounted; same tree, {repeats} repeats)\n"
+    );
     println!("| Step | Time, ms |");
     println!("|---|---:|");
     for (label, v) in &breakdown {

@@ -41,6 +41,8 @@ fn create(ws: &Path, args: &[&str]) -> (String, PathBuf) {
 fn branch_create_without_and_with_a_running_server() {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path();
+    // Forks made by the CLI as root are overlay mounts; they go with the test.
+    let _mounts = weldr_agent::branches::layers::DetachOnDrop(ws.to_path_buf());
 
     // No server: the CLI opens the store itself.
     let (status, main) = create(ws, &["main", "demo"]);

@@ -444,7 +444,7 @@ async fn recovery_after_a_stop_mid_coding() {
     let s2 = TestServer {
         server: weldr_agent::server::start_on(app, listener).unwrap(),
         dir: dir.path().to_path_buf(),
-        mounts: Unmount(dir.path().to_path_buf()),
+        mounts: DetachOnDrop(dir.path().to_path_buf()),
         http: client_with_token(&token),
         token,
     };

@@ -526,6 +526,16 @@ fn unmount(dir: &Path, detach: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Detaches every mount below its directory when dropped (tests and benchmarks: the mounts
+/// would outlive their temporary workspace).
+pub struct DetachOnDrop(pub PathBuf);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        unmount_below(&self.0);
+    }
+}
+
 /// Detach every mount at or below `root` (test and benchmark clean-up).
 pub fn unmount_below(root: &Path) {
     let Ok(root) = fs::canonicalize(root) else {

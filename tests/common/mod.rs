@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use weldr_agent::app::App;
+pub use weldr_agent::branches::layers::DetachOnDrop;
 use weldr_agent::config::Config;
 use weldr_agent::registry;
 use weldr_agent::server::{RunningServer, start_on};
@@ -18,17 +19,8 @@ pub struct TestServer {
     pub token: String,
     /// A client that sends the token.
     pub http: reqwest::Client,
-    pub mounts: Unmount,
-}
-
-/// Layered branches are overlay mounts; they would outlive the test's temporary directory.
-/// Dropped with the server, this detaches them (as a reboot would).
-pub struct Unmount(pub PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        weldr_agent::branches::layers::unmount_below(&self.0);
-    }
+    /// Layered branches' mounts, detached with the server (as a reboot would).
+    pub mounts: DetachOnDrop,
 }
 
 /// A reqwest client that sends `Authorization: Bearer <token>` on every request.
@@ -91,7 +83,7 @@ pub async fn start(config: Config) -> TestServer {
     let http = client_with_token(&token);
     TestServer {
         server: start_on(app, listener).unwrap(),
-        mounts: Unmount(dir.clone()),
+        mounts: DetachOnDrop(dir.clone()),
         dir,
         token,
         http,
