@@ -14,8 +14,10 @@
 //! * ours: `branches::create_branch(.., Some(ForkFrom { branch_id: "main", version: None }))`,
 //!   timed until it returns (a usable, isolated tree with its index, `git status` clean). As
 //!   root with overlayfs this is a layered fork (`main` frozen into a layer, both mounted over
-//!   it; one untimed fork before the repeats does the first freeze, so every method reads the
-//!   same overlay source); otherwise the copying fork;
+//!   it; one untimed fork before the repeats does the first freeze, so that every timed fork
+//!   finds the same `main`); otherwise the copying fork;
+//! * the other tools work on `peer-src`, a plain `cp -a` of the same tree made once beforehand
+//!   (`git clone --local` cannot hard-link out of an overlay mount);
 //! * `cp -a src dst`;
 //! * `git worktree add -b <new> dst` run in the source repository;
 //! * `git clone --local src dst`.
@@ -273,8 +275,12 @@ fn main() {
         mb(src_du as f64),
         mb(git_du as f64)
     );
-    // One fork before the timed ones: with layers it freezes `main` into a layer, so every
-    // method reads the same source (an overlay) in every repeat; it also warms the page cache.
+    // The other tools get a plain copy of the same tree (made once, untimed): a layered branch
+    // is an overlay mount, and `git clone --local` cannot hard-link out of one (EXDEV).
+    let peer_src = root.join("peer-src");
+    run(Command::new("cp").arg("-a").arg(&src).arg(&peer_src));
+    // One fork before the timed ones: with layers it freezes `main` into a layer, so that every
+    // timed fork finds `main` as it will be from then on.
     let config = app.config.clone();
     let warm = rt
         .block_on(branches::create_branch(
@@ -298,10 +304,12 @@ fn main() {
         }
     );
     // Warm the page cache for everyone alike.
-    run(Command::new("git")
-        .arg("-C")
-        .arg(&src)
-        .args(["status", "--porcelain"]));
+    for dir in [&src, &peer_src] {
+        run(Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["status", "--porcelain"]));
+    }
 
     let mut samples: Vec<Samples> = METHODS.iter().map(|_| Samples::default()).collect();
     let mut checked = false;
@@ -328,13 +336,13 @@ fn main() {
                     created.dir
                 }
                 Method::CpA => {
-                    run(Command::new("cp").arg("-a").arg(&src).arg(&dst));
+                    run(Command::new("cp").arg("-a").arg(&peer_src).arg(&dst));
                     dst
                 }
                 Method::Worktree => {
                     run(Command::new("git")
                         .arg("-C")
-                        .arg(&src)
+                        .arg(&peer_src)
                         .args(["worktree", "add", "-q", "-b", &format!("wt{rep}")])
                         .arg(&dst));
                     dst
@@ -342,7 +350,7 @@ fn main() {
                 Method::Clone => {
                     run(Command::new("git")
                         .args(["clone", "-q", "--local"])
-                        .arg(&src)
+                        .arg(&peer_src)
                         .arg(&dst));
                     dst
                 }
@@ -359,7 +367,7 @@ fn main() {
             s.du.push(if method == Method::Ours && own.exists() {
                 dir_size(&own) as f64
             } else {
-                extra_du(&src, &dst) as f64
+                extra_du(&peer_src, &dst) as f64
             });
             s.df.push(free_before.saturating_sub(free_after) as f64);
 
@@ -374,8 +382,8 @@ fn main() {
                 std::fs::remove_dir_all(&dst).unwrap();
             }
             if method == Method::Worktree {
-                git(&src, &["worktree", "prune"]);
-                git(&src, &["branch", "-q", "-D", &format!("wt{rep}")]);
+                git(&peer_src, &["worktree", "prune"]);
+                git(&peer_src, &["branch", "-q", "-D", &format!("wt{rep}")]);
             }
             eprintln!(
                 "repeat {}/{repeats}: {:<40} {:>9.1} ms",

@@ -275,6 +275,13 @@ async fn layered_branches_come_back_after_a_restart_and_evict_and_restore() {
     assert!(!is_mount_point(&main).unwrap());
     assert!(std::fs::read_dir(&main).unwrap().next().is_none());
 
+    // `weldr-agent sync push` before any server ran again mounts the branch first: it never
+    // pushes the bare mount point as the branch.
+    let pushed = weldr_agent::sync::push(&cfg, "p", "feature").await.unwrap();
+    assert!(is_mount_point(&feature).unwrap());
+    assert!(pushed.files > 10, "{pushed:?}");
+    tree::assert_same(&work_tree(&feature), &feature_tree, "feature as pushed");
+
     // The store's next open mounts them again before anything reads them.
     let s = start(cfg.clone()).await;
     assert!(is_mount_point(&main).unwrap() && is_mount_point(&feature).unwrap());

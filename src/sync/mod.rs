@@ -230,7 +230,7 @@ pub async fn push_with(
     options: &PushOptions,
 ) -> Result<PushReport, SyncError> {
     let started = Instant::now();
-    let dir = branch_dir(config, project_id, branch_id);
+    let dir = mounted_branch_dir(config, project_id, branch_id).await?;
     if !dir.is_dir() {
         return Err(SyncError::NotFound(format!(
             "branch directory {} does not exist; create or pull the branch first",
@@ -640,8 +640,32 @@ pub async fn pull_with(
     snapshot_id: Option<&str>,
     options: &PullOptions,
 ) -> Result<PullReport, SyncError> {
-    let dir = branch_dir(config, project_id, branch_id);
+    let dir = mounted_branch_dir(config, project_id, branch_id).await?;
     pull_into_with(config, project_id, branch_id, snapshot_id, &dir, options).await
+}
+
+/// The branch's directory, with a layered branch's overlay mounted (the CLI may run after a
+/// reboot, before any server did): never push the bare mount point as the branch, nor restore
+/// into it, where the mount would hide the files.
+async fn mounted_branch_dir(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<PathBuf, SyncError> {
+    let dir = branch_dir(config, project_id, branch_id);
+    let (config, p, b, d) = (
+        config.clone(),
+        project_id.to_string(),
+        branch_id.to_string(),
+        dir.clone(),
+    );
+    blocking(move || {
+        crate::branches::layers::Layers::new(&config)
+            .mount_branch(&p, &b, &d)
+            .map_err(SyncError::io(&d))
+    })
+    .await?;
+    Ok(dir)
 }
 
 /// Restore into `target` (created when missing). Every file is staged beside `target` and its
