@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// path → (kind, mode, content or link target) for everything but `.git`.
 fn snapshot(dir: &Path) -> BTreeMap<String, (char, u32, Vec<u8>)> {
@@ -91,33 +91,25 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(s: &TestServer, path: &str) -> (u16, Value) {
-    let res = s.http.get(s.url(path)).send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn checkpoint(s: &TestServer, p: &str, b: &str, message: &str) -> String {
-    let (status, body) = post(
-        s,
-        &format!("/projects/{p}/branches/{b}/versions"),
-        json!({ "message": message }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            &format!("/projects/{p}/branches/{b}/versions"),
+            json!({ "message": message }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     body["versionId"].as_str().unwrap().to_string()
 }
 
 async fn setup(s: &TestServer) -> std::path::PathBuf {
-    let (status, _) = post(s, "/projects", json!({ "projectId": "p", "title": "Demo" })).await;
+    let (status, _) = s
+        .post_json("/projects", json!({ "projectId": "p", "title": "Demo" }))
+        .await;
     assert_eq!(status, 201);
-    let (status, body) = post(s, "/projects/p/branches", json!({ "branchId": "main" })).await;
+    let (status, body) = s
+        .post_json("/projects/p/branches", json!({ "branchId": "main" }))
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["headVersionId"], "1");
     s.dir.join("p").join("main")
@@ -142,12 +134,12 @@ async fn forks_keep_files_and_histories_apart() {
     std::fs::create_dir_all(main.join("node_modules/x")).unwrap();
     std::fs::write(main.join("node_modules/x/index.js"), "excluded").unwrap();
 
-    let (status, body) = post(
-        &s,
-        "/projects/p/branches",
-        json!({ "branchId": "feature", "fromBranchId": "main" }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches",
+            json!({ "branchId": "feature", "fromBranchId": "main" }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
         (
@@ -195,7 +187,7 @@ async fn forks_keep_files_and_histories_apart() {
     // Each branch records the disk it occupies (measured in the background after a version).
     let mut size = 0;
     for _ in 0..200 {
-        let (status, body) = get(&s, "/projects/p/branches/feature").await;
+        let (status, body) = s.get_json("/projects/p/branches/feature").await;
         assert_eq!(status, 200);
         size = body["sizeBytes"].as_u64().unwrap();
         if size > 0 {
@@ -206,19 +198,19 @@ async fn forks_keep_files_and_histories_apart() {
     assert!(size > 0, "the branch size is recorded");
 
     // A fork at an older version gets that version's tree.
-    let (status, body) = post(
-        &s,
-        "/projects/p/branches",
-        json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches",
+            json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let old = s.dir.join("p/old");
     assert!(!old.join("shared.txt").exists() && !old.join("draft.txt").exists());
-    let (_, versions) = get(&s, "/projects/p/branches/old/versions").await;
+    let (_, versions) = s.get_json("/projects/p/branches/old/versions").await;
     assert_eq!(versions.as_array().unwrap().len(), 1);
 
-    let (_, list) = get(&s, "/projects/p/branches").await;
+    let (_, list) = s.get_json("/projects/p/branches").await;
     let names: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -268,12 +260,12 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
     assert_ne!(tree_v1, tree_v3);
 
     let mut events = s.sse("/stream/p/main", None).await;
-    let (status, body) = post(
-        &s,
-        "/revert",
-        json!({ "projectId": "p", "branchId": "main", "versionId": v1 }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/revert",
+            json!({ "projectId": "p", "branchId": "main", "versionId": v1 }),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
     assert_eq!(body["commitHash"].as_str().unwrap().len(), 40);
@@ -297,7 +289,7 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
     assert_eq!(frame.data["versionId"], revert_id.as_str());
     assert_eq!(frame.data["kind"], "revert");
 
-    let (_, versions) = get(&s, "/projects/p/branches/main/versions").await;
+    let (_, versions) = s.get_json("/projects/p/branches/main/versions").await;
     let last = versions.as_array().unwrap().last().unwrap().clone();
     assert_eq!(
         (last["kind"].as_str(), last["restoresVersionId"].as_str()),
@@ -305,25 +297,29 @@ async fn revert_restores_a_version_tree_exactly_and_redo_works() {
     );
 
     // Redo: back to v3.
-    let (status, _) = post(
-        &s,
-        "/revert",
-        json!({ "projectId": "p", "branchId": "main", "versionId": v3 }),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/revert",
+            json!({ "projectId": "p", "branchId": "main", "versionId": v3 }),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_same_tree(&snapshot(&dir), &tree_v3, "redo restores v3 exactly");
     git(&dir, &["fsck", "--strict"]);
 
     // The diff of v3 names its changes; binary files carry no patch.
-    let (status, diff) = get(&s, &format!("/projects/p/branches/main/versions/{v3}/diff")).await;
+    let (status, diff) = s
+        .get_json(&format!("/projects/p/branches/main/versions/{v3}/diff"))
+        .await;
     assert_eq!(status, 200);
     let files = diff["files"].as_array().unwrap();
     let find = |p: &str| files.iter().find(|f| f["path"] == p).cloned().unwrap();
     assert_eq!(find("src/deep/lib.rs")["kind"], "deleted");
     assert_eq!(find("more.bin")["binary"], true);
     assert_eq!(find("more.bin")["kind"], "added");
-    let (_, v) = get(&s, &format!("/projects/p/branches/main/versions/{v1}/diff")).await;
+    let (_, v) = s
+        .get_json(&format!("/projects/p/branches/main/versions/{v1}/diff"))
+        .await;
     assert!(
         v["files"]
             .as_array()
@@ -340,25 +336,25 @@ async fn uncommitted_work_is_kept_as_a_version_before_a_revert() {
     let s = start(config(tmp.path())).await;
     let dir = setup(&s).await;
     std::fs::write(dir.join("keep.txt"), "precious\n").unwrap();
-    let (status, _) = post(
-        &s,
-        "/revert",
-        json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/revert",
+            json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
+        )
+        .await;
     assert_eq!(status, 200);
     assert!(!dir.join("keep.txt").exists());
-    let (_, versions) = get(&s, "/projects/p/branches/main/versions").await;
+    let (_, versions) = s.get_json("/projects/p/branches/main/versions").await;
     let versions = versions.as_array().unwrap();
     assert_eq!(versions.len(), 3);
     assert_eq!(versions[1]["message"], "Uncommitted changes before revert");
     let saved = versions[1]["versionId"].as_str().unwrap();
-    let (status, _) = post(
-        &s,
-        "/revert",
-        json!({ "projectId": "p", "branchId": "main", "versionId": saved }),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/revert",
+            json!({ "projectId": "p", "branchId": "main", "versionId": saved }),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
@@ -383,12 +379,12 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         .write(|ctx| weldr_storage::model::claim_branch(ctx, "p", "main", "wf_1"))
         .await
         .unwrap();
-    let (status, body) = post(
-        &s,
-        "/revert",
-        json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/revert",
+            json!({ "projectId": "p", "branchId": "main", "versionId": "1" }),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (409, Some("branch_busy"))
@@ -402,7 +398,8 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         .unwrap();
 
     // A version of another branch, unknown ids, malformed ids.
-    post(&s, "/projects/p/branches", json!({ "branchId": "other" })).await;
+    s.post_json("/projects/p/branches", json!({ "branchId": "other" }))
+        .await;
     for (body, status, code) in [
         (
             json!({ "projectId": "p", "branchId": "other", "versionId": "2" }),
@@ -461,7 +458,7 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         ),
         (json!(["p"]), 400, "invalid_json"),
     ] {
-        let (got, res) = post(&s, "/revert", body.clone()).await;
+        let (got, res) = s.post_json("/revert", body.clone()).await;
         assert_eq!(
             (got, res["error"]["code"].as_str()),
             (status, Some(code)),
@@ -510,7 +507,7 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         "/projects/%2e%2e/branches",
         "/projects/p/branches/a.b",
     ] {
-        let (status, body) = get(&s, path).await;
+        let (status, body) = s.get_json(path).await;
         assert!(
             (400..500).contains(&status) && body["error"]["code"].is_string(),
             "{path}: {status} {body}"
@@ -523,23 +520,23 @@ async fn busy_foreign_and_malformed_requests_are_refused_cleanly() {
         json!({ "branchId": "y", "fromBranchId": "nope" }),
         json!({ "branchId": "main" }),
     ] {
-        let (status, _) = post(&s, "/projects/p/branches", body.clone()).await;
+        let (status, _) = s.post_json("/projects/p/branches", body.clone()).await;
         assert!((400..500).contains(&status), "{body}");
     }
-    let (status, _) = post(&s, "/projects", json!({ "projectId": "p" })).await;
+    let (status, _) = s.post_json("/projects", json!({ "projectId": "p" })).await;
     assert_eq!(status, 409);
-    let (status, _) = post(
-        &s,
-        "/projects/p/branches/main/versions",
-        json!({ "message": "nothing new" }),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/projects/p/branches/main/versions",
+            json!({ "message": "nothing new" }),
+        )
+        .await;
     assert_eq!(status, 409);
 
     // Nothing stored changed.
     assert_same_tree(&snapshot(&dir), &before, "nothing changed");
     git(&dir, &["fsck", "--strict"]);
-    let (status, _) = get(&s, "/health").await;
+    let (status, _) = s.get_json("/health").await;
     assert_eq!(status, 200);
     s.server.shutdown().await;
 }
@@ -551,13 +548,17 @@ async fn cloud_mode_uses_the_flat_layout_and_refuses_other_projects() {
     cfg.mode = weldr_agent::config::Mode::Cloud;
     cfg.project_id = Some("proj".into());
     let s = start(cfg).await;
-    let (status, body) = post(&s, "/projects/proj/branches", json!({ "branchId": "main" })).await;
+    let (status, body) = s
+        .post_json("/projects/proj/branches", json!({ "branchId": "main" }))
+        .await;
     assert_eq!(status, 201, "{body}");
     assert!(
         tmp.path().join("main/.git").is_dir(),
         "cloud layout is {{base}}/{{branchId}}"
     );
-    let (status, body) = post(&s, "/projects", json!({ "projectId": "elsewhere" })).await;
+    let (status, body) = s
+        .post_json("/projects", json!({ "projectId": "elsewhere" }))
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("wrong_machine"))

@@ -132,12 +132,6 @@ async fn set_last_access(app: &App, p: &str, b: &str, at_ms: u64) {
         .unwrap();
 }
 
-async fn get_json(s: &TestServer, path: &str) -> (u16, Value) {
-    let res = s.http.get(s.url(path)).send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn create_branch(s: &TestServer, p: &str, b: &str) -> (u16, Value) {
     let res = s
         .http
@@ -227,7 +221,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert!(before >= 85.0, "the volume is only {before:.1}% full");
 
     // GET /disk: usage, watermarks, LRU order and what keeps each branch.
-    let (status, disk) = get_json(&s, "/disk").await;
+    let (status, disk) = s.get_json("/disk").await;
     assert_eq!(status, 200, "{disk}");
     assert!(disk["usagePercent"].as_f64().unwrap() >= 85.0, "{disk}");
     assert_eq!(disk["maxUsagePercent"], 85);
@@ -278,7 +272,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
 
     for b in ["b0", "b3"] {
         assert!(!weldr_agent::branches::branch_dir(&config, p, b).exists());
-        let (_, view) = get_json(&s, &format!("/projects/proj/branches/{b}")).await;
+        let (_, view) = s.get_json(&format!("/projects/proj/branches/{b}")).await;
         assert_eq!(view["state"], "evicted", "{view}");
         assert!(view["sync"]["lastSnapshotId"].is_string(), "{view}");
     }
@@ -287,7 +281,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
         let dir = weldr_agent::branches::branch_dir(&config, p, b);
         tree::assert_same(&tree(&dir), &trees[b], b);
     }
-    let (_, view) = get_json(&s, "/projects/proj/branches/bfail").await;
+    let (_, view) = s.get_json("/projects/proj/branches/bfail").await;
     assert_eq!(view["state"], "active");
     assert!(view["sync"]["lastError"].is_string(), "{view}");
     assert_eq!(view["sync"]["dirty"], true, "{view}");
@@ -308,7 +302,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("STATUS=reused"), "{text}");
-    let (status, versions) = get_json(&s, "/projects/proj/branches/b0/versions").await;
+    let (status, versions) = s.get_json("/projects/proj/branches/b0/versions").await;
     assert_eq!(status, 200, "{versions}");
     let b0 = weldr_agent::branches::branch_dir(&config, p, "b0");
     tree::assert_same(&tree(&b0), &trees["b0"], "b0 restored");
@@ -317,7 +311,7 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
         git(&b0, &["log", "--format=%s"]).lines().next(),
         Some("content")
     );
-    let (_, view) = get_json(&s, "/projects/proj/branches/b0").await;
+    let (_, view) = s.get_json("/projects/proj/branches/b0").await;
     assert_eq!(view["state"], "active");
     // ... and a stream connect, which sees the `sync` events of the push and the restore.
     let mut stream = s.sse("/stream/proj/b3", Some("0")).await;
@@ -404,7 +398,7 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     // The new branch is pushed once it is quiet.
     wait_for(
         async || {
-            let (_, v) = get_json(&s, "/projects/p/branches/main").await;
+            let (_, v) = s.get_json("/projects/p/branches/main").await;
             v["sync"]["lastSnapshotId"].is_string() && v["sync"]["dirty"] == false
         },
         "the first push",
@@ -428,7 +422,7 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     // Excluded paths do not make a branch dirty.
     wait_for(
         async || {
-            let (_, v) = get_json(&s, "/projects/p/branches/main").await;
+            let (_, v) = s.get_json("/projects/p/branches/main").await;
             v["sync"]["dirty"] == false && v["sync"]["running"] == false
         },
         "a clean branch",
@@ -438,7 +432,7 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     std::fs::write(dir.join("node_modules/x/index.js"), "x").unwrap();
     std::fs::write(dir.join("debug.log"), "x").unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, v) = get_json(&s, "/projects/p/branches/main").await;
+    let (_, v) = s.get_json("/projects/p/branches/main").await;
     assert_eq!(v["sync"]["dirty"], false, "{v}");
 
     // POST .../sync pushes now: nothing changed.
@@ -479,7 +473,7 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     assert_eq!(syncs[1]["unchanged"], false);
 
     // GET /disk answers and lists the branch.
-    let (status, disk) = get_json(&s, "/disk").await;
+    let (status, disk) = s.get_json("/disk").await;
     assert_eq!(status, 200);
     assert!(disk["usagePercent"].as_f64().is_some());
     assert_eq!(disk["branches"][0]["branchId"], "main");
@@ -505,7 +499,7 @@ async fn sigterm_pushes_dirty_branches_before_stopping() {
     std::fs::write(dir.join("unsaved.txt"), "work in progress").unwrap();
     wait_for(
         async || {
-            let (_, v) = get_json(&s, "/projects/p/branches/b").await;
+            let (_, v) = s.get_json("/projects/p/branches/b").await;
             v["sync"]["dirty"] == true
         },
         "the dirty mark",

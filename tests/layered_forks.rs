@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use weldr_agent::branches::layers::{Layers, is_mount_point};
 use weldr_agent::config::Config;
 
@@ -34,35 +34,23 @@ fn layers_available(cfg: &Config) -> bool {
     false
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(s: &TestServer, path: &str) -> (u16, Value) {
-    let res = s.http.get(s.url(path)).send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn checkpoint(s: &TestServer, b: &str, message: &str) {
-    let (status, body) = post(
-        s,
-        &format!("/projects/p/branches/{b}/versions"),
-        json!({ "message": message }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            &format!("/projects/p/branches/{b}/versions"),
+            json!({ "message": message }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
 }
 
 async fn fork(s: &TestServer, child: &str, parent: &str) {
-    let (status, body) = post(
-        s,
-        "/projects/p/branches",
-        json!({ "branchId": child, "fromBranchId": parent }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches",
+            json!({ "branchId": child, "fromBranchId": parent }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
 }
 
@@ -84,9 +72,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// Project `p` with branch `main` holding text, binary, executable, symlink, nested and
 /// dependency files, one version of them, and uncommitted work on top.
 async fn setup(s: &TestServer) -> PathBuf {
-    let (status, _) = post(s, "/projects", json!({ "projectId": "p" })).await;
+    let (status, _) = s.post_json("/projects", json!({ "projectId": "p" })).await;
     assert_eq!(status, 201);
-    let (status, _) = post(s, "/projects/p/branches", json!({ "branchId": "main" })).await;
+    let (status, _) = s
+        .post_json("/projects/p/branches", json!({ "branchId": "main" }))
+        .await;
     assert_eq!(status, 201);
     let main = s.dir.join("p/main");
     std::fs::write(main.join("a.txt"), "alpha\n").unwrap();
@@ -146,10 +136,12 @@ async fn layered_fork_shares_the_tree_and_keeps_both_sides_apart() {
 
     // The dirty watcher follows the new mounts: a push clears the mark, and a write deep in
     // the fork (in a directory that came from the frozen layer) sets it again.
-    let (status, body) = post(&s, "/projects/p/branches/feature/sync", json!({})).await;
+    let (status, body) = s
+        .post_json("/projects/p/branches/feature/sync", json!({}))
+        .await;
     assert_eq!(status, 200, "{body}");
     let dirty = || async {
-        let (_, body) = get(&s, "/projects/p/branches/feature").await;
+        let (_, body) = s.get_json("/projects/p/branches/feature").await;
         body["sync"]["dirty"].as_bool()
     };
     assert_eq!(dirty().await, Some(false));
@@ -245,12 +237,12 @@ async fn layered_fork_shares_the_tree_and_keeps_both_sides_apart() {
     }
 
     // A fork at an older version is a checkout, not a layer.
-    let (status, body) = post(
-        &s,
-        "/projects/p/branches",
-        json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" }),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches",
+            json!({ "branchId": "old", "fromBranchId": "main", "fromVersionId": "1" }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let old = s.dir.join("p/old");
     assert!(!is_mount_point(&old).unwrap() && !old.join("a.txt").exists());
@@ -321,9 +313,11 @@ async fn layered_branches_come_back_after_a_restart_and_evict_and_restore() {
     // Their next use restores them, byte for byte (.git included), as plain directories.
     let s = start(cfg).await;
     for (b, want) in [("main", &full.0), ("feature", &full.1)] {
-        let (status, body) = get(&s, &format!("/projects/p/branches/{b}/versions")).await;
+        let (status, body) = s
+            .get_json(&format!("/projects/p/branches/{b}/versions"))
+            .await;
         assert_eq!(status, 200, "{body}");
-        let (_, body) = get(&s, &format!("/projects/p/branches/{b}")).await;
+        let (_, body) = s.get_json(&format!("/projects/p/branches/{b}")).await;
         assert_eq!(body["state"], "active", "{body}");
         let dir = s.dir.join("p").join(b);
         assert!(!is_mount_point(&dir).unwrap());
@@ -344,7 +338,9 @@ async fn an_interrupted_freeze_is_finished_on_the_next_mount() {
     let main = setup(&s).await;
     fork(&s, "feature", "main").await;
     std::fs::write(main.join("new.txt"), "written after the fork\n").unwrap();
-    let (status, _) = post(&s, "/projects/p/branches", json!({ "branchId": "solo" })).await;
+    let (status, _) = s
+        .post_json("/projects/p/branches", json!({ "branchId": "solo" }))
+        .await;
     assert_eq!(status, 201);
     let solo = s.dir.join("p/solo");
     std::fs::write(solo.join("s.txt"), "solo\n").unwrap();

@@ -52,6 +52,26 @@ impl TestServer {
             .unwrap()
     }
 
+    /// POST a JSON body; the status and the JSON answer (null when there is none).
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let res = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// GET; the status and the JSON answer (null when there is none).
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let res = self.http.get(self.url(path)).send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// Shut the server down and detach the workspace's mounts, as a reboot would.
     pub async fn stop(self) {
         self.server.shutdown().await;
