@@ -214,12 +214,14 @@ impl Layers {
                 if in_use(parent_dir)? {
                     return Ok(Err(Declined::Busy));
                 }
+                self.clear_stale_state(project_id, parent_id)?;
                 let next = vec![new_layer_id()];
                 self.write_stack(project_id, parent_id, &next)?;
                 self.mount_locked(project_id, parent_id, parent_dir)?;
                 next
             }
         };
+        self.clear_stale_state(project_id, child_id)?;
         self.write_stack(project_id, child_id, &stack)?;
         if let Err(e) = self.mount_locked(project_id, child_id, child_dir) {
             // The parent is whole again; the fork leaves nothing behind.
@@ -228,6 +230,15 @@ impl Layers {
             return Err(e);
         }
         Ok(Ok(()))
+    }
+
+    /// Without a stack, anything in a branch's state directory is left from an interrupted
+    /// removal: it must never be taken for the branch's upper directory.
+    fn clear_stale_state(&self, project_id: &str, branch_id: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.state(project_id, branch_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Mount a layered branch's directory if it is not mounted, finishing whatever step of a
@@ -302,7 +313,15 @@ impl Layers {
             unmount(dir, true)?;
         }
         let state = self.state(project_id, branch_id);
-        // The stack goes first: from here on the branch is plain (and absent).
+        // The branch's own changes go first and the stack last: a crash in between leaves a
+        // stack over its layers (harmless: an evicted branch's restore clears it), never a
+        // stray upper directory without a stack that a later freeze could take for the branch.
+        for sub in ["upper", "work"] {
+            match fs::remove_dir_all(state.join(sub)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         fs::remove_file(state.join("stack"))?;
         fs::remove_dir_all(&state)?;
         if dir.exists() && is_empty_dir(dir)? {

@@ -626,9 +626,12 @@ pub async fn ensure_present(
     restore_locked(app, project_id, branch_id).await
 }
 
-/// A layered branch's overlay is mounted before use (a no-op when it is; a stat for a plain
+/// A layered branch's overlay is mounted before use (a no-op when it is; one stat for a plain
 /// branch).
 async fn mount_if_layered(app: &App, project_id: &str, branch_id: &str) -> Result<(), ApiError> {
+    if !layers::Layers::new(&app.config).is_layered(project_id, branch_id) {
+        return Ok(());
+    }
     let config = app.config.clone();
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     tokio::task::spawn_blocking(move || {

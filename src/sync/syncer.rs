@@ -98,7 +98,6 @@ fn key(project_id: &str, branch_id: &str) -> Key {
 }
 
 impl Syncer {
-    /// Note a change in a branch directory. Cheap; callable from any thread.
     /// A branch directory was mounted anew (a layered fork): its old watches saw the tree
     /// that is now hidden or frozen. Has the watcher walk it again, and marks it dirty.
     pub fn rewatch(&self, dir: &std::path::Path) {
@@ -120,6 +119,7 @@ impl Syncer {
         *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
     }
 
+    /// Note a change in a branch directory. Cheap; callable from any thread.
     pub fn mark_dirty(&self, project_id: &str, branch_id: &str) {
         self.mark(project_id, branch_id, false);
     }
