@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::json;
@@ -74,21 +73,6 @@ fn assert_same_tree(
         })
         .collect();
     assert!(diff.is_empty(), "{what}: {diff:#?}");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("system git for checks");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 async fn checkpoint(s: &TestServer, p: &str, b: &str, message: &str) -> String {

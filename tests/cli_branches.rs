@@ -4,7 +4,10 @@
 
 #[path = "common/binary.rs"]
 mod binary;
+#[path = "common/git.rs"]
+mod git_cli;
 
+use git_cli::git;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,17 +20,6 @@ fn fields(out: &str) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn create(ws: &Path, args: &[&str]) -> (String, PathBuf) {
@@ -48,9 +40,12 @@ fn branch_create_without_and_with_a_running_server() {
     let (status, main) = create(ws, &["main", "demo"]);
     assert_eq!(status, "created");
     assert_eq!(main, ws.join("demo").join("main"));
-    assert_eq!(git(&main, &["rev-parse", "--abbrev-ref", "HEAD"]), "main");
     assert_eq!(
-        git(&main, &["rev-list", "--count", "HEAD"]),
+        git(&main, &["rev-parse", "--abbrev-ref", "HEAD"]).trim(),
+        "main"
+    );
+    assert_eq!(
+        git(&main, &["rev-list", "--count", "HEAD"]).trim(),
         "1",
         "an initial commit"
     );

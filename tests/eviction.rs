@@ -85,22 +85,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
     v
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git is needed by the tests");
-    assert!(
-        out.status.success(),
-        "git {args:?} in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Everything in a branch directory.
 fn tree(root: &Path) -> BTreeMap<String, String> {
     tree::tree(root, &[])

@@ -54,21 +54,6 @@ async fn fork(s: &TestServer, child: &str, parent: &str) {
     assert_eq!(status, 201, "{body}");
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Project `p` with branch `main` holding text, binary, executable, symlink, nested and
 /// dependency files, one version of them, and uncommitted work on top.
 async fn setup(s: &TestServer) -> PathBuf {

@@ -5,9 +5,12 @@
 //! it, outside CI, each test starts `python3 -m moto.server` on a free port itself; in CI a
 //! missing endpoint fails the test.
 
+#[path = "common/git.rs"]
+mod git_cli;
 #[path = "common/tree.rs"]
 mod tree;
 
+use git_cli::git;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -97,21 +100,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     getrandom::fill(&mut v).unwrap();
     v
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git is needed by the tests");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Everything in a tree except `node_modules` (excluded): kind, mode, content or link target.

@@ -46,21 +46,6 @@ fn script() -> Vec<Reply> {
     ]
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A server with these provider keys, project `p` and branch `b`, and one workflow on `model`
 /// read from the branch stream up to its `end`: (workspace, server, workflow id, frames).
 async fn run_workflow(

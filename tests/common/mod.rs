@@ -1,6 +1,10 @@
 //! Test helpers: a real server on 127.0.0.1:0 and a real SSE client.
 #![allow(dead_code)]
 
+mod git;
+#[allow(unused_imports)]
+pub use git::git;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
