@@ -373,6 +373,25 @@ impl Layers {
     }
 }
 
+/// A branch's directory, with its overlay mounted if the branch is layered: one stat for a plain
+/// branch; the mount, when one is needed, runs off the async runtime.
+pub async fn mounted_dir(
+    config: &Config,
+    project_id: &str,
+    branch_id: &str,
+) -> io::Result<PathBuf> {
+    let dir = super::branch_dir(config, project_id, branch_id);
+    let layers = Layers::new(config);
+    if !layers.is_layered(project_id, branch_id) {
+        return Ok(dir);
+    }
+    let (p, b, d) = (project_id.to_string(), branch_id.to_string(), dir.clone());
+    tokio::task::spawn_blocking(move || layers.mount_branch(&p, &b, &d))
+        .await
+        .map_err(io::Error::other)??;
+    Ok(dir)
+}
+
 /// Mount every layered branch of the workspace that is not mounted (after a reboot). Failures
 /// are logged; the branches concerned stay unmounted and their files untouched.
 pub fn mount_all(config: &Config) {

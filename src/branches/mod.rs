@@ -629,20 +629,13 @@ pub async fn ensure_present(
 /// A layered branch's overlay is mounted before use (a no-op when it is; one stat for a plain
 /// branch).
 async fn mount_if_layered(app: &App, project_id: &str, branch_id: &str) -> Result<(), ApiError> {
-    if !layers::Layers::new(&app.config).is_layered(project_id, branch_id) {
-        return Ok(());
-    }
-    let config = app.config.clone();
-    let (p, b) = (project_id.to_string(), branch_id.to_string());
-    tokio::task::spawn_blocking(move || {
-        let dir = branch_dir(&config, &p, &b);
-        layers::Layers::new(&config).mount_branch(&p, &b, &dir)
-    })
-    .await?
-    .map_err(|e| {
-        tracing::error!(project = project_id, branch = branch_id, error = %e, "cannot mount a layered branch");
-        ApiError::internal(format!("branch {branch_id} cannot be mounted: {e}"))
-    })
+    layers::mounted_dir(&app.config, project_id, branch_id)
+        .await
+        .map(drop)
+        .map_err(|e| {
+            tracing::error!(project = project_id, branch = branch_id, error = %e, "cannot mount a layered branch");
+            ApiError::internal(format!("branch {branch_id} cannot be mounted: {e}"))
+        })
 }
 
 async fn set_state(
@@ -683,12 +676,8 @@ async fn restore_locked(
         branch_id.to_string(),
     );
     tokio::task::spawn_blocking(move || {
-        let layers = layers::Layers::new(&config);
-        if layers.is_layered(&p, &b) {
-            let dir = branch_dir(&config, &p, &b);
-            layers.remove_branch(&p, &b, &dir)?;
-        }
-        Ok::<_, std::io::Error>(())
+        let dir = branch_dir(&config, &p, &b);
+        layers::Layers::new(&config).remove_branch(&p, &b, &dir)
     })
     .await?
     .map_err(|e| ApiError::internal(format!("cannot clear the evicted branch's layers: {e}")))?;

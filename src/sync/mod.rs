@@ -652,20 +652,9 @@ async fn mounted_branch_dir(
     project_id: &str,
     branch_id: &str,
 ) -> Result<PathBuf, SyncError> {
-    let dir = branch_dir(config, project_id, branch_id);
-    let (config, p, b, d) = (
-        config.clone(),
-        project_id.to_string(),
-        branch_id.to_string(),
-        dir.clone(),
-    );
-    blocking(move || {
-        crate::branches::layers::Layers::new(&config)
-            .mount_branch(&p, &b, &d)
-            .map_err(SyncError::io(&d))
-    })
-    .await?;
-    Ok(dir)
+    crate::branches::layers::mounted_dir(config, project_id, branch_id)
+        .await
+        .map_err(|e| SyncError::Io(format!("mounting branch {project_id}/{branch_id}: {e}")))
 }
 
 /// Restore into `target` (created when missing). Every file is staged beside `target` and its
