@@ -647,6 +647,7 @@ mod tests {
             (vec![("WORKSPACE_BASE", "relative/path")], "WORKSPACE_BASE"),
             (vec![("PROJECT_ID", "../etc")], "PROJECT_ID"),
             (vec![("EVENT_RETENTION", "0")], "EVENT_RETENTION"),
+            (vec![("FORK_MODE", "overlay")], "FORK_MODE"),
         ] {
             let err = cfg(&pairs).unwrap_err();
             assert_eq!(err.var, var);
