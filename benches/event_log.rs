@@ -13,7 +13,9 @@
 //! 3. Catch-up: 1,000 clients resuming from `Last-Event-ID: 0` and from the middle of a 10k
 //!    log, against 1,000 clients paging through the same stream with `XRANGE ... COUNT 1000`.
 //!    Both servers run as their own processes (`weldr-agent serve`, `redis-server`); the
-//!    clients share this process.
+//!    clients share this process. A third row resumes from the last event: the floor set by
+//!    1,000 connections arriving at once, with almost nothing to replay (`BENCH_FROM=<id>`
+//!    runs one row only).
 //! 4. The real binary: idle RSS, RSS per idle SSE subscriber, and startup time with 1,000
 //!    branches' logs present.
 
@@ -381,7 +383,15 @@ async fn bench_catchup() {
             .await;
         }
     }
-    for (label, from) in [("Last-Event-ID: 0", 0u64), ("middle (5000)", LOG / 2)] {
+    let only = std::env::var("BENCH_FROM").ok();
+    for (label, from) in [
+        ("Last-Event-ID: 0", 0u64),
+        ("middle (5000)", LOG / 2),
+        ("last event only (9999)", LOG - 1),
+    ]
+    .into_iter()
+    .filter(|(_, from)| only.as_deref().is_none_or(|f| f == from.to_string()))
+    {
         let (mut ours, mut theirs, mut ratio, mut our_ttfe, mut their_ttfe) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..REPEATS {

@@ -109,26 +109,6 @@ pub async fn require_branch(
     }
 }
 
-/// Record that a branch was used now (for the eviction loop). Best effort.
-pub fn touch_branch(store: &Store, project_id: &str, branch_id: &str) {
-    let (store, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
-    tokio::spawn(async move {
-        let result = store
-            .writer()
-            .write(move |ctx| {
-                if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
-                    branch.last_access_ms = now_ms();
-                    model::put_branch(ctx, &branch)?;
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "could not record branch access");
-        }
-    });
-}
-
 /// Bytes a directory occupies on disk (allocated blocks, each inode counted once, so objects
 /// hard-linked between forks count once per walk). Blocks; call off the runtime.
 pub fn disk_usage(dir: &std::path::Path) -> u64 {

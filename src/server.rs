@@ -57,7 +57,7 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
             spawn_server(app, acceptor, bound, "https")
         }
         None => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            let listener = listen(addr).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("cannot listen on {addr}: {e} (is PORT taken?)"),
@@ -68,6 +68,22 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
     };
     server.control = Some(control);
     Ok(server)
+}
+
+/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`).
+/// When every client of a restarted machine reconnects at once, a full queue drops their SYNs
+/// and each dropped one waits a whole second for its retransmission: tokio's default of 1,024
+/// is too small for that.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serve plain HTTP on an already bound listener (tests bind 127.0.0.1:0).

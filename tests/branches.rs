@@ -549,3 +549,51 @@ async fn cloud_mode_uses_the_flat_layout_and_refuses_other_projects() {
     );
     s.server.shutdown().await;
 }
+
+/// A branch's recorded last use, straight from the store.
+fn last_access(s: &TestServer, p: &str, b: &str) -> u64 {
+    let rtx = s.app().store.begin_read().unwrap();
+    weldr_storage::model::get_branch(&rtx, p, b)
+        .unwrap()
+        .expect("branch")
+        .last_access_ms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_use_is_recorded_but_uses_at_once_share_one_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    setup(&s).await;
+    s.app()
+        .store
+        .writer()
+        .write(|ctx| {
+            let mut branch =
+                weldr_storage::model::get_branch_for_update(ctx, "p", "main")?.expect("branch");
+            branch.last_access_ms = 1;
+            weldr_storage::model::put_branch(ctx, &branch)
+        })
+        .await
+        .unwrap();
+
+    // A stream opening on a branch not used for long records the use before it answers.
+    let before = weldr_storage::writer::now_ms();
+    let first = s.sse("/stream/p/main", None).await;
+    let recorded = last_access(&s, "p", "main");
+    assert!(recorded >= before, "{recorded} < {before}");
+
+    // Many more at once: the use was just recorded, so none of them writes it again (it may
+    // only move once the one-second window has passed, on a slow machine).
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(s.sse("/stream/p/main", None));
+    }
+    let streams = futures_util::future::join_all(streams).await;
+    let again = last_access(&s, "p", "main");
+    assert!(
+        again == recorded || again >= recorded + 1000,
+        "the use was written again within its window: {recorded} -> {again}"
+    );
+    drop((first, streams));
+    s.stop().await;
+}

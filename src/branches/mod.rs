@@ -190,7 +190,7 @@ pub async fn create_branch(
                 let d = dir.clone();
                 blocking(move || git::init_branch(&d, AGENT_AUTHOR)).await?;
             }
-            touch_now(app, project_id, branch_id).await?
+            touch_locked(app, project_id, branch_id, branch).await?
         } else {
             restore_locked(app, project_id, branch_id).await?
         };
@@ -577,9 +577,31 @@ pub async fn version_diff(
     Ok((version, diff))
 }
 
-/// Record a use of the branch now and answer its record (awaited, unlike
-/// [`crate::registry::touch_branch`]: the eviction loop must see it).
-async fn touch_now(app: &App, project_id: &str, branch_id: &str) -> Result<BranchRecord, ApiError> {
+/// A use this recent is not written again: many streams opening on one branch at once share
+/// one commit instead of queueing on the branch lock for one fsync each. Capped at half the
+/// eviction grace, so that a fresh record still keeps a pass away (see [`ensure_present`]).
+fn touch_window(config: &Config) -> u64 {
+    (config.eviction_grace.as_millis() as u64 / 2).min(1000)
+}
+
+/// Whether `branch`'s recorded use is recent enough not to be written again.
+fn recently_touched(config: &Config, branch: &BranchRecord) -> bool {
+    now_ms().saturating_sub(branch.last_access_ms) < touch_window(config)
+}
+
+/// Record a use of the branch now (unless one was just recorded) and answer its record.
+/// Call under the branch lock: every write of `last_access_ms` happens under it, so an
+/// eviction pass, which holds the lock from its check to its mark, never has it refreshed
+/// behind its back.
+async fn touch_locked(
+    app: &App,
+    project_id: &str,
+    branch_id: &str,
+    branch: BranchRecord,
+) -> Result<BranchRecord, ApiError> {
+    if recently_touched(&app.config, &branch) {
+        return Ok(branch);
+    }
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     let branch = app
         .store
@@ -596,6 +618,23 @@ async fn touch_now(app: &App, project_id: &str, branch_id: &str) -> Result<Branc
     branch.ok_or_else(|| branch_not_found(project_id, branch_id))
 }
 
+/// Record a use of the branch (for the eviction loop's LRU order), in the background.
+pub fn touch(app: &Arc<App>, project_id: &str, branch_id: &str) {
+    let (app, p, b) = (app.clone(), project_id.to_string(), branch_id.to_string());
+    tokio::spawn(async move {
+        let _guard = app.branch_locks.lock(&p, &b).await;
+        let (p2, b2) = (p.clone(), b.clone());
+        let result = match read(&app, move |rtx| model::get_branch(rtx, &p2, &b2)).await {
+            Ok(Some(branch)) => touch_locked(&app, &p, &b, branch).await.map(drop),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e.message, "could not record branch access");
+        }
+    });
+}
+
 /// Make sure a branch's directory is here before it is used: an evicted branch is restored from
 /// object storage (state `restoring` while it is pulled, then `active`). Also records the use,
 /// under the branch lock, so that an eviction pass never removes a branch that was just
@@ -606,11 +645,17 @@ pub async fn ensure_present(
     branch_id: &str,
 ) -> Result<BranchRecord, ApiError> {
     let (p, b) = (project_id.to_string(), branch_id.to_string());
-    let state = read(app, move |rtx| model::get_branch(rtx, &p, &b))
+    let branch = read(app, move |rtx| model::get_branch(rtx, &p, &b))
         .await?
-        .ok_or_else(|| branch_not_found(project_id, branch_id))?
-        .state;
-    if state != BranchState::Active {
+        .ok_or_else(|| branch_not_found(project_id, branch_id))?;
+    if branch.state == BranchState::Active && recently_touched(&app.config, &branch) {
+        // Used within the touch window, which is shorter than the eviction grace: a pass that
+        // starts now skips the branch, and one under way cannot be (it checked the use under
+        // the lock and no use is recorded without it), so it is here without taking the lock.
+        mount_if_layered(app, project_id, branch_id).await?;
+        return Ok(branch);
+    }
+    if branch.state != BranchState::Active {
         // Before the lock: a cleanup pass takes other branches' locks.
         crate::evict::ensure_space(app).await?;
     }
@@ -621,7 +666,7 @@ pub async fn ensure_present(
         .ok_or_else(|| branch_not_found(project_id, branch_id))?;
     if branch.state == BranchState::Active {
         mount_if_layered(app, project_id, branch_id).await?;
-        return touch_now(app, project_id, branch_id).await;
+        return touch_locked(app, project_id, branch_id, branch).await;
     }
     restore_locked(app, project_id, branch_id).await
 }
