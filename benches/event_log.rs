@@ -254,6 +254,112 @@ async fn bench_fanout() {
     for placement in [Placement::InProcess, Placement::OwnProcess] {
         bench_fanout_with(placement).await;
     }
+    bench_fanout_redis().await;
+}
+
+/// The same fan-out through Redis Streams, the peer: every subscriber loops on
+/// `XREAD BLOCK 0 STREAMS key <last id>` on its own connection; the producer `XADD`s (redis
+/// defaults, no fsync per write, where ours commits each event before it is sent).
+async fn bench_fanout_redis() {
+    const EVENTS: u64 = 200;
+    println!(
+        "\n### Live fan-out through Redis Streams (`XADD` → `XREAD BLOCK` on every subscriber's connection; {EVENTS} events at 500/s, {REPEATS} runs; redis-server as its own process, defaults)\n"
+    );
+    println!("| subscribers | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|");
+    let redis = Redis::start(false);
+    for subscribers in [1usize, 100, 1000] {
+        let (mut p50, mut p99, mut max) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..REPEATS {
+            let key = format!("p/b/{subscribers}/{rep}");
+            let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
+                (0..=EVENTS + 1)
+                    .map(|_| std::sync::OnceLock::new())
+                    .collect(),
+            );
+            let mut readers = Vec::new();
+            for _ in 0..subscribers {
+                let (sent, key) = (sent.clone(), key.clone());
+                let mut conn = Resp::connect(redis.port).await;
+                readers.push(tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(EVENTS as usize);
+                    let mut last = "0-0".to_string();
+                    while !last.starts_with(&format!("{EVENTS}-")) {
+                        let reply = conn
+                            .call(&[
+                                b"XREAD",
+                                b"BLOCK",
+                                b"0",
+                                b"STREAMS",
+                                key.as_bytes(),
+                                last.as_bytes(),
+                            ])
+                            .await;
+                        let now = Instant::now();
+                        for id in xread_ids(reply) {
+                            let seq: u64 = id.split('-').next().unwrap().parse().unwrap();
+                            if let Some(t) = sent.get(seq as usize).and_then(|s| s.get()) {
+                                lat.push(now.duration_since(*t));
+                            }
+                            last = id;
+                        }
+                    }
+                    lat
+                }));
+            }
+            // Let every reader block before the first append.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut producer = Resp::connect(redis.port).await;
+            for id in 1..=EVENTS {
+                let entry = format!("{id}-0");
+                let _ = sent[id as usize].set(Instant::now());
+                producer
+                    .call(&[b"XADD", key.as_bytes(), entry.as_bytes(), b"text", b"hello"])
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let mut lat = Vec::new();
+            for r in readers {
+                lat.extend(r.await.unwrap());
+            }
+            lat.sort();
+            p50.push(ms(percentile(&lat, 0.5)));
+            p99.push(ms(percentile(&lat, 0.99)));
+            max.push(ms(*lat.last().unwrap()));
+        }
+        println!(
+            "| {subscribers} | {} | {} | {} |",
+            fmt(&p50, 2),
+            fmt(&p99, 2),
+            fmt(&max, 2)
+        );
+    }
+}
+
+/// The entry ids in an `XREAD` reply for one stream.
+fn xread_ids(reply: Value) -> Vec<String> {
+    let Value::Array(streams) = reply else {
+        panic!("XREAD failed")
+    };
+    let mut ids = Vec::new();
+    for stream in streams {
+        let Value::Array(mut pair) = stream else {
+            panic!("bad XREAD stream")
+        };
+        let Some(Value::Array(entries)) = pair.pop() else {
+            panic!("bad XREAD entries")
+        };
+        for entry in entries {
+            let Value::Array(fields) = entry else {
+                panic!("bad XREAD entry")
+            };
+            let Some(Value::Bulk(Some(id))) = fields.into_iter().next() else {
+                panic!("bad XREAD id")
+            };
+            ids.push(String::from_utf8(id).unwrap());
+        }
+    }
+    ids
 }
 
 async fn bench_fanout_with(placement: Placement) {
