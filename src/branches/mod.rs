@@ -636,9 +636,9 @@ pub fn touch(app: &Arc<App>, project_id: &str, branch_id: &str) {
 }
 
 /// Make sure a branch's directory is here before it is used: an evicted branch is restored from
-/// object storage (state `restoring` while it is pulled, then `active`). Also records the use,
-/// under the branch lock, so that an eviction pass never removes a branch that was just
-/// handed to a caller.
+/// object storage (state `restoring` while it is pulled, then `active`). Also records the use
+/// (under the branch lock, unless one was recorded within the touch window), so that an
+/// eviction pass never removes a branch that was just handed to a caller.
 pub async fn ensure_present(
     app: &App,
     project_id: &str,
