@@ -57,13 +57,13 @@ pub async fn open(
     branch_id: &str,
     cursor: Cursor,
 ) -> Result<(Subscription, Option<ConnectionGuard>), ApiError> {
-    auth::require_branch(app, principal, project_id, branch_id).await?;
+    let branch = auth::require_branch(app, principal, project_id, branch_id).await?;
     let slot = if principal.is_operator() {
         None
     } else {
         Some(app.stream_limiter.acquire(&principal.user_id)?)
     };
-    crate::branches::ensure_present(app, project_id, branch_id).await?;
+    crate::branches::ensure_present_from(app, branch).await?;
     let subscription = app.subscribe(project_id, branch_id, cursor).await?;
     Ok((subscription, slot))
 }

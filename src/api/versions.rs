@@ -84,8 +84,8 @@ pub async fn list_versions(
     let app = super::app(depot)?;
     let principal = auth::principal(depot)?;
     let (p, b) = super::path_ids(req)?;
-    auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present(&app, &p, &b).await?;
+    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
+    branches::ensure_present_from(&app, branch).await?;
     let store = app.store.clone();
     let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
         model::list_versions(&store.begin_read()?, &p, &b)
@@ -120,8 +120,8 @@ pub async fn version_diff(
     let principal = auth::principal(depot)?;
     let (p, b) = super::path_ids(req)?;
     let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
-    auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present(&app, &p, &b).await?;
+    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
+    branches::ensure_present_from(&app, branch).await?;
     let (version, files) = branches::version_diff(&app, &p, &b, seq).await?;
     Ok(Json(VersionDiff {
         version: version.into(),
@@ -169,8 +169,8 @@ pub async fn create_version(
             "message must be 1-2000 characters",
         ));
     }
-    auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present(&app, &p, &b).await?;
+    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
+    branches::ensure_present_from(&app, branch).await?;
     let version = branches::commit_version(
         &app,
         &p,
@@ -221,8 +221,8 @@ pub async fn revert(
     check_id("projectId", &body.project_id)?;
     check_id("branchId", &body.branch_id)?;
     let seq = parse_version_id(&body.version_id)?;
-    auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
-    branches::ensure_present(&app, &body.project_id, &body.branch_id).await?;
+    let branch = auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    branches::ensure_present_from(&app, branch).await?;
     let version = branches::revert(&app, &body.project_id, &body.branch_id, seq).await?;
     Ok(Json(RevertResponse {
         success: true,

@@ -198,9 +198,9 @@ pub async fn trigger(
         .model
         .unwrap_or_else(|| app.config.providers.default_model.clone());
     ModelSpec::parse(&model).map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
-    auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    let branch = auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
     app.trigger_limiter.check(&principal.user_id)?;
-    crate::branches::ensure_present(&app, &body.project_id, &body.branch_id).await?;
+    crate::branches::ensure_present_from(&app, branch).await?;
     let wf = crate::workflow::trigger(&app, &body.project_id, &body.branch_id, text, model).await?;
     res.status_code(StatusCode::ACCEPTED);
     Ok(Json(Triggered {

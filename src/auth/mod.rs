@@ -216,8 +216,18 @@ pub async fn require_project(
     let project = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
         model::get_project(&s.begin_read()?, &p)
     })
-    .await??
-    .ok_or_else(|| project_not_found(project_id))?;
+    .await??;
+    check_owner(app, principal, project_id, project).await
+}
+
+/// `project` if it exists and `principal` may use it; 404 otherwise.
+async fn check_owner(
+    app: &App,
+    principal: &Principal,
+    project_id: &str,
+    project: Option<ProjectRecord>,
+) -> Result<ProjectRecord, ApiError> {
+    let project = project.ok_or_else(|| project_not_found(project_id))?;
     if principal.is_operator() {
         return Ok(project);
     }
@@ -235,24 +245,29 @@ pub async fn require_project(
     }
 }
 
-/// The project and branch, if `principal` may use them; 404 otherwise.
+/// The project and branch, if `principal` may use them; 404 otherwise. Both are read in one
+/// transaction (one hop off the runtime: every stream connect comes through here).
 pub async fn require_branch(
     app: &App,
     principal: &Principal,
     project_id: &str,
     branch_id: &str,
 ) -> Result<BranchRecord, ApiError> {
-    require_project(app, principal, project_id).await?;
     let (s, p, b) = (
         app.store.clone(),
         project_id.to_string(),
         branch_id.to_string(),
     );
-    tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        model::get_branch(&s.begin_read()?, &p, &b)
+    let (project, branch) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        let rtx = s.begin_read()?;
+        Ok((
+            model::get_project(&rtx, &p)?,
+            model::get_branch(&rtx, &p, &b)?,
+        ))
     })
-    .await??
-    .ok_or_else(|| branch_not_found(project_id, branch_id))
+    .await??;
+    check_owner(app, principal, project_id, project).await?;
+    branch.ok_or_else(|| branch_not_found(project_id, branch_id))
 }
 
 /// In cloud mode the machine's project belongs to `projects.user_id` upstream; remember it.

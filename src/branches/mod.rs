@@ -648,6 +648,17 @@ pub async fn ensure_present(
     let branch = read(app, move |rtx| model::get_branch(rtx, &p, &b))
         .await?
         .ok_or_else(|| branch_not_found(project_id, branch_id))?;
+    ensure_present_from(app, branch).await
+}
+
+/// [`ensure_present`] for a caller that has just read the branch's record (the access check
+/// does): one read less on every request.
+pub async fn ensure_present_from(
+    app: &App,
+    branch: BranchRecord,
+) -> Result<BranchRecord, ApiError> {
+    let (project_id, branch_id) = (branch.project_id.clone(), branch.branch_id.clone());
+    let (project_id, branch_id) = (project_id.as_str(), branch_id.as_str());
     if branch.state == BranchState::Active && recently_touched(&app.config, &branch) {
         // Used within the touch window, which is shorter than the eviction grace: a pass that
         // starts now skips the branch, and one under way cannot be (it checked the use under
