@@ -87,22 +87,32 @@ pub async fn register_branch(
     })
 }
 
+/// A project and one of its branches, read in one transaction (one hop off the runtime).
+pub async fn project_and_branch(
+    store: &Store,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), ApiError> {
+    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+    Ok(
+        tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            let rtx = s.begin_read()?;
+            Ok((
+                model::get_project(&rtx, &p)?,
+                model::get_branch(&rtx, &p, &b)?,
+            ))
+        })
+        .await??,
+    )
+}
+
 /// The branch, or 404 naming whichever of project and branch is missing.
 pub async fn require_branch(
     store: &Store,
     project_id: &str,
     branch_id: &str,
 ) -> Result<BranchRecord, ApiError> {
-    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
-    let (project, branch) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        let rtx = s.begin_read()?;
-        Ok((
-            model::get_project(&rtx, &p)?,
-            model::get_branch(&rtx, &p, &b)?,
-        ))
-    })
-    .await??;
-    match (project, branch) {
+    match project_and_branch(store, project_id, branch_id).await? {
         (None, _) => Err(project_not_found(project_id)),
         (Some(_), None) => Err(branch_not_found(project_id, branch_id)),
         (Some(_), Some(branch)) => Ok(branch),

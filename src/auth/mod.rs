@@ -253,19 +253,8 @@ pub async fn require_branch(
     project_id: &str,
     branch_id: &str,
 ) -> Result<BranchRecord, ApiError> {
-    let (s, p, b) = (
-        app.store.clone(),
-        project_id.to_string(),
-        branch_id.to_string(),
-    );
-    let (project, branch) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        let rtx = s.begin_read()?;
-        Ok((
-            model::get_project(&rtx, &p)?,
-            model::get_branch(&rtx, &p, &b)?,
-        ))
-    })
-    .await??;
+    let (project, branch) =
+        crate::registry::project_and_branch(&app.store, project_id, branch_id).await?;
     check_owner(app, principal, project_id, project).await?;
     branch.ok_or_else(|| branch_not_found(project_id, branch_id))
 }
