@@ -208,7 +208,7 @@ pub async fn get_branch(
         req.param::<&str>("branchId").unwrap_or_default(),
     )?;
     let branch = auth::require_branch(&app, &principal, project_id, branch_id).await?;
-    crate::branches::touch(&app, project_id, branch_id);
+    crate::branches::touch(&app, &branch);
     let state = crate::sync::syncer::state(&app.store, project_id, branch_id).await?;
     let mut view = BranchView::from(branch);
     view.sync = Some(SyncView::new(
@@ -266,8 +266,8 @@ pub async fn sync_branch(
             }
         }
     }
-    auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
-    crate::branches::touch(&app, &project_id, &branch_id);
+    let branch = auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
+    crate::branches::touch(&app, &branch);
     let report = app
         .syncer
         .push_branch(

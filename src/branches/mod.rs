@@ -618,9 +618,17 @@ async fn touch_locked(
     branch.ok_or_else(|| branch_not_found(project_id, branch_id))
 }
 
-/// Record a use of the branch (for the eviction loop's LRU order), in the background.
-pub fn touch(app: &Arc<App>, project_id: &str, branch_id: &str) {
-    let (app, p, b) = (app.clone(), project_id.to_string(), branch_id.to_string());
+/// Record a use of `branch` (for the eviction loop's LRU order) in the background, unless its
+/// record, just read by the caller, shows one within the touch window.
+pub fn touch(app: &Arc<App>, branch: &BranchRecord) {
+    if recently_touched(&app.config, branch) {
+        return;
+    }
+    let (app, p, b) = (
+        app.clone(),
+        branch.project_id.clone(),
+        branch.branch_id.clone(),
+    );
     tokio::spawn(async move {
         let _guard = app.branch_locks.lock(&p, &b).await;
         let (p2, b2) = (p.clone(), b.clone());
@@ -657,8 +665,9 @@ pub async fn ensure_present_from(
     app: &App,
     branch: BranchRecord,
 ) -> Result<BranchRecord, ApiError> {
-    let (project_id, branch_id) = (branch.project_id.clone(), branch.branch_id.clone());
-    let (project_id, branch_id) = (project_id.as_str(), branch_id.as_str());
+    // Owned: `branch` is handed back or read again below.
+    let (p, b) = (branch.project_id.clone(), branch.branch_id.clone());
+    let (project_id, branch_id) = (p.as_str(), b.as_str());
     if branch.state == BranchState::Active && recently_touched(&app.config, &branch) {
         // Used within the touch window, which is shorter than the eviction grace: a pass that
         // starts now skips the branch, and one under way cannot be (it checked the use under
