@@ -564,17 +564,7 @@ async fn a_use_is_recorded_but_uses_at_once_share_one_write() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     setup(&s).await;
-    s.app()
-        .store
-        .writer()
-        .write(|ctx| {
-            let mut branch =
-                weldr_storage::model::get_branch_for_update(ctx, "p", "main")?.expect("branch");
-            branch.last_access_ms = 1;
-            weldr_storage::model::put_branch(ctx, &branch)
-        })
-        .await
-        .unwrap();
+    set_last_access(s.app(), "p", "main", 1).await;
 
     // A stream opening on a branch not used for long records the use before it answers.
     let before = weldr_storage::writer::now_ms();

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use weldr_agent::app::App;
 use weldr_storage::model;
 use weldr_storage::writer::now_ms;
 
@@ -101,19 +100,6 @@ fn fill_branch(dir: &Path, bytes: usize) {
     std::fs::create_dir_all(dir.join("empty")).unwrap();
     weldr_agent::git::commit_all(dir, "content", "test").unwrap();
     std::fs::write(dir.join("data.bin"), random_bytes(bytes)).unwrap();
-}
-
-async fn set_last_access(app: &App, p: &str, b: &str, at_ms: u64) {
-    let (p, b) = (p.to_string(), b.to_string());
-    app.store
-        .writer()
-        .write(move |ctx| {
-            let mut branch = model::get_branch_for_update(ctx, &p, &b)?.expect("branch");
-            branch.last_access_ms = at_ms;
-            model::put_branch(ctx, &branch)
-        })
-        .await
-        .unwrap();
 }
 
 async fn create_branch(s: &TestServer, p: &str, b: &str) -> (u16, Value) {

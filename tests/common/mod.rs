@@ -126,6 +126,21 @@ pub async fn branch(app: &App, p: &str, b: &str) {
         .unwrap();
 }
 
+/// Set branch p/b's recorded last use (for the eviction loop's LRU order).
+pub async fn set_last_access(app: &App, p: &str, b: &str, at_ms: u64) {
+    let (p, b) = (p.to_string(), b.to_string());
+    app.store
+        .writer()
+        .write(move |ctx| {
+            let mut branch =
+                weldr_storage::model::get_branch_for_update(ctx, &p, &b)?.expect("branch");
+            branch.last_access_ms = at_ms;
+            weldr_storage::model::put_branch(ctx, &branch)
+        })
+        .await
+        .unwrap();
+}
+
 pub async fn emit_n(app: &App, p: &str, b: &str, n: usize) -> Vec<u64> {
     let mut ids = Vec::new();
     for i in 0..n {
