@@ -250,6 +250,47 @@ impl FanoutServer {
     }
 }
 
+/// When each event was appended, by id (set by the producer, read by every subscriber).
+fn send_times(events: u64) -> Arc<Vec<std::sync::OnceLock<Instant>>> {
+    Arc::new(
+        (0..=events + 1)
+            .map(|_| std::sync::OnceLock::new())
+            .collect(),
+    )
+}
+
+/// A fan-out table row: delivery latency percentiles per repeat, printed as medians (ranges).
+#[derive(Default)]
+struct FanoutRow {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    max: Vec<f64>,
+}
+
+impl FanoutRow {
+    fn head() {
+        println!("| subscribers | p50 ms | p99 ms | max ms |");
+        println!("|---:|---:|---:|---:|");
+    }
+
+    /// One repeat's latencies, every delivery to every subscriber.
+    fn add(&mut self, mut lat: Vec<Duration>) {
+        lat.sort();
+        self.p50.push(ms(percentile(&lat, 0.5)));
+        self.p99.push(ms(percentile(&lat, 0.99)));
+        self.max.push(ms(*lat.last().unwrap()));
+    }
+
+    fn print(&self, subscribers: usize) {
+        println!(
+            "| {subscribers} | {} | {} | {} |",
+            fmt(&self.p50, 2),
+            fmt(&self.p99, 2),
+            fmt(&self.max, 2)
+        );
+    }
+}
+
 async fn bench_fanout() {
     for placement in [Placement::InProcess, Placement::OwnProcess] {
         bench_fanout_with(placement).await;
@@ -265,18 +306,13 @@ async fn bench_fanout_redis() {
     println!(
         "\n### Live fan-out through Redis Streams (`XADD` → `XREAD BLOCK` on every subscriber's connection; {EVENTS} events at 500/s, {REPEATS} runs; redis-server as its own process, defaults)\n"
     );
-    println!("| subscribers | p50 ms | p99 ms | max ms |");
-    println!("|---:|---:|---:|---:|");
+    FanoutRow::head();
     let redis = Redis::start(false);
     for subscribers in [1usize, 100, 1000] {
-        let (mut p50, mut p99, mut max) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = FanoutRow::default();
         for rep in 0..REPEATS {
             let key = format!("p/b/{subscribers}/{rep}");
-            let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
-                (0..=EVENTS + 1)
-                    .map(|_| std::sync::OnceLock::new())
-                    .collect(),
-            );
+            let sent = send_times(EVENTS);
             let mut readers = Vec::new();
             for _ in 0..subscribers {
                 let (sent, key) = (sent.clone(), key.clone());
@@ -322,17 +358,9 @@ async fn bench_fanout_redis() {
             for r in readers {
                 lat.extend(r.await.unwrap());
             }
-            lat.sort();
-            p50.push(ms(percentile(&lat, 0.5)));
-            p99.push(ms(percentile(&lat, 0.99)));
-            max.push(ms(*lat.last().unwrap()));
+            row.add(lat);
         }
-        println!(
-            "| {subscribers} | {} | {} | {} |",
-            fmt(&p50, 2),
-            fmt(&p99, 2),
-            fmt(&max, 2)
-        );
+        row.print(subscribers);
     }
 }
 
@@ -371,10 +399,9 @@ async fn bench_fanout_with(placement: Placement) {
     println!(
         "\n### Live fan-out: append → delivery to every subscriber of one branch ({EVENTS} events at 500/s, {REPEATS} runs; {where_})\n"
     );
-    println!("| subscribers | p50 ms | p99 ms | max ms |");
-    println!("|---:|---:|---:|---:|");
+    FanoutRow::head();
     for subscribers in [1usize, 100, 1000] {
-        let (mut p50, mut p99, mut max) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = FanoutRow::default();
         for rep in 0..REPEATS {
             let step = |what: &str| {
                 if std::env::var_os("BENCH_TRACE").is_some() {
@@ -384,11 +411,7 @@ async fn bench_fanout_with(placement: Placement) {
             let dir = tempfile::tempdir().unwrap();
             let (mut server, addr, token) = FanoutServer::start(dir.path(), placement).await;
             step("server started");
-            let sent: Arc<Vec<std::sync::OnceLock<Instant>>> = Arc::new(
-                (0..=EVENTS + 1)
-                    .map(|_| std::sync::OnceLock::new())
-                    .collect(),
-            );
+            let sent = send_times(EVENTS);
             let mut clients = Vec::new();
             for _ in 0..subscribers {
                 clients.push(RawSse::connect(addr, "/stream/p/b", &token, None).await);
@@ -424,19 +447,11 @@ async fn bench_fanout_with(placement: Placement) {
                 lat.extend(r.await.unwrap());
             }
             step("read");
-            lat.sort();
-            p50.push(ms(percentile(&lat, 0.5)));
-            p99.push(ms(percentile(&lat, 0.99)));
-            max.push(ms(*lat.last().unwrap()));
+            row.add(lat);
             server.stop().await;
             step("stopped");
         }
-        println!(
-            "| {subscribers} | {} | {} | {} |",
-            fmt(&p50, 2),
-            fmt(&p99, 2),
-            fmt(&max, 2)
-        );
+        row.print(subscribers);
     }
 }
 
