@@ -36,7 +36,7 @@ pub struct App {
 impl App {
     /// Open the store under `config.data_dir`. Fails with `AlreadyOpen` when a server holds it.
     pub fn open(config: Config) -> Result<Arc<Self>, StorageError> {
-        let bus = Arc::new(EventBus::new());
+        let bus = Arc::new(EventBus::new(config.event_cache_bytes));
         let options = StoreOptions {
             event_retention: config.event_retention,
             ..StoreOptions::default()
@@ -105,6 +105,7 @@ impl App {
         let rx = self.bus.subscribe(&key);
         Ok(Subscription::start(
             self.store.clone(),
+            self.bus.frames.clone(),
             key,
             rx,
             cursor,

@@ -88,6 +88,8 @@ pub struct Config {
     pub log_level: String,
     /// Events kept per branch stream.
     pub event_retention: u64,
+    /// Bytes of encoded event frames kept in memory for subscribers that catch up (0: none).
+    pub event_cache_bytes: usize,
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
     pub shutdown_timeout: Duration,
     pub sse_heartbeat: Duration,
@@ -228,6 +230,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "a changed branch is pushed after this long without further changes (and after each version)",
     ),
     ("EVENT_RETENTION", "50000", "events kept per branch stream"),
+    (
+        "EVENT_CACHE_MB",
+        "32",
+        "memory for encoded blocks of older events that resuming clients share (0: off)",
+    ),
     (
         "SHUTDOWN_TIMEOUT_SECONDS",
         "20",
@@ -494,6 +501,9 @@ impl Config {
             ),
             log_level: env.var("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             event_retention,
+            event_cache_bytes: (env.parse::<u32>("EVENT_CACHE_MB", 32, "a number of MiB")?
+                as usize)
+                .saturating_mul(1 << 20),
             shutdown_timeout: Duration::from_secs(env.parse(
                 "SHUTDOWN_TIMEOUT_SECONDS",
                 20u64,

@@ -191,3 +191,116 @@ async fn shutdown_ends_open_streams_instead_of_hanging() {
         assert!(c.next().await.is_none());
     }
 }
+
+/// Replays of older events go through shared blocks of encoded frames
+/// (`weldr_agent::stream::cache`). Whatever the cache holds, has dropped or is not allowed to
+/// hold, every cursor around a block edge gets exactly the events after it, with the same
+/// content as a replay straight from redb, and retention still resets old cursors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_through_the_shared_block_cache_are_exact_at_every_block_edge() {
+    use weldr_agent::stream::cache::BLOCK;
+    const LOG: u64 = 3 * BLOCK + 100;
+    let cursors = [
+        0,
+        1,
+        BLOCK - 1,
+        BLOCK,
+        BLOCK + 1,
+        2 * BLOCK - 1,
+        2 * BLOCK,
+        3 * BLOCK,
+        3 * BLOCK + 1,
+        LOG - 1,
+        LOG,
+    ];
+    let mut replays = Vec::new();
+    // No cache, a cache that holds one block (every other load drops one), the default.
+    for cache_bytes in [0, 150 * 1024, 32 << 20] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.event_cache_bytes = cache_bytes;
+        let s = start(cfg).await;
+        branch(s.app(), "p", "b").await;
+        let big = "y".repeat(300);
+        for i in 0..LOG {
+            s.app()
+                .emit("p", "b", "text", serde_json::json!({ "n": i, "pad": big }))
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        // Twice: the second round finds what the first one left in the cache.
+        for _ in 0..2 {
+            let mut clients = Vec::new();
+            for c in cursors {
+                clients.push((c, s.sse("/stream/p/b", Some(&c.to_string())).await));
+            }
+            for (c, mut client) in clients {
+                if c == LOG {
+                    continue;
+                }
+                let frames = client.read_until(LOG).await;
+                assert_eq!(
+                    ids(&frames),
+                    (c + 1..=LOG).collect::<Vec<_>>(),
+                    "cursor {c}, cache {cache_bytes}"
+                );
+                let data: Vec<_> = frames.iter().map(|f| f.data.clone()).collect();
+                got.push((c, data));
+            }
+        }
+        assert!(
+            s.app().bus.frames.bytes() <= cache_bytes,
+            "the cache stays within its budget"
+        );
+        replays.push(got);
+        s.server.shutdown().await;
+    }
+    // Same frames whatever the cache did (timestamps included: each run has its own log, so
+    // compare everything but the time).
+    let strip = |runs: &Vec<(u64, Vec<serde_json::Value>)>| {
+        runs.iter()
+            .map(|(c, data)| {
+                let data: Vec<_> = data
+                    .iter()
+                    .map(|d| {
+                        let mut d = d.clone();
+                        d.as_object_mut().unwrap().remove("timestamp");
+                        d
+                    })
+                    .collect();
+                (*c, data)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&replays[0]), strip(&replays[1]));
+    assert_eq!(strip(&replays[0]), strip(&replays[2]));
+
+    // Retention: a block that was cached and then trimmed is not served to a cursor before the
+    // oldest event kept; that cursor gets a reset, then the rest, exactly once.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    let retention = BLOCK + 10;
+    cfg.event_retention = retention;
+    let s = start(cfg).await;
+    branch(s.app(), "p", "b").await;
+    emit_n(s.app(), "p", "b", (2 * BLOCK + 10) as usize).await;
+    // Block 1 (ids BLOCK+1..=2*BLOCK) is whole and kept: this replay caches it.
+    let mut c = s.sse("/stream/p/b", Some(&BLOCK.to_string())).await;
+    assert_eq!(
+        ids(&c.read_until(2 * BLOCK + 10).await),
+        (BLOCK + 1..=2 * BLOCK + 10).collect::<Vec<_>>()
+    );
+    assert!(s.app().bus.frames.bytes() > 0, "the block was cached");
+    emit_n(s.app(), "p", "b", 300).await;
+    let last = 2 * BLOCK + 310;
+    let oldest = last - retention + 1;
+    for cursor in [BLOCK, BLOCK + 5] {
+        let mut c = s.sse("/stream/p/b", Some(&cursor.to_string())).await;
+        let frames = c.read_until(last).await;
+        assert_eq!(frames[0].event, "reset", "cursor {cursor}");
+        assert_eq!(frames[0].data["oldestId"], oldest);
+        assert_eq!(ids(&frames[1..]), (oldest..=last).collect::<Vec<_>>());
+    }
+    s.server.shutdown().await;
+}

@@ -6,6 +6,7 @@
 //! gap or falls behind the ring reads the missing ids from redb ([`subscription`]), so it never
 //! loses an event and the server never buffers more than one ring per branch.
 
+pub mod cache;
 pub mod subscription;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 use weldr_storage::{AppendObserver, Event, StreamKey};
 
+pub use cache::FrameCache;
 pub use subscription::{Cursor, Subscription};
 
 /// Frames kept per branch for live subscribers before slow ones fall back to redb. tokio
@@ -71,15 +73,20 @@ pub fn frame_of(event: &Event) -> Frame {
     }
 }
 
-/// Per-branch broadcast rings for live subscribers.
-#[derive(Default)]
+/// Per-branch broadcast rings for live subscribers, and the encoded blocks that subscribers
+/// catching up share.
 pub struct EventBus {
     rings: Mutex<HashMap<StreamKey, broadcast::Sender<Arc<Frame>>>>,
+    pub frames: Arc<FrameCache>,
 }
 
 impl EventBus {
-    pub fn new() -> Self {
-        Self::default()
+    /// A bus whose replay cache holds at most `cache_bytes` (0: no cache).
+    pub fn new(cache_bytes: usize) -> Self {
+        Self {
+            rings: Mutex::default(),
+            frames: Arc::new(FrameCache::new(cache_bytes)),
+        }
     }
 
     /// A receiver for frames committed from now on.

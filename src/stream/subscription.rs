@@ -7,6 +7,11 @@
 //! `id > last_sent + 1` means a gap, and so does `Lagged`: either way the subscriber reads the
 //! missing ids from redb (they are committed: the ring only ever carries committed events)
 //! and then continues live. A cursor older than retention gets an explicit `reset` frame.
+//!
+//! Whole blocks of the log below the head it last read come from the shared [`FrameCache`]
+//! (encoded once for every subscriber); the first page, the tail and anything the cache cannot
+//! hold are read from redb. Only a redb read ends a catch-up, so the switch to live frames
+//! always happens against a fresh snapshot of the log.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use weldr_storage::events::{read_meta, read_range};
 use weldr_storage::{StorageError, Store, StreamKey, StreamMeta};
 
+use super::cache::{self, FrameCache, Miss};
 use super::{Frame, encode_frame};
 
 /// Events read from redb per page.
@@ -42,7 +48,10 @@ pub enum Cursor {
 
 pub struct Subscription {
     store: Store,
+    frames: Arc<FrameCache>,
     key: StreamKey,
+    /// The log's bounds at the last redb read (None before the first).
+    bounds: Option<StreamMeta>,
     rx: broadcast::Receiver<Arc<Frame>>,
     shutdown: CancellationToken,
     heartbeat: Duration,
@@ -62,6 +71,7 @@ impl Subscription {
     /// Subscribe to `key` from `cursor`. `rx` must come from the bus before this is called.
     pub async fn start(
         store: Store,
+        frames: Arc<FrameCache>,
         key: StreamKey,
         rx: broadcast::Receiver<Arc<Frame>>,
         cursor: Cursor,
@@ -77,7 +87,9 @@ impl Subscription {
         };
         Ok(Self {
             store,
+            frames,
             key,
+            bounds: None,
             rx,
             shutdown,
             heartbeat,
@@ -182,11 +194,23 @@ impl Subscription {
 
     /// Append events after `last_sent` from redb until caught up or the chunk is full.
     async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), StorageError> {
+        // Everything after the first page is bulk: it waits its turn (see [`bulk`]).
+        let _turn = if self.pages > 0 {
+            let permit = bulk().acquire().await;
+            Some(permit.map_err(|e| StorageError::Database(e.to_string()))?)
+        } else {
+            None
+        };
         while self.catching_up && out.len() < CHUNK_LIMIT {
+            if let Some(frames) = self.cached_frames().await? {
+                out.extend_from_slice(&frames);
+                continue;
+            }
             let limit = if self.pages == 0 { FIRST_PAGE } else { PAGE };
             self.pages += 1;
             let (meta, events) =
                 read_page(&self.store, &self.key, self.last_sent + 1, limit).await?;
+            self.bounds = Some(meta);
             if self.last_sent > meta.last_id() {
                 // The client knows ids this log never had (e.g. the store was replaced).
                 self.reset(out, meta.last_id(), "cursor_ahead", &meta);
@@ -224,6 +248,36 @@ impl Subscription {
         Ok(())
     }
 
+    /// The frames after `last_sent` to the end of its block, when the block is whole in the
+    /// log as last read and the cache has it or loads it; None sends the caller to redb.
+    async fn cached_frames(&mut self) -> Result<Option<Bytes>, StorageError> {
+        let Some(bounds) = self.bounds else {
+            return Ok(None);
+        };
+        let next = self.last_sent + 1;
+        let index = cache::block_of(next);
+        let (first, last) = cache::block_ids(index);
+        if first < bounds.first_id || last > bounds.last_id() {
+            return Ok(None);
+        }
+        let (store, key) = (&self.store, &self.key);
+        let load = || async move {
+            read_page(store, key, first, cache::BLOCK as usize)
+                .await
+                .map(|(_, events)| events)
+        };
+        match self.frames.get_or_load(key, index, load).await {
+            Ok(block) => {
+                // Events trimmed since `bounds` was read may be among them: they are still
+                // the log's events, in order, so sending them is right.
+                self.last_sent = block.last_id();
+                Ok(Some(block.frames_from(next)))
+            }
+            Err(Miss::Uncached) => Ok(None),
+            Err(Miss::Storage(e)) => Err(e),
+        }
+    }
+
     fn reset(&mut self, out: &mut BytesMut, new_last: u64, reason: &str, meta: &StreamMeta) {
         let frame = format!(
             "id: {new_last}\nevent: reset\ndata: {{\"id\":{new_last},\"type\":\"reset\",\"reason\":\"{reason}\",\
@@ -245,11 +299,13 @@ async fn read_meta_blocking(store: &Store, key: &StreamKey) -> Result<StreamMeta
         .map_err(|e| StorageError::Database(e.to_string()))?
 }
 
-/// Full replay pages being read at once, process-wide. Without a bound, a thousand clients
-/// catching up at once keep hundreds of blocking threads reading redb, and those threads take
-/// the CPU from the runtime that accepts, authenticates and sends first pages. A first page is
-/// small and does not wait here: a new subscriber gets its first events ahead of the bulk.
-fn bulk_reads() -> &'static tokio::sync::Semaphore {
+/// Replay chunks after the first page being made at once, process-wide. Without a bound, a
+/// thousand clients catching up at once are all runnable at the same moment: every one of them
+/// reads redb on a blocking thread or copies cached frames on the runtime, and a new client's
+/// accept, authentication and first page queue behind all of them. With it, the others wait
+/// on the semaphore (first come, first served) and a first page, which does not wait here,
+/// goes out ahead of the bulk.
+fn bulk() -> &'static tokio::sync::Semaphore {
     static BULK: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     BULK.get_or_init(|| {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -263,12 +319,6 @@ async fn read_page(
     from_id: u64,
     limit: usize,
 ) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
-    let _permit = if limit > FIRST_PAGE {
-        let permit = bulk_reads().acquire().await;
-        Some(permit.map_err(|e| StorageError::Database(e.to_string()))?)
-    } else {
-        None
-    };
     let (store, key) = (store.clone(), key.clone());
     tokio::task::spawn_blocking(move || {
         let rtx = store.begin_read()?;
