@@ -93,17 +93,16 @@ pub async fn project_and_branch(
     project_id: &str,
     branch_id: &str,
 ) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), ApiError> {
-    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
-    Ok(
-        tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+    let (p, b) = (project_id.to_string(), branch_id.to_string());
+    Ok(store
+        .read(move |s| -> Result<_, StorageError> {
             let rtx = s.begin_read()?;
             Ok((
                 model::get_project(&rtx, &p)?,
                 model::get_branch(&rtx, &p, &b)?,
             ))
         })
-        .await??,
-    )
+        .await?)
 }
 
 /// The branch, or 404 naming whichever of project and branch is missing.

@@ -88,10 +88,8 @@ impl Authenticator {
                 .map_err(|_| unauthorized("malformed Authorization header"))?;
             return match cookie::parse_bearer(header, self.secret.as_deref()) {
                 Some(Bearer::Local(token)) => {
-                    let (store, token) = (store.clone(), token.clone());
-                    match tokio::task::spawn_blocking(move || tokens::verify(&store, &token))
-                        .await??
-                    {
+                    let token = token.clone();
+                    match store.read(move |s| tokens::verify(s, &token)).await? {
                         Some(_) => Ok(Principal::operator()),
                         None => Err(unauthorized("unknown or revoked API token")),
                     }
@@ -123,8 +121,8 @@ impl Authenticator {
 
     async fn session(&self, store: &Store, token: &str) -> Result<Principal, ApiError> {
         let now = now_ms();
-        let (s, t) = (store.clone(), token.to_string());
-        let cached = tokio::task::spawn_blocking(move || sessions::cached(&s, &t)).await??;
+        let t = token.to_string();
+        let cached = store.read(move |s| sessions::cached(s, &t)).await?;
         let live_cache = cached.as_ref().filter(|c| c.session.expires_at_ms > now);
         let principal = |s: &SessionInfo| Principal {
             user_id: s.user_id.clone(),

@@ -292,11 +292,8 @@ impl Subscription {
 }
 
 async fn read_meta_blocking(store: &Store, key: &StreamKey) -> Result<StreamMeta, StorageError> {
-    let store = store.clone();
     let key = key.clone();
-    tokio::task::spawn_blocking(move || read_meta(&store.begin_read()?, &key))
-        .await
-        .map_err(|e| StorageError::Database(e.to_string()))?
+    store.read(move |s| read_meta(&s.begin_read()?, &key)).await
 }
 
 /// Replay chunks after the first page being made at once, process-wide. Without a bound, a
@@ -313,14 +310,18 @@ fn bulk() -> &'static tokio::sync::Semaphore {
     })
 }
 
+/// The log's bounds and up to `limit` events from `from_id`, in one snapshot. A first page is
+/// a short read and goes to the store's reader threads, ahead of nothing; a bulk page (taken
+/// in turn, see [`bulk`]) runs on a blocking thread of its own so it never holds up the short
+/// reads that new requests make.
 async fn read_page(
     store: &Store,
     key: &StreamKey,
     from_id: u64,
     limit: usize,
 ) -> Result<(StreamMeta, Vec<Arc<weldr_storage::Event>>), StorageError> {
-    let (store, key) = (store.clone(), key.clone());
-    tokio::task::spawn_blocking(move || {
+    let key = key.clone();
+    let read = move |store: &Store| {
         let rtx = store.begin_read()?;
         let meta = read_meta(&rtx, &key)?;
         let events = read_range(
@@ -331,7 +332,12 @@ async fn read_page(
             limit,
         )?;
         Ok((meta, events))
-    })
-    .await
-    .map_err(|e| StorageError::Database(e.to_string()))?
+    };
+    if limit <= FIRST_PAGE {
+        return store.read(read).await;
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || read(&store))
+        .await
+        .map_err(|e| StorageError::Database(e.to_string()))?
 }

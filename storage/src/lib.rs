@@ -10,6 +10,7 @@
 pub mod error;
 pub mod events;
 pub mod model;
+mod readers;
 pub mod record;
 pub mod tables;
 pub mod workflow;
@@ -56,6 +57,7 @@ struct StoreInner {
     /// None after [`Store::close`], so that the file lock goes with the last reader.
     db: std::sync::RwLock<Option<Arc<Database>>>,
     writer: Writer,
+    readers: readers::Readers,
     path: PathBuf,
     options: StoreOptions,
 }
@@ -94,6 +96,7 @@ impl Store {
             inner: Arc::new(StoreInner {
                 db: std::sync::RwLock::new(Some(db)),
                 writer,
+                readers: readers::Readers::start(readers::Readers::default_threads())?,
                 path: path.to_path_buf(),
                 options,
             }),
@@ -104,6 +107,26 @@ impl Store {
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
         let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
         Ok(db.as_ref().ok_or(StorageError::Closed)?.begin_read()?)
+    }
+
+    /// Run `f` (short reads) on one of the store's reader threads and await its answer: how
+    /// async code reads redb without blocking the runtime (see [`readers`]).
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Store) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        self.inner.readers.submit(Box::new(move || {
+            let _ = tx.send(f(&store));
+        }));
+        rx.await.map_err(|_| {
+            E::from(StorageError::Database(
+                "a storage read failed (its thread panicked)".into(),
+            ))
+        })?
     }
 
     pub fn writer(&self) -> &Writer {
