@@ -4,8 +4,10 @@
 //! millisecond). A dedicated thread takes write jobs from a queue and folds every job waiting
 //! at that moment into one transaction, so N concurrent appends share one fsync. A job's
 //! caller is answered only after the commit is durable; events appended by a job are handed to
-//! the [`AppendObserver`] after the commit and before the answer, in commit order, so nobody
-//! ever sees an event that could still be lost.
+//! the [`AppendObserver`] after the commit, in commit order, so nobody ever sees an event that
+//! could still be lost. The callers are answered first: a producer should not wait while the
+//! observer wakes a thousand subscribers, and nothing depends on the other order (a subscriber
+//! drops frames it already has, and the next batch is observed only after this one).
 //!
 //! If one job of a batch fails, the batch is aborted and its jobs run again one transaction
 //! each, so a bad job never takes good ones down with it.
@@ -346,11 +348,11 @@ fn commit_batch(
     }
     match tx.commit() {
         Ok(()) => {
-            for (job, appended) in batch.into_iter().zip(per_job) {
-                if !appended.is_empty() {
-                    observer.committed(&appended);
-                }
+            for job in batch {
                 job.finish(Ok(()));
+            }
+            for appended in per_job.iter().filter(|a| !a.is_empty()) {
+                observer.committed(appended);
             }
         }
         Err(e) => {
