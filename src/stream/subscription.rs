@@ -122,7 +122,9 @@ impl Subscription {
 
     /// The next bytes to write, or None when the stream ends (shutdown or storage failure).
     pub async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.done {
+        // A long replay ends at shutdown too, not only a live wait.
+        if self.done || self.shutdown.is_cancelled() {
+            self.done = true;
             return None;
         }
         let mut out = BytesMut::new();
