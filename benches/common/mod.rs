@@ -214,13 +214,19 @@ impl Resp {
                 self.buf.drain(..used);
                 return value;
             }
-            let n = self.conn.read_buf(&mut self.buf).await.unwrap();
+            let n = read_more(&mut self.conn, &mut self.buf).await.unwrap();
             assert!(n > 0, "redis closed the connection");
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
-            }
         }
     }
+}
+
+/// Append what the socket has to `buf`, with room for at least 16 KiB (one read-buffer policy
+/// for both benchmark clients).
+async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 16 * 1024 {
+        buf.reserve(64 * 1024);
+    }
+    conn.read_buf(buf).await
 }
 
 /// One complete RESP value at the start of `buf` and the bytes it takes; None if incomplete.
@@ -315,12 +321,9 @@ impl RawSse {
                 self.buf.drain(..scanned);
                 scanned = 0;
             }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
-            }
             let n = tokio::time::timeout(
                 Duration::from_secs(30),
-                self.conn.read_buf(&mut self.buf),
+                read_more(&mut self.conn, &mut self.buf),
             )
             .await
             .unwrap_or_else(|_| {

@@ -81,7 +81,7 @@ impl Subscription {
         let (last_sent, catching_up) = match cursor {
             Cursor::After(n) => (n, true),
             Cursor::Live => {
-                let meta = read_meta_blocking(&store, &key).await?;
+                let meta = read_bounds(&store, &key).await?;
                 (meta.last_id(), false)
             }
         };
@@ -293,7 +293,8 @@ impl Subscription {
     }
 }
 
-async fn read_meta_blocking(store: &Store, key: &StreamKey) -> Result<StreamMeta, StorageError> {
+/// The log's bounds, read on the store's reader threads.
+async fn read_bounds(store: &Store, key: &StreamKey) -> Result<StreamMeta, StorageError> {
     let key = key.clone();
     store.read(move |s| read_meta(&s.begin_read()?, &key)).await
 }
