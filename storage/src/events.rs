@@ -22,6 +22,11 @@ impl StreamKey {
         Self(format!("{project_id}/{branch_id}").into())
     }
 
+    /// From its `"projectId/branchId"` form (as stored).
+    pub(crate) fn from_joined(key: &str) -> Self {
+        Self(key.into())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -13,6 +13,7 @@ pub mod model;
 mod readers;
 pub mod record;
 pub mod tables;
+mod wal;
 pub mod workflow;
 pub mod writer;
 
@@ -35,6 +36,9 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Most write jobs folded into one commit.
     pub max_batch: usize,
+    /// Size limit of the append log that makes event-only batches durable with one sequential
+    /// write ([`wal`]); 0 commits every batch durably in redb instead.
+    pub wal_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -43,6 +47,7 @@ impl Default for StoreOptions {
             event_retention: 50_000,
             cache_bytes: 32 << 20,
             max_batch: 1024,
+            wal_bytes: 16 << 20,
         }
     }
 }
@@ -85,11 +90,13 @@ impl Store {
             other => StorageError::Database(format!("opening {}: {other}", path.display())),
         })?;
         tables::create_all(&db)?;
+        let wal = open_wal(&db, path, &options)?;
         let db = Arc::new(db);
         let writer = Writer::start(
             db.clone(),
             options.max_batch,
             options.event_retention,
+            wal,
             observer,
         )?;
         Ok(Self {
@@ -152,4 +159,66 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .take();
     }
+}
+
+/// The append log next to the database file.
+pub fn wal_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
+/// Open the append log and put back into redb the appends that only it holds for sure (those
+/// of the stored epoch: redb's unsynced commits may have died with the process). Done even
+/// when the log is switched off, if a log file is there.
+fn open_wal(
+    db: &Database,
+    path: &Path,
+    options: &StoreOptions,
+) -> Result<Option<wal::Wal>, StorageError> {
+    let wal_path = wal_path(path);
+    if options.wal_bytes == 0 && !wal_path.exists() {
+        return Ok(None);
+    }
+    let mut wal = wal::Wal::open(&wal_path, options.wal_bytes)?;
+    let epoch = {
+        let rtx = db.begin_read()?;
+        let meta = rtx.open_table(tables::META)?;
+        let stored = meta.get(wal::EPOCH_KEY)?;
+        match stored {
+            Some(bytes) => record::decode::<wal::WalEpoch>(bytes.value())?.epoch,
+            None => 0,
+        }
+    };
+    let events = wal.recover(epoch)?;
+    if wal.pending() {
+        let (mut restored, mut skipped) = (0usize, 0usize);
+        let tx = db.begin_write()?;
+        {
+            let mut ctx = writer::WriteCtx::new(&tx, options.event_retention.max(1));
+            for event in events {
+                match ctx.restore(event) {
+                    Ok(true) => restored += 1,
+                    Ok(false) => {}
+                    // Not expected; one stream's odd record must not keep the server down.
+                    Err(e @ StorageError::Corrupt { .. }) => {
+                        tracing::error!(error = %e, "append log record skipped");
+                        skipped += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            ctx.finish()?;
+        }
+        writer::store_epoch(&tx, epoch + 1)?;
+        tx.commit()?;
+        wal.checkpointed(epoch + 1);
+        tracing::info!(
+            restored,
+            skipped,
+            path = %wal_path.display(),
+            "append log replayed"
+        );
+    }
+    Ok((options.wal_bytes > 0).then_some(wal))
 }
