@@ -508,6 +508,7 @@ async fn bench_catchup() {
         }
     }
     let only = std::env::var("BENCH_FROM").ok();
+    let mut late = Vec::new();
     for (label, from) in [
         ("Last-Event-ID: 0", 0u64),
         ("middle (5000)", LOG / 2),
@@ -518,8 +519,11 @@ async fn bench_catchup() {
     {
         let (mut ours, mut theirs, mut ratio, mut our_ttfe, mut their_ttfe) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let probing = from < LOG - 1;
+        let (mut late_ours, mut late_theirs) = (Vec::new(), Vec::new());
         for _ in 0..REPEATS {
             // Ours.
+            let probes = probing.then(|| probe_ours(addr, token.clone(), LOG));
             let start = Instant::now();
             let tasks: Vec<_> = (0..CLIENTS)
                 .map(|_| {
@@ -544,7 +548,11 @@ async fn bench_catchup() {
             let ours_rate = (LOG - from) as f64 * CLIENTS as f64 / start.elapsed().as_secs_f64();
             ttfe.sort();
             our_ttfe.push((ms(percentile(&ttfe, 0.5)), ms(percentile(&ttfe, 0.99))));
+            if let Some(probes) = probes {
+                late_ours.extend(probes.await.unwrap());
+            }
             // Redis.
+            let probes = probing.then(|| probe_redis(redis.port, LOG));
             let start = Instant::now();
             let tasks: Vec<_> = (0..CLIENTS)
                 .map(|_| {
@@ -600,6 +608,9 @@ async fn bench_catchup() {
             let redis_rate = (LOG - from) as f64 * CLIENTS as f64 / start.elapsed().as_secs_f64();
             ttfe.sort();
             their_ttfe.push((ms(percentile(&ttfe, 0.5)), ms(percentile(&ttfe, 0.99))));
+            if let Some(probes) = probes {
+                late_theirs.extend(probes.await.unwrap());
+            }
             ours.push(ours_rate);
             theirs.push(redis_rate);
             ratio.push(ours_rate / redis_rate);
@@ -619,8 +630,105 @@ async fn bench_catchup() {
             pair(&our_ttfe),
             pair(&their_ttfe)
         );
+        if probing {
+            late.push((label, late_ours, late_theirs));
+        }
+    }
+    println!(
+        "\nOne client at a time arriving while the {CLIENTS} catch up, from {} ms after they connected ({PROBES} per run, {REPEATS} runs), resuming from the last event:\n",
+        PROBE_AFTER.as_millis()
+    );
+    println!(
+        "| the {CLIENTS} started from | weldr first event p50 / p99 ms | XRANGE first page p50 / p99 ms |"
+    );
+    println!("|---|---:|---:|");
+    for (label, mut ours, mut theirs) in late {
+        ours.sort();
+        theirs.sort();
+        let pair = |v: &[Duration]| {
+            format!(
+                "{:.1} / {:.1}",
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.99))
+            )
+        };
+        println!("| {label} | {} | {} |", pair(&ours), pair(&theirs));
     }
     stop(&mut child);
+}
+
+/// Clients arriving one after another while the burst's catch-up is being served, from
+/// [`PROBE_AFTER`] on (its 1,000 connections have been answered by then: see the burst floor row).
+/// Each resumes from the event before `last` and is timed to its first event. A probe runs on
+/// a thread and runtime of its own: on the benchmark's runtime it would wait behind the 1,000
+/// busy clients' tasks, and measure them instead of the server.
+const PROBES: usize = 20;
+const PROBE_AFTER: Duration = Duration::from_millis(300);
+
+fn on_own_runtime<F, Fut>(probe: F) -> tokio::task::JoinHandle<Vec<Duration>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Vec<Duration>>,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(probe())
+    })
+}
+
+fn probe_ours(
+    addr: std::net::SocketAddr,
+    token: String,
+    last: u64,
+) -> tokio::task::JoinHandle<Vec<Duration>> {
+    on_own_runtime(move || async move {
+        tokio::time::sleep(PROBE_AFTER).await;
+        let mut took = Vec::new();
+        for _ in 0..PROBES {
+            let t = Instant::now();
+            let mut c = RawSse::connect(addr, "/stream/p/b", &token, Some(last - 1)).await;
+            c.read_ids_until(last, |_| {}).await;
+            took.push(t.elapsed());
+            let _ = c.conn.shutdown().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if std::env::var("BENCH_TRACE").is_ok() {
+            eprintln!(
+                "probes: {:?}",
+                took.iter().map(|d| ms(*d) as u64).collect::<Vec<_>>()
+            );
+        }
+        took
+    })
+}
+
+fn probe_redis(port: u16, last: u64) -> tokio::task::JoinHandle<Vec<Duration>> {
+    on_own_runtime(move || async move {
+        tokio::time::sleep(PROBE_AFTER).await;
+        let mut took = Vec::new();
+        let cursor = format!("({}-0", last - 1);
+        for _ in 0..PROBES {
+            let t = Instant::now();
+            let mut conn = Resp::connect(port).await;
+            let reply = conn
+                .call(&[
+                    b"XRANGE",
+                    b"p/b",
+                    cursor.as_bytes(),
+                    b"+",
+                    b"COUNT",
+                    b"1000",
+                ])
+                .await;
+            assert!(matches!(reply, Value::Array(ref items) if items.len() == 1));
+            took.push(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        took
+    })
 }
 
 /// `weldr-agent serve` (the release binary) on workspace `ws`.

@@ -99,7 +99,7 @@ impl Record for StreamMeta {
     const VERSION: u8 = 1;
 }
 
-/// Told about events after their commit is durable, in commit order.
+/// Told about events once their batch is durable, in commit order.
 pub trait AppendObserver: Send + Sync {
     fn committed(&self, events: &[(StreamKey, Arc<Event>)]);
 }

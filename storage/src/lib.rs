@@ -4,7 +4,8 @@
 //! log, and (as later features land) workflows, the tool journal, the mirror outbox, the
 //! integration queue and sessions. Every value is a [`record`] envelope (postcard plus a version
 //! marker) so that records can evolve. All writes go through one [`writer`] thread that batches
-//! many small transactions into one commit (one fsync); reads open their own MVCC snapshot and
+//! many small transactions into one commit (one sync; for batches that only append events, one
+//! sequential write to the append log, see [`wal`]); reads open their own MVCC snapshot and
 //! never wait for it.
 
 pub mod error;

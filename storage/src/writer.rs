@@ -274,7 +274,7 @@ impl Writer {
     }
 
     /// Run `f` in a write transaction (shared with other queued jobs) and return its result
-    /// once the commit is durable. `f` may run more than once if its batch is retried.
+    /// once its batch is durable. `f` may run more than once if its batch is retried.
     pub async fn write<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
