@@ -173,6 +173,26 @@ async fn a_log_left_by_a_crash_is_replayed_even_when_the_log_is_now_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_writer_checkpoints_on_its_own() {
+    let key = StreamKey::new("p", "e");
+    if let Some((_, dir)) = child() {
+        let store = open(&dir.join("s.redb"), 100_000, 16 << 20);
+        append_and_report(&store, &key, 0..100).await;
+        // Longer than the checkpoint interval (1 s), with nothing else written.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = crash_after("a_quiet_writer_checkpoints_on_its_own", "quiet", dir.path());
+    assert_eq!(acked(&out).len(), 100);
+    // Without the log, only what redb made durable is there: all of it, thanks to the tick.
+    let path = dir.path().join("s.redb");
+    std::fs::remove_file(wal_path(&path)).unwrap();
+    let store = open(&path, 100_000, 16 << 20);
+    assert_eq!(ids(&store, &key), (1..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_close_leaves_nothing_to_replay() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
