@@ -567,17 +567,7 @@ async fn bench_catchup() {
                         let mut first = None;
                         let mut got = 0u64;
                         loop {
-                            let Value::Array(items) = conn
-                                .call(&[
-                                    b"XRANGE",
-                                    b"p/b",
-                                    cursor.as_bytes(),
-                                    b"+",
-                                    b"COUNT",
-                                    b"1000",
-                                ])
-                                .await
-                            else {
+                            let Value::Array(items) = xrange_page(&mut conn, &cursor).await else {
                                 panic!("XRANGE failed")
                             };
                             first.get_or_insert_with(|| t.elapsed());
@@ -665,6 +655,19 @@ async fn bench_catchup() {
 const PROBES: usize = 20;
 const PROBE_AFTER: Duration = Duration::from_millis(300);
 
+/// `XRANGE p/b <cursor> + COUNT 1000`: one page of the peer's replay.
+async fn xrange_page(conn: &mut Resp, cursor: &str) -> Value {
+    conn.call(&[
+        b"XRANGE",
+        b"p/b",
+        cursor.as_bytes(),
+        b"+",
+        b"COUNT",
+        b"1000",
+    ])
+    .await
+}
+
 fn on_own_runtime<F, Fut>(probe: F) -> tokio::task::JoinHandle<Vec<Duration>>
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -713,16 +716,7 @@ fn probe_redis(port: u16, last: u64) -> tokio::task::JoinHandle<Vec<Duration>> {
         for _ in 0..PROBES {
             let t = Instant::now();
             let mut conn = Resp::connect(port).await;
-            let reply = conn
-                .call(&[
-                    b"XRANGE",
-                    b"p/b",
-                    cursor.as_bytes(),
-                    b"+",
-                    b"COUNT",
-                    b"1000",
-                ])
-                .await;
+            let reply = xrange_page(&mut conn, &cursor).await;
             assert!(matches!(reply, Value::Array(ref items) if items.len() == 1));
             took.push(t.elapsed());
             tokio::time::sleep(Duration::from_millis(10)).await;
