@@ -59,6 +59,8 @@ pub struct Subscription {
     catching_up: bool,
     /// Pages read from redb so far.
     pages: u64,
+    /// Counts this replay among those whose first page is not out yet (see [`Opening`]).
+    opening: Option<Opening>,
     preamble: Option<Bytes>,
     done: bool,
     /// When the last chunk went out, and a timer that fires at most once per heartbeat
@@ -95,6 +97,7 @@ impl Subscription {
             heartbeat,
             last_sent,
             catching_up,
+            opening: catching_up.then(Opening::new),
             pages: 0,
             preamble: Some(Bytes::from(format!("retry: {RETRY_MS}\n: connected\n\n"))),
             done: false,
@@ -196,10 +199,14 @@ impl Subscription {
 
     /// Append events after `last_sent` from redb until caught up or the chunk is full.
     async fn catch_up(&mut self, out: &mut BytesMut) -> Result<(), StorageError> {
-        // Everything after the first page is bulk: it waits its turn (see [`bulk`]).
+        // Everything after the first page is bulk: it waits its turn (see [`bulk`]), then lets
+        // new clients go first for a little while. In that order: the turns wake waiters one
+        // at a time, so only those holding one wait on the new clients.
         let _turn = if self.pages > 0 {
             let permit = bulk().acquire().await;
-            Some(permit.map_err(|e| StorageError::Database(e.to_string()))?)
+            let permit = permit.map_err(|e| StorageError::Database(e.to_string()))?;
+            Opening::let_them_go_first().await;
+            Some(permit)
         } else {
             None
         };
@@ -246,6 +253,9 @@ impl Subscription {
                 // The first events go out on their own.
                 break;
             }
+        }
+        if self.pages > 0 || !self.catching_up {
+            self.opening = None;
         }
         Ok(())
     }
@@ -299,6 +309,67 @@ async fn read_bounds(store: &Store, key: &StreamKey) -> Result<StreamMeta, Stora
     store.read(move |s| read_meta(&s.begin_read()?, &key)).await
 }
 
+/// A replay whose first page has not been made yet. While there are any, bulk chunks hold
+/// back for up to [`Opening::MAX_WAIT`]: after a restart a thousand clients resume at once,
+/// and the CPU should go to giving each its first events before it goes to the rest of
+/// anyone's log. The wait is bounded so that a steady stream of new clients cannot starve
+/// the ones catching up.
+struct Opening;
+
+struct Openers {
+    count: std::sync::atomic::AtomicUsize,
+    none_left: tokio::sync::Notify,
+}
+
+impl Opening {
+    const MAX_WAIT: Duration = Duration::from_millis(50);
+
+    fn openers() -> &'static Openers {
+        static OPENERS: Openers = Openers {
+            count: std::sync::atomic::AtomicUsize::new(0),
+            none_left: tokio::sync::Notify::const_new(),
+        };
+        &OPENERS
+    }
+
+    fn new() -> Self {
+        Self::openers()
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Opening
+    }
+
+    /// Wait until no replay is waiting for its first page, or [`Self::MAX_WAIT`].
+    async fn let_them_go_first() {
+        let openers = Self::openers();
+        let deadline = tokio::time::Instant::now() + Self::MAX_WAIT;
+        loop {
+            let notified = openers.none_left.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if openers.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        let openers = Self::openers();
+        if openers
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            openers.none_left.notify_waiters();
+        }
+    }
+}
+
 /// Replay chunks after the first page being made at once, process-wide. Without a bound, a
 /// thousand clients catching up at once are all runnable at the same moment: every one of them
 /// reads redb on a blocking thread or copies cached frames on the runtime, and a new client's
@@ -343,4 +414,21 @@ async fn read_page(
     tokio::task::spawn_blocking(move || read(&store))
         .await
         .map_err(|e| StorageError::Database(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bulk replay holds back for new clients, but never for good: a client that never gets
+    /// its first page (stuck, or one after another without end) cannot starve the others.
+    #[tokio::test]
+    async fn bulk_holds_back_for_new_clients_but_not_for_good() {
+        let stuck = Opening::new();
+        // A minute stands for "never" (the bound is far shorter).
+        let waited =
+            tokio::time::timeout(Duration::from_secs(60), Opening::let_them_go_first()).await;
+        assert!(waited.is_ok(), "bulk waited for a stuck client without end");
+        drop(stuck);
+    }
 }
