@@ -96,6 +96,9 @@ pub(crate) struct Wal {
     max_bytes: u64,
     /// Records were written in this epoch: the next durable commit must move to a new one.
     pending: bool,
+    /// A record whose batch failed could not be withdrawn: nothing more may be written in
+    /// this epoch (its ids will be used again), the next commit must be a checkpoint.
+    spoiled: bool,
 }
 
 impl Wal {
@@ -123,6 +126,7 @@ impl Wal {
             allocated,
             max_bytes: max_bytes.max(CHUNK),
             pending: false,
+            spoiled: false,
         })
     }
 
@@ -132,9 +136,16 @@ impl Wal {
         let mut events = Vec::new();
         let mut pos = 0u64;
         let mut header = [0u8; HEADER];
+        let read_error = |e: io::Error| StorageError::Io {
+            path: self.path.clone(),
+            message: format!("reading the append log: {e}"),
+        };
         loop {
-            if self.file.read_exact_at(&mut header, pos).is_err() {
-                break;
+            // The end of the file ends the log; any other read error must not pass for it.
+            match self.file.read_exact_at(&mut header, pos) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(read_error(e)),
             }
             let Some((len, crc)) = parse_header(&header, epoch) else {
                 break;
@@ -144,12 +155,10 @@ impl Wal {
                 break;
             }
             let mut payload = vec![0u8; len as usize];
-            if self
-                .file
-                .read_exact_at(&mut payload, pos + HEADER as u64)
-                .is_err()
-            {
-                break;
+            match self.file.read_exact_at(&mut payload, pos + HEADER as u64) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(read_error(e)),
             }
             if checksum(epoch, len, &payload) != crc {
                 break;
@@ -175,10 +184,11 @@ impl Wal {
         self.pending
     }
 
-    /// A checkpoint is due: [`CHECKPOINT_BYTES`] of records are pending. (Time is the other
-    /// trigger: the writer is sent a checkpoint every [`CHECKPOINT_INTERVAL`].)
+    /// A checkpoint is due: [`CHECKPOINT_BYTES`] of records are pending, or a failed record
+    /// could not be withdrawn. (Time is the other trigger: the writer is sent a checkpoint
+    /// every [`CHECKPOINT_INTERVAL`].)
     pub fn due(&self) -> bool {
-        self.pos >= CHECKPOINT_BYTES
+        self.spoiled || self.pos >= CHECKPOINT_BYTES
     }
 
     /// The record for `events` in the current epoch, or None when it would not fit.
@@ -238,11 +248,15 @@ impl Wal {
             .and_then(|()| self.file.sync_data())
         {
             Ok(()) => self.pos = offset,
-            Err(e) => tracing::error!(
-                error = %e,
-                path = %self.path.display(),
-                "could not withdraw an append-log record whose commit failed"
-            ),
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    path = %self.path.display(),
+                    "could not withdraw an append-log record whose commit failed"
+                );
+                self.spoiled = true;
+                self.pending = true;
+            }
         }
     }
 
@@ -251,6 +265,7 @@ impl Wal {
         self.epoch = epoch;
         self.pos = 0;
         self.pending = false;
+        self.spoiled = false;
     }
 
     /// Zero-fill whole chunks until `end` is covered, synced, so that record syncs never
