@@ -14,7 +14,7 @@ pub mod model;
 mod readers;
 pub mod record;
 pub mod tables;
-mod wal;
+pub mod wal;
 pub mod workflow;
 pub mod writer;
 
@@ -118,7 +118,7 @@ impl Store {
     }
 
     /// Run `f` (short reads) on one of the store's reader threads and await its answer: how
-    /// async code reads redb without blocking the runtime (see [`readers`]).
+    /// async code reads redb without blocking the runtime (see `readers.rs`).
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&Store) -> Result<T, E> + Send + 'static,
