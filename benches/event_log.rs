@@ -38,7 +38,11 @@ fn payload() -> String {
 }
 
 async fn open_app(dir: &std::path::Path) -> Arc<App> {
-    let app = App::open(Config::for_workspace(dir)).unwrap();
+    open_app_with(Config::for_workspace(dir)).await
+}
+
+async fn open_app_with(config: Config) -> Arc<App> {
+    let app = App::open(config).unwrap();
     weldr_agent::registry::create_project(&app.store, "p", None, None)
         .await
         .unwrap();
@@ -133,19 +137,24 @@ async fn bench_appends() {
         APPEND_WINDOW.as_secs_f64()
     );
     println!(
-        "| producers | weldr events/s | Redis always events/s | Redis default events/s | weldr ÷ always | weldr ÷ default | weldr ack p50 / p99 / max ms | always p50 / p99 / max ms |"
+        "| producers | weldr events/s | weldr, `APPEND_LOG=off` | Redis always events/s | Redis default events/s | weldr ÷ always | log off ÷ always | weldr ack p50 / p99 / max ms | log off p50 / p99 / max ms | always p50 / p99 / max ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for producers in [1usize, 16, 64, 256] {
-        let (mut ours, mut always, mut default) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut off, mut always, mut default) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..REPEATS {
-            let dir = tempfile::tempdir().unwrap();
-            let app = open_app(dir.path()).await;
-            ours.push(appends_ours(&app, producers).await);
-            let store = app.store.clone();
-            tokio::task::spawn_blocking(move || store.close())
-                .await
-                .unwrap();
+            for (append_log, runs) in [(true, &mut ours), (false, &mut off)] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut config = Config::for_workspace(dir.path());
+                config.append_log = append_log;
+                let app = open_app_with(config).await;
+                runs.push(appends_ours(&app, producers).await);
+                let store = app.store.clone();
+                tokio::task::spawn_blocking(move || store.close())
+                    .await
+                    .unwrap();
+            }
             let r = Redis::start(true);
             always.push(appends_redis(r.port, producers).await);
             drop(r);
@@ -168,13 +177,15 @@ async fn bench_appends() {
             )
         };
         println!(
-            "| {producers} | {} | {} | {} | {}× | {}× | {} | {} |",
+            "| {producers} | {} | {} | {} | {} | {}× | {}× | {} | {} | {} |",
             fmt(&rate(&ours), 0),
+            fmt(&rate(&off), 0),
             fmt(&rate(&always), 0),
             fmt(&rate(&default), 0),
             fmt(&ratio(&ours, &always), 2),
-            fmt(&ratio(&ours, &default), 2),
+            fmt(&ratio(&off, &always), 2),
             lat(&ours),
+            lat(&off),
             lat(&always),
         );
     }

@@ -37,9 +37,15 @@ impl App {
     /// Open the store under `config.data_dir`. Fails with `AlreadyOpen` when a server holds it.
     pub fn open(config: Config) -> Result<Arc<Self>, StorageError> {
         let bus = Arc::new(EventBus::new(config.event_cache_bytes));
+        let defaults = StoreOptions::default();
         let options = StoreOptions {
             event_retention: config.event_retention,
-            ..StoreOptions::default()
+            wal_bytes: if config.append_log {
+                defaults.wal_bytes
+            } else {
+                0
+            },
+            ..defaults
         };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
         // Layered branches' mounts do not survive a reboot: back before anything reads a branch.

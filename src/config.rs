@@ -90,6 +90,9 @@ pub struct Config {
     pub event_retention: u64,
     /// Bytes of encoded event frames kept in memory for subscribers that catch up (0: none).
     pub event_cache_bytes: usize,
+    /// Batches that only append events are made durable by the store's append log (one
+    /// sequential write); false: every batch is a durable redb commit.
+    pub append_log: bool,
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
     pub shutdown_timeout: Duration,
     pub sse_heartbeat: Duration,
@@ -234,6 +237,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "EVENT_CACHE_MB",
         "32",
         "memory for encoded blocks of older events that resuming clients share (0: off)",
+    ),
+    (
+        "APPEND_LOG",
+        "on",
+        "`on`: event appends are made durable by one sequential synced write to `state.redb.wal`, redb catches up at checkpoints; `off`: every write is a durable redb commit",
     ),
     (
         "SHUTDOWN_TIMEOUT_SECONDS",
@@ -504,6 +512,17 @@ impl Config {
             event_cache_bytes: (env.parse::<u32>("EVENT_CACHE_MB", 32, "a number of MiB")?
                 as usize)
                 .saturating_mul(1 << 20),
+            append_log: match env.var("APPEND_LOG").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError {
+                        var: "APPEND_LOG",
+                        value: other.into(),
+                        message: "expected `on` or `off`".into(),
+                    });
+                }
+            },
             shutdown_timeout: Duration::from_secs(env.parse(
                 "SHUTDOWN_TIMEOUT_SECONDS",
                 20u64,
@@ -631,6 +650,8 @@ mod tests {
             (85, 70)
         );
         assert_eq!(c.s3.region, "auto");
+        assert!(c.append_log);
+        assert!(!cfg(&[("APPEND_LOG", "off")]).unwrap().append_log);
         let cloud = cfg(&[("WELDR_MODE", "cloud"), ("PROJECT_ID", "p1")]).unwrap();
         assert_eq!(cloud.workspace_base, PathBuf::from("/workspace"));
         assert_eq!(cloud.s3.endpoint, "https://fly.storage.tigris.dev");
@@ -658,6 +679,7 @@ mod tests {
             (vec![("PROJECT_ID", "../etc")], "PROJECT_ID"),
             (vec![("EVENT_RETENTION", "0")], "EVENT_RETENTION"),
             (vec![("FORK_MODE", "overlay")], "FORK_MODE"),
+            (vec![("APPEND_LOG", "yes")], "APPEND_LOG"),
         ] {
             let err = cfg(&pairs).unwrap_err();
             assert_eq!(err.var, var);
