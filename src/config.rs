@@ -299,6 +299,26 @@ impl Env<'_> {
         self.var(name).map(Secret)
     }
 
+    /// A setting that is one of two words: true for `yes`, false for `no`, `default` unset.
+    fn switch(
+        &self,
+        name: &'static str,
+        yes: &str,
+        no: &str,
+        default: bool,
+    ) -> Result<bool, ConfigError> {
+        match self.var(name) {
+            None => Ok(default),
+            Some(v) if v == yes => Ok(true),
+            Some(v) if v == no => Ok(false),
+            Some(other) => Err(ConfigError {
+                var: name,
+                value: other,
+                message: format!("expected `{yes}` or `{no}`"),
+            }),
+        }
+    }
+
     fn parse<T: std::str::FromStr>(
         &self,
         name: &'static str,
@@ -512,17 +532,7 @@ impl Config {
             event_cache_bytes: (env.parse::<u32>("EVENT_CACHE_MB", 32, "a number of MiB")?
                 as usize)
                 .saturating_mul(1 << 20),
-            append_log: match env.var("APPEND_LOG").as_deref() {
-                None | Some("on") => true,
-                Some("off") => false,
-                Some(other) => {
-                    return Err(ConfigError {
-                        var: "APPEND_LOG",
-                        value: other.into(),
-                        message: "expected `on` or `off`".into(),
-                    });
-                }
-            },
+            append_log: env.switch("APPEND_LOG", "on", "off", true)?,
             shutdown_timeout: Duration::from_secs(env.parse(
                 "SHUTDOWN_TIMEOUT_SECONDS",
                 20u64,
@@ -549,17 +559,7 @@ impl Config {
             workflow_concurrency: env
                 .parse("WORKFLOW_CONCURRENCY", 4usize, "a number of workflows")?
                 .max(1),
-            fork_layers: match env.var("FORK_MODE").as_deref() {
-                None | Some("layers") => true,
-                Some("copy") => false,
-                Some(other) => {
-                    return Err(ConfigError {
-                        var: "FORK_MODE",
-                        value: other.into(),
-                        message: "expected `layers` or `copy`".into(),
-                    });
-                }
-            },
+            fork_layers: env.switch("FORK_MODE", "layers", "copy", true)?,
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,
