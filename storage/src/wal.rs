@@ -94,8 +94,6 @@ pub(crate) struct Wal {
     /// Bytes known to be zero-filled (or written) and synced.
     allocated: u64,
     max_bytes: u64,
-    /// Records were written in this epoch: the next durable commit must move to a new one.
-    pending: bool,
     /// A record whose batch failed could not be withdrawn: nothing more may be written in
     /// this epoch (its ids will be used again), the next commit must be a checkpoint.
     spoiled: bool,
@@ -125,7 +123,6 @@ impl Wal {
             pos: 0,
             allocated,
             max_bytes: max_bytes.max(CHUNK),
-            pending: false,
             spoiled: false,
         })
     }
@@ -171,7 +168,6 @@ impl Wal {
         }
         self.epoch = epoch;
         self.pos = pos;
-        self.pending = pos > 0;
         Ok(events)
     }
 
@@ -179,9 +175,10 @@ impl Wal {
         self.epoch
     }
 
-    /// Records of this epoch were written: the next durable commit must store a new epoch.
+    /// Records of this epoch are on file (or a failed one may be): the next durable commit
+    /// must store a new epoch.
     pub fn pending(&self) -> bool {
-        self.pending
+        self.pos > 0 || self.spoiled
     }
 
     /// A checkpoint is due: [`CHECKPOINT_BYTES`] of records are pending, or a failed record
@@ -234,7 +231,6 @@ impl Wal {
             return Err(self.io_error(e));
         }
         self.pos = end;
-        self.pending = true;
         Ok(at)
     }
 
@@ -255,7 +251,6 @@ impl Wal {
                     "could not withdraw an append-log record whose commit failed"
                 );
                 self.spoiled = true;
-                self.pending = true;
             }
         }
     }
@@ -264,7 +259,6 @@ impl Wal {
     pub fn checkpointed(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.pos = 0;
-        self.pending = false;
         self.spoiled = false;
     }
 
@@ -347,6 +341,11 @@ mod tests {
         events.iter().map(|e| e.id).collect()
     }
 
+    /// The ids a fresh open of the log at `path` recovers for `epoch`.
+    fn reread(path: &Path, epoch: u64) -> Vec<u64> {
+        ids(&Wal::open(path, 8 << 20).unwrap().recover(epoch).unwrap())
+    }
+
     #[test]
     fn records_of_the_epoch_come_back_in_order_and_a_torn_tail_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -365,33 +364,20 @@ mod tests {
         assert_eq!(got[3].data, "{\"n\":3}");
         assert!(wal.pending());
         // Another epoch's records are not this epoch's.
-        assert!(
-            Wal::open(&path, 8 << 20)
-                .unwrap()
-                .recover(4)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(reread(&path, 4).is_empty());
 
         // A flipped byte in the third record ends the log before it.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0xFF], third + HEADER as u64 + 3)
             .unwrap();
-        let got = Wal::open(&path, 8 << 20).unwrap().recover(3).unwrap();
-        assert_eq!(ids(&got), vec![1, 1, 2]);
+        assert_eq!(reread(&path, 3), vec![1, 1, 2]);
         // A withdrawn record ends it too, and the next record takes its place.
         let mut wal = Wal::open(&path, 8 << 20).unwrap();
         wal.recover(3).unwrap();
         wal.withdraw(second);
-        assert_eq!(
-            ids(&Wal::open(&path, 8 << 20).unwrap().recover(3).unwrap()),
-            vec![1, 1]
-        );
+        assert_eq!(reread(&path, 3), vec![1, 1]);
         assert_eq!(write(&mut wal, &[event("p/a", 2)]), second);
-        assert_eq!(
-            ids(&Wal::open(&path, 8 << 20).unwrap().recover(3).unwrap()),
-            vec![1, 1, 2]
-        );
+        assert_eq!(reread(&path, 3), vec![1, 1, 2]);
     }
 
     #[test]
@@ -407,15 +393,8 @@ mod tests {
         wal.checkpointed(1);
         assert!(!wal.pending());
         assert_eq!(write(&mut wal, &[event("p/a", 4)]), 0);
-        let got = Wal::open(&path, 8 << 20).unwrap().recover(1).unwrap();
-        assert_eq!(ids(&got), vec![4]);
-        assert!(
-            Wal::open(&path, 8 << 20)
-                .unwrap()
-                .recover(2)
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(reread(&path, 1), vec![4]);
+        assert!(reread(&path, 2).is_empty());
     }
 
     #[test]
