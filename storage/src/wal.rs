@@ -23,7 +23,7 @@
 //! [`crate::writer::WriteCtx::tx`]) is always committed durably. Checkpoints also happen once
 //! [`CHECKPOINT_BYTES`] of records are pending (redb then writes what its unsynced commits
 //! touched, so this bounds that stall: about 17 ms at most against 53 ms for 16 MiB, at the
-//! same throughput), every [`CHECKPOINT_INTERVAL`] while records are pending, and at shutdown.
+//! same throughput), [`CHECKPOINT_INTERVAL`] after the log takes a record, and at shutdown.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -183,7 +183,7 @@ impl Wal {
 
     /// A checkpoint is due: [`CHECKPOINT_BYTES`] of records are pending, or a failed record
     /// could not be withdrawn. (Time is the other trigger: the writer is sent a checkpoint
-    /// every [`CHECKPOINT_INTERVAL`].)
+    /// [`CHECKPOINT_INTERVAL`] after the log takes a record.)
     pub fn due(&self) -> bool {
         self.spoiled || self.pos >= CHECKPOINT_BYTES
     }

@@ -209,7 +209,8 @@ where
 
 enum Msg {
     Job(Box<dyn Job>),
-    /// Time for a checkpoint of the append log (sent every [`CHECKPOINT_INTERVAL`]).
+    /// Time for a checkpoint of the append log (sent [`CHECKPOINT_INTERVAL`] after it took a
+    /// record).
     Checkpoint,
     Shutdown,
 }
@@ -229,17 +230,22 @@ impl Writer {
         observer: Arc<dyn AppendObserver>,
     ) -> Result<Self, StorageError> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        let mut tick = None;
         if wal.is_some() {
             // Checkpoints while appends are quiet, so that redb catches up on its own and a
-            // crash leaves little to replay. Ends when the writer has stopped.
-            let tick = queue.clone();
+            // crash leaves little to replay: the writer says when the log took a record, and
+            // a checkpoint follows one interval later. An idle store never wakes this thread.
+            // It ends when the writer has stopped (its side of `logged` is dropped).
+            let (logged, wait) = std::sync::mpsc::sync_channel::<()>(1);
+            tick = Some(logged);
+            let queue = queue.clone();
             std::thread::Builder::new()
                 .name("redb-checkpoint".into())
                 .spawn(move || {
-                    loop {
+                    while wait.recv().is_ok() {
                         std::thread::sleep(CHECKPOINT_INTERVAL);
                         if let Err(mpsc::error::TrySendError::Closed(_)) =
-                            tick.try_send(Msg::Checkpoint)
+                            queue.try_send(Msg::Checkpoint)
                         {
                             break;
                         }
@@ -249,7 +255,17 @@ impl Writer {
         }
         let thread = std::thread::Builder::new()
             .name("redb-writer".into())
-            .spawn(move || run(db, rx, max_batch.max(1), retention.max(1), wal, observer))
+            .spawn(move || {
+                run(
+                    db,
+                    rx,
+                    max_batch.max(1),
+                    retention.max(1),
+                    wal,
+                    tick,
+                    observer,
+                )
+            })
             .map_err(|e| StorageError::Database(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             queue,
@@ -348,6 +364,7 @@ fn run(
     max_batch: usize,
     retention: u64,
     mut wal: Option<Wal>,
+    tick: Option<std::sync::mpsc::SyncSender<()>>,
     observer: Arc<dyn AppendObserver>,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
@@ -356,6 +373,7 @@ fn run(
         db: &db,
         retention,
         wal: wal.as_mut(),
+        tick,
         observer: observer.as_ref(),
     };
     while !shutdown {
@@ -397,6 +415,9 @@ struct BatchWriter<'a> {
     db: &'a Database,
     retention: u64,
     wal: Option<&'a mut Wal>,
+    /// Tells the checkpoint thread that the log took a record (a token already waiting is
+    /// enough: its checkpoint comes after this record).
+    tick: Option<std::sync::mpsc::SyncSender<()>>,
     observer: &'a dyn AppendObserver,
 }
 
@@ -456,6 +477,9 @@ impl BatchWriter<'_> {
                     && let Commit::Checkpoint(epoch) = logged
                 {
                     wal.checkpointed(epoch);
+                }
+                if let (Some(tick), Commit::Logged(_)) = (&self.tick, logged) {
+                    let _ = tick.try_send(());
                 }
                 for job in batch {
                     job.finish(Ok(()));

@@ -182,16 +182,43 @@ async fn a_quiet_writer_checkpoints_on_its_own() {
         append_and_report(&store, &key, 0..100).await;
         // Longer than the checkpoint interval (1 s), with nothing else written.
         tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        // Once checkpointed, an idle store's threads sleep: nothing wakes them on a timer.
+        let before = store_thread_wakes();
+        tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+        println!("idle wakes {}", store_thread_wakes() - before);
         std::process::abort();
     }
     let dir = tempfile::tempdir().unwrap();
     let out = crash_after("a_quiet_writer_checkpoints_on_its_own", "quiet", dir.path());
     assert_eq!(acked(&out).len(), 100);
+    assert!(
+        out.contains("idle wakes 0\n"),
+        "an idle store's writer or checkpoint thread woke up: {out}"
+    );
     // Without the log, only what redb made durable is there: all of it, thanks to the tick.
     let path = dir.path().join("s.redb");
     std::fs::remove_file(wal_path(&path)).unwrap();
     let store = open(&path, 100_000, 16 << 20);
     assert_eq!(ids(&store, &key), (1..=100).collect::<Vec<_>>());
+}
+
+/// Voluntary context switches of this process's writer and checkpoint threads so far.
+fn store_thread_wakes() -> u64 {
+    let mut wakes = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !matches!(name.trim(), "redb-writer" | "redb-checkpoint") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        wakes += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .unwrap();
+    }
+    wakes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
