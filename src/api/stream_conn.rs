@@ -350,9 +350,12 @@ async fn stream_to(conn: &mut TcpStream, mut sub: Subscription, cors: &str) {
          chunked\r\n{cors}\r\n"
     )
     .into_bytes();
-    if let Some(preamble) = sub.take_preamble() {
-        push_chunk(&mut first, &preamble);
+    // The first events of a replay go out with the head, in one write.
+    let opening = sub.opening().await;
+    if !opening.is_empty() {
+        push_chunk(&mut first, &opening);
     }
+    drop(opening);
     if conn.write_all(&first).await.is_err() {
         return;
     }

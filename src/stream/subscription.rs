@@ -106,10 +106,16 @@ impl Subscription {
         })
     }
 
-    /// The `retry:` hint and the connected comment, for a writer that sends them with the
-    /// response head; [`Self::next_chunk`] sends them first otherwise.
-    pub fn take_preamble(&mut self) -> Option<Bytes> {
-        self.preamble.take()
+    /// What can go out with the response head without waiting for a live event: the
+    /// preamble and, when replaying, the first page. A stream then opens with one write.
+    pub async fn opening(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        if let Some(preamble) = self.preamble.take() {
+            out.extend_from_slice(&preamble);
+        }
+        self.replay(&mut out).await;
+        self.last_write = tokio::time::Instant::now();
+        out.freeze()
     }
 
     pub fn last_sent(&self) -> u64 {
@@ -135,14 +141,7 @@ impl Subscription {
             out.extend_from_slice(&preamble);
         }
         loop {
-            // Boxed: the replay's future is large and rarely needed; an idle subscriber's
-            // task should not carry it.
-            if self.catching_up
-                && let Err(e) = Box::pin(self.catch_up(&mut out)).await
-            {
-                tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
-                self.done = true;
-            }
+            self.replay(&mut out).await;
             if !out.is_empty() || self.done {
                 if out.is_empty() {
                     return None;
@@ -182,6 +181,19 @@ impl Subscription {
                     }
                 }
             }
+        }
+    }
+
+    /// Catch up into `out` when behind; a storage failure ends the stream.
+    async fn replay(&mut self, out: &mut BytesMut) {
+        // Boxed: the replay's future is large and rarely needed; an idle subscriber's task
+        // should not carry it.
+        if self.catching_up
+            && !self.done
+            && let Err(e) = Box::pin(self.catch_up(out)).await
+        {
+            tracing::warn!(stream = %self.key, error = %e, "ending SSE stream: replay from storage failed");
+            self.done = true;
         }
     }
 
