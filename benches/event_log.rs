@@ -206,12 +206,18 @@ enum Placement {
     InProcess,
     /// `weldr-agent serve` as its own process; appends go through its control socket.
     OwnProcess,
+    /// No weldr at all: the floor. A bare tokio server in this process writes each frame,
+    /// handed to it through a `tokio::sync::broadcast` channel, to every connection as an
+    /// HTTP chunk (frames that queued up meanwhile in the same write, as ours does); no
+    /// storage, no checks. What loopback TCP and the runtime cost by themselves.
+    Bare,
 }
 
 /// A fan-out benchmark server and a way to append to branch p/b.
 enum FanoutServer {
     InProcess(weldr_agent::server::RunningServer, Arc<App>),
     OwnProcess(std::process::Child, weldr_agent::control::ControlClient),
+    Bare(BareServer),
 }
 
 impl FanoutServer {
@@ -219,6 +225,11 @@ impl FanoutServer {
         dir: &std::path::Path,
         placement: Placement,
     ) -> (Self, std::net::SocketAddr, String) {
+        if placement == Placement::Bare {
+            let bare = BareServer::start(None).await;
+            let addr = bare.addr;
+            return (FanoutServer::Bare(bare), addr, String::new());
+        }
         let app = open_app(dir).await;
         if placement == Placement::InProcess {
             let (server, token) = start_server(app.clone()).await;
@@ -253,6 +264,7 @@ impl FanoutServer {
                     .as_u64()
                     .unwrap()
             }
+            FanoutServer::Bare(bare) => bare.send(),
         }
     }
 
@@ -260,7 +272,86 @@ impl FanoutServer {
         match self {
             FanoutServer::InProcess(server, _) => server.shutdown().await,
             FanoutServer::OwnProcess(mut child, _) => stop(&mut child),
+            FanoutServer::Bare(bare) => bare.accept.abort(),
         }
+    }
+}
+
+/// The fan-out floor (see [`Placement::Bare`]).
+struct BareServer {
+    addr: std::net::SocketAddr,
+    frames: tokio::sync::broadcast::Sender<bytes::Bytes>,
+    last_id: u64,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BareServer {
+    /// `greeting`: a frame every connection gets right after the response head.
+    async fn start(greeting: Option<bytes::Bytes>) -> BareServer {
+        // The same listen backlog as ours: tokio's default of 1,024 drops SYNs in a burst.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8192).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frames, _) = tokio::sync::broadcast::channel::<bytes::Bytes>(256);
+        let tx = frames.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut rx = tx.subscribe();
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut head = [0u8; 4096];
+                    let _ = conn.read(&mut head).await;
+                    let mut ok = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                   transfer-encoding: chunked\r\n\r\n"
+                        .to_vec();
+                    if let Some(frame) = greeting {
+                        ok.extend_from_slice(format!("{:x}\r\n", frame.len()).as_bytes());
+                        ok.extend_from_slice(&frame);
+                        ok.extend_from_slice(b"\r\n");
+                    }
+                    if conn.write_all(&ok).await.is_err() {
+                        return;
+                    }
+                    let mut body = Vec::new();
+                    while let Ok(frame) = rx.recv().await {
+                        // Frames that arrived meanwhile go out in the same write.
+                        body.clear();
+                        body.extend_from_slice(&frame);
+                        while let Ok(frame) = rx.try_recv() {
+                            body.extend_from_slice(&frame);
+                        }
+                        let mut out = format!("{:x}\r\n", body.len()).into_bytes();
+                        out.extend_from_slice(&body);
+                        out.extend_from_slice(b"\r\n");
+                        if conn.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        BareServer {
+            addr,
+            frames,
+            last_id: 0,
+            accept,
+        }
+    }
+
+    /// Send the next frame (the size of the stored event's frame); answers its id.
+    fn send(&mut self) -> u64 {
+        self.last_id += 1;
+        let _ = self.frames.send(Self::frame(self.last_id));
+        self.last_id
+    }
+
+    /// A frame the size of a stored event's.
+    fn frame(id: u64) -> bytes::Bytes {
+        bytes::Bytes::from(format!(
+            "id: {id}\nevent: text\ndata: {{\"id\":{id},\"type\":\"text\",\"timestamp\":0,\"text\":\"hello\"}}\n\n"
+        ))
     }
 }
 
@@ -306,7 +397,7 @@ impl FanoutRow {
 }
 
 async fn bench_fanout() {
-    for placement in [Placement::InProcess, Placement::OwnProcess] {
+    for placement in [Placement::InProcess, Placement::OwnProcess, Placement::Bare] {
         bench_fanout_with(placement).await;
     }
     bench_fanout_redis().await;
@@ -409,6 +500,9 @@ async fn bench_fanout_with(placement: Placement) {
     let where_ = match placement {
         Placement::InProcess => "server and clients in this process",
         Placement::OwnProcess => "server as its own process, appends over its control socket",
+        Placement::Bare => {
+            "the floor: a bare tokio broadcast → TCP server in this process, no weldr code"
+        }
     };
     println!(
         "\n### Live fan-out: append → delivery to every subscriber of one branch ({EVENTS} events at 500/s, {REPEATS} runs; {where_})\n"
@@ -656,6 +750,56 @@ async fn bench_catchup() {
         println!("| {label} | {} | {} |", pair(&ours), pair(&theirs));
     }
     stop(&mut child);
+    if only.as_deref().is_none_or(|f| f == (LOG - 1).to_string()) {
+        burst_floor(CLIENTS).await;
+    }
+}
+
+/// The floor under the burst rows: the same clients connect at once to a bare tokio server
+/// (its own runtime with two workers, no weldr code) that answers every request with one
+/// event. What connecting a thousand clients at once costs on this machine by itself.
+async fn burst_floor(clients: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bare = rt
+        .spawn(BareServer::start(Some(BareServer::frame(1))))
+        .await
+        .unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..REPEATS {
+        let addr = bare.addr;
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let mut c = RawSse::connect(addr, "/stream/p/b", "", None).await;
+                    let mut first = None;
+                    c.read_ids_until(1, |_| {
+                        first.get_or_insert_with(|| t.elapsed());
+                    })
+                    .await;
+                    first.unwrap()
+                })
+            })
+            .collect();
+        let mut ttfe = Vec::new();
+        for t in tasks {
+            ttfe.push(t.await.unwrap());
+        }
+        ttfe.sort();
+        runs.push((ms(percentile(&ttfe, 0.5)), ms(percentile(&ttfe, 0.99))));
+    }
+    bare.accept.abort();
+    rt.shutdown_background();
+    let (p50, p99): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
+    println!(
+        "\nThe floor: {clients} clients connecting at once to a bare tokio server (own runtime, two workers, no weldr code) that answers each with one event ({REPEATS} runs): first event p50 {} ms, p99 {} ms.",
+        fmt(&p50, 1),
+        fmt(&p99, 1)
+    );
 }
 
 /// Clients arriving one after another while the burst's catch-up is being served, from
