@@ -211,6 +211,12 @@ fn main() {
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Look for socket events every 4 task polls instead of tokio's 61: while a thousand
+        // replays keep both workers busy with 256 KiB writes, a new client's connection and
+        // request otherwise wait behind dozens of them (a client arriving during such a
+        // catch-up: first event p50/p99 23.8/69.3 ms with 61, 8.1/27.5 with 7, 5.4/17.4 with
+        // 4, 5.0/20.9 with 2; catch-up throughput and fan-out unchanged within noise).
+        .event_interval(4)
         .build()
     {
         Ok(rt) => rt,
