@@ -209,8 +209,8 @@ where
 
 enum Msg {
     Job(Box<dyn Job>),
-    /// Time for a checkpoint of the append log (sent [`CHECKPOINT_INTERVAL`] after it took a
-    /// record).
+    /// Time for a checkpoint of the append log (sent [`CHECKPOINT_INTERVAL`] after the writer
+    /// found records in it).
     Checkpoint,
     Shutdown,
 }
@@ -233,11 +233,11 @@ impl Writer {
         let mut tick = None;
         if wal.is_some() {
             // Checkpoints while appends are quiet, so that redb catches up on its own and a
-            // crash leaves little to replay: the writer says when the log took a record, and
+            // crash leaves little to replay: the writer says when the log holds records, and
             // a checkpoint follows one interval later. An idle store never wakes this thread.
-            // It ends when the writer has stopped (its side of `logged` is dropped).
-            let (logged, wait) = std::sync::mpsc::sync_channel::<()>(1);
-            tick = Some(logged);
+            // It ends when the writer has stopped (its side of `pending` is dropped).
+            let (pending, wait) = std::sync::mpsc::sync_channel::<()>(1);
+            tick = Some(pending);
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name("redb-checkpoint".into())
@@ -397,6 +397,7 @@ fn run(
         } else if checkpoint {
             writer.checkpoint();
         }
+        writer.nudge();
     }
     // Jobs still queued behind a shutdown are dropped; their callers get `Closed`.
     rx.close();
@@ -415,8 +416,7 @@ struct BatchWriter<'a> {
     db: &'a Database,
     retention: u64,
     wal: Option<&'a mut Wal>,
-    /// Tells the checkpoint thread that the log took a record (a token already waiting is
-    /// enough: its checkpoint comes after this record).
+    /// Wakes the checkpoint thread (see [`Self::nudge`]).
     tick: Option<std::sync::mpsc::SyncSender<()>>,
     observer: &'a dyn AppendObserver,
 }
@@ -478,9 +478,6 @@ impl BatchWriter<'_> {
                 {
                     wal.checkpointed(epoch);
                 }
-                if let (Some(tick), Commit::Logged(_)) = (&self.tick, logged) {
-                    let _ = tick.try_send(());
-                }
                 for job in batch {
                     job.finish(Ok(()));
                 }
@@ -498,6 +495,18 @@ impl BatchWriter<'_> {
                     .into_iter()
                     .for_each(|job| job.finish(Err(err.clone())));
             }
+        }
+    }
+
+    /// Ask the checkpoint thread for a checkpoint when the log holds records (new ones, or
+    /// ones a failed checkpoint or withdrawal left): one follows [`CHECKPOINT_INTERVAL`] later,
+    /// and a failed one asks again. A token already waiting is enough: its checkpoint comes
+    /// after this.
+    fn nudge(&self) {
+        if let (Some(tick), Some(wal)) = (&self.tick, self.wal.as_deref())
+            && wal.pending()
+        {
+            let _ = tick.try_send(());
         }
     }
 
