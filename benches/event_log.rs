@@ -9,13 +9,15 @@
 //!    with its defaults (no fsync per write).
 //! 2. Live fan-out: append → delivery latency to 1, 100 and 1,000 SSE subscribers of one branch,
 //!    with the server in this process (sharing the clients' runtime) and as its own process
-//!    (appends through its control socket, as `weldr-agent` CLI commands do).
+//!    (appends through its control socket, as `weldr-agent` CLI commands do), and the floor:
+//!    a bare tokio server with no weldr code handing each frame to every connection.
 //! 3. Catch-up: 1,000 clients resuming from `Last-Event-ID: 0` and from the middle of a 10k
 //!    log, against 1,000 clients paging through the same stream with `XRANGE ... COUNT 1000`.
 //!    Both servers run as their own processes (`weldr-agent serve`, `redis-server`); the
 //!    clients share this process. A third row resumes from the last event: the floor set by
 //!    1,000 connections arriving at once, with almost nothing to replay (`BENCH_FROM=<id>`
-//!    runs one row only).
+//!    runs one row only); under it, the same burst against a bare tokio server that answers
+//!    each request with one event.
 //! 4. The real binary: idle RSS, RSS per idle SSE subscriber, and startup time with 1,000
 //!    branches' logs present.
 
