@@ -94,13 +94,17 @@ pub async fn stream(
     let (project_id, branch_id) = super::path_ids(req)?;
     let cursor = request_cursor(req)?;
     let principal = auth::principal(depot)?;
-    let (subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
+    let (mut subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
+    // Ready before the head goes out, so that hyper can send both in one write.
+    let opening = subscription.opening().await;
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     // The stream holds the user's connection slot until it ends.
-    res.stream(subscription.into_stream().map(move |chunk| {
+    let body = futures_util::stream::once(std::future::ready(Ok(opening)))
+        .chain(subscription.into_stream());
+    res.stream(body.map(move |chunk| {
         let _slot = &slot;
         chunk
     }));
