@@ -182,21 +182,11 @@ fn open_wal(
         return Ok(None);
     }
     let mut wal = wal::Wal::open(&wal_path, options.wal_bytes)?;
-    let epoch = {
-        let rtx = db.begin_read()?;
-        let meta = rtx.open_table(tables::META)?;
-        let stored = meta.get(wal::EPOCH_KEY)?;
-        match stored {
-            Some(bytes) => record::decode::<wal::WalEpoch>(bytes.value())?.epoch,
-            None => 0,
-        }
-    };
-    let events = wal.recover(epoch)?;
+    let events = wal.recover(writer::stored_epoch(db)?)?;
     if wal.pending() {
-        let (mut restored, mut skipped) = (0usize, 0usize);
-        let tx = db.begin_write()?;
-        {
-            let mut ctx = writer::WriteCtx::new(&tx, options.event_retention.max(1));
+        let (restored, skipped) = writer::commit_checkpoint(db, &mut wal, |tx| {
+            let (mut restored, mut skipped) = (0usize, 0usize);
+            let mut ctx = writer::WriteCtx::new(tx, options.event_retention.max(1));
             for event in events {
                 match ctx.restore(event) {
                     Ok(true) => restored += 1,
@@ -210,10 +200,8 @@ fn open_wal(
                 }
             }
             ctx.finish()?;
-        }
-        writer::store_epoch(&tx, epoch + 1)?;
-        tx.commit()?;
-        wal.checkpointed(epoch + 1);
+            Ok((restored, skipped))
+        })?;
         tracing::info!(
             restored,
             skipped,

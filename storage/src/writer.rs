@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::StorageError;
@@ -405,11 +405,38 @@ fn run(
     writer.checkpoint();
 }
 
+/// The append log's epoch as the last checkpoint stored it (0 before the first).
+pub(crate) fn stored_epoch(db: &Database) -> Result<u64, StorageError> {
+    let rtx = db.begin_read()?;
+    let meta = rtx.open_table(META)?;
+    let stored = meta.get(EPOCH_KEY)?;
+    Ok(match stored {
+        Some(bytes) => decode::<WalEpoch>(bytes.value())?.epoch,
+        None => 0,
+    })
+}
+
 /// Store the append log's next epoch in `tx` (see [`crate::wal`]).
-pub(crate) fn store_epoch(tx: &WriteTransaction, epoch: u64) -> Result<(), StorageError> {
+fn store_epoch(tx: &WriteTransaction, epoch: u64) -> Result<(), StorageError> {
     tx.open_table(META)?
         .insert(EPOCH_KEY, encode(&WalEpoch { epoch }).as_slice())?;
     Ok(())
+}
+
+/// A durable redb commit of what `fill` writes that also moves the append log to its next
+/// epoch: afterwards redb holds everything the log did. On failure the log is unchanged.
+pub(crate) fn commit_checkpoint<T>(
+    db: &Database,
+    wal: &mut Wal,
+    fill: impl FnOnce(&WriteTransaction) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    let epoch = wal.epoch() + 1;
+    let tx = db.begin_write()?;
+    let out = fill(&tx)?;
+    store_epoch(&tx, epoch)?;
+    tx.commit()?;
+    wal.checkpointed(epoch);
+    Ok(out)
 }
 
 struct BatchWriter<'a> {
@@ -515,20 +542,9 @@ impl BatchWriter<'_> {
         let Some(wal) = self.wal.as_deref_mut().filter(|w| w.pending()) else {
             return;
         };
-        let epoch = wal.epoch() + 1;
-        let done = self
-            .db
-            .begin_write()
-            .map_err(StorageError::from)
-            .and_then(|tx| {
-                store_epoch(&tx, epoch)?;
-                tx.commit()?;
-                Ok(())
-            });
-        match done {
-            Ok(()) => wal.checkpointed(epoch),
-            // The log still holds everything; the next checkpoint or open tries again.
-            Err(e) => tracing::error!(error = %e, "append log checkpoint failed"),
+        // On failure the log still holds everything; the next checkpoint or open tries again.
+        if let Err(e) = commit_checkpoint(self.db, wal, |_| Ok(())) {
+            tracing::error!(error = %e, "append log checkpoint failed");
         }
     }
 
