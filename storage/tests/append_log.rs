@@ -85,6 +85,16 @@ async fn close(store: Store) {
         .unwrap();
 }
 
+/// Append one event; answers its id.
+async fn append_one(store: &Store, key: &StreamKey) -> u64 {
+    store
+        .writer()
+        .append(key.clone(), vec![ev(0)])
+        .await
+        .unwrap()[0]
+        .id
+}
+
 fn ids(store: &Store, key: &StreamKey) -> Vec<u64> {
     let rtx = store.begin_read().unwrap();
     read_range(&rtx, key, 1, u64::MAX, 1_000_000)
@@ -141,8 +151,7 @@ async fn acknowledged_appends_survive_a_crash_through_the_append_log() {
     assert!(last[0].data.starts_with("{\"n\":"));
     drop(rtx);
     // Ids go on where they stopped.
-    let next = store.writer().append(a.clone(), vec![ev(0)]).await.unwrap();
-    assert_eq!(next[0].id, 1501);
+    assert_eq!(append_one(&store, &a).await, 1501);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,12 +175,7 @@ async fn a_log_left_by_a_crash_is_replayed_even_when_the_log_is_now_off() {
     close(store).await;
     let store = open(&dir.path().join("s.redb"), 100_000, 16 << 20);
     assert_eq!(ids(&store, &key), (1..=200).collect::<Vec<_>>());
-    let next = store
-        .writer()
-        .append(key.clone(), vec![ev(0)])
-        .await
-        .unwrap();
-    assert_eq!(next[0].id, 201);
+    assert_eq!(append_one(&store, &key).await, 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
