@@ -96,14 +96,14 @@ pub async fn stream(
     let principal = auth::principal(depot)?;
     let (mut subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
     // Ready before the head goes out, so that hyper can send both in one write.
-    let opening = subscription.opening().await;
+    let first = subscription.first_chunk().await;
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     // The stream holds the user's connection slot until it ends.
-    let body = futures_util::stream::once(std::future::ready(Ok(opening)))
-        .chain(subscription.into_stream());
+    let body =
+        futures_util::stream::once(std::future::ready(Ok(first))).chain(subscription.into_stream());
     res.stream(body.map(move |chunk| {
         let _slot = &slot;
         chunk

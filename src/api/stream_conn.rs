@@ -351,11 +351,11 @@ async fn stream_to(conn: &mut TcpStream, mut sub: Subscription, cors: &str) {
     )
     .into_bytes();
     // The first events of a replay go out with the head, in one write.
-    let opening = sub.opening().await;
-    if !opening.is_empty() {
-        push_chunk(&mut first, &opening);
+    let first_chunk = sub.first_chunk().await;
+    if !first_chunk.is_empty() {
+        push_chunk(&mut first, &first_chunk);
     }
-    drop(opening);
+    drop(first_chunk);
     if conn.write_all(&first).await.is_err() {
         return;
     }

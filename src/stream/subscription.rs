@@ -108,7 +108,7 @@ impl Subscription {
 
     /// What can go out with the response head without waiting for a live event: the
     /// preamble and, when replaying, the first page. A stream then opens with one write.
-    pub async fn opening(&mut self) -> Bytes {
+    pub async fn first_chunk(&mut self) -> Bytes {
         let mut out = BytesMut::new();
         if let Some(preamble) = self.preamble.take() {
             out.extend_from_slice(&preamble);
