@@ -31,6 +31,8 @@ pub struct App {
     pub syncer: crate::sync::syncer::Syncer,
     /// Disk usage and the cleanup pass.
     pub evictor: crate::evict::Evictor,
+    /// Where the agent's commands run.
+    pub sandbox: Arc<crate::sandbox::Sandbox>,
 }
 
 impl App {
@@ -64,12 +66,18 @@ impl App {
                 .map(|s| s.expose().as_bytes().to_vec()),
             source,
         };
+        let sandbox = Arc::new(crate::sandbox::Sandbox::new(config.sandbox.clone()));
+        crate::sandbox::prepare_workspace(&sandbox, &config.workspace_base);
         Ok(Arc::new(Self {
             branch_locks: Default::default(),
             auth,
             stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
             trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),
-            workflows: crate::workflow::Workflows::new(config.workflow_concurrency),
+            workflows: crate::workflow::Workflows::new(
+                config.workflow_concurrency,
+                sandbox.clone(),
+            ),
+            sandbox,
             syncer: Default::default(),
             evictor: Default::default(),
             config,

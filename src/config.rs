@@ -112,6 +112,8 @@ pub struct Config {
     /// Fork at a parent's head as copy-on-write layers (overlayfs) where the system can mount
     /// them; false: always copy.
     pub fork_layers: bool,
+    /// How the agent's commands are isolated.
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +283,36 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "-",
         "serve HTTPS with this PEM certificate chain and key",
     ),
+    (
+        "SANDBOX",
+        "bwrap",
+        "`bwrap`: the agent's commands (run_command, the build) run in a bubblewrap sandbox and fail with a clear message where it cannot run; `off`: unconfined, as the server (shown in `/health` and the startup log)",
+    ),
+    (
+        "SANDBOX_NETWORK",
+        "on",
+        "`on`: sandboxed commands reach the network (package registries); `off`: only their own loopback",
+    ),
+    (
+        "SANDBOX_UID",
+        "61000",
+        "uid and gid sandboxed commands run as when the server is root (the branch directories' files are handed to it)",
+    ),
+    (
+        "SANDBOX_MEMORY_MB",
+        "4096",
+        "most data memory one sandboxed process may map (RLIMIT_DATA)",
+    ),
+    (
+        "SANDBOX_MAX_PROCESSES",
+        "1024",
+        "most processes of the sandbox uid at once (RLIMIT_NPROC; when the server is root)",
+    ),
+    (
+        "SANDBOX_TMP_MB",
+        "512",
+        "size of a sandboxed command's private /tmp (memory)",
+    ),
 ];
 
 struct Env<'a> {
@@ -349,6 +381,41 @@ fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError
         });
     }
     Ok(v)
+}
+
+fn sandbox_settings(env: &Env) -> Result<crate::sandbox::SandboxSettings, ConfigError> {
+    use crate::sandbox::{SandboxMode, SandboxSettings};
+    let d = SandboxSettings::default();
+    let uid: u32 = env.parse("SANDBOX_UID", d.uid, "a uid")?;
+    if uid == 0 {
+        return Err(ConfigError {
+            var: "SANDBOX_UID",
+            value: "0".into(),
+            message: "the sandbox must not run as root".into(),
+        });
+    }
+    Ok(SandboxSettings {
+        mode: if env.switch("SANDBOX", "bwrap", "off", true)? {
+            SandboxMode::Bwrap
+        } else {
+            SandboxMode::Off
+        },
+        network: env.switch("SANDBOX_NETWORK", "on", "off", d.network)?,
+        uid,
+        memory_mb: env
+            .parse("SANDBOX_MEMORY_MB", d.memory_mb, "a number of MiB")?
+            .max(64),
+        max_processes: env
+            .parse(
+                "SANDBOX_MAX_PROCESSES",
+                d.max_processes,
+                "a number of processes",
+            )?
+            .max(16),
+        tmp_mb: env
+            .parse("SANDBOX_TMP_MB", d.tmp_mb, "a number of MiB")?
+            .max(1),
+    })
 }
 
 fn sql_table(env: &Env, name: &'static str, default: &str) -> Result<String, ConfigError> {
@@ -560,6 +627,7 @@ impl Config {
                 .parse("WORKFLOW_CONCURRENCY", 4usize, "a number of workflows")?
                 .max(1),
             fork_layers: env.switch("FORK_MODE", "layers", "copy", true)?,
+            sandbox: sandbox_settings(&env)?,
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,

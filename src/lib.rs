@@ -17,6 +17,7 @@ pub mod git;
 pub mod ids;
 pub mod llm;
 pub mod registry;
+pub mod sandbox;
 pub mod server;
 pub mod stream;
 pub mod sync;

@@ -267,7 +267,7 @@ impl Gate {
 #[async_trait::async_trait]
 impl Tools for Gate {
     fn specs(&self) -> Vec<ToolSpec> {
-        BranchTools.specs()
+        BranchTools::default().specs()
     }
     async fn execute(&self, dir: &Path, name: &str, input: &Value) -> (String, bool) {
         let key = format!("{name}:{}", input);
@@ -283,7 +283,7 @@ impl Tools for Gate {
                 waiter.await;
             }
         }
-        BranchTools.execute(dir, name, input).await
+        BranchTools::default().execute(dir, name, input).await
     }
 }
 

@@ -1,6 +1,7 @@
-//! run_command: `sh -c` in the branch directory, in its own process group, with a timeout that
-//! kills the whole group, an output cap, and an environment built from an allowlist (the
-//! server's secrets — API keys, database URLs, S3 credentials — never reach it).
+//! run_command: `sh -c` in the branch directory inside the [sandbox](crate::sandbox), with a
+//! timeout that kills everything the command started, an output cap, and an environment built
+//! from an allowlist (the server's secrets — API keys, database URLs, S3 credentials — never
+//! reach it).
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
+use tokio::process::Child;
 
 use super::{Done, ToolError, Workspace};
 
@@ -17,8 +18,7 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
 pub const MAX_TIMEOUT_SECS: u64 = 600;
 /// Most bytes of combined stdout and stderr returned.
 pub const OUTPUT_CAP_BYTES: usize = 64 * 1024;
-/// The only variables taken from the server's environment.
-pub const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "TERM"];
+pub use crate::sandbox::ENV_ALLOWLIST;
 /// How long to wait for the output pipes after the process group was killed (a process that
 /// left the group may still hold them).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -54,8 +54,11 @@ async fn pump(mut r: impl AsyncRead + Unpin, out: Arc<Mutex<Output>>) {
     }
 }
 
-fn kill_group(pgid: Option<u32>) {
-    if let Some(pid) = pgid
+/// Kill what is left of a finished or timed-out command. With the sandbox on, the child is
+/// bubblewrap: once it is gone, so is its PID namespace and every process in it. With
+/// `SANDBOX=off` the shell led process group `group`, the best there is.
+async fn end_sandbox(child: &mut Child, group: Option<u32>) {
+    if let Some(pid) = group
         && let Ok(pid) = libc::pid_t::try_from(pid)
         && pid > 0
     {
@@ -64,6 +67,8 @@ fn kill_group(pgid: Option<u32>) {
             libc::killpg(pid, libc::SIGKILL);
         }
     }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }
 
 pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, ToolError> {
@@ -78,44 +83,19 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
             .unwrap_or(DEFAULT_TIMEOUT_SECS)
             .clamp(1, MAX_TIMEOUT_SECS),
     );
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(&args.command)
-        .current_dir(ws.root())
-        .env_clear()
-        .stdin(Stdio::null())
+    let mut cmd = ws
+        .sandbox()
+        .shell(ws.root(), &args.command)
+        .await
+        .map_err(|e| ToolError::Failed(e.to_string()))?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
-    // is async-signal-safe. The shell dies with the server (SIGKILL included), so a command
-    // interrupted by a crash cannot finish behind the recovered workflow's back; the tokio
-    // worker thread that spawns it lives as long as the runtime.
-    let server = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            // The server died before the prctl: do not run orphaned.
-            if libc::getppid() != server {
-                return Err(std::io::Error::other("the server exited"));
-            }
-            Ok(())
-        });
-    }
-    for key in ENV_ALLOWLIST {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    if std::env::var_os("PATH").is_none() {
-        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
-    }
-    cmd.env("CI", "true");
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| ToolError::Failed(format!("could not start the command: {e}")))?;
-    let pgid = child.id();
+    // Unconfined, the shell leads its own process group, the only handle on what it started.
+    let pgid = ws.sandbox().is_off().then(|| child.id()).flatten();
     let out = Arc::new(Mutex::new(Output::default()));
     let mut readers = Vec::new();
     if let Some(so) = child.stdout.take() {
@@ -129,12 +109,21 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
     let (status, mut timed_out) = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(status) => (status.ok(), false),
         Err(_) => {
-            kill_group(pgid);
+            if let Some(pid) = pgid
+                && let Ok(pid) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: no memory-safety preconditions; the group is ours and not reaped.
+                unsafe {
+                    libc::killpg(pid, libc::SIGKILL);
+                }
+            }
+            let _ = child.start_kill();
             (child.wait().await.ok(), true)
         }
     };
-    // The shell is gone; what it left running in its group must not outlive the call (and
-    // would hold the pipes open). Wait for the pipes until the deadline, then kill the group.
+    // The shell is gone; what it left running must not outlive the call (and would hold the
+    // pipes open). Wait for the pipes until the deadline, then end the sandbox: everything in
+    // it dies with it.
     let drain = async {
         for r in readers.iter_mut() {
             let _ = r.await;
@@ -143,7 +132,7 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
     if tokio::time::timeout_at(deadline, drain).await.is_err() {
         timed_out = true;
     }
-    kill_group(pgid);
+    end_sandbox(&mut child, pgid).await;
     let drain = async {
         for r in readers.iter_mut() {
             if !r.is_finished() {

@@ -9,6 +9,9 @@
 use std::ffi::OsStr;
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::sandbox::Sandbox;
 
 use super::ToolError;
 
@@ -16,11 +19,19 @@ use super::ToolError;
 #[derive(Debug, Clone)]
 pub struct Workspace {
     root: PathBuf,
+    /// Where run_command's processes are confined.
+    sandbox: Arc<Sandbox>,
 }
 
 impl Workspace {
-    /// Root the tools at `root` (an existing directory; it is canonicalized).
+    /// Root the tools at `root` (an existing directory; it is canonicalized), with commands in
+    /// the default sandbox.
     pub fn new(root: impl AsRef<Path>) -> Result<Self, ToolError> {
+        Self::with_sandbox(root, Arc::new(Sandbox::default()))
+    }
+
+    /// Root the tools at `root`, with commands confined by `sandbox`.
+    pub fn with_sandbox(root: impl AsRef<Path>, sandbox: Arc<Sandbox>) -> Result<Self, ToolError> {
         let root = std::fs::canonicalize(root.as_ref()).map_err(|e| {
             ToolError::Io(format!("workspace root {}: {e}", root.as_ref().display()))
         })?;
@@ -30,7 +41,12 @@ impl Workspace {
                 root.display()
             )));
         }
-        Ok(Self { root })
+        Ok(Self { root, sandbox })
+    }
+
+    /// The sandbox commands run in.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// The canonical root directory.

@@ -41,13 +41,18 @@ const MAX_TOKENS: u32 = 8192;
 pub struct Workflows {
     permits: Arc<Semaphore>,
     tools: RwLock<Arc<dyn Tools>>,
+    /// Where commands (run_command, the build) run.
+    sandbox: Arc<crate::sandbox::Sandbox>,
 }
 
 impl Workflows {
-    pub fn new(concurrency: usize) -> Self {
+    pub fn new(concurrency: usize, sandbox: Arc<crate::sandbox::Sandbox>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            tools: RwLock::new(Arc::new(BranchTools)),
+            tools: RwLock::new(Arc::new(BranchTools {
+                sandbox: sandbox.clone(),
+            })),
+            sandbox,
         }
     }
 
@@ -865,7 +870,7 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
     let dir = crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id);
     if let Some(build) = BuildConfig::read(&dir).map_err(Stop::Fail)? {
         check(app, &wf)?;
-        let report = run_build(&dir, &build).await;
+        let report = run_build(&app.workflows.sandbox, &dir, &build).await;
         let ok = report["exitCode"] == json!(0) && report["timedOut"] != json!(true);
         wf = load(app, &wf.workflow_id).await?;
         let events = vec![event(&wf, "build", report.clone())?];
@@ -966,12 +971,16 @@ impl BuildConfig {
     }
 }
 
-/// Run the build like `run_command` (in the branch directory, its own process group, a
-/// timeout, capped output, no server secrets): `{command, exitCode, output, truncated,
-/// timedOut, durationMs}`.
-async fn run_build(dir: &std::path::Path, build: &BuildConfig) -> Value {
+/// Run the build like `run_command` (in the branch directory, in the sandbox, a timeout,
+/// capped output, no server secrets): `{command, exitCode, output, truncated, timedOut,
+/// durationMs}`.
+async fn run_build(
+    sandbox: &Arc<crate::sandbox::Sandbox>,
+    dir: &std::path::Path,
+    build: &BuildConfig,
+) -> Value {
     let started = std::time::Instant::now();
-    let mut report = match crate::tools::Workspace::new(dir) {
+    let mut report = match crate::tools::Workspace::with_sandbox(dir, sandbox.clone()) {
         Ok(ws) => {
             let input = json!({"command": build.command, "timeoutSeconds": build.timeout_seconds});
             let outcome = crate::tools::execute(&ws, "run_command", &input).await;

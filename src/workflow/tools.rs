@@ -1,7 +1,7 @@
 //! The tools the engine offers the model, behind [`Tools`] so that tests can wrap them. The
 //! real set is [`crate::tools`]: every path confined to the branch directory (relative only,
-//! no `..`, nothing under `.git`, no symlink resolving outside), run_command with a timeout,
-//! an output cap and no server secrets in its environment.
+//! no `..`, nothing under `.git`, no symlink resolving outside), run_command in the sandbox
+//! with a timeout, an output cap and no server secrets in its environment.
 
 use std::path::Path;
 
@@ -20,8 +20,11 @@ pub trait Tools: Send + Sync {
 /// Tools that only read (offered while planning).
 pub const READ_ONLY: &[&str] = &["read_file", "list_dir", "find", "grep"];
 
-/// The agent's tools ([`crate::tools`]) in a branch directory.
-pub struct BranchTools;
+/// The agent's tools ([`crate::tools`]) in a branch directory, commands in `sandbox`.
+#[derive(Default)]
+pub struct BranchTools {
+    pub sandbox: std::sync::Arc<crate::sandbox::Sandbox>,
+}
 
 #[async_trait::async_trait]
 impl Tools for BranchTools {
@@ -30,7 +33,7 @@ impl Tools for BranchTools {
     }
 
     async fn execute(&self, dir: &Path, name: &str, input: &Value) -> (String, bool) {
-        let workspace = match crate::tools::Workspace::new(dir) {
+        let workspace = match crate::tools::Workspace::with_sandbox(dir, self.sandbox.clone()) {
             Ok(ws) => ws,
             Err(e) => return (format!("the branch directory is not usable: {e}"), true),
         };
@@ -52,7 +55,7 @@ mod tests {
         let dir = base.path().join("b");
         std::fs::create_dir(&dir).unwrap();
         std::os::unix::fs::symlink(base.path(), dir.join("escape")).unwrap();
-        let t = BranchTools;
+        let t = BranchTools::default();
         for bad in [
             "../x",
             "/etc/passwd",
