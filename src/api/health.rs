@@ -18,6 +18,35 @@ pub struct Health {
     uptime_seconds: u64,
     /// Open SSE subscribers.
     subscribers: usize,
+    /// How the agent's commands are isolated.
+    sandbox: HealthSandbox,
+}
+
+/// The agent's command sandbox.
+#[derive(Serialize, ToSchema)]
+#[salvo(schema(name = HealthSandbox))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthSandbox {
+    /// `bwrap` (commands confined), `off` (`SANDBOX=off`: unconfined, as the server) or
+    /// `unavailable` (commands fail; see `reason`).
+    mode: &'static str,
+    /// Whether commands reach the network.
+    network: bool,
+    /// The uid commands run as, when it is not the server's.
+    uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+impl From<crate::sandbox::SandboxStatus> for HealthSandbox {
+    fn from(s: crate::sandbox::SandboxStatus) -> Self {
+        Self {
+            mode: s.mode,
+            network: s.network,
+            uid: s.uid,
+            reason: s.reason,
+        }
+    }
 }
 
 /// Server health.
@@ -30,5 +59,6 @@ pub async fn health(depot: &mut Depot) -> Result<Json<Health>, ApiError> {
         mode: app.config.mode.as_str(),
         uptime_seconds: app.started.elapsed().as_secs(),
         subscribers: app.bus.total_subscribers(),
+        sandbox: app.sandbox.status().into(),
     }))
 }

@@ -116,8 +116,7 @@ pub enum SandboxError {
 }
 
 /// What `/health` shows.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxStatus {
     /// `bwrap`, `off` or `unavailable`.
     pub mode: &'static str,
@@ -125,7 +124,6 @@ pub struct SandboxStatus {
     /// The uid commands run as (None: the server's own).
     pub uid: Option<u32>,
     /// Why commands cannot run (mode `unavailable`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
