@@ -11,7 +11,7 @@ RUN cargo build --release --locked --bin weldr-agent
 
 FROM --platform=linux/amd64 debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git ca-certificates tini \
+ && apt-get install -y --no-install-recommends git ca-certificates tini bubblewrap \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/weldr-agent /usr/local/bin/weldr-agent
 COPY scripts/*.sh /usr/local/bin/

@@ -415,6 +415,7 @@ fn sandbox_settings(env: &Env) -> Result<crate::sandbox::SandboxSettings, Config
         tmp_mb: env
             .parse("SANDBOX_TMP_MB", d.tmp_mb, "a number of MiB")?
             .max(1),
+        program: d.program,
     })
 }
 

@@ -43,6 +43,7 @@ fn fly_and_docker_match_the_cloud_defaults() {
     assert!(has_line(&docker, "EXPOSE 8080"));
     assert!(docker.contains("WORKSPACE_BASE=/workspace"));
     assert!(docker.contains("git ca-certificates"));
+    assert!(docker.contains("bubblewrap"), "the agent's command sandbox");
     assert!(docker.contains("COPY scripts/*.sh /usr/local/bin/"));
     assert!(docker.contains("--platform=linux/amd64"));
     assert!(has_line(&docker, "STOPSIGNAL SIGTERM"));

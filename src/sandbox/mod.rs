@@ -81,6 +81,8 @@ pub struct SandboxSettings {
     pub max_processes: u64,
     /// Size of the private `/tmp`, in MiB.
     pub tmp_mb: u64,
+    /// The bubblewrap program (found on `PATH` by default).
+    pub program: PathBuf,
 }
 
 impl Default for SandboxSettings {
@@ -92,6 +94,7 @@ impl Default for SandboxSettings {
             memory_mb: 4096,
             max_processes: 1024,
             tmp_mb: 512,
+            program: PathBuf::from(BWRAP),
         }
     }
 }
@@ -196,7 +199,7 @@ impl Sandbox {
     }
 
     fn run_probe(&self) -> Result<(), String> {
-        let mut cmd = std::process::Command::new(BWRAP);
+        let mut cmd = std::process::Command::new(&self.settings.program);
         cmd.args(self.bwrap_args(None))
             .args(["--", "true"])
             .env_clear()
@@ -242,7 +245,7 @@ impl Sandbox {
             .await
             .map_err(|e| SandboxError::Prepare(e.to_string()))??;
         }
-        let mut cmd = Command::new(BWRAP);
+        let mut cmd = Command::new(&self.settings.program);
         cmd.args(self.bwrap_args(Some(&dir)))
             .arg("--")
             .args(["sh", "-c", script])
