@@ -35,6 +35,16 @@ ensure_postgres() {
   die "Postgres is not reachable on 127.0.0.1:5432 (database 'test', trust auth)"
 }
 
+# bubblewrap: the sandbox every agent command runs in (the sandbox tests need it; a server
+# without it refuses to run commands).
+ensure_bwrap() {
+  command -v bwrap >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || true
+  fi
+  command -v bwrap >/dev/null || die "bubblewrap is needed (apt-get install bubblewrap)"
+}
+
 MOTO_PID=""
 ensure_moto() {
   if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
@@ -56,11 +66,12 @@ ensure_moto() {
 stop_moto() { [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null; wait "$MOTO_PID" 2>/dev/null || true; }
 
 ensure_services() {
+  ensure_bwrap
   ensure_redis
   ensure_postgres
   ensure_moto
   trap stop_moto EXIT
   export WELDR_TEST_REDIS_URL="${WELDR_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
   export WELDR_TEST_DATABASE_URL="${WELDR_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
-  echo "services: redis 127.0.0.1:6379, postgres 127.0.0.1:5432, moto S3 $WELDR_TEST_S3_ENDPOINT"
+  echo "services: bubblewrap $(bwrap --version | cut -d' ' -f2), redis 127.0.0.1:6379, postgres 127.0.0.1:5432, moto S3 $WELDR_TEST_S3_ENDPOINT"
 }
