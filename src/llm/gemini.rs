@@ -108,7 +108,7 @@ pub fn request_body(request: &ChatRequest) -> Value {
                 json!({
                     "name": t.name,
                     "description": t.description,
-                    "parameters": t.input_schema,
+                    "parameters": super::schema::gemini(&t.input_schema),
                 })
             })
             .collect();

@@ -14,6 +14,7 @@ pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod replay;
+pub mod schema;
 
 use std::sync::Arc;
 

@@ -120,7 +120,7 @@ pub fn request_body(request: &ChatRequest, max_completion_tokens: bool) -> Value
                     "function": {
                         "name": t.name,
                         "description": t.description,
-                        "parameters": t.input_schema,
+                        "parameters": super::schema::openai(&t.input_schema),
                     },
                 })
             })

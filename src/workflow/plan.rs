@@ -49,7 +49,7 @@ pub fn submit_plan_spec() -> ToolSpec {
                         "description": {"type": "string"},
                         "acceptanceCriteria": {"type": "array", "items": {"type": "string"}},
                         "dependencies": {"type": "array", "items": {"type": "integer"}},
-                        "subTasks": {"type": "array"},
+                        "subTasks": {"type": "array", "items": {"type": "string"}},
                         "implementationNotes": {"type": "string"}
                     },
                     "required": ["id", "summary", "description", "acceptanceCriteria", "dependencies"]

@@ -202,7 +202,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wire {
+pub enum Wire {
     Anthropic,
     OpenAi,
     Gemini,
@@ -245,6 +245,13 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         body.extend_from_slice(&tmp[..n]);
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    // Gemini names the model in the path.
+    let path_model = path
+        .split("/models/")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_default()
+        .to_string();
     let wire = if path.contains(":streamGenerateContent") {
         Wire::Gemini
     } else if path.ends_with("/chat/completions") {
@@ -252,6 +259,9 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
     } else {
         Wire::Anthropic
     };
+    // The real APIs refuse requests that break their rules before anything is generated, with
+    // their own error bodies; so does this fake, without taking a reply off the script.
+    let refusal = validate(wire, &body, &path_model);
     let reply = {
         let mut st = state.lock().unwrap();
         st.requests.push(Recorded {
@@ -260,9 +270,29 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             headers,
             body,
         });
-        st.script
-            .pop_front()
-            .unwrap_or_else(|| Reply::status(500, "the fake LLM's script is exhausted"))
+        match &refusal {
+            Some(_) => None,
+            None => Some(
+                st.script
+                    .pop_front()
+                    .unwrap_or_else(|| Reply::status(500, "the fake LLM's script is exhausted")),
+            ),
+        }
+    };
+    let reply = match (reply, refusal) {
+        (Some(r), _) => r,
+        (None, Some(error)) => {
+            let body = error.to_string();
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            sock.write_all(head.as_bytes()).await?;
+            sock.write_all(body.as_bytes()).await?;
+            sock.shutdown().await?;
+            return Ok(());
+        }
+        (None, None) => unreachable!(),
     };
     match reply {
         Reply::Status {
@@ -334,6 +364,340 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// The request rules each real API enforces (from the providers' API references), as the
+/// error body it answers with; None when the request is valid.
+pub fn validate(wire: Wire, body: &Value, path_model: &str) -> Option<Value> {
+    match wire {
+        Wire::Anthropic => validate_anthropic(body).map(|m| {
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": m}})
+        }),
+        Wire::OpenAi => validate_openai(body).map(|(m, code)| {
+            json!({"error": {"message": m, "type": "invalid_request_error", "param": null, "code": code}})
+        }),
+        Wire::Gemini => validate_gemini(body, path_model).map(|m| {
+            json!({"error": {"code": 400, "message": m, "status": "INVALID_ARGUMENT"}})
+        }),
+    }
+}
+
+fn tool_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// OpenAI: function names, every array schema has `items`, every assistant tool call is
+/// answered by a `tool` message before the next other message, and a `tool` message answers
+/// a call. DeepSeek-style thinking servers (model `deepseek-*`) want `reasoning_content` back
+/// on assistant messages with tool calls.
+fn validate_openai(body: &Value) -> Option<(String, Value)> {
+    if !body["model"].is_string() {
+        return Some(("you must provide a model parameter".into(), Value::Null));
+    }
+    for (i, t) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        let f = &t["function"];
+        let name = f["name"].as_str().unwrap_or_default();
+        if t["type"] != "function" || !tool_name_ok(name) {
+            return Some((
+                format!("Invalid 'tools[{i}].function.name': string does not match pattern."),
+                json!("invalid_value"),
+            ));
+        }
+        if let Some(path) = missing_items(&f["parameters"], "") {
+            return Some((
+                format!(
+                    "Invalid schema for function '{name}': In context=({path}), array schema missing items."
+                ),
+                json!("invalid_function_parameters"),
+            ));
+        }
+    }
+    let Some(messages) = body["messages"].as_array() else {
+        return Some((
+            "Missing required parameter: 'messages'.".into(),
+            Value::Null,
+        ));
+    };
+    let thinking_server = body["model"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("deepseek"));
+    let mut pending: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        if role == "tool" {
+            let id = m["tool_call_id"].as_str().unwrap_or_default();
+            match pending.iter().position(|p| p == id) {
+                Some(at) => {
+                    pending.remove(at);
+                }
+                None => {
+                    return Some((
+                        format!(
+                            "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'. (messages.[{i}])"
+                        ),
+                        Value::Null,
+                    ));
+                }
+            }
+            continue;
+        }
+        if !pending.is_empty() {
+            return Some((
+                format!(
+                    "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                    pending.join(", ")
+                ),
+                Value::Null,
+            ));
+        }
+        if role == "assistant"
+            && let Some(calls) = m["tool_calls"].as_array()
+        {
+            if thinking_server && !m["reasoning_content"].is_string() {
+                return Some((
+                    format!(
+                        "Missing `reasoning_content` field in the assistant message at message index {i}"
+                    ),
+                    Value::Null,
+                ));
+            }
+            pending = calls
+                .iter()
+                .map(|c| c["id"].as_str().unwrap_or_default().to_string())
+                .collect();
+        }
+    }
+    None
+}
+
+/// The first array without `items` in a JSON Schema, as OpenAI names its context.
+fn missing_items(schema: &Value, context: &str) -> Option<String> {
+    let obj = schema.as_object()?;
+    let is_array = match &obj.get("type") {
+        Some(Value::String(t)) => t == "array",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "array"),
+        _ => false,
+    };
+    if is_array && !obj.contains_key("items") {
+        return Some(context.trim_start_matches(", ").to_string());
+    }
+    if let Some(items) = obj.get("items")
+        && let Some(found) = missing_items(items, &format!("{context}, 'items'"))
+    {
+        return Some(found);
+    }
+    for (name, sub) in obj.get("properties")?.as_object()? {
+        if let Some(found) = missing_items(sub, &format!("{context}, 'properties', '{name}'")) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// Gemini: `parameters` is the protobuf `Schema` (unknown fields refused, one type name,
+/// arrays with items); a user turn answers every function call of the model turn before it
+/// with exactly as many function responses; Gemini 3 models want the thought signature back
+/// on the first function call of each model turn of the current exchange.
+fn validate_gemini(body: &Value, model: &str) -> Option<String> {
+    for (t, tool) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        for (d, decl) in tool["functionDeclarations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if decl.get("parameters").is_some() && decl.get("parametersJsonSchema").is_some() {
+                return Some(format!(
+                    "tools[{t}].function_declarations[{d}]: parameters and parameters_json_schema are mutually exclusive"
+                ));
+            }
+            if let Some(p) = decl.get("parameters")
+                && let Some(m) = gemini_schema(
+                    p,
+                    &format!("tools[{t}].function_declarations[{d}].parameters"),
+                )
+            {
+                return Some(m);
+            }
+        }
+    }
+    let contents = body["contents"].as_array()?;
+    let mut calls_before = 0usize;
+    for (i, c) in contents.iter().enumerate() {
+        let parts = c["parts"].as_array().cloned().unwrap_or_default();
+        let calls = parts
+            .iter()
+            .filter(|p| p.get("functionCall").is_some())
+            .count();
+        let responses = parts
+            .iter()
+            .filter(|p| p.get("functionResponse").is_some())
+            .count();
+        if c["role"] == "user" && (responses > 0 || calls_before > 0) && responses != calls_before {
+            return Some(format!(
+                "Please ensure that the number of function response parts is equal to the number of function call parts of the function call turn. (contents[{i}])"
+            ));
+        }
+        calls_before = if c["role"] == "model" { calls } else { 0 };
+    }
+    let gemini3 = model.contains("gemini-3");
+    if gemini3 {
+        // The current exchange: after the last user turn that has text.
+        let start = contents
+            .iter()
+            .rposition(|c| {
+                c["role"] == "user"
+                    && c["parts"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p.get("text").is_some()))
+            })
+            .unwrap_or(0);
+        for (i, c) in contents.iter().enumerate().skip(start) {
+            if c["role"] != "model" {
+                continue;
+            }
+            let first_call = c["parts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p.get("functionCall").is_some());
+            if let Some(p) = first_call
+                && p.get("thoughtSignature").is_none()
+            {
+                return Some(format!(
+                    "Function call is missing a thought_signature in functionCall parts. This is required for tools to work correctly, and missing thought_signature may lead to degraded model performance. (contents[{i}])"
+                ));
+            }
+        }
+    }
+    None
+}
+
+const GEMINI_SCHEMA_FIELDS: &[&str] = &[
+    "type",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "maxItems",
+    "minItems",
+    "properties",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "example",
+    "anyOf",
+    "propertyOrdering",
+    "default",
+    "items",
+    "minimum",
+    "maximum",
+];
+
+fn gemini_schema(schema: &Value, at: &str) -> Option<String> {
+    let Some(obj) = schema.as_object() else {
+        return Some(format!("Invalid value at '{at}': not an object"));
+    };
+    for (k, v) in obj {
+        if !GEMINI_SCHEMA_FIELDS.contains(&k.as_str()) {
+            return Some(format!(
+                "Invalid JSON payload received. Unknown name \"{k}\" at '{at}': Cannot find field."
+            ));
+        }
+        if k == "type" {
+            let ok = v.as_str().is_some_and(|t| {
+                ["string", "number", "integer", "boolean", "array", "object"]
+                    .contains(&t.to_ascii_lowercase().as_str())
+            });
+            if !ok {
+                return Some(format!("Invalid value at '{at}.type': {v}"));
+            }
+        }
+    }
+    if obj
+        .get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.eq_ignore_ascii_case("array"))
+        && !obj.contains_key("items")
+    {
+        return Some(format!(
+            "* GenerateContentRequest.{at}.items: missing field."
+        ));
+    }
+    if let Some(items) = obj.get("items")
+        && let Some(m) = gemini_schema(items, &format!("{at}.items"))
+    {
+        return Some(m);
+    }
+    for (name, sub) in obj
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(m) = gemini_schema(sub, &format!("{at}.properties[{name}]")) {
+            return Some(m);
+        }
+    }
+    None
+}
+
+/// Anthropic: tool names, `input_schema` of type object, and every `tool_use` answered by a
+/// `tool_result` in the next message.
+fn validate_anthropic(body: &Value) -> Option<String> {
+    for (i, t) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        if !tool_name_ok(t["name"].as_str().unwrap_or_default()) {
+            return Some(format!(
+                "tools.{i}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+            ));
+        }
+        if t["input_schema"]["type"] != "object" {
+            return Some(format!(
+                "tools.{i}.input_schema.type: Input should be 'object'"
+            ));
+        }
+    }
+    let messages = body["messages"].as_array()?;
+    for (i, m) in messages.iter().enumerate() {
+        if m["role"] != "assistant" {
+            continue;
+        }
+        let uses: Vec<&str> = m["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["type"] == "tool_use")
+            .filter_map(|b| b["id"].as_str())
+            .collect();
+        if uses.is_empty() {
+            continue;
+        }
+        let answered: Vec<&str> = messages
+            .get(i + 1)
+            .and_then(|n| n["content"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|b| b["type"] == "tool_result")
+            .filter_map(|b| b["tool_use_id"].as_str())
+            .collect();
+        let missing: Vec<&str> = uses.into_iter().filter(|u| !answered.contains(u)).collect();
+        if !missing.is_empty() {
+            return Some(format!(
+                "messages.{}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+                i + 1,
+                missing.join(", ")
+            ));
+        }
+    }
+    None
 }
 
 async fn start_stream(sock: &mut TcpStream) -> std::io::Result<()> {
