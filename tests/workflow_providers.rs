@@ -93,8 +93,26 @@ async fn run_workflow(
 }
 
 async fn run_with(provider: &str) {
-    let fake = FakeLlm::start(script()).await;
-    let (_tmp, s, wf, frames) = run_workflow(fake.keys(), &format!("{provider}:test-model")).await;
+    run_with_script(provider, "test-model", script()).await;
+}
+
+/// The script with each turn changed by `f`.
+fn script_with(f: impl Fn(&mut Turn)) -> Vec<Reply> {
+    script()
+        .into_iter()
+        .map(|r| match r {
+            Reply::Turn(mut t) => {
+                f(&mut t);
+                Reply::Turn(t)
+            }
+            other => other,
+        })
+        .collect()
+}
+
+async fn run_with_script(provider: &str, model: &str, script: Vec<Reply>) {
+    let fake = FakeLlm::start(script).await;
+    let (_tmp, s, wf, frames) = run_workflow(fake.keys(), &format!("{provider}:{model}")).await;
     // Ids increase by one, with no gap.
     let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
     assert!(
@@ -206,6 +224,33 @@ async fn ollama_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_end_to_end() {
     run_with("gemini").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_3_end_to_end_with_thought_signatures() {
+    // Gemini 3 refuses a conversation whose function calls lost their thought signatures.
+    let script = script_with(|t| {
+        *t = t.clone().reasoning(&["thinking"], Some("sig-g3"));
+    });
+    run_with_script("gemini", "gemini-3-pro-preview", script).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatible_server_without_tool_call_ids_completes() {
+    // Ollama, vLLM, llama.cpp may send calls without ids: each still gets its own, so the
+    // engine never takes a new call for one that already ran.
+    let script = script_with(|t| t.calls.iter_mut().for_each(|c| c.id.clear()));
+    run_with_script("ollama", "qwen2.5-coder", script).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thinking_server_gets_its_reasoning_content_back() {
+    // DeepSeek-style servers refuse an assistant tool-call message without its
+    // `reasoning_content`.
+    let script = script_with(|t| {
+        *t = t.clone().reasoning(&["let me think"], None);
+    });
+    run_with_script("ollama", "deepseek-reasoner", script).await;
 }
 
 /// A workflow on the OpenAI wire with these keys, run to its `end`: (frames, workflow record).

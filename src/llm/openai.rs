@@ -79,24 +79,28 @@ impl LlmProvider for OpenAi {
         if let Some(auth) = &self.auth {
             headers.insert(AUTHORIZATION, auth.clone());
         }
-        // OpenAI's own API wants `max_completion_tokens` (reasoning models refuse `max_tokens`);
-        // compatible servers know `max_tokens`.
         let body = request_body(request, self.name == "openai");
         let url = format!("{}/chat/completions", self.base);
+        // Calls without an id get one numbered after every call already in the conversation.
+        let first_id = request.messages.iter().flat_map(|m| m.tool_calls()).count();
         self.transport
-            .stream(&url, headers, &body, Parser::default, on_delta)
+            .stream(&url, headers, &body, || Parser::new(first_id), on_delta)
             .await
     }
 }
 
-/// The Chat Completions body for `request`.
-pub fn request_body(request: &ChatRequest, max_completion_tokens: bool) -> Value {
+/// The Chat Completions body for `request`. `openai_itself`: OpenAI's own API, which wants
+/// `max_completion_tokens` (reasoning models refuse `max_tokens`) and knows no
+/// `reasoning_content`; compatible servers know `max_tokens`, and thinking servers
+/// (DeepSeek, vLLM's reasoning parsers) want their `reasoning_content` back.
+pub fn request_body(request: &ChatRequest, openai_itself: bool) -> Value {
+    let max_completion_tokens = openai_itself;
     let mut messages = Vec::new();
     if !request.system.is_empty() {
         messages.push(json!({"role": "system", "content": request.system}));
     }
     for m in &request.messages {
-        push_message(&mut messages, m);
+        push_message(&mut messages, m, !openai_itself);
     }
     let mut body = json!({
         "model": request.model,
@@ -129,10 +133,18 @@ pub fn request_body(request: &ChatRequest, max_completion_tokens: bool) -> Value
     body
 }
 
-fn push_message(out: &mut Vec<Value>, m: &Message) {
+fn push_message(out: &mut Vec<Value>, m: &Message, reasoning_back: bool) {
     match m.role {
         Role::Assistant => {
             let text = m.text();
+            let reasoning: String = m
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Reasoning { text, .. } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
             let calls: Vec<Value> = m
                 .tool_calls()
                 .map(|(id, name, input)| {
@@ -154,6 +166,9 @@ fn push_message(out: &mut Vec<Value>, m: &Message) {
             }
             if text.is_empty() && msg.get("tool_calls").is_none() {
                 msg["content"] = json!("");
+            }
+            if reasoning_back && !reasoning.is_empty() {
+                msg["reasoning_content"] = json!(reasoning);
             }
             out.push(msg);
         }
@@ -198,6 +213,17 @@ struct Parser {
     calls: BTreeMap<u64, Call>,
     usage: Usage,
     finish: Option<String>,
+    /// The number of the first call this turn names when the server sends no id.
+    first_id: usize,
+}
+
+impl Parser {
+    fn new(first_id: usize) -> Self {
+        Self {
+            first_id,
+            ..Self::default()
+        }
+    }
 }
 
 impl StreamParser for Parser {
@@ -298,7 +324,7 @@ impl StreamParser for Parser {
             parts.push(Part::Text { text: self.text });
         }
         let has_calls = !self.calls.is_empty();
-        for (index, call) in self.calls {
+        for (n, (index, call)) in self.calls.into_iter().enumerate() {
             if call.name.is_empty() {
                 return Err(LlmError::Protocol(format!(
                     "tool call {index} has no function name"
@@ -306,7 +332,7 @@ impl StreamParser for Parser {
             }
             let input = http::tool_input(&call.name, &call.arguments)?;
             let id = if call.id.is_empty() {
-                format!("call_{index}")
+                format!("call_{}", self.first_id + n)
             } else {
                 call.id
             };

@@ -823,10 +823,14 @@ pub fn openai(turn: &Turn) -> Vec<String> {
         out.push(chunk(json!({"content": t}), Value::Null));
     }
     for (i, c) in turn.calls.iter().enumerate() {
-        out.push(chunk(
-            json!({"tool_calls": [{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}]}),
-            Value::Null,
-        ));
+        // Compatible servers (Ollama, vLLM, llama.cpp) may send no id: a script call with an
+        // empty id has none.
+        let mut call =
+            json!({"index": i, "type": "function", "function": {"name": c.name, "arguments": ""}});
+        if !c.id.is_empty() {
+            call["id"] = json!(c.id);
+        }
+        out.push(chunk(json!({"tool_calls": [call]}), Value::Null));
         for a in &c.args_chunks {
             out.push(chunk(
                 json!({"tool_calls": [{"index": i, "function": {"arguments": a}}]}),
