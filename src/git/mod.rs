@@ -80,9 +80,249 @@ fn signature(author: &str) -> Result<Signature<'static>, GitError> {
     Ok(Signature::now(author, "agent@weldr.local")?)
 }
 
+/// Open the branch's own repository, `{dir}/.git`, with `dir` as its work tree whatever its
+/// config says. The repository is the agent's to write, so nothing in it may move git's work
+/// (the work tree, another git directory, shared objects) or make git read or run something
+/// outside: `.git` must be a directory (not a symlink, not a `gitdir:` file), no `commondir`
+/// or object alternates, no parent directory is searched, and [`sanitize_repo_config`] strips
+/// the config keys that redirect git before libgit2 reads the file.
+///
+/// Left open: a process of the agent that rewrites `.git/config` between the strip and
+/// libgit2's read wins that race; the work tree stays pinned and includes are the most it gets.
 fn open(dir: &Path) -> Result<Repository, GitError> {
-    Repository::open(dir)
-        .map_err(|e| GitError::NotFound(format!("repository {}: {}", dir.display(), e.message())))
+    let not_found =
+        |why: String| GitError::NotFound(format!("repository {}: {why}", dir.display()));
+    let git_dir = dir.join(".git");
+    match std::fs::symlink_metadata(&git_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(GitError::Invalid(format!(
+                "{} is not a directory; the branch's repository must live in its own .git",
+                git_dir.display()
+            )));
+        }
+        Err(e) => return Err(not_found(e.to_string())),
+    }
+    sanitize_repo_config(&git_dir)?;
+    for redirect in ["commondir", "objects/info/alternates"] {
+        if std::fs::symlink_metadata(git_dir.join(redirect)).is_ok() {
+            return Err(GitError::Invalid(format!(
+                "{} has .git/{redirect}, which points git at another repository; remove it",
+                dir.display()
+            )));
+        }
+    }
+    let repo = Repository::open_ext(
+        dir,
+        git2::RepositoryOpenFlags::NO_SEARCH,
+        std::iter::empty::<&std::ffi::OsStr>(),
+    )
+    .map_err(|e| not_found(e.message().to_string()))?;
+    let real = |p: &Path| std::fs::canonicalize(p).ok();
+    if real(repo.path()).is_none() || real(repo.path()) != real(&git_dir) {
+        return Err(GitError::Invalid(format!(
+            "{} opened as {}; the branch's repository must be its own .git",
+            dir.display(),
+            repo.path().display()
+        )));
+    }
+    repo.set_workdir(dir, false)?;
+    Ok(repo)
+}
+
+/// The config a repository gets when its own cannot be read safely (a link, not a file, too
+/// big, not parseable).
+const MINIMAL_CONFIG: &[u8] = b"[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n";
+
+/// Largest `.git/config` read; anything bigger is replaced by [`MINIMAL_CONFIG`].
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Strip the keys [`sanitize_config`] refuses from `{git_dir}/config`, in place (a new file
+/// renamed over it, only when something changed). A `config` that is a symlink or no regular
+/// file is replaced by a minimal one: libgit2 would follow it.
+pub fn sanitize_repo_config(git_dir: &Path) -> Result<(), GitError> {
+    use copy::beneath::{Dir, Kind};
+    use std::io::Read;
+    let dir = Dir::open(git_dir).map_err(io_err(git_dir))?;
+    let path = git_dir.join("config");
+    let stat = dir.stat("config").map_err(io_err(&path))?;
+    let (new, mode) = match stat {
+        None => return Ok(()),
+        Some(st) if st.kind == Kind::File && st.size <= MAX_CONFIG_BYTES => {
+            let mut text = Vec::new();
+            dir.read("config")
+                .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut text))
+                .map_err(io_err(&path))?;
+            let new = if text.len() as u64 > MAX_CONFIG_BYTES {
+                Some(MINIMAL_CONFIG.to_vec())
+            } else {
+                sanitize_config(&text)
+            };
+            match new {
+                None => return Ok(()),
+                Some(new) => (new, st.mode & 0o777),
+            }
+        }
+        Some(_) => (MINIMAL_CONFIG.to_vec(), 0o644),
+    };
+    tracing::warn!(path = %path.display(), "stripped config that redirects git");
+    let tmp = "config.weldr-sanitize";
+    let write = || -> std::io::Result<()> {
+        match dir.unlink(tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = dir.create(tmp, mode)?;
+        std::io::Write::write_all(&mut f, &new)?;
+        f.sync_all()?;
+        if stat.is_some_and(|st| st.kind == Kind::Dir) {
+            dir.rename("config", &dir, "config.weldr-dir")?;
+        }
+        dir.rename(tmp, &dir, "config")
+    };
+    write().map_err(io_err(&path))
+}
+
+/// `.git/config` text without the keys that make git run a program, read another file as
+/// config or ignore rules, or work somewhere else: `core.worktree`, `core.hooksPath`,
+/// `core.fsmonitor`, `core.sshCommand`, `core.gitProxy`, `core.pager`, `core.editor`,
+/// `include.*` and `includeIf.*`, `filter.*`, `credential.*`, `alias.*`, any `*.command`,
+/// `*.program`, `*.cmd`, `*.textconv`, `*.driver`, ... (see [`forbidden_config_key`]).
+/// None when nothing needs to go; text git could not parse becomes [`MINIMAL_CONFIG`].
+pub fn sanitize_config(text: &[u8]) -> Option<Vec<u8>> {
+    let Some(cuts) = config_cuts(text) else {
+        return Some(MINIMAL_CONFIG.to_vec());
+    };
+    if cuts.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    for cut in cuts {
+        out.extend_from_slice(&text[at..cut.start]);
+        at = cut.end;
+    }
+    out.extend_from_slice(&text[at..]);
+    Some(out)
+}
+
+/// Is `section.[subsection.]key` (lowercase section and key) one [`sanitize_config`] strips?
+pub fn forbidden_config_key(section: &str, key: &str) -> bool {
+    matches!(
+        section,
+        "include" | "includeif" | "filter" | "credential" | "alias" | "pager" | "sendemail"
+    ) || matches!(
+        (section, key),
+        (
+            "core",
+            "worktree"
+                | "hookspath"
+                | "fsmonitor"
+                | "pager"
+                | "askpass"
+                | "excludesfile"
+                | "attributesfile"
+        ) | ("extensions", "worktreeconfig")
+            | ("submodule", "update")
+    ) || [
+        "command", "program", "cmd", "proxy", "hook", "editor", "askpass",
+    ]
+    .iter()
+    .any(|end| key.ends_with(end))
+        || matches!(
+            key,
+            "textconv" | "driver" | "helper" | "uploadpack" | "receivepack" | "external" | "vcs"
+        )
+}
+
+/// Byte ranges of the forbidden variables in a git config file, parsed as git parses it
+/// (sections `[name "sub"]` or `[name.sub]`, variables with quoted values, escapes, `\`
+/// continuations and comments). None when git would not parse it.
+fn config_cuts(t: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut i = if t.starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
+    let mut section: Option<String> = None;
+    let mut cuts = Vec::new();
+    while i < t.len() {
+        let c = t[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c == b'#' || c == b';' {
+            while i < t.len() && t[i] != b'\n' {
+                i += 1;
+            }
+        } else if c == b'[' {
+            i += 1;
+            let start = i;
+            while i < t.len() && (t[i].is_ascii_alphanumeric() || t[i] == b'-' || t[i] == b'.') {
+                i += 1;
+            }
+            let name = String::from_utf8_lossy(&t[start..i]).to_ascii_lowercase();
+            while i < t.len() && (t[i] == b' ' || t[i] == b'\t') {
+                i += 1;
+            }
+            if t.get(i) == Some(&b'"') {
+                i += 1;
+                loop {
+                    match t.get(i)? {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        b'\n' => return None,
+                        _ => i += 1,
+                    }
+                }
+            }
+            if t.get(i) != Some(&b']') || name.is_empty() {
+                return None;
+            }
+            i += 1;
+            section = Some(name.split('.').next().unwrap_or_default().to_string());
+        } else if c.is_ascii_alphabetic() {
+            let start = i;
+            while i < t.len() && (t[i].is_ascii_alphanumeric() || t[i] == b'-') {
+                i += 1;
+            }
+            let key = String::from_utf8_lossy(&t[start..i]).to_ascii_lowercase();
+            while i < t.len() && (t[i] == b' ' || t[i] == b'\t') {
+                i += 1;
+            }
+            match t.get(i) {
+                None | Some(b'\n' | b'\r' | b'=' | b'#' | b';') => {}
+                Some(_) => return None,
+            }
+            let mut quoted = false;
+            while i < t.len() {
+                match t[i] {
+                    b'\n' if quoted => return None,
+                    b'\n' => break,
+                    b'\\' => {
+                        // An escape, or a continuation onto the next line (`\` CR LF too).
+                        i += if t.get(i + 1) == Some(&b'\r') { 3 } else { 2 };
+                        continue;
+                    }
+                    b'"' => quoted = !quoted,
+                    b'#' | b';' if !quoted => {
+                        while i < t.len() && t[i] != b'\n' {
+                            i += 1;
+                        }
+                        break;
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            i = i.min(t.len());
+            let section = section.as_deref()?;
+            if forbidden_config_key(section, &key) {
+                cuts.push(start..i);
+            }
+        } else {
+            return None;
+        }
+    }
+    Some(cuts)
 }
 
 fn head_commit(repo: &Repository) -> Result<Commit<'_>, GitError> {
@@ -128,7 +368,7 @@ fn changes(repo: &Repository, old: Option<&Tree>, new: &Tree) -> Result<Vec<File
 /// Create `dir` as a repository on `main` with an initial empty commit; an existing repository
 /// is reused as it is. Returns its head.
 pub fn init_branch(dir: &Path, author: &str) -> Result<CommitInfo, GitError> {
-    if let Ok(repo) = Repository::open(dir) {
+    if let Ok(repo) = open(dir) {
         let head = head_commit(&repo)?;
         return Ok(CommitInfo {
             hash: head.id().to_string(),
@@ -352,8 +592,10 @@ pub fn fork(src: &Path, dst: &Path, hash: &str, include_worktree: bool) -> Resul
         if include_worktree {
             copy::copy_worktree(src, dst, &crate::excludes::Excludes::for_dir(src))?;
             let index = src_repo.path().join("index");
-            if index.exists() {
-                std::fs::copy(&index, repo.path().join("index")).map_err(io_err(&index))?;
+            if std::fs::symlink_metadata(&index).is_ok_and(|m| m.is_file()) {
+                let to = repo.path().join("index");
+                let _ = std::fs::remove_file(&to);
+                copy::copy_nofollow(&index, &to)?;
             }
         } else {
             let tree = repo.find_commit(target)?.tree()?;
@@ -375,4 +617,84 @@ pub fn fork(src: &Path, dst: &Path, hash: &str, include_worktree: bool) -> Resul
 /// The id of HEAD.
 pub fn head(dir: &Path) -> Result<String, GitError> {
     Ok(head_commit(&open(dir)?)?.id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clean(text: &str) -> String {
+        match sanitize_config(text.as_bytes()) {
+            Some(out) => String::from_utf8(out).unwrap(),
+            None => text.to_string(),
+        }
+    }
+
+    #[test]
+    fn config_keys_that_redirect_git_are_stripped() {
+        let plain = "[core]\n\trepositoryformatversion = 0\n\tbare = false\n[user]\n\tname = A\n";
+        assert_eq!(sanitize_config(plain.as_bytes()), None);
+        let out = clean(
+            "[core]\n\tbare = false\n\tworkTree = /outside\n\thooksPath=/x ; c\n\
+             [Include]\n\tpath = /dev/zero\n[includeIf \"gitdir:/\"]\n\tpath = /etc/shadow\n\
+             [core]fsmonitor = \"sh -c 'x'\"\n[diff \"x\"]\n\ttextconv = cat\n\
+             [core]\n\tsshCommand = a \\\n  b\n\tfilemode = true\n[remote \"o\"]\n\turl = u\n\tuploadpack = p\n",
+        );
+        for gone in [
+            "outside",
+            "hooksPath",
+            "/dev/zero",
+            "shadow",
+            "fsmonitor",
+            "textconv",
+            "sshCommand",
+            "b\n",
+            "uploadpack",
+        ] {
+            assert!(!out.contains(gone), "{gone:?} left in {out}");
+        }
+        for kept in [
+            "bare = false",
+            "filemode = true",
+            "url = u",
+            "[remote \"o\"]",
+        ] {
+            assert!(out.contains(kept), "{kept:?} lost from {out}");
+        }
+        // Git would not parse it: a minimal config instead, never the text.
+        for bad in [
+            "worktree = /x\n",
+            "[core\nworktree=/x\n",
+            "[core]\n\tworktree/x = 1\n",
+        ] {
+            assert_eq!(clean(bad).as_bytes(), MINIMAL_CONFIG, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn open_pins_the_work_tree_and_strips_the_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, outside) = (tmp.path().join("b"), tmp.path().join("outside"));
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "s").unwrap();
+        init_branch(&dir, "t").unwrap();
+        let config = dir.join(".git/config");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\tworktree = {}\n", outside.display()));
+        std::fs::write(&config, text).unwrap();
+        std::fs::write(dir.join("mine"), "m").unwrap();
+        let commit = commit_all(&dir, "c", "t").unwrap().unwrap();
+        assert_eq!(commit.changed.len(), 1);
+        assert_eq!(commit.changed[0].path, "mine");
+        assert!(
+            !std::fs::read_to_string(&config)
+                .unwrap()
+                .contains("worktree")
+        );
+        // A `.git` that is a link to another repository is refused.
+        let other = tmp.path().join("c");
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(dir.join(".git"), other.join(".git")).unwrap();
+        assert!(commit_all(&other, "c", "t").is_err());
+    }
 }
