@@ -60,6 +60,9 @@ pub struct ProviderKeys {
     pub ollama_base_url: String,
     /// `provider:model`, e.g. `anthropic:claude-sonnet-4-5`.
     pub default_model: String,
+    /// Most output tokens of one model turn, overriding the per-model table
+    /// (`WELDR_MAX_OUTPUT_TOKENS`).
+    pub max_output_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +285,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "TLS_CERT_PATH / TLS_KEY_PATH",
         "-",
         "serve HTTPS with this PEM certificate chain and key",
+    ),
+    (
+        "WELDR_MAX_OUTPUT_TOKENS",
+        "per model",
+        "most output tokens of one model turn; a turn cut off at its limit is asked again with twice the limit up to this (default: the model's documented maximum, 8192 for unknown and local models)",
     ),
     (
         "SANDBOX",
@@ -579,6 +587,13 @@ impl Config {
                     .var("OLLAMA_BASE_URL")
                     .unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
                 default_model,
+                max_output_tokens: match env.var("WELDR_MAX_OUTPUT_TOKENS") {
+                    None => None,
+                    Some(_) => Some(
+                        env.parse("WELDR_MAX_OUTPUT_TOKENS", 0u32, "a number of tokens")?
+                            .max(256),
+                    ),
+                },
             },
             max_volume_usage_percent: max,
             target_volume_usage_percent: target,

@@ -300,3 +300,174 @@ async fn malformed_provider_stream_fails_the_workflow_with_an_error_event() {
     assert!(frames.iter().any(|f| f.event == "error"), "{frames:#?}");
     assert!(record["error"].as_str().is_some(), "{record}");
 }
+
+/// A workflow on `provider` playing `script`: its frames, its record and what the provider got.
+async fn outcome(
+    provider: &str,
+    script: Vec<Reply>,
+) -> (Vec<common::Frame>, Value, Vec<fake_llm::Recorded>) {
+    outcome_with_limit(provider, script, None).await
+}
+
+async fn outcome_with_limit(
+    provider: &str,
+    script: Vec<Reply>,
+    max_output_tokens: Option<u32>,
+) -> (Vec<common::Frame>, Value, Vec<fake_llm::Recorded>) {
+    let fake = FakeLlm::start(script).await;
+    let mut keys = fake.keys();
+    keys.max_output_tokens = max_output_tokens;
+    let (_tmp, s, wf, frames) = run_workflow(keys, &format!("{provider}:test-model")).await;
+    let record = s.workflow(&wf).await;
+    s.server.shutdown().await;
+    (frames, record, fake.requests())
+}
+
+/// The output limit a request asked for, in its wire's field.
+fn requested_limit(body: &Value) -> u64 {
+    body.get("max_tokens")
+        .or(body.get("max_completion_tokens"))
+        .or(body.get("max_output_tokens"))
+        .or(body["generationConfig"].get("maxOutputTokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no output limit in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_cut_at_the_output_limit_is_asked_again_with_a_higher_limit() {
+    for provider in ["anthropic", "openai", "ollama", "gemini"] {
+        let mut script = self::script();
+        let mut cut = Turn::text(&["Writing ", "the file."])
+            .call(
+                "c3",
+                "write_file",
+                &[r#"{"filePath": "hello.txt", "content": "hello fr"#],
+            )
+            .usage(150, 999);
+        cut.max_tokens = true;
+        script.insert(2, Reply::Turn(cut.clone()));
+        let (frames, record, requests) = outcome_with_limit(provider, script, Some(64_000)).await;
+        assert_eq!(record["status"], "complete", "{provider}: {record}");
+        assert_eq!(requests.len(), 5, "{provider}");
+        let (cut_at, again_at) = (
+            requested_limit(&requests[2].body),
+            requested_limit(&requests[3].body),
+        );
+        assert!(again_at > cut_at, "{provider}: {cut_at} then {again_at}");
+        // The cut-off turn's output counts.
+        assert_eq!(
+            record["usage"]["outputTokens"], 1084,
+            "{provider}: {record}"
+        );
+        // The cut-off call never ran: one write_file result, the whole one.
+        let writes = frames
+            .iter()
+            .filter(|f| f.event == "tool-result" && f.data["name"] == "write_file")
+            .count();
+        assert_eq!(writes, 1, "{provider}");
+
+        // At the model's maximum, the workflow fails saying so, with the usage kept.
+        let mut script = self::script();
+        script.insert(2, Reply::Turn(cut));
+        let (_, record, _) = outcome_with_limit(provider, script, Some(8_000)).await;
+        assert_eq!(record["status"], "failed", "{provider}: {record}");
+        assert!(
+            record["error"]
+                .as_str()
+                .unwrap()
+                .contains("output limit of 8000"),
+            "{provider}: {record}"
+        );
+        assert_eq!(
+            record["usage"]["outputTokens"], 1049,
+            "{provider}: {record}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_or_safety_block_fails_the_workflow_clearly() {
+    for (provider, reason) in [
+        ("anthropic", "refusal"),
+        ("openai", "content_filter"),
+        ("ollama", "content_filter"),
+        ("gemini", "SAFETY"),
+    ] {
+        let script = vec![Reply::Turn(
+            Turn::text(&["I can't help with that."]).stop(reason),
+        )];
+        let (_, record, _) = outcome(provider, script).await;
+        assert_eq!(record["status"], "failed", "{provider}: {record}");
+        let error = record["error"].as_str().unwrap_or_default();
+        assert!(error.contains("refused"), "{provider}: {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_call_is_asked_again_a_bounded_number_of_times() {
+    let mut script = vec![Reply::Turn(Turn::default().stop("MALFORMED_FUNCTION_CALL"))];
+    script.extend(self::script());
+    let (_, record, requests) = outcome("gemini", script).await;
+    assert_eq!(record["status"], "complete", "{record}");
+    assert_eq!(requests.len(), 5);
+
+    let script = vec![Reply::Turn(Turn::default().stop("MALFORMED_FUNCTION_CALL")); 4];
+    let (_, record, requests) = outcome("gemini", script).await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert!(
+        record["error"].as_str().unwrap().contains("malformed"),
+        "{record}"
+    );
+    assert_eq!(requests.len(), 3, "asked again twice, then failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_of_a_turn_gets_a_result_also_after_submit_plan_and_done() {
+    let plan = json!({
+        "acceptanceCriteria": ["hello.txt says hello"],
+        "tasks": [{"id": 1, "summary": "write hello", "description": "create hello.txt",
+                   "acceptanceCriteria": ["exists"], "dependencies": []}]
+    })
+    .to_string();
+    let write = |path: &str| json!({"filePath": path, "content": "x\n"}).to_string();
+    let script = vec![
+        Reply::Turn(
+            Turn::text(&["Plan."])
+                .call("p1", "submit_plan", &[&plan])
+                .call("p2", "list_dir", &["{}"]),
+        ),
+        Reply::Turn(Turn::text(&["Writing."]).call("w1", "write_file", &[&write("hello.txt")])),
+        Reply::Turn(Turn::default().call("d1", "done", &["{}"]).call(
+            "d2",
+            "write_file",
+            &[&write("late.txt")],
+        )),
+    ];
+    for provider in ["anthropic", "openai", "gemini"] {
+        let (frames, record, _) = outcome(provider, script.clone()).await;
+        assert_eq!(record["status"], "complete", "{provider}: {record}");
+        let results: Vec<&Value> = frames
+            .iter()
+            .filter(|f| f.event == "tool-result")
+            .map(|f| &f.data)
+            .collect();
+        assert_eq!(results.len(), 5, "{provider}: {results:#?}");
+        for late in results.iter().filter(|r| {
+            r["name"] == "list_dir" || r["content"].as_str().unwrap().contains("not run")
+        }) {
+            assert_eq!(late["isError"], true, "{provider}: {late}");
+            assert!(
+                late["content"].as_str().unwrap().starts_with("not run"),
+                "{provider}: {late}"
+            );
+        }
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| r["content"].as_str().unwrap().starts_with("not run"))
+                .count(),
+            2,
+            "{provider}"
+        );
+    }
+}

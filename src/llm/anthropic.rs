@@ -310,6 +310,7 @@ impl StreamParser for Parser {
                 message: "the stream ended before message_stop".into(),
             });
         }
+        let cut = self.stop.as_deref() == Some("max_tokens");
         let mut parts = Vec::new();
         for block in self.blocks.into_values() {
             match block {
@@ -323,7 +324,14 @@ impl StreamParser for Parser {
                     signature: (!signature.is_empty()).then_some(signature),
                 }),
                 Block::Tool { id, name, json } => {
-                    let input = http::tool_input(&name, &json)?;
+                    let input = if cut {
+                        match http::cut_tool_input(&name, &json) {
+                            Some(input) => input,
+                            None => continue,
+                        }
+                    } else {
+                        http::tool_input(&name, &json)?
+                    };
                     parts.push(Part::ToolCall { id, name, input });
                 }
                 Block::Other => {}
@@ -333,6 +341,7 @@ impl StreamParser for Parser {
             Some("end_turn" | "stop_sequence") => StopReason::EndTurn,
             Some("tool_use") => StopReason::ToolUse,
             Some("max_tokens") => StopReason::MaxTokens,
+            Some("refusal") => StopReason::Refusal,
             _ => StopReason::Other,
         };
         Ok(ChatResponse {

@@ -304,15 +304,31 @@ impl StreamParser for Parser {
             .iter()
             .any(|p| matches!(p, Part::ToolCall { .. }));
         let stop = match self.finish.as_deref() {
+            Some("MAX_TOKENS") => StopReason::MaxTokens,
+            Some(
+                "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII"
+                | "IMAGE_SAFETY" | "LANGUAGE",
+            ) => StopReason::Refusal,
+            Some("MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL" | "TOO_MANY_TOOL_CALLS") => {
+                StopReason::MalformedCall
+            }
             _ if has_calls => StopReason::ToolUse,
             Some("STOP") => StopReason::EndTurn,
-            Some("MAX_TOKENS") => StopReason::MaxTokens,
             _ => StopReason::Other,
         };
+        let mut parts = self.parts;
+        if stop == StopReason::Refusal
+            && let Some(reason) = &self.finish
+            && !parts.iter().any(|p| matches!(p, Part::Text { .. }))
+        {
+            parts.push(Part::Text {
+                text: format!("blocked by the provider ({reason})"),
+            });
+        }
         Ok(ChatResponse {
             message: Message {
                 role: Role::Assistant,
-                parts: self.parts,
+                parts,
             },
             usage: self.usage,
             stop,

@@ -417,6 +417,12 @@ pub fn json(data: &str) -> Result<Value, LlmError> {
     })
 }
 
+/// The arguments of a call in a turn that was cut off at the output limit: None when they
+/// broke off (the engine drops the whole turn and asks again).
+pub fn cut_tool_input(name: &str, raw: &str) -> Option<Value> {
+    tool_input(name, raw).ok()
+}
+
 /// Parses assembled tool-call arguments; empty means `{}`.
 pub fn tool_input(name: &str, raw: &str) -> Result<Value, LlmError> {
     if raw.trim().is_empty() {

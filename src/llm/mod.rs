@@ -12,6 +12,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
+pub mod limits;
 pub mod openai;
 pub mod replay;
 pub mod schema;
@@ -141,8 +142,13 @@ pub enum StopReason {
     EndTurn,
     /// The model wants tool results.
     ToolUse,
-    /// The output hit `max_tokens`.
+    /// The output hit `max_tokens`: the turn is cut off (a tool call in it may be missing).
     MaxTokens,
+    /// The model refused, or the provider's safety filter blocked the output (the reason, if
+    /// the provider gave one, is the message's text).
+    Refusal,
+    /// The provider says the model produced a malformed or unexpected tool call.
+    MalformedCall,
     Other,
 }
 

@@ -213,6 +213,8 @@ struct Parser {
     calls: BTreeMap<u64, Call>,
     usage: Usage,
     finish: Option<String>,
+    /// The model's refusal message, if it refused.
+    refusal: String,
     /// The number of the first call this turn names when the server sends no id.
     first_id: usize,
 }
@@ -273,6 +275,9 @@ impl StreamParser for Parser {
             self.text.push_str(s);
             on_delta(Delta::Text(s.to_string()));
         }
+        if let Some(s) = delta.get("refusal").and_then(Value::as_str) {
+            self.refusal.push_str(s);
+        }
         for key in ["reasoning_content", "reasoning"] {
             if let Some(s) = delta.get(key).and_then(Value::as_str)
                 && !s.is_empty()
@@ -323,6 +328,12 @@ impl StreamParser for Parser {
         if !self.text.is_empty() {
             parts.push(Part::Text { text: self.text });
         }
+        if !self.refusal.is_empty() {
+            parts.push(Part::Text {
+                text: self.refusal.clone(),
+            });
+        }
+        let cut = self.finish.as_deref() == Some("length");
         let has_calls = !self.calls.is_empty();
         for (n, (index, call)) in self.calls.into_iter().enumerate() {
             if call.name.is_empty() {
@@ -330,7 +341,14 @@ impl StreamParser for Parser {
                     "tool call {index} has no function name"
                 )));
             }
-            let input = http::tool_input(&call.name, &call.arguments)?;
+            let input = if cut {
+                match http::cut_tool_input(&call.name, &call.arguments) {
+                    Some(input) => input,
+                    None => continue,
+                }
+            } else {
+                http::tool_input(&call.name, &call.arguments)?
+            };
             let id = if call.id.is_empty() {
                 format!("call_{}", self.first_id + n)
             } else {
@@ -343,10 +361,12 @@ impl StreamParser for Parser {
             });
         }
         let stop = match self.finish.as_deref() {
+            Some("length") => StopReason::MaxTokens,
+            Some("content_filter") => StopReason::Refusal,
+            _ if !self.refusal.is_empty() => StopReason::Refusal,
             _ if has_calls => StopReason::ToolUse,
             Some("stop") | None => StopReason::EndTurn,
             Some("tool_calls" | "function_call") => StopReason::ToolUse,
-            Some("length") => StopReason::MaxTokens,
             Some(_) => StopReason::Other,
         };
         Ok(ChatResponse {

@@ -35,7 +35,8 @@ pub const MAX_STEPS: usize = 25;
 pub const MAX_ATTEMPTS: u32 = 3;
 /// Largest tool result kept in an event (the journal keeps it whole).
 const EVENT_RESULT_CHARS: usize = 4096;
-const MAX_TOKENS: u32 = 8192;
+/// Turns asked again after a malformed tool call or an empty turn, per conversation.
+const MAX_TURN_RETRIES: u32 = 2;
 
 /// The engine's shared state on [`App`].
 pub struct Workflows {
@@ -403,6 +404,8 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
 struct Ctx {
     provider: Arc<dyn LlmProvider>,
     model: String,
+    /// The most output tokens one turn may take.
+    output_limit: u32,
     dir: PathBuf,
     tools: Arc<dyn Tools>,
 }
@@ -411,9 +414,15 @@ fn context(app: &App, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
     let spec = ModelSpec::parse(&wf.model).map_err(|e| Stop::Fail(e.to_string()))?;
     let provider =
         provider_for(&app.config.providers, &spec).map_err(|e| Stop::Fail(e.to_string()))?;
+    let output_limit = crate::llm::limits::max_output_tokens(
+        &spec.provider,
+        &spec.model,
+        app.config.providers.max_output_tokens,
+    );
     Ok(Ctx {
         provider,
         model: spec.model,
+        output_limit,
         dir: crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id),
         tools: app.workflows.tools(),
     })
@@ -487,6 +496,8 @@ async fn converse(
             _ => messages.push(opening),
         }
     }
+    let mut max_tokens = crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit);
+    let mut retries = 0;
     loop {
         let mut wf = load(app, id).await?;
         check(app, &wf)?;
@@ -518,6 +529,16 @@ async fn converse(
                 check(app, &wf)?;
                 let mut extra = Vec::new();
                 let (content, is_error) = match (mode, name.as_str()) {
+                    // Every call of a turn gets a result (the APIs refuse a conversation
+                    // with an unanswered call), but nothing runs after the phase ended.
+                    _ if outcome.is_some() => (
+                        match mode {
+                            Mode::Plan => "not run: the plan was accepted by an earlier call",
+                            Mode::Task(_) => "not run: the task was marked done by an earlier call",
+                        }
+                        .to_string(),
+                        true,
+                    ),
                     (Mode::Plan, "submit_plan") => match plan::parse_plan(&input) {
                         Ok(p) => {
                             wf.tasks = p
@@ -579,9 +600,6 @@ async fn converse(
                     content,
                     is_error,
                 });
-                if outcome.is_some() {
-                    break;
-                }
             }
             if let Some(o) = outcome {
                 return Ok(o);
@@ -599,13 +617,23 @@ async fn converse(
             system: system.clone(),
             messages: messages.clone(),
             tools: specs.clone(),
-            max_tokens: MAX_TOKENS,
+            max_tokens,
         };
         let response = chat(app, &wf, ctx, &request).await?;
         let mut wf = load(app, id).await?;
+        // What the model generated counts, also in a turn that is dropped below.
         wf.input_tokens += response.usage.input_tokens;
         wf.output_tokens += response.usage.output_tokens;
         wf.updated_at_ms = now_ms();
+        let judged = judge_turn(&response, max_tokens, ctx.output_limit, &mut retries);
+        if !matches!(judged, Ok(None)) {
+            // The turn is dropped; its usage is kept.
+            persist(app, &wf, vec![], vec![]).await?;
+        }
+        if let Some(next) = judged? {
+            max_tokens = next;
+            continue;
+        }
         let mut events = Vec::new();
         for (call_id, name, input) in response.message.tool_calls() {
             events.push(event(
@@ -621,6 +649,59 @@ async fn converse(
         persist(app, &wf, vec![entry], events).await?;
         messages.push(response.message);
         steps += 1;
+    }
+}
+
+/// What to do with a turn by its stop reason: `None` to take it; `Some(limit)` to drop it and
+/// ask again with that output limit (cut off at the limit: twice the limit; a malformed tool
+/// call or an empty turn: the same, a bounded number of times); a failure the user reads when
+/// the model refused, was blocked, or cannot fit its turn in its maximum output.
+fn judge_turn(
+    response: &crate::llm::ChatResponse,
+    max_tokens: u32,
+    output_limit: u32,
+    retries: &mut u32,
+) -> Result<Option<u32>, Stop> {
+    use crate::llm::StopReason;
+    let text = response.message.text();
+    let mut again = |what: &str| {
+        *retries += 1;
+        if *retries > MAX_TURN_RETRIES {
+            return Err(Stop::Fail(format!(
+                "the model {what} {} times in a row",
+                *retries
+            )));
+        }
+        tracing::info!(what, "asking the model again");
+        Ok(Some(max_tokens))
+    };
+    match response.stop {
+        StopReason::MaxTokens => match crate::llm::limits::raised(max_tokens, output_limit) {
+            Some(next) => {
+                tracing::info!(
+                    from = max_tokens,
+                    to = next,
+                    "a turn was cut off at its output limit; asking again with a higher limit"
+                );
+                Ok(Some(next))
+            }
+            None => Err(Stop::Fail(format!(
+                "the model's turn was cut off at its output limit of {output_limit} tokens; ask for smaller steps or raise WELDR_MAX_OUTPUT_TOKENS"
+            ))),
+        },
+        StopReason::Refusal => Err(Stop::Fail(format!(
+            "the model refused: {}",
+            if text.trim().is_empty() {
+                "no reason given (blocked by the provider's safety filter)"
+            } else {
+                text.trim()
+            }
+        ))),
+        StopReason::MalformedCall => again("produced a malformed tool call"),
+        _ if response.message.tool_calls().next().is_none() && text.trim().is_empty() => {
+            again("ended its turn without a reply or a tool call")
+        }
+        _ => Ok(None),
     }
 }
 

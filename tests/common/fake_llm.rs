@@ -38,6 +38,9 @@ pub struct Turn {
     pub output_tokens: u64,
     /// `max_tokens` instead of the natural stop reason.
     pub max_tokens: bool,
+    /// This wire's stop / finish reason instead of the natural one (`refusal`,
+    /// `content_filter`, `SAFETY`, `MALFORMED_FUNCTION_CALL`, ...).
+    pub stop: Option<String>,
 }
 
 impl Turn {
@@ -64,6 +67,12 @@ impl Turn {
             name: name.into(),
             args_chunks: args_chunks.iter().map(|s| s.to_string()).collect(),
         });
+        self
+    }
+
+    /// This wire's stop / finish reason instead of the natural one.
+    pub fn stop(mut self, reason: &str) -> Self {
+        self.stop = Some(reason.into());
         self
     }
 
@@ -198,6 +207,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
         gemini_base_url: Some(base.to_string()),
         ollama_base_url: format!("{base}/v1"),
         default_model: "anthropic:claude-test".into(),
+        max_output_tokens: None,
     }
 }
 
@@ -788,7 +798,9 @@ pub fn anthropic(turn: &Turn) -> Vec<String> {
         ));
         index += 1;
     }
-    let stop = if turn.max_tokens {
+    let stop = if let Some(s) = &turn.stop {
+        s.as_str()
+    } else if turn.max_tokens {
         "max_tokens"
     } else if turn.calls.is_empty() {
         "end_turn"
@@ -838,7 +850,9 @@ pub fn openai(turn: &Turn) -> Vec<String> {
             ));
         }
     }
-    let finish = if turn.max_tokens {
+    let finish = if let Some(s) = &turn.stop {
+        s.as_str()
+    } else if turn.max_tokens {
         "length"
     } else if turn.calls.is_empty() {
         "stop"
@@ -878,7 +892,16 @@ pub fn gemini(turn: &Turn) -> Vec<String> {
     }
     let mut calls = Vec::new();
     for (i, c) in turn.calls.iter().enumerate() {
-        let args: Value = serde_json::from_str(&c.args_chunks.concat()).unwrap_or(json!({}));
+        let joined = c.args_chunks.concat();
+        let parsed = if joined.trim().is_empty() {
+            Ok(json!({}))
+        } else {
+            serde_json::from_str::<Value>(&joined)
+        };
+        let Ok(args) = parsed else {
+            // Gemini sends whole calls: one cut off at the limit is not sent at all.
+            continue;
+        };
         let mut part = json!({"functionCall": {"name": c.name, "args": args}});
         if i == 0
             && let Some(s) = &turn.signature
@@ -887,7 +910,9 @@ pub fn gemini(turn: &Turn) -> Vec<String> {
         }
         calls.push(part);
     }
-    let finish = if turn.max_tokens {
+    let finish = if let Some(s) = &turn.stop {
+        s.as_str()
+    } else if turn.max_tokens {
         "MAX_TOKENS"
     } else {
         "STOP"

@@ -1,0 +1,82 @@
+//! How many tokens a model may write in one turn.
+//!
+//! A turn starts with a moderate limit ([`START_OUTPUT_TOKENS`], or the model's maximum when
+//! that is lower). When the output hits it (`max_tokens`, `length`, `MAX_TOKENS`,
+//! `max_output_tokens`), typically in the middle of a large `write_file`, the engine drops the
+//! cut-off turn and asks again with twice the limit, up to the model's maximum from the table
+//! below (from each provider's model documentation) or `WELDR_MAX_OUTPUT_TOKENS`.
+
+/// The first limit of a turn.
+pub const START_OUTPUT_TOKENS: u32 = 16_384;
+
+/// The most output tokens `model` of `provider` allows in one turn; `fallback` for models the
+/// table does not know.
+pub fn model_max_output_tokens(provider: &str, model: &str) -> u32 {
+    /// (provider, model name prefixes, most output tokens), first match wins.
+    const TABLE: &[(&str, &[&str], u32)] = &[
+        (
+            "anthropic",
+            &[
+                "claude-3-5",
+                "claude-3-haiku",
+                "claude-3-opus",
+                "claude-3-sonnet",
+            ],
+            8_192,
+        ),
+        (
+            "anthropic",
+            &["claude-opus-4-0", "claude-opus-4-1", "claude-opus-4-2025"],
+            32_000,
+        ),
+        ("anthropic", &["claude-"], 64_000),
+        ("openai", &["gpt-5"], 128_000),
+        ("openai", &["o1", "o3", "o4"], 100_000),
+        ("openai", &["gpt-4.1"], 32_768),
+        ("openai", &[""], 16_384),
+        ("gemini", &["gemini-2.5", "gemini-3"], 65_536),
+    ];
+    let m = model.to_ascii_lowercase();
+    let m = m.strip_prefix("models/").unwrap_or(&m);
+    TABLE
+        .iter()
+        .find(|(p, prefixes, _)| *p == provider && prefixes.iter().any(|x| m.starts_with(x)))
+        .map(|(_, _, max)| *max)
+        // Unknown models, and compatible servers: what most local models are configured for.
+        .unwrap_or(8_192)
+}
+
+/// The output limit of a turn: the model's maximum, or the operator's override.
+pub fn max_output_tokens(provider: &str, model: &str, configured: Option<u32>) -> u32 {
+    configured
+        .unwrap_or_else(|| model_max_output_tokens(provider, model))
+        .max(256)
+}
+
+/// The limit for the next try after a turn was cut at `current`; None when it cannot grow.
+pub fn raised(current: u32, max: u32) -> Option<u32> {
+    (current < max).then(|| current.saturating_mul(2).min(max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits() {
+        assert_eq!(
+            model_max_output_tokens("anthropic", "claude-sonnet-4-5"),
+            64_000
+        );
+        assert_eq!(
+            model_max_output_tokens("anthropic", "claude-opus-4-1"),
+            32_000
+        );
+        assert_eq!(model_max_output_tokens("openai", "gpt-4.1-mini"), 32_768);
+        assert_eq!(model_max_output_tokens("gemini", "gemini-2.5-pro"), 65_536);
+        assert_eq!(max_output_tokens("ollama", "qwen", Some(4000)), 4000);
+        assert_eq!(raised(16_384, 64_000), Some(32_768));
+        assert_eq!(raised(32_768, 64_000), Some(64_000));
+        assert_eq!(raised(64_000, 64_000), None);
+    }
+}
