@@ -28,7 +28,9 @@ impl Default for Retry {
         Self {
             attempts: 4,
             base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
+            // Also the cap on a delay the provider states (Gemini's free tier asks for up to
+            // a minute).
+            max_delay: Duration::from_secs(60),
         }
     }
 }
@@ -252,17 +254,25 @@ impl Transport {
         };
         let status = response.status();
         if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| s.min(3600.0))
+            };
+            // `retry-after-ms` (OpenAI, Anthropic) is finer than `retry-after` (seconds).
+            let header_delay = header("retry-after-ms")
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+                .or_else(|| header("retry-after").map(Duration::from_secs_f64));
             let text = match tokio::time::timeout(self.idle_timeout, response.text()).await {
                 Ok(Ok(t)) => t,
                 _ => String::new(),
             };
+            // Gemini states its delay in the error body only (`RetryInfo.retryDelay`).
+            let retry_after = header_delay.or_else(|| retry_delay_in_body(&text));
             let message = format!("HTTP {}: {}", status.as_u16(), error_message(&text));
             return Err(match status.as_u16() {
                 401 | 403 => Failure::Fatal(LlmError::Auth(message)),
@@ -396,6 +406,29 @@ pub fn error_message(body: &str) -> String {
     t.chars().take(500).collect()
 }
 
+/// The delay a Google API error body asks for: `error.details[]` of type `RetryInfo` with a
+/// protobuf duration such as `"37s"` or `"1.5s"`.
+pub fn retry_delay_in_body(body: &str) -> Option<Duration> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let v = match v {
+        Value::Array(mut a) if !a.is_empty() => a.swap_remove(0),
+        other => other,
+    };
+    v["error"]["details"]
+        .as_array()?
+        .iter()
+        .filter(|d| {
+            d["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("google.rpc.RetryInfo"))
+        })
+        .find_map(|d| d["retryDelay"].as_str())
+        .and_then(|d| d.trim().strip_suffix('s'))
+        .and_then(|secs| secs.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(3600.0)))
+}
+
 /// A base URL without its trailing slashes.
 pub fn trim_base(base: &str) -> String {
     base.trim().trim_end_matches('/').to_string()
@@ -492,6 +525,25 @@ mod tests {
         assert_eq!(error_message(r#"[{"error":{"message":"g"}}]"#), "g");
         assert_eq!(error_message(""), "(no body)");
         assert_eq!(error_message("plain"), "plain");
+    }
+
+    #[test]
+    fn gemini_retry_delay_from_the_error_body() {
+        let body = r#"{"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure"},
+                        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]}}"#;
+        assert_eq!(retry_delay_in_body(body), Some(Duration::from_secs(37)));
+        let body = r#"[{"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.5s"}]}}]"#;
+        assert_eq!(retry_delay_in_body(body), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_delay_in_body(r#"{"error": {"message": "x"}}"#), None);
+        assert_eq!(retry_delay_in_body("not json"), None);
+        // The retry waits what was stated, capped.
+        let r = Retry::default();
+        assert_eq!(
+            r.delay(1, Some(Duration::from_secs(37))),
+            Duration::from_secs(37)
+        );
+        assert_eq!(r.delay(1, Some(Duration::from_secs(600))), r.max_delay);
     }
 
     #[test]
