@@ -19,6 +19,16 @@ use crate::excludes::Excludes;
 
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// A restore stages the new tree in a hidden directory of this prefix at the top of the branch
+/// directory: no snapshot may hold such a name, and a push never takes one.
+pub const STAGING_PREFIX: &str = ".weldr-restore-";
+/// Largest manifest read (a few hundred bytes an entry: about half a million files).
+pub const MAX_MANIFEST_BYTES: u64 = 128 << 20;
+/// Largest pack read (a push writes them at about 9 MiB).
+pub const MAX_PACK_BYTES: u64 = 64 << 20;
+/// Largest `latest` pointer read.
+pub const MAX_POINTER_BYTES: u64 = 4 << 10;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
@@ -113,11 +123,20 @@ pub fn validate(m: &Manifest) -> Result<(), SyncError> {
         let path = e.path();
         let p = Path::new(path);
         if path.is_empty()
-            || p.is_absolute()
-            || p.components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            || path
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255)
+            || path.contains('\0')
         {
             return bad(path, "is not a plain relative path");
+        }
+        if path.starts_with(STAGING_PREFIX) {
+            return bad(path, "uses a name reserved for restores");
+        }
+        if let Entry::Symlink { target, .. } = e
+            && (target.is_empty() || target.contains('\0'))
+        {
+            return bad(path, "is a symlink with an empty target or a NUL");
         }
         if previous.is_some_and(|prev| prev >= path) {
             return bad(path, "is out of order or listed twice");
@@ -134,6 +153,51 @@ pub fn validate(m: &Manifest) -> Result<(), SyncError> {
         }
     }
     Ok(())
+}
+
+/// Does the link at `path` (to `target`) point outside the tree? Resolved lexically from the
+/// link's directory, following the snapshot's other links on the way as the file system
+/// would: absolute targets, `..` above the root, and loops (or too long chains) leave the tree.
+pub fn link_leaves_tree(links: &HashMap<&str, &str>, path: &str, target: &str) -> bool {
+    fn resolve(
+        links: &HashMap<&str, &str>,
+        at: &mut Vec<String>,
+        target: &str,
+        budget: &mut usize,
+        depth: usize,
+    ) -> bool {
+        // Linux gives up after 40 links in one lookup (ELOOP).
+        if depth > 40 || target.is_empty() || target.starts_with('/') || target.contains('\0') {
+            return true;
+        }
+        for comp in target.split('/') {
+            if *budget == 0 {
+                return true;
+            }
+            *budget -= 1;
+            match comp {
+                "" | "." => {}
+                ".." => {
+                    if at.pop().is_none() {
+                        return true;
+                    }
+                }
+                name => {
+                    at.push(name.to_string());
+                    if let Some(next) = links.get(at.join("/").as_str()) {
+                        at.pop();
+                        if resolve(links, at, next, budget, depth + 1) {
+                            return true;
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+    let mut at: Vec<String> = path.split('/').map(str::to_string).collect();
+    at.pop();
+    resolve(links, &mut at, target, &mut 4096, 0)
 }
 
 /// One walked path, before its content is located in the store.
@@ -328,6 +392,15 @@ impl Walk<'_> {
         let abs_dir = self.root.join(rel_dir);
         for dir_entry in std::fs::read_dir(&abs_dir).map_err(SyncError::io(&abs_dir))? {
             let dir_entry = dir_entry.map_err(SyncError::io(&abs_dir))?;
+            if rel_dir.as_os_str().is_empty()
+                && dir_entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(STAGING_PREFIX)
+            {
+                // A restore's staging directory (or one a crash left): not the branch's.
+                continue;
+            }
             let rel = rel_dir.join(dir_entry.file_name());
             // lstat relative to the open directory: no path walk from the root per file.
             let meta = dir_entry
@@ -504,9 +577,46 @@ mod tests {
             vec![file("b"), file("a")],
             vec![file("a"), file("a")],
             vec![file("")],
+            vec![file("a//b")],
+            vec![dir("a"), file("a/./b")],
+            vec![file("a/")],
+            vec![file("a\0b")],
+            vec![file(".weldr-restore-x")],
+            // One path both a file and a directory's parent.
+            vec![file("a"), dir("a"), file("a/b")],
+            vec![file("a"), file("a/b")],
         ] {
             assert!(validate(&m(bad.clone())).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn links_that_leave_the_tree_are_found() {
+        let links: HashMap<&str, &str> = [("d/up", ".."), ("dot", "."), ("d/in", "../x")]
+            .into_iter()
+            .collect();
+        for (path, target, leaves) in [
+            ("l", "x", false),
+            ("d/l", "../x", false),
+            ("d/e/l", "../../x", false),
+            ("l", "/etc", true),
+            ("l", "../x", true),
+            ("d/l", "../../x", true),
+            ("d/l", "./../a/../../x", true),
+            // Through the snapshot's own links: `d/up` is the root, `dot` is the root.
+            ("d/l", "up/x", false),
+            ("d/l", "up/../x", true),
+            ("l", "dot/dot/../x", true),
+            ("l", "d/in", false),
+        ] {
+            assert_eq!(
+                link_leaves_tree(&links, path, target),
+                leaves,
+                "{path} -> {target}"
+            );
+        }
+        let loops: HashMap<&str, &str> = [("a", "b"), ("b", "a")].into_iter().collect();
+        assert!(link_leaves_tree(&loops, "l", "a"));
     }
 
     #[test]

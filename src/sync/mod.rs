@@ -3,8 +3,30 @@
 //! A push walks the branch directory (the excludes aside), uploads only content the store does
 //! not have yet (small files packed together, big files streamed as their own multipart
 //! objects), then writes the manifest and, last, the `latest` pointer: a crash mid-push leaves
-//! the previous snapshot whole. A pull stages and verifies every file before it touches the
-//! branch directory. See [`manifest`] for the layout.
+//! the previous snapshot whole. See [`manifest`] for the layout.
+//!
+//! A restore treats the bucket as untrusted (whoever can write it must not reach outside the
+//! branch, and restores run as root):
+//! - manifests, packs and the `latest` pointer are read with size caps, and a manifest is
+//!   refused unless every path is plain and relative (no `..`, no empty component, no NUL),
+//!   listed once in order, with its parent listed as a directory: no path is both a file and a
+//!   directory's parent, no entry lies under a symlink;
+//! - a symlink whose target leaves the branch (absolute, or `..` above the root, resolved
+//!   lexically from the link's directory through the snapshot's other links) is restored as a
+//!   plain file holding the target text, as git does where links are off;
+//! - files lose setuid, setgid and sticky bits; `.git/config` is restored without the keys that
+//!   redirect git ([`crate::git::sanitize_config`]);
+//! - the new tree is built in a hidden staging directory at the top of the branch directory
+//!   (the same file system, also inside a layered branch's overlay, so every move is a rename):
+//!   every download and hash check, every link and file, is done there before the first change
+//!   to the branch. Then a swap moves what the snapshot does not keep into that directory and
+//!   the new entries into place, each step journaled; if a step fails the journal is undone in
+//!   reverse, so the branch ends as it was (contents, modes, links; directory times aside).
+//!   Only a crash during the swap (renames only) can leave it half-way; the next restore
+//!   finishes it and removes the leftover staging directory;
+//! - everything is opened relative to the branch directory one component at a time with
+//!   `O_NOFOLLOW` ([`crate::git::copy::beneath`]): a restore never follows a symlink, neither
+//!   one in the snapshot nor one in the branch (excluded paths included).
 
 pub mod dirty;
 mod index;
@@ -13,8 +35,10 @@ pub mod store;
 pub mod syncer;
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -26,6 +50,7 @@ use tokio::io::AsyncWriteExt;
 use crate::branches::branch_dir;
 use crate::config::Config;
 use crate::excludes::Excludes;
+use crate::git::copy::beneath::{Dir, Kind, Stat};
 use index::{IndexFiles, LocalIndex};
 use manifest::{Entry, Loc, Manifest, Scanned, StatCache};
 pub use store::{Store, bucket_name};
@@ -185,7 +210,10 @@ async fn blocking<T: Send + 'static>(
 async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manifest>, SyncError> {
     let id = match id {
         Some(id) => id.to_string(),
-        None => match store.get("latest").await? {
+        None => match store
+            .get_capped("latest", manifest::MAX_POINTER_BYTES)
+            .await?
+        {
             None => return Ok(None),
             Some(bytes) => String::from_utf8(bytes)
                 .map_err(|_| SyncError::Corrupt("the latest pointer is not text".into()))?
@@ -194,7 +222,10 @@ async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manife
         },
     };
     manifest::check_snapshot_id(&id)?;
-    let Some(bytes) = store.get(&manifest::manifest_path(&id)).await? else {
+    let Some(bytes) = store
+        .get_capped(&manifest::manifest_path(&id), manifest::MAX_MANIFEST_BYTES)
+        .await?
+    else {
         return Err(SyncError::NotFound(format!(
             "snapshot {id} does not exist in bucket {}",
             store.bucket
@@ -243,7 +274,7 @@ pub async fn push_with(
 
     // 1 request: where is the store now?
     let latest = store
-        .get("latest")
+        .get_capped("latest", manifest::MAX_POINTER_BYTES)
         .await?
         .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
 
@@ -657,9 +688,10 @@ async fn mounted_branch_dir(
         .map_err(|e| SyncError::Io(format!("mounting branch {project_id}/{branch_id}: {e}")))
 }
 
-/// Restore into `target` (created when missing). Every file is staged beside `target` and its
-/// hash verified before anything in `target` changes; then files not in the snapshot (and not
-/// excluded) are removed. On error `target` is left as it was.
+/// Restore into `target` (created when missing). Every file is downloaded, verified and put
+/// together in a staging directory inside `target` before anything in `target` changes; then
+/// the swap puts the snapshot in place and removes what it does not have (excluded paths
+/// stay). On error `target` is left as it was (and removed if this call created it).
 pub async fn pull_into(
     config: &Config,
     project_id: &str,
@@ -686,23 +718,9 @@ pub async fn pull_into_with(
             bucket: store.bucket.clone(),
         });
     };
-    let parent = target
-        .parent()
-        .ok_or_else(|| SyncError::Io(format!("{} has no parent directory", target.display())))?
-        .to_path_buf();
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    tokio::fs::create_dir_all(&parent)
-        .await
-        .map_err(SyncError::io(&parent))?;
-    let mut rand = [0u8; 4];
-    let _ = getrandom::fill(&mut rand);
-    let staging = parent.join(format!(".{name}.weldr-pull-{}", hex::encode(rand)));
-    tokio::fs::create_dir(&staging)
-        .await
-        .map_err(SyncError::io(&staging))?;
+    let t = target.to_path_buf();
+    let (root, staging, staging_name, created) = blocking(move || prepare(&t)).await?;
+    let (root, staging) = (Arc::new(root), Arc::new(staging));
 
     let total: u64 = m
         .entries
@@ -714,16 +732,34 @@ pub async fn pull_into_with(
         .sum();
     let meter = Meter::new(options.progress.as_ref(), total);
     let staged = stage(&store, &m, &staging, &meter).await;
+    let m = Arc::new(m);
     let result = match staged {
         Ok(()) => {
-            let (m2, staging2, target2) = (m.clone(), staging.clone(), target.to_path_buf());
-            blocking(move || apply(&m2, &staging2, &target2)).await
+            let (m2, root2, staging2, name2, target2) = (
+                m.clone(),
+                root.clone(),
+                staging.clone(),
+                staging_name.clone(),
+                target.to_path_buf(),
+            );
+            blocking(move || {
+                let placed = finish_staging(&m2, &staging2)?;
+                swap(&m2, &root2, &name2, &target2, &placed)
+            })
+            .await
         }
         Err(e) => Err(e),
     };
-    let st = staging.clone();
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(st)).await;
+    let (t, failed) = (target.to_path_buf(), result.is_err());
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(t.join(&staging_name));
+        if failed && created {
+            let _ = std::fs::remove_dir(&t);
+        }
+    })
+    .await;
     let stat = result?;
+    let m = Arc::unwrap_or_clone(m);
 
     let files = m
         .entries
@@ -762,6 +798,38 @@ pub async fn pull_into_with(
     Ok(report)
 }
 
+/// Open (or create) `target` and make a fresh staging directory at its top: (the target,
+/// the staging directory, its name, whether `target` was created here).
+fn prepare(target: &Path) -> Result<(Dir, Dir, String, bool), SyncError> {
+    let parent = target
+        .parent()
+        .ok_or_else(|| SyncError::Io(format!("{} has no parent directory", target.display())))?;
+    std::fs::create_dir_all(parent).map_err(SyncError::io(parent))?;
+    let created = match std::fs::create_dir(target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(SyncError::io(target)(e)),
+    };
+    let opened = (|| {
+        let root = Dir::open(target)?;
+        let mut rand = [0u8; 6];
+        let _ = getrandom::fill(&mut rand);
+        let name = format!("{}{}", manifest::STAGING_PREFIX, hex::encode(rand));
+        root.mkdir(&name, 0o700)?;
+        let staging = root.dir(&name)?;
+        Ok((root, staging, name))
+    })();
+    match opened {
+        Ok((root, staging, name)) => Ok((root, staging, name, created)),
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir(target);
+            }
+            Err(SyncError::io(target)(e))
+        }
+    }
+}
+
 /// Downloads running at once (each holds at most one pack in memory).
 const DOWNLOAD_CONCURRENCY: usize = 8;
 
@@ -772,11 +840,22 @@ enum Fetch {
     Object(usize),
 }
 
+/// The staged name of entry `i`.
+fn staged_name(i: usize) -> String {
+    format!("f{i}")
+}
+
+/// A file's mode as restored: permissions only, never setuid, setgid or sticky (the restore
+/// runs as root and must not hand out a root-owned setuid file).
+fn file_mode(mode: u32) -> u32 {
+    mode & 0o777
+}
+
 /// Download and verify every file of `m` into `staging` (flat names: `f{n}`).
 async fn stage(
     store: &Store,
     m: &Manifest,
-    staging: &Path,
+    staging: &Arc<Dir>,
     meter: &Meter<'_>,
 ) -> Result<(), SyncError> {
     // One request per pack, however many files it holds.
@@ -828,35 +907,35 @@ async fn stage(
 async fn fetch_pack(
     store: &Store,
     m: &Manifest,
-    staging: &Path,
+    staging: &Arc<Dir>,
     pack: &str,
     idxs: Vec<usize>,
     meter: &Meter<'_>,
 ) -> Result<(), SyncError> {
     let ppath = manifest::pack_path(pack);
-    let Some(data) = store.get(&ppath).await? else {
+    let Some(data) = store.get_capped(&ppath, manifest::MAX_PACK_BYTES).await? else {
         return Err(SyncError::Corrupt(format!(
             "{ppath} is missing from bucket {}",
             store.bucket
         )));
     };
-    let items: Vec<(usize, String, u64, u64, String)> = idxs
+    let items: Vec<(usize, String, u64, u64, String, u32)> = idxs
         .into_iter()
         .filter_map(|i| match &m.entries[i] {
             Entry::File {
                 path,
                 size,
                 hash,
+                mode,
                 loc: Loc::Pack { offset, .. },
-                ..
-            } => Some((i, path.clone(), *offset, *size, hash.clone())),
+            } => Some((i, path.clone(), *offset, *size, hash.clone(), *mode)),
             _ => None,
         })
         .collect();
-    let staging = staging.to_path_buf();
-    let bytes: u64 = items.iter().map(|(_, _, _, size, _)| size).sum();
+    let staging = staging.clone();
+    let bytes: u64 = items.iter().map(|(_, _, _, size, _, _)| size).sum();
     blocking(move || {
-        for (i, path, offset, size, hash) in items {
+        for (i, path, offset, size, hash, mode) in items {
             let slice = usize::try_from(offset)
                 .ok()
                 .zip(
@@ -871,8 +950,12 @@ async fn fetch_pack(
                     "{path}: content in {ppath} does not match its hash {hash}"
                 )));
             }
-            let dest = staging.join(format!("f{i}"));
-            std::fs::write(&dest, slice).map_err(SyncError::io(&dest))?;
+            let staged = || -> std::io::Result<()> {
+                let mut f = staging.create(staged_name(i), 0o600)?;
+                std::io::Write::write_all(&mut f, slice)?;
+                f.set_permissions(std::fs::Permissions::from_mode(file_mode(mode)))
+            };
+            staged().map_err(|e| SyncError::Io(format!("staging {path}: {e}")))?;
         }
         Ok(())
     })
@@ -881,22 +964,27 @@ async fn fetch_pack(
     Ok(())
 }
 
-/// Stream one big object into its staging file, hashing as it comes (bounded memory).
+/// Stream one big object into its staging file, hashing as it comes (bounded memory, and no
+/// more than the manifest's size is written).
 async fn fetch_object(
     store: &Store,
     m: &Manifest,
-    staging: &Path,
+    staging: &Arc<Dir>,
     i: usize,
     meter: &Meter<'_>,
 ) -> Result<(), SyncError> {
     let Entry::File {
-        path, hash, size, ..
+        path,
+        hash,
+        size,
+        mode,
+        ..
     } = &m.entries[i]
     else {
         return Ok(());
     };
     let object = manifest::object_path(hash);
-    let dest = staging.join(format!("f{i}"));
+    let staging_io = |e: std::io::Error| SyncError::Io(format!("staging {path}: {e}"));
     store.count();
     let missing = |e: &opendal::Error| {
         e.kind() == opendal::ErrorKind::NotFound || e.to_string().contains("NoSuchBucket")
@@ -921,9 +1009,11 @@ async fn fetch_object(
         }
         Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
     };
-    let mut file = tokio::fs::File::create(&dest)
+    let (st, name) = (staging.clone(), staged_name(i));
+    let file = blocking(move || st.create(&name, 0o600).map_err(staging_io_owned))
         .await
-        .map_err(SyncError::io(&dest))?;
+        .map_err(|e| SyncError::Io(format!("{path}: {e}")))?;
+    let mut file = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -936,112 +1026,337 @@ async fn fetch_object(
         })?;
         hasher.update(&chunk);
         total += chunk.len() as u64;
+        if total > *size {
+            return Err(SyncError::Corrupt(format!(
+                "{path}: {object} is bigger than its {size} bytes"
+            )));
+        }
         meter.add(chunk.len() as u64);
-        file.write_all(&chunk).await.map_err(SyncError::io(&dest))?;
+        file.write_all(&chunk).await.map_err(staging_io)?;
     }
-    file.flush().await.map_err(SyncError::io(&dest))?;
+    file.flush().await.map_err(staging_io)?;
     if total != *size || hex::encode(hasher.finalize()) != *hash {
         return Err(SyncError::Corrupt(format!(
             "{path}: {object} does not match its hash"
         )));
     }
+    file.set_permissions(std::fs::Permissions::from_mode(file_mode(*mode)))
+        .await
+        .map_err(staging_io)?;
     Ok(())
 }
 
-/// Move the staged snapshot into `target` (blocking). Returns the stat cache of the result.
-fn apply(m: &Manifest, staging: &Path, target: &Path) -> Result<StatCache, SyncError> {
-    std::fs::create_dir_all(target).map_err(SyncError::io(target))?;
-    let wanted: HashMap<&str, &Entry> = m.entries.iter().map(|e| (e.path(), e)).collect();
-    // Remove what the snapshot does not have (or has as another kind); keep excluded paths.
+fn staging_io_owned(e: std::io::Error) -> SyncError {
+    SyncError::Io(format!("staging: {e}"))
+}
+
+/// What differs on disk from an entry of the manifest: the content hash of entries restored
+/// otherwise (a link that leaves the tree, as a file; `.git/config` stripped).
+type Rewritten = HashMap<usize, String>;
+
+/// The rest of the new tree, beside the downloaded files (blocking): symlinks (those that
+/// leave the tree as plain files) and a stripped `.git/config`.
+fn finish_staging(m: &Manifest, staging: &Dir) -> Result<Rewritten, SyncError> {
+    let links: HashMap<&str, &str> = m
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Symlink { path, target } => Some((path.as_str(), target.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut placed = Rewritten::new();
+    for (i, e) in m.entries.iter().enumerate() {
+        let io = |e: std::io::Error| SyncError::Io(format!("staging {}: {e}", e_path(m, i)));
+        match e {
+            Entry::Symlink { path, target } if manifest::link_leaves_tree(&links, path, target) => {
+                tracing::warn!(
+                    path,
+                    target,
+                    "a symlink out of the branch is restored as a file"
+                );
+                let mut f = staging.create(staged_name(i), 0o644).map_err(io)?;
+                std::io::Write::write_all(&mut f, target.as_bytes()).map_err(io)?;
+                placed.insert(i, manifest::hash_bytes(target.as_bytes()));
+            }
+            Entry::Symlink { target, .. } => {
+                staging.symlink(target, staged_name(i)).map_err(io)?;
+            }
+            Entry::File { path, mode, .. } if path == ".git/config" => {
+                let mut text = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut staging.read(staged_name(i)).map_err(io)?,
+                    &mut text,
+                )
+                .map_err(io)?;
+                if let Some(clean) = crate::git::sanitize_config(&text) {
+                    tracing::warn!("the snapshot's .git/config redirected git: stripped");
+                    let tmp = format!("{}.s", staged_name(i));
+                    let mut f = staging.create(&tmp, 0o600).map_err(io)?;
+                    std::io::Write::write_all(&mut f, &clean).map_err(io)?;
+                    f.set_permissions(std::fs::Permissions::from_mode(file_mode(*mode)))
+                        .map_err(io)?;
+                    staging.rename(&tmp, staging, staged_name(i)).map_err(io)?;
+                    placed.insert(i, manifest::hash_bytes(&clean));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(placed)
+}
+
+fn e_path(m: &Manifest, i: usize) -> &str {
+    m.entries[i].path()
+}
+
+/// One change the swap made to the branch directory (paths relative to it), to undo it.
+enum Undo {
+    /// `from` (directory, name) was renamed to `to`.
+    Moved((PathBuf, OsString), (PathBuf, OsString)),
+    /// This directory was created.
+    Made(PathBuf, OsString),
+    /// This directory was removed (emptied first), with this mode and owner.
+    Removed(PathBuf, OsString, Stat),
+    /// This directory had this mode.
+    Chmod(PathBuf, u32),
+}
+
+/// The swap's moves, journaled.
+struct Swap<'a> {
+    root: &'a Dir,
+    /// The staging directory (relative): what the swap takes out goes there as `t{n}`.
+    staging: PathBuf,
+    journal: Vec<Undo>,
+    trash: usize,
+}
+
+impl Swap<'_> {
+    fn rename(&mut self, from: (&Path, &OsStr), to: (&Path, &OsStr)) -> std::io::Result<()> {
+        let (a, b) = (self.root.walk(from.0)?, self.root.walk(to.0)?);
+        a.rename(from.1, &b, to.1)?;
+        self.journal.push(Undo::Moved(
+            (from.0.to_path_buf(), from.1.to_os_string()),
+            (to.0.to_path_buf(), to.1.to_os_string()),
+        ));
+        Ok(())
+    }
+
+    fn chmod(&mut self, rel: &Path, old: u32, new: u32) -> std::io::Result<()> {
+        self.journal.push(Undo::Chmod(rel.to_path_buf(), old));
+        self.root.walk(rel)?.chmod(new)
+    }
+
+    /// Move whatever is at `dir/name` out of the tree into the staging directory.
+    fn discard(&mut self, dir: &Path, name: &OsStr) -> std::io::Result<()> {
+        let to = OsString::from(format!("t{}", self.trash));
+        self.trash += 1;
+        let staging = self.staging.clone();
+        self.move_entry(dir, name, &staging, &to)
+    }
+
+    /// Rename an entry; a directory the file system will not rename (overlayfs without
+    /// `redirect_dir` answers EXDEV for one from a lower layer) moves child by child.
+    fn move_entry(
+        &mut self,
+        dir: &Path,
+        name: &OsStr,
+        to_dir: &Path,
+        to: &OsStr,
+    ) -> std::io::Result<()> {
+        match self.rename((dir, name), (to_dir, to)) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let parent = self.root.walk(dir)?;
+                let st = parent.stat(name)?.ok_or(e)?;
+                if st.kind != Kind::Dir {
+                    return Err(std::io::Error::from_raw_os_error(libc::EXDEV));
+                }
+                self.root.walk(to_dir)?.mkdir(to, 0o700)?;
+                self.journal
+                    .push(Undo::Made(to_dir.to_path_buf(), to.to_os_string()));
+                let (from_rel, to_rel) = (dir.join(name), to_dir.join(to));
+                for child in parent.dir(name)?.names()? {
+                    self.move_entry(&from_rel, &child, &to_rel, &child)?;
+                }
+                parent.rmdir(name)?;
+                self.journal
+                    .push(Undo::Removed(dir.to_path_buf(), name.to_os_string(), st));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Undo every step, last first. The first failure is reported (the rest is still tried).
+    fn rollback(&mut self) -> Result<(), std::io::Error> {
+        let mut first = Ok(());
+        while let Some(step) = self.journal.pop() {
+            let r = match &step {
+                Undo::Moved((dir, name), (to_dir, to)) => self
+                    .root
+                    .walk(to_dir)
+                    .and_then(|b| Ok((b, self.root.walk(dir)?)))
+                    .and_then(|(b, a)| b.rename(to, &a, name)),
+                Undo::Made(dir, name) => self.root.walk(dir).and_then(|d| d.rmdir(name)),
+                Undo::Removed(dir, name, st) => self.root.walk(dir).and_then(|d| {
+                    d.mkdir(name, 0o700)?;
+                    let made = d.dir(name)?;
+                    let _ = made.chown(st.uid, st.gid);
+                    made.chmod(st.mode)
+                }),
+                Undo::Chmod(rel, mode) => self.root.walk(rel).and_then(|d| d.chmod(*mode)),
+            };
+            if let Err(e) = r
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+}
+
+/// Put the staged tree in place of `root`'s (blocking); see the module doc. Returns the stat
+/// cache of the result.
+fn swap(
+    m: &Manifest,
+    root: &Dir,
+    staging_name: &str,
+    target: &Path,
+    placed: &Rewritten,
+) -> Result<StatCache, SyncError> {
     let excludes = Excludes::for_dir(target);
+    let mut sw = Swap {
+        root,
+        staging: PathBuf::from(staging_name),
+        journal: Vec::new(),
+        trash: 0,
+    };
+    let result = swap_steps(m, &mut sw, staging_name, &excludes, placed);
+    match result {
+        Ok(stat) => Ok(stat),
+        Err((path, e)) => {
+            let undo = sw.rollback();
+            let undo = match undo {
+                Ok(()) => "the branch directory is as it was".to_string(),
+                Err(u) => format!("undoing it failed too ({u}); restore again"),
+            };
+            Err(SyncError::Io(format!(
+                "{}: {e}; {undo}",
+                target.join(path).display()
+            )))
+        }
+    }
+}
+
+fn swap_steps(
+    m: &Manifest,
+    sw: &mut Swap<'_>,
+    staging_name: &str,
+    excludes: &Excludes,
+    placed: &Rewritten,
+) -> Result<StatCache, (PathBuf, std::io::Error)> {
+    let wanted: HashMap<&str, &Entry> = m.entries.iter().map(|e| (e.path(), e)).collect();
+    let root = sw.root;
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| (p, e)
+    };
+    // 1. Take out what the snapshot does not have (or has as another kind); excluded paths
+    // stay, unless the snapshot has something else there.
     let mut stack = vec![PathBuf::new()];
     while let Some(rel_dir) = stack.pop() {
-        let abs_dir = target.join(&rel_dir);
-        let Ok(rd) = std::fs::read_dir(&abs_dir) else {
-            continue;
-        };
-        for entry in rd.flatten() {
-            let rel = rel_dir.join(entry.file_name());
-            let abs = target.join(&rel);
-            let Ok(meta) = std::fs::symlink_metadata(&abs) else {
+        let d = root.walk(&rel_dir).map_err(at(&rel_dir))?;
+        for name in d.names().map_err(at(&rel_dir))? {
+            let rel = rel_dir.join(&name);
+            if rel_dir.as_os_str().is_empty() && name == staging_name {
+                continue;
+            }
+            let Some(st) = d.stat(&name).map_err(at(&rel))? else {
                 continue;
             };
-            let ft = meta.file_type();
-            if excludes.is_excluded(&rel, ft.is_dir()) {
-                continue;
-            }
-            let keep = rel.to_str().and_then(|p| wanted.get(p)).is_some_and(|e| {
+            let want = rel.to_str().and_then(|p| wanted.get(p));
+            let same_kind = want.is_some_and(|e| {
                 matches!(
-                    (e, ft.is_dir(), ft.is_symlink()),
-                    (Entry::Dir { .. }, true, false)
-                        | (Entry::File { .. }, false, false)
-                        | (Entry::Symlink { .. }, false, true)
+                    (e, st.kind),
+                    (Entry::Dir { .. }, Kind::Dir)
+                        | (Entry::File { .. }, Kind::File)
+                        | (Entry::Symlink { .. }, Kind::Symlink)
                 )
             });
-            if keep {
-                if ft.is_dir() {
-                    // Make sure we can write into it.
-                    let _ = std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o755));
-                    stack.push(rel);
-                }
-            } else if ft.is_dir() {
-                std::fs::remove_dir_all(&abs).map_err(SyncError::io(&abs))?;
-            } else {
-                std::fs::remove_file(&abs).map_err(SyncError::io(&abs))?;
+            let excluded = excludes.is_excluded(&rel, st.kind == Kind::Dir);
+            if excluded && (want.is_none() || same_kind) {
+                continue;
+            }
+            if !same_kind {
+                sw.discard(&rel_dir, &name).map_err(at(&rel))?;
+            } else if st.kind == Kind::Dir {
+                // Writable while its contents change; its mode is set last.
+                sw.chmod(&rel, st.mode, st.mode | 0o700).map_err(at(&rel))?;
+                stack.push(rel);
             }
         }
     }
+    // 2. Place the snapshot, parents first.
+    let staging = PathBuf::from(staging_name);
     let mut stat = StatCache::new();
     for (i, e) in m.entries.iter().enumerate() {
-        // Plain relative paths under listed directories: checked by `manifest::validate`.
         let rel = Path::new(e.path());
-        let abs = target.join(rel);
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            continue;
+        };
+        let pd = root.walk(parent).map_err(at(rel))?;
+        let existing = pd.stat(name).map_err(at(rel))?;
         match e {
-            Entry::Dir { .. } => {
-                std::fs::create_dir_all(&abs).map_err(SyncError::io(&abs))?;
-            }
-            Entry::Symlink { target: to, .. } => {
-                let _ = std::fs::remove_file(&abs);
-                std::os::unix::fs::symlink(to, &abs).map_err(SyncError::io(&abs))?;
-            }
-            Entry::File { mode, hash, .. } => {
-                let staged = staging.join(format!("f{i}"));
-                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(*mode))
-                    .map_err(SyncError::io(&staged))?;
-                move_into(&staged, &abs).map_err(SyncError::io(&abs))?;
-                if let Ok(meta) = std::fs::symlink_metadata(&abs) {
-                    stat.insert(
-                        e.path().to_string(),
-                        (manifest::StatKey::of(&meta), hash.clone()),
-                    );
+            Entry::Dir { .. } => match existing {
+                Some(st) if st.kind == Kind::Dir => {
+                    sw.chmod(rel, st.mode, st.mode | 0o700).map_err(at(rel))?;
+                }
+                other => {
+                    if other.is_some() {
+                        sw.discard(parent, name).map_err(at(rel))?;
+                    }
+                    pd.mkdir(name, 0o700).map_err(at(rel))?;
+                    sw.journal
+                        .push(Undo::Made(parent.to_path_buf(), name.to_os_string()));
+                }
+            },
+            Entry::File { .. } | Entry::Symlink { .. } => {
+                if existing.is_some() {
+                    sw.discard(parent, name).map_err(at(rel))?;
+                }
+                let staged = OsString::from(staged_name(i));
+                sw.rename((&staging, &staged), (parent, name))
+                    .map_err(at(rel))?;
+                let hash = match (placed.get(&i), e) {
+                    (Some(h), _) => Some(h.clone()),
+                    (None, Entry::File { hash, .. }) => Some(hash.clone()),
+                    _ => None,
+                };
+                if let (Some(hash), Some(st)) = (hash, pd.stat(name).map_err(at(rel))?)
+                    && st.kind == Kind::File
+                {
+                    let key = manifest::StatKey {
+                        size: st.size,
+                        mtime_ns: st.mtime_ns,
+                        ctime_ns: st.ctime_ns,
+                        ino: st.ino,
+                    };
+                    stat.insert(e.path().to_string(), (key, hash));
                 }
             }
         }
     }
-    // Directory modes last (deepest first), so read-only directories did not block writes.
+    // 3. Directory modes last (deepest first), so read-only directories did not block writes.
     for e in m.entries.iter().rev() {
         if let Entry::Dir { path, mode } = e {
-            let abs = target.join(path);
-            std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(*mode))
-                .map_err(SyncError::io(&abs))?;
+            let rel = Path::new(path);
+            root.walk(rel)
+                .and_then(|d| d.chmod(mode & 0o7777))
+                .map_err(at(rel))?;
         }
     }
     Ok(stat)
-}
-
-/// Move a staged file to its place. Into a layered branch (an overlay mount) a rename from the
-/// staging directory crosses file systems: then the file is copied beside its place and renamed
-/// over it, so the place never holds half a file.
-fn move_into(staged: &Path, place: &Path) -> std::io::Result<()> {
-    match std::fs::rename(staged, place) {
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let name = place.file_name().unwrap_or_default().to_string_lossy();
-            let tmp = place.with_file_name(format!(".{name}.weldr-pull"));
-            std::fs::copy(staged, &tmp)?;
-            std::fs::rename(&tmp, place)
-        }
-        other => other,
-    }
 }
 
 /// Does the branch directory match the stored snapshot exactly (every file re-hashed)?

@@ -144,6 +144,48 @@ impl Store {
         }
     }
 
+    /// [`Self::get`] of at most `max` bytes: a bigger object is an error (streamed, so it
+    /// never fills memory), as a bucket someone tampered with could hold anything.
+    pub async fn get_capped(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, SyncError> {
+        use futures_util::StreamExt;
+        self.count();
+        let missing = |e: &opendal::Error| {
+            e.kind() == ErrorKind::NotFound || e.to_string().contains("NoSuchBucket")
+        };
+        let reader = match self.op.reader(path).await {
+            Ok(r) => r,
+            Err(e) if missing(&e) => return Ok(None),
+            Err(e) => return Err(SyncError::store(&format!("read {path}"), e)),
+        };
+        let mut stream = match reader.into_bytes_stream(..).await {
+            Ok(s) => s,
+            Err(e) if missing(&e) => return Ok(None),
+            Err(e) => return Err(SyncError::store(&format!("read {path}"), e)),
+        };
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.to_string().contains("NoSuchBucket") =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(SyncError::Store(format!("read {path}: {e}"))),
+            };
+            if (out.len() + chunk.len()) as u64 > max {
+                return Err(SyncError::Corrupt(format!(
+                    "{path} in bucket {} is bigger than {max} bytes, more than this agent ever \
+                     writes; the bucket was changed by something else",
+                    self.bucket
+                )));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Some(out))
+    }
+
     pub async fn put(&self, path: &str, data: Vec<u8>) -> Result<(), SyncError> {
         self.count();
         self.op
