@@ -63,6 +63,9 @@ pub struct ProviderKeys {
     /// Most output tokens of one model turn, overriding the per-model table
     /// (`WELDR_MAX_OUTPUT_TOKENS`).
     pub max_output_tokens: Option<u32>,
+    /// `openai:` models go through the Responses API (`OPENAI_API=responses`), else Chat
+    /// Completions (`chat`, for gateways without `/responses`).
+    pub openai_responses: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +288,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "TLS_CERT_PATH / TLS_KEY_PATH",
         "-",
         "serve HTTPS with this PEM certificate chain and key",
+    ),
+    (
+        "OPENAI_API",
+        "responses",
+        "how `openai:` models are spoken to: `responses` (OpenAI's Responses API, reasoning kept between tool calls) or `chat` (Chat Completions, for gateways without `/responses`)",
     ),
     (
         "WELDR_MAX_OUTPUT_TOKENS",
@@ -587,6 +595,7 @@ impl Config {
                     .var("OLLAMA_BASE_URL")
                     .unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
                 default_model,
+                openai_responses: env.switch("OPENAI_API", "responses", "chat", true)?,
                 max_output_tokens: match env.var("WELDR_MAX_OUTPUT_TOKENS") {
                     None => None,
                     Some(_) => Some(

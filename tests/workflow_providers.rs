@@ -471,3 +471,56 @@ async fn every_call_of_a_turn_gets_a_result_also_after_submit_plan_and_done() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_responses_keeps_reasoning_between_tool_calls() {
+    // A reasoning model: every call comes back after the reasoning item it was made with (the
+    // fake refuses it otherwise, as the API does for reasoning models).
+    let script = script_with(|t| {
+        *t = t.clone().reasoning(&["First, ", "the tree."], None);
+    });
+    let fake = FakeLlm::start(script).await;
+    let (_tmp, s, wf, frames) = run_workflow(fake.keys(), "openai:o4-mini").await;
+    let record = s.workflow(&wf).await;
+    s.server.shutdown().await;
+    assert_eq!(record["status"], "complete", "{record}");
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 4);
+    for r in &requests {
+        assert!(r.path.ends_with("/v1/responses"), "{}", r.path);
+        assert_eq!(r.body["store"], false);
+        assert_eq!(r.body["include"], json!(["reasoning.encrypted_content"]));
+    }
+    // The planner's second request: the user's text, the reasoning item, the call, its output.
+    let kinds: Vec<String> = requests[1].body["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["type"]
+                .as_str()
+                .or(i["role"].as_str())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "user",
+            "reasoning",
+            "assistant",
+            "function_call",
+            "function_call_output"
+        ],
+        "{:#}",
+        requests[1].body
+    );
+    // Reasoning summaries stream as reasoning events.
+    assert!(
+        frames.iter().any(
+            |f| f.event == "reasoning" && f.data["text"].as_str().unwrap().contains("the tree")
+        ),
+        "{frames:#?}"
+    );
+}

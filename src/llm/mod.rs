@@ -1,6 +1,6 @@
-//! LLM providers behind one trait: Anthropic Messages, OpenAI Chat Completions (and every
-//! OpenAI-compatible server: Ollama, llama.cpp, vLLM — the offline desktop mode), Gemini, and a
-//! replay provider that plays a recorded transcript (tests, demos, benchmarks).
+//! LLM providers behind one trait: Anthropic Messages, OpenAI's Responses API (OpenAI itself),
+//! OpenAI Chat Completions (every OpenAI-compatible server: Ollama, llama.cpp, vLLM — the
+//! offline desktop mode), Gemini, and a replay provider that plays a recorded transcript (tests, demos, benchmarks).
 //!
 //! The workflow engine speaks only [`LlmProvider`]: it sends a [`ChatRequest`] (system prompt,
 //! conversation, tool specs) and gets one assistant turn back as a [`ChatResponse`], while text
@@ -15,6 +15,7 @@ pub mod http;
 pub mod limits;
 pub mod openai;
 pub mod replay;
+pub mod responses;
 pub mod schema;
 
 use std::sync::Arc;
@@ -244,6 +245,7 @@ pub fn provider_for(
 ) -> Result<Arc<dyn LlmProvider>, LlmError> {
     match spec.provider.as_str() {
         "anthropic" => Ok(Arc::new(anthropic::Anthropic::new(keys)?)),
+        "openai" if keys.openai_responses => Ok(Arc::new(responses::Responses::new(keys)?)),
         "openai" => Ok(Arc::new(openai::OpenAi::openai(keys)?)),
         "ollama" => Ok(Arc::new(openai::OpenAi::ollama(keys)?)),
         "gemini" => Ok(Arc::new(gemini::Gemini::new(keys)?)),

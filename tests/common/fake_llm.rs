@@ -136,6 +136,11 @@ impl Recorded {
 struct State {
     script: VecDeque<Reply>,
     requests: Vec<Recorded>,
+    /// Responses API: the reasoning item (id, encrypted content) each function call
+    /// (call_id) was made with; the call must come back after it.
+    issued: std::collections::HashMap<String, (String, String)>,
+    /// Responses API: numbers for item ids.
+    next_item: u64,
 }
 
 pub struct FakeLlm {
@@ -156,7 +161,7 @@ impl FakeLlm {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
             script: script.into(),
-            requests: Vec::new(),
+            ..State::default()
         }));
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -208,6 +213,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
         ollama_base_url: format!("{base}/v1"),
         default_model: "anthropic:claude-test".into(),
         max_output_tokens: None,
+        openai_responses: true,
     }
 }
 
@@ -215,6 +221,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
 pub enum Wire {
     Anthropic,
     OpenAi,
+    Responses,
     Gemini,
 }
 
@@ -264,6 +271,8 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         .to_string();
     let wire = if path.contains(":streamGenerateContent") {
         Wire::Gemini
+    } else if path.ends_with("/responses") {
+        Wire::Responses
     } else if path.ends_with("/chat/completions") {
         Wire::OpenAi
     } else {
@@ -271,9 +280,16 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
     };
     // The real APIs refuse requests that break their rules before anything is generated, with
     // their own error bodies; so does this fake, without taking a reply off the script.
-    let refusal = validate(wire, &body, &path_model);
+    let mut refusal = validate(wire, &body, &path_model);
+    if wire == Wire::Responses && refusal.is_none() {
+        let st = state.lock().unwrap();
+        refusal = validate_reasoning_round_trip(&body, &st.issued);
+    }
+    let item_base;
     let reply = {
         let mut st = state.lock().unwrap();
+        item_base = st.next_item;
+        st.next_item += 100;
         st.requests.push(Recorded {
             method,
             path,
@@ -290,6 +306,16 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
     };
     let reply = match (reply, refusal) {
+        (Some(Reply::Turn(turn)), _) if wire == Wire::Responses => {
+            let (events, issued) = responses(&turn, item_base);
+            state.lock().unwrap().issued.extend(issued);
+            start_stream(&mut sock).await?;
+            for e in events {
+                chunk(&mut sock, &e).await?;
+            }
+            chunk(&mut sock, "").await?;
+            return Ok(());
+        }
         (Some(r), _) => r,
         (None, Some(error)) => {
             let body = error.to_string();
@@ -334,12 +360,14 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             let events = match wire {
                 Wire::Anthropic => anthropic(&Turn::text(&["partial"])),
                 Wire::OpenAi => openai(&Turn::text(&["partial"])),
+                Wire::Responses => responses(&Turn::text(&["partial"]), 0).0,
                 Wire::Gemini => gemini(&Turn::text(&["partial"])),
             };
             // Up to and including the first text delta.
             let keep = match wire {
                 Wire::Anthropic => 4,
                 Wire::OpenAi => 2,
+                Wire::Responses => 3,
                 Wire::Gemini => 1,
             };
             for e in events.iter().take(keep) {
@@ -365,6 +393,7 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             let events = match wire {
                 Wire::Anthropic => anthropic(&turn),
                 Wire::OpenAi => openai(&turn),
+                Wire::Responses => responses(&turn, item_base).0,
                 Wire::Gemini => gemini(&turn),
             };
             for e in events {
@@ -385,6 +414,9 @@ pub fn validate(wire: Wire, body: &Value, path_model: &str) -> Option<Value> {
         }),
         Wire::OpenAi => validate_openai(body).map(|(m, code)| {
             json!({"error": {"message": m, "type": "invalid_request_error", "param": null, "code": code}})
+        }),
+        Wire::Responses => validate_responses(body).map(|(m, code)| {
+            json!({"error": {"message": m, "type": "invalid_request_error", "param": "input", "code": code}})
         }),
         Wire::Gemini => validate_gemini(body, path_model).map(|m| {
             json!({"error": {"code": 400, "message": m, "status": "INVALID_ARGUMENT"}})
@@ -479,6 +511,94 @@ fn validate_openai(body: &Value) -> Option<(String, Value)> {
                 .iter()
                 .map(|c| c["id"].as_str().unwrap_or_default().to_string())
                 .collect();
+        }
+    }
+    None
+}
+
+/// OpenAI Responses: function tools (name, `items` on every array), and every
+/// `function_call_output` answers an earlier `function_call` that gets exactly its output.
+fn validate_responses(body: &Value) -> Option<(String, Value)> {
+    if !body["model"].is_string() {
+        return Some(("Missing required parameter: 'model'.".into(), Value::Null));
+    }
+    for (i, t) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        let name = t["name"].as_str().unwrap_or_default();
+        if t["type"] != "function" || !tool_name_ok(name) {
+            return Some((
+                format!("Invalid 'tools[{i}].name': string does not match pattern."),
+                json!("invalid_value"),
+            ));
+        }
+        if let Some(path) = missing_items(&t["parameters"], "") {
+            return Some((
+                format!(
+                    "Invalid schema for function '{name}': In context=({path}), array schema missing items."
+                ),
+                json!("invalid_function_parameters"),
+            ));
+        }
+    }
+    let Some(input) = body["input"].as_array() else {
+        return Some(("Missing required parameter: 'input'.".into(), Value::Null));
+    };
+    let mut calls: Vec<&str> = Vec::new();
+    let mut answered: Vec<&str> = Vec::new();
+    for item in input {
+        match item["type"].as_str() {
+            Some("function_call") => calls.push(item["call_id"].as_str().unwrap_or_default()),
+            Some("function_call_output") => {
+                let id = item["call_id"].as_str().unwrap_or_default();
+                if !calls.contains(&id) {
+                    return Some((
+                        format!("No tool call found for function call output with call_id {id}."),
+                        Value::Null,
+                    ));
+                }
+                answered.push(id);
+            }
+            Some("reasoning") if !item["encrypted_content"].is_string() => {
+                return Some((
+                    "Reasoning items sent back without `store` need their `encrypted_content`."
+                        .into(),
+                    Value::Null,
+                ));
+            }
+            _ => {}
+        }
+    }
+    if let Some(open) = calls.iter().find(|c| !answered.contains(c)) {
+        return Some((
+            format!("No tool output found for function call {open}."),
+            Value::Null,
+        ));
+    }
+    None
+}
+
+/// OpenAI Responses with reasoning models: a function call made after a reasoning item comes
+/// back with that item (its encrypted content) before it.
+fn validate_reasoning_round_trip(
+    body: &Value,
+    issued: &std::collections::HashMap<String, (String, String)>,
+) -> Option<Value> {
+    let input = body["input"].as_array()?;
+    for (at, item) in input.iter().enumerate() {
+        if item["type"] != "function_call" {
+            continue;
+        }
+        let Some((rs, enc)) = issued.get(item["call_id"].as_str().unwrap_or_default()) else {
+            continue;
+        };
+        let found = input[..at].iter().any(|i| {
+            i["type"] == "reasoning"
+                && i["id"] == rs.as_str()
+                && i["encrypted_content"] == enc.as_str()
+        });
+        if !found {
+            return Some(
+                json!({"error": {"message": format!("Item with call_id '{}' of type 'function_call' was provided without its required 'reasoning' item: '{rs}'.", item["call_id"].as_str().unwrap_or_default()), "type": "invalid_request_error", "param": "input", "code": null}}),
+            );
         }
     }
     None
@@ -923,4 +1043,72 @@ pub fn gemini(turn: &Turn) -> Vec<String> {
         Some(usage(turn.output_tokens)),
     ));
     out
+}
+
+/// OpenAI Responses stream events for `turn` (item ids numbered from `base`), and the calls
+/// made after a reasoning item: call_id → (reasoning id, encrypted content).
+/// call_id → (reasoning item id, encrypted content).
+pub type Issued = Vec<(String, (String, String))>;
+
+pub fn responses(turn: &Turn, base: u64) -> (Vec<String>, Issued) {
+    let ev = |v: Value| sse(v["type"].as_str(), &v);
+    let mut out = vec![ev(
+        json!({"type": "response.created", "response": {"id": format!("resp_{base}"), "status": "in_progress"}}),
+    )];
+    let mut index = 0u64;
+    let mut next = base;
+    let mut id = |prefix: &str| {
+        next += 1;
+        format!("{prefix}_{next}")
+    };
+    let mut reasoning = None;
+    if !turn.reasoning.is_empty() {
+        let rs = id("rs");
+        let enc = format!("enc-{rs}");
+        out.push(ev(json!({"type": "response.output_item.added", "output_index": index, "item": {"type": "reasoning", "id": rs, "summary": []}})));
+        for r in &turn.reasoning {
+            out.push(ev(json!({"type": "response.reasoning_summary_text.delta", "output_index": index, "item_id": rs, "summary_index": 0, "delta": r})));
+        }
+        out.push(ev(json!({"type": "response.reasoning_summary_part.done", "output_index": index, "item_id": rs, "summary_index": 0})));
+        out.push(ev(json!({"type": "response.output_item.done", "output_index": index, "item": {"type": "reasoning", "id": rs, "encrypted_content": enc, "summary": [{"type": "summary_text", "text": turn.reasoning.concat()}]}})));
+        reasoning = Some((rs, enc));
+        index += 1;
+    }
+    if !turn.text.is_empty() {
+        let msg = id("msg");
+        out.push(ev(json!({"type": "response.output_item.added", "output_index": index, "item": {"type": "message", "id": msg, "role": "assistant", "content": []}})));
+        for t in &turn.text {
+            out.push(ev(json!({"type": "response.output_text.delta", "output_index": index, "item_id": msg, "content_index": 0, "delta": t})));
+        }
+        out.push(ev(json!({"type": "response.output_item.done", "output_index": index, "item": {"type": "message", "id": msg, "role": "assistant", "content": [{"type": "output_text", "text": turn.text.concat()}]}})));
+        index += 1;
+    }
+    let mut issued = Vec::new();
+    for c in &turn.calls {
+        let fc = id("fc");
+        out.push(ev(json!({"type": "response.output_item.added", "output_index": index, "item": {"type": "function_call", "id": fc, "call_id": c.id, "name": c.name, "arguments": ""}})));
+        for a in &c.args_chunks {
+            out.push(ev(json!({"type": "response.function_call_arguments.delta", "output_index": index, "item_id": fc, "delta": a})));
+        }
+        if !turn.max_tokens {
+            let args = c.args_chunks.concat();
+            out.push(ev(json!({"type": "response.function_call_arguments.done", "output_index": index, "item_id": fc, "arguments": args})));
+            out.push(ev(json!({"type": "response.output_item.done", "output_index": index, "item": {"type": "function_call", "id": fc, "call_id": c.id, "name": c.name, "arguments": args}})));
+        }
+        if let Some(r) = &reasoning {
+            issued.push((c.id.clone(), r.clone()));
+        }
+        index += 1;
+    }
+    let usage = json!({"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens, "output_tokens_details": {"reasoning_tokens": 0}});
+    let incomplete = if turn.max_tokens {
+        Some("max_output_tokens")
+    } else {
+        turn.stop.as_deref().filter(|s| *s == "content_filter")
+    };
+    out.push(match incomplete {
+        Some(reason) => ev(json!({"type": "response.incomplete", "response": {"status": "incomplete", "incomplete_details": {"reason": reason}, "usage": usage}})),
+        None => ev(json!({"type": "response.completed", "response": {"status": "completed", "usage": usage}})),
+    });
+    (out, issued)
 }
