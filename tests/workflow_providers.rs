@@ -524,3 +524,50 @@ async fn openai_responses_keeps_reasoning_between_tool_calls() {
         "{frames:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_ends_a_hanging_model_call_at_once() {
+    // The provider answers 200 and then nothing (its idle timeout is two minutes).
+    let fake = FakeLlm::start(vec![Reply::Stall]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.providers = fake.keys();
+    let s = start(cfg).await;
+    for (path, body) in [
+        ("/projects", json!({"projectId": "p"})),
+        ("/projects/p/branches", json!({"branchId": "b"})),
+    ] {
+        let res = s.http.post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    let (status, body) = s
+        .post_json(
+            "/trigger",
+            json!({"projectId": "p", "branchId": "b",
+                   "message": {"content": [{"type": "text", "text": "hi"}]},
+                   "model": "anthropic:claude-sonnet-4-5"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let wf = body["workflowId"].as_str().unwrap().to_string();
+    // Wait until the model call is in flight.
+    while fake.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = s
+        .post_json(&format!("/workflows/{wf}/cancel"), json!({}))
+        .await;
+    assert!(status < 300, "cancel: {status}");
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
+            .await
+            .expect("the cancel ends the workflow well before the provider's idle timeout")
+            .expect("stream open");
+        if frame.event == "end" {
+            assert_eq!(frame.data["status"], "cancelled", "{frame:?}");
+            break;
+        }
+    }
+    s.server.shutdown().await;
+}

@@ -44,6 +44,10 @@ pub struct Workflows {
     tools: RwLock<Arc<dyn Tools>>,
     /// Where commands (run_command, the build) run.
     sandbox: Arc<crate::sandbox::Sandbox>,
+    /// Fired when a running workflow is asked to cancel: a model call in flight (a hanging
+    /// provider, a retry wait) ends at once instead of at its next safe point.
+    cancels:
+        std::sync::Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
 }
 
 impl Workflows {
@@ -54,7 +58,25 @@ impl Workflows {
                 sandbox: sandbox.clone(),
             })),
             sandbox,
+            cancels: Default::default(),
         }
+    }
+
+    /// The cancel signal of workflow `id` (made on first use).
+    fn cancel_signal(&self, id: &str) -> tokio_util::sync::CancellationToken {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn forget_cancel_signal(&self, id: &str) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Replace the tool executor (the full tool module, or a test double).
@@ -234,6 +256,9 @@ pub async fn request_cancel(app: &App, id: &str) -> Result<WorkflowRecord, ApiEr
             Ok(wf)
         })
         .await?;
+    if wf.cancel_requested && !wf.status.is_terminal() {
+        app.workflows.cancel_signal(&wf.workflow_id).cancel();
+    }
     Ok(wf)
 }
 
@@ -264,6 +289,7 @@ fn spawn(app: Arc<App>, id: String) {
             return;
         };
         let outcome = drive(&app, &id).await;
+        app.workflows.forget_cancel_signal(&id);
         let end = match outcome {
             Ok(()) | Err(Stop::Shutdown) => return,
             Err(Stop::Cancelled) => (WorkflowStatus::Cancelled, None),
@@ -747,10 +773,15 @@ async fn chat(
     let sink = move |d: Delta| {
         let _ = tx.send(d);
     };
-    let result = ctx.provider.chat(request, &sink).await;
+    let cancel = app.workflows.cancel_signal(&wf.workflow_id);
+    let result = tokio::select! {
+        r = ctx.provider.chat(request, &sink) => r.map_err(|e| Stop::Fail(e.to_string())),
+        _ = cancel.cancelled() => Err(Stop::Cancelled),
+        _ = app.shutdown.cancelled() => Err(Stop::Shutdown),
+    };
     drop(sink);
     let _ = forward.await;
-    result.map_err(|e| Stop::Fail(e.to_string()))
+    result
 }
 
 /// The JSON form of a plan (as in the `plan` event and `GET /workflows/{id}`).
