@@ -549,3 +549,22 @@ async fn a_swap_that_fails_half_way_is_undone() {
     assert!(err.to_string().contains("as it was"), "{err}");
     assert_eq!(listing(&dir), before, "a failed swap changed the branch");
 }
+
+/// Objects bigger than the agent ever writes are refused with a clear error, before the
+/// branch changes: here a `latest` pointer of 64 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_objects_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::config(tmp.path());
+    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), "local\n").unwrap();
+    let before = listing(&dir);
+    publish(&config, "p", "b", "s1", &[Item::File("a.txt", 0o644, b"x")]).await;
+    let store = Store::open(&config, "p", "b").unwrap();
+    store.put("latest", vec![b'a'; 64 << 10]).await.unwrap();
+    let err = sync::pull(&config, "p", "b", None).await.unwrap_err();
+    assert!(matches!(err, SyncError::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("bigger than"), "{err}");
+    assert_eq!(listing(&dir), before);
+}

@@ -1009,10 +1009,12 @@ async fn fetch_object(
         }
         Err(e) => return Err(SyncError::store(&format!("read {object}"), e)),
     };
-    let (st, name) = (staging.clone(), staged_name(i));
-    let file = blocking(move || st.create(&name, 0o600).map_err(staging_io_owned))
-        .await
-        .map_err(|e| SyncError::Io(format!("{path}: {e}")))?;
+    let (st, name, p) = (staging.clone(), staged_name(i), path.clone());
+    let file = blocking(move || {
+        st.create(&name, 0o600)
+            .map_err(|e| SyncError::Io(format!("staging {p}: {e}")))
+    })
+    .await?;
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -1044,10 +1046,6 @@ async fn fetch_object(
         .await
         .map_err(staging_io)?;
     Ok(())
-}
-
-fn staging_io_owned(e: std::io::Error) -> SyncError {
-    SyncError::Io(format!("staging: {e}"))
 }
 
 /// What differs on disk from an entry of the manifest: the content hash of entries restored
