@@ -353,3 +353,63 @@ async fn a_server_sigkill_ends_every_sandboxed_process() {
     let left = until_gone(&marker).await;
     assert!(left.is_empty(), "sleepers outlived the server: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_in_a_layered_fork_changes_only_the_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(config(dir.path())).await;
+    let (status, _) = s.post_json("/projects", json!({"projectId": "p"})).await;
+    assert_eq!(status, 201);
+    let (status, _) = s
+        .post_json("/projects/p/branches", json!({"branchId": "main"}))
+        .await;
+    assert_eq!(status, 201);
+    let main = s.dir.join("p/main");
+    for i in 0..50 {
+        std::fs::write(main.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches/main/versions",
+            json!({"message": "base"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches",
+            json!({"branchId": "feature", "fromBranchId": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let feature = s.dir.join("p/feature");
+    let layered = weldr_agent::branches::layers::is_mount_point(&feature).unwrap_or(false);
+    let ws = Workspace::with_sandbox(&feature, s.app().sandbox.clone()).unwrap();
+    let r = run(
+        &ws,
+        "echo changed > f0.txt && echo new > new.txt && git -c safe.directory='*' status --short",
+    )
+    .await;
+    assert_eq!(r["exitCode"], 0, "{r}");
+    assert_eq!(
+        std::fs::read_to_string(feature.join("f0.txt")).unwrap(),
+        "changed\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(main.join("f0.txt")).unwrap(),
+        "file 0\n"
+    );
+    assert!(!main.join("new.txt").exists());
+    if layered {
+        // Only what the command changed was copied up; the shared files stayed in the layer.
+        let upper = s.dir.join(".weldr-layers/branches/p/feature/upper");
+        let copied: Vec<_> = std::fs::read_dir(&upper)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('f'))
+            .collect();
+        assert_eq!(copied, ["f0.txt"], "{copied:?}");
+    }
+    s.stop().await;
+}

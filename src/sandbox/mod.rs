@@ -548,7 +548,7 @@ fn reachable_by(dir: &Path, uid: u32) -> Result<(), SandboxError> {
 /// git's objects) becomes writable for the command. Symlinks are changed themselves, never
 /// followed; other file systems mounted below are not entered. Files already owned are only
 /// looked at, so an overlay branch's shared layers are not copied up.
-fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
+pub fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
     let root = std::fs::symlink_metadata(dir)?;
     let dev = root.dev();
     let mut stack = vec![dir.to_path_buf()];
