@@ -20,6 +20,13 @@ pub enum StorageError {
     Corrupt { kind: &'static str, message: String },
     #[error("the store is closed (the server is shutting down)")]
     Closed,
+    /// The database cannot write (an I/O error, e.g. a full disk); the writer reopens it in
+    /// place once a durable commit succeeds again.
+    #[error("the store cannot write: {0}")]
+    Unwritable(String),
+    /// The store will not open as it is; the message says what to do.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]

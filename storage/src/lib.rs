@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod events;
+mod files;
 pub mod model;
 mod readers;
 pub mod record;
@@ -60,49 +61,86 @@ pub struct Store {
 }
 
 struct StoreInner {
-    /// None after [`Store::close`], so that the file lock goes with the last reader.
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// The database readers use; the writer swaps it when it reopens the file (see
+    /// [`writer`]), and [`Store::close`] empties it.
+    shared: Arc<Shared>,
     writer: Writer,
     readers: readers::Readers,
     path: PathBuf,
     options: StoreOptions,
 }
 
+/// What the store's handle and its writer thread share.
+pub(crate) struct Shared {
+    db: std::sync::RwLock<DbSlot>,
+    /// Why the store cannot write, while it cannot (`/health` reports it).
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+pub(crate) enum DbSlot {
+    Open(Arc<Database>),
+    /// The writer is reopening the file after an I/O error (this one, when it failed).
+    Reopening(String),
+    /// After [`Store::close`]: the file lock goes with the last reader.
+    Closed,
+}
+
+impl Shared {
+    pub(crate) fn db(&self) -> Result<Arc<Database>, StorageError> {
+        match &*self.db.read().unwrap_or_else(|p| p.into_inner()) {
+            DbSlot::Open(db) => Ok(db.clone()),
+            DbSlot::Reopening(reason) => Err(StorageError::Unwritable(format!(
+                "the store is being reopened after an I/O error ({reason}); retry shortly"
+            ))),
+            DbSlot::Closed => Err(StorageError::Closed),
+        }
+    }
+
+    /// Put `slot` in place and answer the one it replaced.
+    pub(crate) fn swap(&self, slot: DbSlot) -> DbSlot {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *db, slot)
+    }
+
+    pub(crate) fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+}
+
 impl Store {
     /// Open (or create) the store at `path`. Fails with [`StorageError::AlreadyOpen`] when
-    /// another process (or this one) holds the file.
+    /// another process (or this one) holds the file, and with [`StorageError::Refused`] when
+    /// the database file is missing or empty but a previous store left its append log.
     pub fn open(
         path: &Path,
         options: StoreOptions,
         observer: Arc<dyn AppendObserver>,
     ) -> Result<Self, StorageError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| StorageError::Io {
-                path: parent.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            files::private_dir(parent)?;
         }
-        let mut builder = Database::builder();
-        builder.set_cache_size(options.cache_bytes);
-        let db = builder.create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StorageError::AlreadyOpen(path.to_path_buf())
-            }
-            other => StorageError::Database(format!("opening {}: {other}", path.display())),
-        })?;
+        files::refuse_lost_database(path)?;
+        let db = open_database(path, &options)?;
+        files::owner_only(path)?;
         tables::create_all(&db)?;
         let wal = open_wal(&db, path, &options)?;
         let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            db: std::sync::RwLock::new(DbSlot::Open(db)),
+            problem: std::sync::Mutex::new(None),
+        });
         let writer = Writer::start(
-            db.clone(),
-            options.max_batch,
-            options.event_retention,
+            shared.clone(),
+            writer::Reopen {
+                path: path.to_path_buf(),
+                options: options.clone(),
+            },
             wal,
             observer,
         )?;
         Ok(Self {
             inner: Arc::new(StoreInner {
-                db: std::sync::RwLock::new(Some(db)),
+                shared,
                 writer,
                 readers: readers::Readers::start(readers::Readers::default_threads())?,
                 path: path.to_path_buf(),
@@ -113,8 +151,19 @@ impl Store {
 
     /// A read snapshot; never waits for the writer.
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, StorageError> {
-        let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
-        Ok(db.as_ref().ok_or(StorageError::Closed)?.begin_read()?)
+        Ok(self.inner.shared.db()?.begin_read()?)
+    }
+
+    /// Why the store cannot write right now (`cannot write: <reason>`), or None when it can.
+    /// After an I/O error (a full disk) the writer reopens the database in place once a
+    /// durable commit succeeds again; until then this says why not.
+    pub fn write_problem(&self) -> Option<String> {
+        self.inner
+            .shared
+            .problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Run `f` (short reads) on one of the store's reader threads and await its answer: how
@@ -154,12 +203,18 @@ impl Store {
     /// reads and writes fail with [`StorageError::Closed`]. Blocks; idempotent.
     pub fn close(&self) {
         self.inner.writer.shutdown();
-        self.inner
-            .db
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.shared.swap(DbSlot::Closed);
     }
+}
+
+/// Open (or create) the redb file at `path`.
+pub(crate) fn open_database(path: &Path, options: &StoreOptions) -> Result<Database, StorageError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(options.cache_bytes);
+    builder.create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen(path.to_path_buf()),
+        other => StorageError::Database(format!("opening {}: {other}", path.display())),
+    })
 }
 
 /// The append log next to the database file.
@@ -172,7 +227,7 @@ pub fn wal_path(db_path: &Path) -> PathBuf {
 /// Open the append log and put back into redb the appends that only it holds for sure (those
 /// of the stored epoch: redb's unsynced commits may have died with the process). Done even
 /// when the log is switched off, if a log file is there.
-fn open_wal(
+pub(crate) fn open_wal(
     db: &Database,
     path: &Path,
     options: &StoreOptions,
@@ -182,32 +237,48 @@ fn open_wal(
         return Ok(None);
     }
     let mut wal = wal::Wal::open(&wal_path, options.wal_bytes)?;
+    replay_wal(db, &mut wal, options.event_retention, false)?;
+    Ok((options.wal_bytes > 0).then_some(wal))
+}
+
+/// Put back into `db` the records of the log's stored epoch, in one durable commit that moves
+/// the log to its next epoch; with `always`, that commit is made even when there is nothing
+/// to replay (it proves that the database can write durably).
+pub(crate) fn replay_wal(
+    db: &Database,
+    wal: &mut wal::Wal,
+    retention: u64,
+    always: bool,
+) -> Result<(), StorageError> {
     let events = wal.recover(writer::stored_epoch(db)?)?;
-    if wal.pending() {
-        let (restored, skipped) = writer::commit_checkpoint(db, &mut wal, |tx| {
-            let (mut restored, mut skipped) = (0usize, 0usize);
-            let mut ctx = writer::WriteCtx::new(tx, options.event_retention.max(1));
-            for event in events {
-                match ctx.restore(event) {
-                    Ok(true) => restored += 1,
-                    Ok(false) => {}
-                    // Not expected; one stream's odd record must not keep the server down.
-                    Err(e @ StorageError::Corrupt { .. }) => {
-                        tracing::error!(error = %e, "append log record skipped");
-                        skipped += 1;
-                    }
-                    Err(e) => return Err(e),
+    if !wal.pending() && !always {
+        return Ok(());
+    }
+    let (restored, skipped) = writer::commit_checkpoint(db, wal, |tx| {
+        let (mut restored, mut skipped) = (0usize, 0usize);
+        let mut ctx = writer::WriteCtx::new(tx, retention.max(1));
+        for event in events {
+            match ctx.restore(event) {
+                Ok(true) => restored += 1,
+                Ok(false) => {}
+                // Not expected; one stream's odd record must not keep the server down.
+                Err(e @ StorageError::Corrupt { .. }) => {
+                    tracing::error!(error = %e, "append log record skipped");
+                    skipped += 1;
                 }
+                Err(e) => return Err(e),
             }
-            ctx.finish()?;
-            Ok((restored, skipped))
-        })?;
+        }
+        ctx.finish()?;
+        Ok((restored, skipped))
+    })?;
+    if restored + skipped > 0 {
         tracing::info!(
             restored,
             skipped,
-            path = %wal_path.display(),
+            path = %wal.path().display(),
             "append log replayed"
         );
     }
-    Ok((options.wal_bytes > 0).then_some(wal))
+    Ok(())
 }

@@ -27,7 +27,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,8 +111,10 @@ impl Wal {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)
             .map_err(io_err)?;
+        crate::files::owner_only(path)?;
         let len = file.metadata().map_err(io_err)?.len();
         // Only whole chunks count as allocated: a chunk cut short by a crash is filled again.
         let allocated = len - len % CHUNK;
@@ -169,6 +171,10 @@ impl Wal {
         self.epoch = epoch;
         self.pos = pos;
         Ok(events)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn epoch(&self) -> u64 {
