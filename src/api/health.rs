@@ -1,4 +1,5 @@
-//! `GET /health`: liveness for Fly's check; no auth.
+//! `GET /health`: liveness for Fly's check; no auth. 503 while the store cannot write (a full
+//! disk): the machine answers, but every change would fail.
 
 use salvo::oapi::ToSchema;
 use salvo::prelude::*;
@@ -10,8 +11,11 @@ use crate::error::ApiError;
 #[salvo(schema(name = Health))]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
-    /// Always `ok` while the server answers.
+    /// `ok`, or `degraded` (answered with 503) while the store cannot write.
     status: &'static str,
+    /// `ok`, or `cannot write: <reason>` (a full disk, an I/O error); the store writes again on
+    /// its own once it can.
+    store: String,
     version: &'static str,
     /// `local` or `cloud`.
     mode: &'static str,
@@ -49,12 +53,23 @@ impl From<crate::sandbox::SandboxStatus> for HealthSandbox {
     }
 }
 
-/// Server health.
-#[endpoint(tags("health"))]
-pub async fn health(depot: &mut Depot) -> Result<Json<Health>, ApiError> {
+/// Server health: 200, or 503 while the store cannot write.
+#[endpoint(
+    tags("health"),
+    responses(
+        (status_code = 200, description = "Healthy", body = Health),
+        (status_code = 503, description = "The store cannot write (see `store`)", body = Health),
+    )
+)]
+pub async fn health(depot: &mut Depot, res: &mut Response) -> Result<Json<Health>, ApiError> {
     let app = super::app(depot)?;
+    let problem = app.store.write_problem();
+    if problem.is_some() {
+        res.status_code(StatusCode::SERVICE_UNAVAILABLE);
+    }
     Ok(Json(Health {
-        status: "ok",
+        status: if problem.is_some() { "degraded" } else { "ok" },
+        store: problem.unwrap_or_else(|| "ok".into()),
         version: env!("CARGO_PKG_VERSION"),
         mode: app.config.mode.as_str(),
         uptime_seconds: app.started.elapsed().as_secs(),
