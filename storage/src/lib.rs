@@ -27,7 +27,7 @@ pub use events::{AppendObserver, Event, NewEvent, StreamKey, StreamMeta};
 pub use redb;
 pub use writer::Writer;
 
-use redb::{Database, ReadableDatabase};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 /// Options for opening a [`Store`].
 #[derive(Debug, Clone)]
@@ -214,6 +214,81 @@ pub(crate) fn open_database(path: &Path, options: &StoreOptions) -> Result<Datab
     builder.create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen(path.to_path_buf()),
         other => StorageError::Database(format!("opening {}: {other}", path.display())),
+    })
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Events put back from the append log.
+    pub restored: u64,
+    /// `lost` events standing for ids that were handed out in unreadable records.
+    pub marked_lost: u64,
+    /// Unreadable bytes in the middle of the append log.
+    pub damaged_bytes: u64,
+    /// Where streams created from now on start (1 unless ids may have been lost).
+    pub id_floor: u64,
+}
+
+/// Recover a store whose append log is damaged in the middle (which [`Store::open`] refuses):
+/// put back every readable event of the stored epoch, before and after the damage, and make
+/// sure that no id handed out in the unreadable part is ever used again. A stream that has
+/// readable events after the damage gets a `lost` event for each id missing before them
+/// (exactly the lost ones); any other stream may have lost up to as many events as the
+/// damaged bytes could hold, so it gets that many `lost` events; and streams that have no
+/// events yet start after as many ids as the damage could hold. Ids stay contiguous, so
+/// readers see `lost` events, not holes. Afterwards the store opens normally. Fails with
+/// [`StorageError::AlreadyOpen`] while a server holds the store.
+pub fn recover(path: &Path, options: StoreOptions) -> Result<Recovery, StorageError> {
+    files::refuse_lost_database(path)?;
+    let db = open_database(path, &options)?;
+    tables::create_all(&db)?;
+    let wal_path = wal_path(path);
+    if !wal_path.exists() {
+        return Ok(Recovery {
+            id_floor: 1,
+            ..Recovery::default()
+        });
+    }
+    let mut wal = wal::Wal::open(&wal_path, options.wal_bytes)?;
+    let read = wal.recover_damaged(writer::stored_epoch(&db)?)?;
+    let retention = options.event_retention.max(1);
+    let damaged = read.damaged_bytes;
+    writer::commit_checkpoint(&db, &mut wal, |tx| {
+        let mut report = Recovery {
+            damaged_bytes: damaged,
+            ..Recovery::default()
+        };
+        let mut ctx = writer::WriteCtx::new(tx, retention);
+        let mut exact = std::collections::HashSet::new();
+        for (i, event) in read.events.into_iter().enumerate() {
+            if i >= read.after_damage {
+                exact.insert(event.stream.clone());
+            }
+            let lost = ctx.restore_over_gap(event)?;
+            report.marked_lost += lost;
+            report.restored += 1;
+        }
+        ctx.finish()?;
+        if damaged > 0 {
+            // Every event the damage held took at least its stream's name plus 8 bytes.
+            let streams: Vec<String> = {
+                let table = tx.open_table(tables::STREAMS)?;
+                let mut names = Vec::new();
+                for entry in table.iter()? {
+                    names.push(entry?.0.value().to_string());
+                }
+                names
+            };
+            let mut ctx = writer::WriteCtx::new(tx, retention);
+            for name in streams.iter().filter(|s| !exact.contains(*s)) {
+                let most = damaged.div_ceil(name.len() as u64 + 8);
+                report.marked_lost += ctx.mark_lost(&StreamKey::from_joined(name), most)?;
+            }
+            ctx.finish()?;
+        }
+        report.id_floor = writer::raise_id_floor(tx, damaged.div_ceil(3 + 8))?;
+        Ok(report)
     })
 }
 

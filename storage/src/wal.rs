@@ -84,6 +84,16 @@ struct WalEventRef<'a> {
     at_ms: u64,
 }
 
+/// What [`Wal::recover_damaged`] read.
+pub(crate) struct Damaged {
+    /// Every readable event, in the log's order.
+    pub events: Vec<WalEvent>,
+    /// Index of the first event read after the first damage (`events.len()` without damage).
+    pub after_damage: usize,
+    /// Unreadable bytes between readable records.
+    pub damaged_bytes: u64,
+}
+
 pub(crate) struct Wal {
     file: File,
     path: PathBuf,
@@ -131,46 +141,131 @@ impl Wal {
 
     /// The records of `epoch`, from the start of the file up to the first that is torn, stale
     /// or of another epoch. Afterwards the log writes in `epoch` after the last of them.
+    ///
+    /// A bad record followed by a valid record of the same epoch is not a torn tail (records
+    /// are synced one after the other, so nothing valid follows a torn one): it is damage in
+    /// the middle, and the acknowledged events of the bad record cannot be put back. That is
+    /// refused ([`StorageError::Refused`]) rather than dropped silently: `weldr-agent store
+    /// recover` ([`Wal::recover_damaged`]) decides what to keep.
     pub fn recover(&mut self, epoch: u64) -> Result<Vec<WalEvent>, StorageError> {
+        let (events, end) = self.read_from(0, epoch)?;
+        if let Some((at, _)) = self.next_valid(end, epoch)? {
+            return Err(StorageError::Refused(format!(
+                "the append log {path} is damaged: the record at byte {end} is unreadable but \
+                 valid records of the same epoch follow it (from byte {at}); the events it held \
+                 were acknowledged and cannot be put back. Stop the server, keep a copy of the \
+                 data directory, and run `weldr-agent store recover`: it keeps every readable \
+                 event and continues each stream's ids after the highest one ever handed out",
+                path = self.path.display(),
+            )));
+        }
+        self.epoch = epoch;
+        self.pos = end;
+        Ok(events)
+    }
+
+    /// Every readable record of `epoch`, also after damage, and how many bytes of damage lie
+    /// between them (what was lost was at most that big). Afterwards the log writes in
+    /// `epoch` after the last readable record.
+    pub fn recover_damaged(&mut self, epoch: u64) -> Result<Damaged, StorageError> {
+        let (mut events, mut end) = self.read_from(0, epoch)?;
+        let mut damaged = 0;
+        let mut after_damage = None;
+        while let Some((at, _)) = self.next_valid(end, epoch)? {
+            after_damage.get_or_insert(events.len());
+            damaged += at - end;
+            let (more, after) = self.read_from(at, epoch)?;
+            events.extend(more);
+            end = after;
+        }
+        self.epoch = epoch;
+        self.pos = end;
+        Ok(Damaged {
+            after_damage: after_damage.unwrap_or(events.len()),
+            events,
+            damaged_bytes: damaged,
+        })
+    }
+
+    /// The records of `epoch` from `pos` up to the first that is not one; answers them and
+    /// where that one starts.
+    fn read_from(&self, mut pos: u64, epoch: u64) -> Result<(Vec<WalEvent>, u64), StorageError> {
         let mut events = Vec::new();
-        let mut pos = 0u64;
+        while let Some((end, batch)) = self.record_at(pos, epoch)? {
+            events.extend(batch);
+            pos = end;
+        }
+        Ok((events, pos))
+    }
+
+    /// The valid record of `epoch` at `pos` (its end and events), if there is one.
+    fn record_at(
+        &self,
+        pos: u64,
+        epoch: u64,
+    ) -> Result<Option<(u64, Vec<WalEvent>)>, StorageError> {
         let mut header = [0u8; HEADER];
         let read_error = |e: io::Error| StorageError::Io {
             path: self.path.clone(),
             message: format!("reading the append log: {e}"),
         };
-        loop {
-            // The end of the file ends the log; any other read error must not pass for it.
-            match self.file.read_exact_at(&mut header, pos) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(read_error(e)),
-            }
-            let Some((len, crc)) = parse_header(&header, epoch) else {
-                break;
-            };
-            let end = pos + HEADER as u64 + len as u64;
-            if end > self.max_bytes.max(self.allocated) {
-                break;
-            }
-            let mut payload = vec![0u8; len as usize];
-            match self.file.read_exact_at(&mut payload, pos + HEADER as u64) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(read_error(e)),
-            }
-            if checksum(epoch, len, &payload) != crc {
-                break;
-            }
-            let Ok(batch) = postcard::from_bytes::<Vec<WalEvent>>(&payload) else {
-                break;
-            };
-            events.extend(batch);
-            pos = end;
+        // The end of the file ends the log; any other read error must not pass for it.
+        match self.file.read_exact_at(&mut header, pos) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(read_error(e)),
         }
-        self.epoch = epoch;
-        self.pos = pos;
-        Ok(events)
+        let Some((len, crc)) = parse_header(&header, epoch) else {
+            return Ok(None);
+        };
+        let end = pos + HEADER as u64 + len as u64;
+        if end > self.max_bytes.max(self.allocated) {
+            return Ok(None);
+        }
+        let mut payload = vec![0u8; len as usize];
+        match self.file.read_exact_at(&mut payload, pos + HEADER as u64) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(read_error(e)),
+        }
+        if checksum(epoch, len, &payload) != crc {
+            return Ok(None);
+        }
+        Ok(postcard::from_bytes::<Vec<WalEvent>>(&payload)
+            .ok()
+            .map(|batch| (end, batch)))
+    }
+
+    /// The first valid record of `epoch` that starts after `pos` (records are not aligned:
+    /// every offset where the magic is found is tried).
+    fn next_valid(
+        &self,
+        pos: u64,
+        epoch: u64,
+    ) -> Result<Option<(u64, Vec<WalEvent>)>, StorageError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| self.io_error(e))?
+            .len()
+            .min(self.max_bytes.max(self.allocated));
+        if pos + 1 >= len {
+            return Ok(None);
+        }
+        let mut rest = vec![0u8; (len - pos - 1) as usize];
+        self.file
+            .read_exact_at(&mut rest, pos + 1)
+            .map_err(|e| self.io_error(e))?;
+        let magic = MAGIC.to_le_bytes();
+        for (i, window) in rest.windows(4).enumerate() {
+            if window == magic {
+                let at = pos + 1 + i as u64;
+                if let Some(found) = self.record_at(at, epoch)? {
+                    return Ok(Some((at, found.1)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     pub fn path(&self) -> &Path {

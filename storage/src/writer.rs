@@ -121,6 +121,44 @@ impl<'a> WriteCtx<'a> {
         Ok(true)
     }
 
+    /// Put back an event of a damaged append log ([`crate::recover`]): the ids between the
+    /// stream's last event and this one were handed out in the unreadable part, so each gets a
+    /// `lost` event in its place (a stream's ids stay contiguous, and none is used again).
+    /// Answers how many were marked lost; an id the stream already has is skipped.
+    pub(crate) fn restore_over_gap(&mut self, event: WalEvent) -> Result<u64, StorageError> {
+        let stream = StreamKey::from_joined(&event.stream);
+        let meta = self.meta(&stream)?;
+        if event.id < meta.next_id {
+            return Ok(0);
+        }
+        let lost = self.mark_lost(&stream, event.id - meta.next_id)?;
+        self.restore(event)?;
+        Ok(lost)
+    }
+
+    /// Append `count` `lost` events to `stream`: ids that were handed out for events that
+    /// could not be recovered.
+    pub(crate) fn mark_lost(
+        &mut self,
+        stream: &StreamKey,
+        count: u64,
+    ) -> Result<u64, StorageError> {
+        for _ in 0..count {
+            let meta = self.meta(stream)?;
+            let event = Event {
+                id: meta.next_id,
+                kind: LOST_EVENT.into(),
+                data: "{\"reason\":\"its append-log record was damaged; \
+                       `weldr-agent store recover` kept what was readable\"}"
+                    .into(),
+                at_ms: now_ms(),
+            };
+            self.insert(stream, meta, event)?;
+        }
+        self.appended.clear();
+        Ok(count)
+    }
+
     fn meta(&self, stream: &StreamKey) -> Result<StreamMeta, StorageError> {
         Ok(match self.metas.get(stream) {
             Some(meta) => *meta,
@@ -128,7 +166,7 @@ impl<'a> WriteCtx<'a> {
                 let streams = self.tx.open_table(STREAMS)?;
                 match streams.get(stream.as_str())? {
                     Some(bytes) => decode::<StreamMeta>(bytes.value())?,
-                    None => StreamMeta::EMPTY,
+                    None => new_stream_meta(self.tx)?,
                 }
             }
         })
@@ -179,6 +217,52 @@ impl<'a> WriteCtx<'a> {
         }
         Ok(())
     }
+}
+
+/// The type of the events that stand for ids lost to a damaged append log.
+pub const LOST_EVENT: &str = "lost";
+
+/// Where a stream that has no events yet starts: at 1, or after the ids a damaged append log
+/// may have handed out to streams nobody knows of any more ([`crate::recover`]).
+fn new_stream_meta(tx: &WriteTransaction) -> Result<StreamMeta, StorageError> {
+    let meta = tx.open_table(META)?;
+    let floor = match meta.get(ID_FLOOR_KEY)? {
+        Some(bytes) => decode::<IdFloor>(bytes.value())?.first_id,
+        None => 1,
+    };
+    Ok(StreamMeta {
+        first_id: floor.max(1),
+        next_id: floor.max(1),
+    })
+}
+
+/// The first id of streams created after a recovery from a damaged append log.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct IdFloor {
+    pub first_id: u64,
+}
+
+impl crate::record::Record for IdFloor {
+    const KIND: &'static str = "stream id floor";
+    const VERSION: u8 = 1;
+}
+
+pub(crate) const ID_FLOOR_KEY: &str = "stream_id_floor";
+
+/// Make streams created from now on start `by` ids later than they would; answers where.
+pub(crate) fn raise_id_floor(tx: &WriteTransaction, by: u64) -> Result<u64, StorageError> {
+    let mut meta = tx.open_table(META)?;
+    let floor = match meta.get(ID_FLOOR_KEY)? {
+        Some(bytes) => decode::<IdFloor>(bytes.value())?.first_id,
+        None => 1,
+    }
+    .max(1);
+    if by == 0 {
+        return Ok(floor);
+    }
+    let first_id = floor + by;
+    meta.insert(ID_FLOOR_KEY, encode(&IdFloor { first_id }).as_slice())?;
+    Ok(first_id)
 }
 
 pub fn now_ms() -> u64 {
