@@ -54,11 +54,25 @@ enum Command {
     /// is at or above MAX_VOLUME_USAGE_PERCENT, until TARGET_VOLUME_USAGE_PERCENT; prints
     /// CLEANUP_STATUS=success|failed, USAGE_BEFORE, USAGE_AFTER, EVICTED, SKIPPED and FAILED.
     Cleanup,
+    /// Repair the store (with the server stopped).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
     Token {
         #[command(subcommand)]
         command: TokenCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Recover a store whose append log is damaged in the middle (the server refuses to start
+    /// and says so): keeps every readable event, marks the ids of unreadable ones with `lost`
+    /// events, and continues ids after the highest one ever handed out. Stop the server and
+    /// copy the data directory first.
+    Recover,
 }
 
 #[derive(Subcommand)]
@@ -319,6 +333,9 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
         }
         Command::Sync { command } => sync_command(config, command).await,
         Command::Cleanup => cleanup_command(config).await,
+        Command::Store {
+            command: StoreCommand::Recover,
+        } => store_recover(config).await,
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
@@ -376,6 +393,23 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             .await
         }
     }
+}
+
+/// `store recover`: on the store file itself; refused while a server holds it.
+async fn store_recover(config: Config) -> Result<()> {
+    let path = config.store_path();
+    let options = weldr_storage::StoreOptions {
+        event_retention: config.event_retention,
+        ..Default::default()
+    };
+    let report = tokio::task::spawn_blocking(move || weldr_storage::recover(&path, options))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    println!("RESTORED={}", report.restored);
+    println!("MARKED_LOST={}", report.marked_lost);
+    println!("DAMAGED_BYTES={}", report.damaged_bytes);
+    println!("NEW_STREAMS_START_AT={}", report.id_floor);
+    Ok(())
 }
 
 /// `cleanup`: one disk watermark pass, here or in the running server.
