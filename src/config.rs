@@ -66,6 +66,10 @@ pub struct ProviderKeys {
     /// `openai:` models go through the Responses API (`OPENAI_API=responses`), else Chat
     /// Completions (`chat`, for gateways without `/responses`).
     pub openai_responses: bool,
+    /// `replay:<path>` models are played only from transcripts inside this directory
+    /// (`REPLAY_DIR`); None: the replay provider is refused, so no request can make the server
+    /// read a file of its choosing.
+    pub replay_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +124,12 @@ pub struct Config {
     pub fork_layers: bool,
     /// How the agent's commands are isolated.
     pub sandbox: crate::sandbox::SandboxSettings,
+    /// Open HTTP connections served at once (`MAX_CONNECTIONS`); more are refused at accept,
+    /// with a few more kept for `/health`. None: derived from the file descriptor limit.
+    pub max_connections: Option<usize>,
+    /// A connection that has not sent a complete request head within this is closed
+    /// (`REQUEST_HEAD_TIMEOUT_SECONDS`).
+    pub request_head_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +278,21 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Better Auth tables in Postgres",
     ),
     ("SSE_MAX_PER_USER", "32", "open SSE streams per user"),
+    (
+        "MAX_CONNECTIONS",
+        "3/4 of the file descriptor limit",
+        "open HTTP connections at once; more are refused at accept (a few more are kept for /health)",
+    ),
+    (
+        "REQUEST_HEAD_TIMEOUT_SECONDS",
+        "10",
+        "a connection that has not sent a complete request head within this is closed",
+    ),
+    (
+        "REPLAY_DIR",
+        "-",
+        "`replay:<path>` models play transcripts only from inside this directory; unset: refused",
+    ),
     (
         "TRIGGER_RATE_PER_MINUTE",
         "20",
@@ -596,6 +621,7 @@ impl Config {
                     .unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
                 default_model,
                 openai_responses: env.switch("OPENAI_API", "responses", "chat", true)?,
+                replay_dir: env.var("REPLAY_DIR").map(|p| expand_home(&p)),
                 max_output_tokens: match env.var("WELDR_MAX_OUTPUT_TOKENS") {
                     None => None,
                     Some(_) => Some(
@@ -653,6 +679,17 @@ impl Config {
                 .max(1),
             fork_layers: env.switch("FORK_MODE", "layers", "copy", true)?,
             sandbox: sandbox_settings(&env)?,
+            max_connections: match env.var("MAX_CONNECTIONS") {
+                None => None,
+                Some(_) => Some(
+                    env.parse("MAX_CONNECTIONS", 0usize, "a number of connections")?
+                        .max(1),
+                ),
+            },
+            request_head_timeout: Duration::from_secs(
+                env.parse("REQUEST_HEAD_TIMEOUT_SECONDS", 10u64, "seconds")?
+                    .max(1),
+            ),
             tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
                 (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
                 (None, None) => None,

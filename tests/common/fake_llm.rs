@@ -214,6 +214,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
         default_model: "anthropic:claude-test".into(),
         max_output_tokens: None,
         openai_responses: true,
+        replay_dir: None,
     }
 }
 
