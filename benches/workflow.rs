@@ -38,7 +38,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(concurrency: usize) -> Server {
+    /// The server, playing replay transcripts from `scripts` (`REPLAY_DIR`).
+    fn start(concurrency: usize, scripts: &Path) -> Server {
         let ws = tempfile::tempdir().unwrap();
         let token = {
             let rt = tokio::runtime::Runtime::new().unwrap();
@@ -58,6 +59,7 @@ impl Server {
             .env("LOG_LEVEL", "warn")
             .env("WORKFLOW_CONCURRENCY", concurrency.to_string())
             .env("TRIGGER_RATE_PER_MINUTE", "100000")
+            .env("REPLAY_DIR", scripts)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -215,7 +217,7 @@ fn bench_overhead(rt: &tokio::runtime::Runtime, scripts: &Path) {
         "many.json",
         &overhead_transcript(tasks, TURNS_PER_TASK),
     );
-    let server = Server::start(4);
+    let server = Server::start(4, scripts);
     let (mut t0, mut tn, mut per_call) = (Vec::new(), Vec::new(), Vec::new());
     rt.block_on(async {
         server.post("/projects", json!({"projectId": "p"})).await;
@@ -256,7 +258,7 @@ fn bench_concurrent(rt: &tokio::runtime::Runtime, scripts: &Path) {
         let (mut total, mut wps, mut cps, mut rss) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            let server = Server::start(concurrency);
+            let server = Server::start(concurrency, scripts);
             let elapsed = rt.block_on(async {
                 server.post("/projects", json!({"projectId": "p"})).await;
                 for b in 0..CONCURRENT {

@@ -117,7 +117,9 @@ fn assert_nothing_leaked(output: &str, what: &str) {
 async fn a_hostile_run_command_and_build_reach_nothing_and_leave_nothing() {
     set_server_secret();
     let dir = tempfile::tempdir().unwrap();
-    let s = start(config(dir.path())).await;
+    let mut cfg = config(dir.path());
+    cfg.providers.replay_dir = Some(dir.path().to_path_buf());
+    let s = start(cfg).await;
     branch(s.app(), "p", "other").await;
     let other = weldr_agent::branches::branch_dir(&s.app().config, "p", "other");
     std::fs::create_dir_all(&other).unwrap();

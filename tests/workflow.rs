@@ -20,6 +20,13 @@ fn transcript(dir: &Path, name: &str, turns: Value) -> String {
     format!("replay:{}", path.display())
 }
 
+/// The test config, with the workspace as `REPLAY_DIR` (where the transcripts are written).
+fn replay_config(dir: &Path) -> weldr_agent::Config {
+    let mut config = config(dir);
+    config.providers.replay_dir = Some(dir.to_path_buf());
+    config
+}
+
 fn plan_turn(id: &str, deps: Value) -> Value {
     json!([
         {"type": "reasoning", "text": "Let me look at the project first."},
@@ -51,7 +58,7 @@ fn happy_turns() -> Value {
 
 async fn setup(name: &str) -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(config(dir.path())).await;
+    let s = start(replay_config(dir.path())).await;
     create_branch(&s, name).await;
     (dir, s)
 }
@@ -411,7 +418,7 @@ async fn recovery_after_a_stop_mid_coding() {
     *gate.block.lock().unwrap() = Some("list_dir".into());
     gate.forever
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let s = start(config(dir.path())).await;
+    let s = start(replay_config(dir.path())).await;
     create_branch(&s, "recovery").await;
     s.app().workflows.set_tools(gate.clone());
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
@@ -435,7 +442,7 @@ async fn recovery_after_a_stop_mid_coding() {
     gate2.open();
     // Count across both runs.
     *gate2.runs.lock().unwrap() = gate.runs.lock().unwrap().clone();
-    let app = weldr_agent::App::open(config(dir.path())).unwrap();
+    let app = weldr_agent::App::open(replay_config(dir.path())).unwrap();
     app.workflows.set_tools(gate2.clone());
     let token = weldr_agent::auth::tokens::create(&app.store, "t2")
         .await
@@ -584,7 +591,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
 #[tokio::test]
 async fn triggers_are_rate_limited_per_user() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
+    let mut cfg = replay_config(dir.path());
     cfg.trigger_rate_per_minute = 2;
     let s = start(cfg).await;
     create_branch(&s, "rate").await;

@@ -249,9 +249,10 @@ pub fn provider_for(
         "openai" => Ok(Arc::new(openai::OpenAi::openai(keys)?)),
         "ollama" => Ok(Arc::new(openai::OpenAi::ollama(keys)?)),
         "gemini" => Ok(Arc::new(gemini::Gemini::new(keys)?)),
-        "replay" => Ok(Arc::new(replay::Replay::from_path(std::path::Path::new(
-            &spec.model,
-        ))?)),
+        "replay" => {
+            let path = replay::allowed_path(keys.replay_dir.as_deref(), &spec.model)?;
+            Ok(Arc::new(replay::Replay::from_path(&path)?))
+        }
         other => Err(LlmError::Config(format!("unknown provider {other:?}"))),
     }
 }

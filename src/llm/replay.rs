@@ -5,8 +5,12 @@
 //! `{"type":"tool_call","id","name","input"}`) or an object `{"parts": [...], "usage":
 //! {"inputTokens", "outputTokens"}}`. The turn played is chosen by counting the assistant
 //! messages already in the request, so a replay is deterministic across restarts and recovery.
+//!
+//! A `replay:<path>` model names a file, and a request may name the model: so a transcript is
+//! read only from inside the operator's `REPLAY_DIR` ([`allowed_path`]), and not at all while
+//! that is unset. Tests and benchmarks set it to their scratch directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -27,6 +31,40 @@ enum TurnFile {
         #[serde(default)]
         usage: Option<Usage>,
     },
+}
+
+/// The transcript `model` names, if it lies inside `replay_dir` (after resolving `..` and
+/// links); [`LlmError::Config`] otherwise, before anything of the file is read.
+pub fn allowed_path(replay_dir: Option<&Path>, model: &str) -> Result<PathBuf, LlmError> {
+    let Some(dir) = replay_dir else {
+        return Err(LlmError::Config(
+            "the replay provider is off: set REPLAY_DIR to the directory of recorded transcripts \
+             to play `replay:<path>` models from it"
+                .into(),
+        ));
+    };
+    let outside = || {
+        LlmError::Config(format!(
+            "replay transcripts are played only from inside REPLAY_DIR ({}); {model:?} is not there",
+            dir.display()
+        ))
+    };
+    let dir = dir.canonicalize().map_err(|e| {
+        LlmError::Config(format!("REPLAY_DIR {} is not usable: {e}", dir.display()))
+    })?;
+    let path = Path::new(model);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join(path)
+    };
+    // A missing file says only that it is outside: no probing of the server's files.
+    let path = path.canonicalize().map_err(|_| outside())?;
+    if path.starts_with(&dir) && path.is_file() {
+        Ok(path)
+    } else {
+        Err(outside())
+    }
 }
 
 pub struct Replay {
@@ -129,6 +167,41 @@ impl LlmProvider for Replay {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn transcripts_come_only_from_inside_replay_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("replays");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("t.json"), "[]").unwrap();
+        std::fs::write(root.path().join("secret.json"), "[]").unwrap();
+        let inside = dir.join("t.json");
+        assert_eq!(
+            allowed_path(Some(&dir), inside.to_str().unwrap()).unwrap(),
+            inside.canonicalize().unwrap()
+        );
+        assert!(allowed_path(Some(&dir), "t.json").is_ok());
+        let outside = root.path().join("secret.json");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&outside, dir.join("link.json")).unwrap();
+        for bad in [
+            outside.to_str().unwrap(),
+            "../secret.json",
+            "/etc/passwd",
+            "missing.json",
+            #[cfg(unix)]
+            "link.json",
+        ] {
+            assert!(
+                matches!(allowed_path(Some(&dir), bad), Err(LlmError::Config(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            allowed_path(None, inside.to_str().unwrap()),
+            Err(LlmError::Config(_))
+        ));
+    }
 
     #[tokio::test]
     async fn plays_turns_by_assistant_count_and_streams_deltas() {
