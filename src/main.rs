@@ -313,6 +313,8 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 serde_json::from_str(&data).context("--data must be a JSON object")?;
             let mut target = Target::open(config).await?;
             let mut result = Ok(());
+            use std::io::Write as _;
+            let mut out = std::io::stdout();
             for _ in 0..count {
                 let request = ControlRequest::Append {
                     project_id: project_id.clone(),
@@ -320,10 +322,20 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                     kind: kind.clone(),
                     data: data.clone(),
                 };
-                match target.call(request).await {
-                    Ok(v) => println!("ID={}", v["id"]),
+                let printed = match target.call(request).await {
+                    Ok(v) => writeln!(out, "ID={}", v["id"]).and_then(|()| out.flush()),
                     Err(e) => {
                         result = Err(e);
+                        break;
+                    }
+                };
+                // The reader went away (`| head -1`): the events so far are durable, nobody
+                // wants the rest of the ids, so stop quietly instead of panicking in println!.
+                match printed {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(e) => {
+                        result = Err(anyhow::Error::new(e).context("writing to stdout"));
                         break;
                     }
                 }
