@@ -4,12 +4,39 @@ use salvo::http::HeaderValue;
 use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use salvo::prelude::*;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use futures_util::StreamExt;
 
 use crate::app::App;
 use crate::auth::{self, limits::ConnectionGuard};
 use crate::error::ApiError;
 use crate::stream::{Cursor, Subscription};
+
+/// How often an open stream checks that its local API token was not revoked.
+const TOKEN_RECHECK: Duration = Duration::from_secs(3);
+
+/// Resolves once `credential` no longer holds: a local token revoked (checked every
+/// [`TOKEN_RECHECK`]), a session at its expiry or revoked upstream (checked as often as
+/// sessions are re-validated anyway). A stream ends then: it was only ever authorized once, at
+/// its start.
+pub async fn until_lapsed(app: Arc<App>, mut credential: auth::Credential) {
+    loop {
+        let wait = match &credential {
+            auth::Credential::Local(_) => TOKEN_RECHECK,
+            auth::Credential::Session { expires_at_ms, .. } => {
+                let left = expires_at_ms.saturating_sub(weldr_storage::writer::now_ms());
+                Duration::from_millis(left.min(auth::sessions::RECHECK_AFTER_MS))
+            }
+        };
+        tokio::time::sleep(wait).await;
+        // Boxed: an idle stream holds only the sleep, not the check's state.
+        if !Box::pin(app.auth.still_valid(&app.store, &mut credential)).await {
+            return;
+        }
+    }
+}
 
 /// Parse a resume cursor: decimal u64.
 pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
@@ -94,6 +121,7 @@ pub async fn stream(
     let (project_id, branch_id) = super::path_ids(req)?;
     let cursor = request_cursor(req)?;
     let principal = auth::principal(depot)?;
+    let credential = auth::credential(depot)?;
     let (mut subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
     // Ready before the head goes out, so that hyper can send both in one write.
     let first = subscription.first_chunk().await;
@@ -101,9 +129,11 @@ pub async fn stream(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    // The stream holds the user's connection slot until it ends.
-    let body =
-        futures_util::stream::once(std::future::ready(Ok(first))).chain(subscription.into_stream());
+    // The stream holds the user's connection slot until it ends, and ends when the
+    // credential it was opened with stops holding.
+    let body = futures_util::stream::once(std::future::ready(Ok(first)))
+        .chain(subscription.into_stream())
+        .take_until(Box::pin(until_lapsed(app.clone(), credential)));
     res.stream(body.map(move |chunk| {
         let _slot = &slot;
         chunk

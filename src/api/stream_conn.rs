@@ -140,10 +140,12 @@ async fn accept_loop(
         tokio::spawn(async move {
             // Everything before the first event is boxed and freed once done: an idle
             // subscriber's task holds only the streaming state.
-            let Some(mut open) = Box::pin(prepare(app, conn, remote, to_salvo)).await else {
+            let Some(mut open) = Box::pin(prepare(app.clone(), conn, remote, to_salvo)).await
+            else {
                 return;
             };
-            stream_to(&mut open.conn, open.subscription, &open.cors).await;
+            let lapsed = super::stream::until_lapsed(app, open.credential);
+            stream_to(&mut open.conn, open.subscription, &open.cors, lapsed).await;
             drop(open.slot);
             let _ = open.conn.shutdown().await;
         });
@@ -252,6 +254,7 @@ struct OpenStream {
     subscription: Subscription,
     slot: Option<ConnectionGuard>,
     cors: String,
+    credential: crate::auth::Credential,
 }
 
 /// Classify the connection: hand it to salvo, answer a refused stream request, or return the
@@ -272,9 +275,9 @@ async fn prepare(
     drop(head);
     let cors = cors_headers(&app, &request.headers);
     let opened = async {
-        let principal = app
+        let (principal, credential) = app
             .auth
-            .authenticate_headers(&app.store, &request.headers)
+            .authenticate_credential(&app.store, &request.headers)
             .await?;
         let cursor = super::stream::cursor_of(
             request.headers.get("last-event-id"),
@@ -288,14 +291,16 @@ async fn prepare(
             cursor,
         )
         .await
+        .map(|(subscription, slot)| (subscription, slot, credential))
     }
     .await;
     match opened {
-        Ok((subscription, slot)) => Some(OpenStream {
+        Ok((subscription, slot, credential)) => Some(OpenStream {
             conn,
             subscription,
             slot,
             cors,
+            credential,
         }),
         Err(e) => {
             let _ = write_error(&mut conn, &e, &cors).await;
@@ -342,8 +347,14 @@ fn status_line(status: StatusCode) -> String {
     )
 }
 
-/// Write the stream as a chunked body until it ends (shutdown) or the client goes away.
-async fn stream_to(conn: &mut TcpStream, mut sub: Subscription, cors: &str) {
+/// Write the stream as a chunked body until it ends (shutdown, or `lapsed`: the credential
+/// stopped holding) or the client goes away.
+async fn stream_to(
+    conn: &mut TcpStream,
+    mut sub: Subscription,
+    cors: &str,
+    lapsed: impl Future<Output = ()>,
+) {
     let mut first = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: \
          no-cache\r\nx-accel-buffering: no\r\nconnection: close\r\ntransfer-encoding: \
@@ -360,6 +371,7 @@ async fn stream_to(conn: &mut TcpStream, mut sub: Subscription, cors: &str) {
         return;
     }
     drop(first);
+    let mut lapsed = std::pin::pin!(lapsed);
     loop {
         let chunk = {
             // Kept across wake-ups: a subscription's next chunk must never be dropped
@@ -369,6 +381,7 @@ async fn stream_to(conn: &mut TcpStream, mut sub: Subscription, cors: &str) {
             loop {
                 tokio::select! {
                     chunk = &mut next => break chunk,
+                    () = &mut lapsed => break None,
                     ready = conn.readable() => {
                         if ready.is_err() {
                             return;

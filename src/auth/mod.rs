@@ -55,6 +55,17 @@ impl Principal {
     }
 }
 
+/// The credential a request was authenticated with. A stream keeps it to end when the
+/// credential stops holding ([`Authenticator::still_valid`]): a revoked local token, an expired
+/// or revoked session.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A local API token.
+    Local(String),
+    /// A Better Auth session token and when the session expires.
+    Session { token: String, expires_at_ms: u64 },
+}
+
 fn unauthorized(message: &str) -> ApiError {
     ApiError::new(
         salvo::http::StatusCode::UNAUTHORIZED,
@@ -82,15 +93,24 @@ impl Authenticator {
         store: &Store,
         headers: &salvo::http::HeaderMap,
     ) -> Result<Principal, ApiError> {
+        Ok(self.authenticate_credential(store, headers).await?.0)
+    }
+
+    /// [`Self::authenticate_headers`], with the credential that was accepted.
+    pub async fn authenticate_credential(
+        &self,
+        store: &Store,
+        headers: &salvo::http::HeaderMap,
+    ) -> Result<(Principal, Credential), ApiError> {
         if let Some(header) = headers.get("authorization") {
             let header = header
                 .to_str()
                 .map_err(|_| unauthorized("malformed Authorization header"))?;
             return match cookie::parse_bearer(header, self.secret.as_deref()) {
                 Some(Bearer::Local(token)) => {
-                    let token = token.clone();
-                    match store.read(move |s| tokens::verify(s, &token)).await? {
-                        Some(_) => Ok(Principal::operator()),
+                    let t = token.clone();
+                    match store.read(move |s| tokens::verify(s, &t)).await? {
+                        Some(_) => Ok((Principal::operator(), Credential::Local(token))),
                         None => Err(unauthorized("unknown or revoked API token")),
                     }
                 }
@@ -119,14 +139,62 @@ impl Authenticator {
         ))
     }
 
-    async fn session(&self, store: &Store, token: &str) -> Result<Principal, ApiError> {
+    /// Whether `credential` still holds now. A session's expiry is brought up to date (Better
+    /// Auth extends sessions). While the upstream or the store cannot tell, it holds: an outage
+    /// does not end streams.
+    pub async fn still_valid(&self, store: &Store, credential: &mut Credential) -> bool {
+        match credential {
+            Credential::Local(token) => {
+                let token = token.clone();
+                !matches!(
+                    store.read(move |s| tokens::verify(s, &token)).await,
+                    Ok(None)
+                )
+            }
+            Credential::Session {
+                token,
+                expires_at_ms,
+            } => {
+                if now_ms() >= *expires_at_ms {
+                    return false;
+                }
+                match self.session(store, token).await {
+                    Ok((
+                        _,
+                        Credential::Session {
+                            expires_at_ms: e, ..
+                        },
+                    )) => {
+                        *expires_at_ms = e;
+                        true
+                    }
+                    Ok(_) => true,
+                    Err(e) => e.status != salvo::http::StatusCode::UNAUTHORIZED,
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        store: &Store,
+        token: &str,
+    ) -> Result<(Principal, Credential), ApiError> {
         let now = now_ms();
         let t = token.to_string();
         let cached = store.read(move |s| sessions::cached(s, &t)).await?;
         let live_cache = cached.as_ref().filter(|c| c.session.expires_at_ms > now);
-        let principal = |s: &SessionInfo| Principal {
-            user_id: s.user_id.clone(),
-            kind: PrincipalKind::User,
+        let principal = |s: &SessionInfo| {
+            (
+                Principal {
+                    user_id: s.user_id.clone(),
+                    kind: PrincipalKind::User,
+                },
+                Credential::Session {
+                    token: token.to_string(),
+                    expires_at_ms: s.expires_at_ms,
+                },
+            )
         };
         if let Some(c) = live_cache
             && (self.source.is_none()
@@ -180,12 +248,18 @@ impl Handler for RequireAuth {
         ctrl: &mut FlowCtrl,
     ) {
         let result = match crate::api::app(depot) {
-            Ok(app) => app.auth.authenticate(&app.store, req).await,
+            Ok(app) => {
+                app.auth
+                    .authenticate_credential(&app.store, req.headers())
+                    .await
+            }
             Err(e) => Err(e),
         };
         match result {
-            Ok(principal) => {
+            Ok((principal, credential)) => {
                 depot.insert_typed(principal);
+                // For streams, which end when it stops holding.
+                depot.insert_typed(credential);
             }
             Err(e) => {
                 res.status_code(e.status);
@@ -194,6 +268,14 @@ impl Handler for RequireAuth {
             }
         }
     }
+}
+
+/// The credential this request was authenticated with.
+pub fn credential(depot: &Depot) -> Result<Credential, ApiError> {
+    depot
+        .get_typed::<Credential>()
+        .cloned()
+        .map_err(|_| unauthorized("not authenticated"))
 }
 
 /// The authenticated caller of this request.

@@ -1,0 +1,222 @@
+//! The security review's findings, each shown closed against a real server: a flood of idle
+//! connections, a stream that outlives its credential, JSON bodies without a JSON content type,
+//! replay transcripts read from anywhere, and `weldr-agent events append | head -1`.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use weldr_agent::control::{ControlRequest, execute};
+
+/// Create project `p` and branch `b` over the API.
+async fn project_and_branch(s: &TestServer) {
+    let (status, body) = s.post_json("/projects", json!({"projectId": "p"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = s
+        .post_json("/projects/p/branches", json!({"branchId": "b"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// A client that sends `token`, with 50 extra headers when `via_salvo`: more than the direct
+/// stream path serves, so the request goes through salvo's route.
+fn stream_client(token: &str, via_salvo: bool) -> reqwest::Client {
+    weldr_agent::install_crypto_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if via_salvo {
+        for i in 0..50 {
+            let name = reqwest::header::HeaderName::try_from(format!("x-pad-{i}")).unwrap();
+            headers.insert(name, "1".parse().unwrap());
+        }
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_local_token_is_revoked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    project_and_branch(&s).await;
+    for (name, via_salvo) in [("direct", false), ("salvo", true)] {
+        let token = weldr_agent::auth::tokens::create(&s.app().store, name)
+            .await
+            .unwrap();
+        let client = stream_client(&token, via_salvo);
+        let mut sse = SseClient::connect_with(&client, &s.url("/stream/p/b"), Some("0")).await;
+        let id = emit_n(s.app(), "p", "b", 1).await[0];
+        sse.read_until(id).await;
+
+        // What `weldr-agent token revoke` asks the server over its control socket.
+        let revoked = execute(
+            s.app(),
+            ControlRequest::RevokeToken {
+                which: name.to_string(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(revoked["revoked"], 1);
+
+        // The stream ends on its own (well within this bound), with no further events.
+        let ended = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match sse.next().await {
+                    None => return,
+                    Some(frame) => assert!(frame.id.is_none(), "{name}: event after revoke"),
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "{name}: the stream outlived its revoked token"
+        );
+        // And the token opens nothing any more.
+        let res = client.get(s.url("/stream/p/b")).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{name}");
+    }
+    // The operator's own stream (another token) is untouched.
+    let mut sse = s.sse("/stream/p/b", None).await;
+    let id = emit_n(s.app(), "p", "b", 1).await[0];
+    assert_eq!(sse.read_until(id).await.last().unwrap().id, Some(id));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_a_json_content_type_is_415() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    let body = r#"{"projectId":"p"}"#;
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = s.http.post(s.url("/projects")).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 415, "{content_type:?}");
+        let err: Value = res.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "unsupported_media_type");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Nothing was created by those.
+    let (status, _) = s.get_json("/projects/p").await;
+    assert_eq!(status, 404);
+    let res = s
+        .http
+        .post(s.url("/projects"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_models_read_nothing_outside_replay_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A valid transcript that must not be played: it lies outside any REPLAY_DIR.
+    let transcript = tmp.path().join("t.json");
+    std::fs::write(
+        &transcript,
+        r#"[[{"type":"tool_call","id":"d","name":"done","input":{}}]]"#,
+    )
+    .unwrap();
+    let s = start(config(tmp.path())).await;
+    project_and_branch(&s).await;
+    for model in [
+        format!("replay:{}", transcript.display()),
+        "replay:/etc/passwd".into(),
+    ] {
+        let (status, body) = s
+            .post_json(
+                "/trigger",
+                json!({"projectId": "p", "branchId": "b", "model": model,
+                       "message": {"content": [{"type": "text", "text": "hi"}]}}),
+            )
+            .await;
+        match status {
+            400 => assert_eq!(body["error"]["code"], "invalid_model"),
+            202 => {
+                // Accepted, then refused by the provider before the file is opened.
+                let wf = body["workflowId"].as_str().unwrap().to_string();
+                let done = tokio::time::timeout(Duration::from_secs(60), async {
+                    loop {
+                        let v = s.workflow(&wf).await;
+                        if v["status"] == "failed" || v["status"] == "complete" {
+                            return v;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await
+                .expect("the workflow ends");
+                assert_eq!(done["status"], "failed", "{done}");
+                let error = done["error"].to_string();
+                assert!(error.contains("REPLAY_DIR"), "{error}");
+                assert!(!error.contains("root:"), "{error}");
+            }
+            other => panic!("POST /trigger with {model}: {other} {body}"),
+        }
+    }
+    s.stop().await;
+}
+
+#[test]
+fn events_append_into_a_closed_pipe_exits_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path();
+    binary::run_ok(binary::cli(ws).args(["project", "create", "p"]));
+    binary::run_ok(binary::cli(ws).args(["branch", "create", "b", "p"]));
+    // `weldr-agent events append ... | head -1`
+    let mut child = binary::cli(ws)
+        .args(["events", "append", "p", "b", "--count", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("ID="), "{first}");
+    // The reader is gone now (its end of the pipe dropped above).
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.success() || status.signal() == Some(libc::SIGPIPE),
+            "{status:?}: {stderr}"
+        );
+    }
+    #[cfg(not(unix))]
+    assert!(status.success(), "{status:?}: {stderr}");
+}
