@@ -11,10 +11,13 @@ use std::time::Duration;
 
 use salvo::conn::rustls::{Keycert, RustlsConfig};
 use salvo::conn::{Acceptor, Listener};
+use salvo::fuse::{ArcConnObserver, ConnObserver, FuseAction, FuseConfig, FuseInfo, FusePolicy};
 use salvo::prelude::*;
 use salvo::server::ServerHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::api::stream_conn::{ConnectionLimits, HEALTH_RESERVE};
 use crate::app::App;
 use crate::control::ControlServer;
 use crate::sync::dirty::DirtyWatcher;
@@ -54,7 +57,11 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
                 .first()
                 .and_then(|h| h.local_addr.clone().into_std())
                 .unwrap_or(addr);
-            spawn_server(app, acceptor, bound, "https")
+            let policy = CappedFuse {
+                config: fuse_config(&app),
+                slots: Arc::new(Semaphore::new(max_connections(&app))),
+            };
+            spawn_server(app, acceptor, bound, "https", policy)
         }
         None => {
             let listener = listen(addr).map_err(|e| {
@@ -93,9 +100,94 @@ pub fn start_on(
 ) -> std::io::Result<RunningServer> {
     let addr = listener.local_addr()?;
     // Stream requests are answered on the raw connection (see api::stream_conn); the rest
-    // goes to salvo.
-    let acceptor = crate::api::stream_conn::SplitAcceptor::new(app.clone(), listener)?;
-    Ok(spawn_server(app, acceptor, addr, "http"))
+    // goes to salvo. The accept loop there keeps the connection count bounded.
+    let limits = ConnectionLimits::new(max_connections(&app), app.config.request_head_timeout);
+    let acceptor = crate::api::stream_conn::SplitAcceptor::new(app.clone(), listener, limits)?;
+    let policy = fuse_config(&app);
+    Ok(spawn_server(app, acceptor, addr, "http", policy))
+}
+
+/// Raise the soft limit of open files to the hard limit (a flood of connections otherwise
+/// runs the server out of descriptors long before memory); the limit in force after.
+pub fn raise_fd_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return 1024;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        limit.rlim_cur as u64
+    }
+    #[cfg(not(unix))]
+    {
+        1024
+    }
+}
+
+/// `MAX_CONNECTIONS`, or three quarters of the file descriptor limit (raised first): the rest
+/// is for the store, branch files, git, the agent's commands and upstream connections.
+fn max_connections(app: &App) -> usize {
+    let fds = raise_fd_limit();
+    let derived = usize::try_from(fds / 4 * 3).unwrap_or(usize::MAX).max(64);
+    let max = app.config.max_connections.unwrap_or(derived);
+    let wanted = (max + HEALTH_RESERVE) as u64;
+    if wanted + 64 > fds {
+        tracing::warn!(
+            max_connections = max,
+            fd_limit = fds,
+            "MAX_CONNECTIONS is close to the open-file limit: a flood can run the server out of descriptors"
+        );
+    }
+    max
+}
+
+/// salvo's per-connection protection: the request head timeout (Slowloris), besides salvo's
+/// defaults.
+fn fuse_config(app: &App) -> FuseConfig {
+    FuseConfig::default().with_http1_header_timeout(app.config.request_head_timeout)
+}
+
+/// The HTTPS listener's connection cap: salvo refuses a connection past it before the TLS
+/// handshake; an admitted one holds its slot until it closes.
+struct CappedFuse {
+    config: FuseConfig,
+    slots: Arc<Semaphore>,
+}
+
+/// Holds a connection's slot for as long as salvo keeps the connection.
+struct SlotHolder(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl ConnObserver for SlotHolder {}
+
+#[async_trait]
+impl FusePolicy for CappedFuse {
+    async fn decide(&self, _info: &FuseInfo) -> FuseAction {
+        if self.slots.available_permits() == 0 {
+            FuseAction::Reject
+        } else {
+            FuseAction::Accept(self.config)
+        }
+    }
+
+    fn observe(&self, _info: &FuseInfo, _ctrl: &salvo::ConnCtrl) -> Option<ArcConnObserver> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Arc::new(SlotHolder(permit)))
+    }
 }
 
 fn spawn_server<A: Acceptor + Send + 'static>(
@@ -103,8 +195,9 @@ fn spawn_server<A: Acceptor + Send + 'static>(
     acceptor: A,
     addr: SocketAddr,
     scheme: &'static str,
+    fuse: impl FusePolicy,
 ) -> RunningServer {
-    let mut server = Server::new(acceptor);
+    let mut server = Server::new(acceptor).fuse_policy(fuse);
     server
         .http1_mut()
         .max_buf_size(MAX_HEAD_BYTES)

@@ -12,10 +12,19 @@
 //! bytes included, and gets salvo's answer. The salvo route stays (documented in the OpenAPI
 //! document, and used over TLS and by keep-alive connections). Both run the same checks
 //! ([`super::stream::open`]), send the same JSON errors, CORS headers and frames.
+//!
+//! The accept loop also keeps the connection count bounded ([`ConnectionLimits`]): a
+//! connection takes a slot before anything is allocated for it and holds it until it closes,
+//! whichever path serves it. Past `MAX_CONNECTIONS`, a few reserve slots serve only `GET
+//! /health` (so the machine's health check answers during a flood); beyond those a connection
+//! gets a fixed 503 and is closed at once. A connection that has not sent its request head
+//! within `REQUEST_HEAD_TIMEOUT_SECONDS` of its accept is closed.
 
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr as StdSocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use salvo::conn::tcp::TcpCoupler;
@@ -24,9 +33,10 @@ use salvo::fuse::{ArcFusePolicy, FuseAction, FuseInfo, TransProto};
 use salvo::http::header::{HeaderName, HeaderValue};
 use salvo::http::uri::Scheme;
 use salvo::http::{HeaderMap, StatusCode, Version};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 
 use crate::app::App;
 use crate::auth::limits::ConnectionGuard;
@@ -41,20 +51,132 @@ const MAX_DIRECT_HEADERS: usize = 48;
 const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections accepted but not yet taken by salvo.
 const HANDOFF_QUEUE: usize = 1024;
+/// Connections beyond the limit that may still ask for `/health`.
+pub const HEALTH_RESERVE: usize = 16;
+/// How long a reserve connection may take to show that it asks for `/health`.
+const RESERVE_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many connections are served at once, and how long a request head may take.
+#[derive(Clone)]
+pub struct ConnectionLimits {
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    head_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_connections: usize, head_timeout: Duration) -> Self {
+        Self {
+            general: Arc::new(Semaphore::new(max_connections.max(1))),
+            reserve: Arc::new(Semaphore::new(HEALTH_RESERVE)),
+            head_timeout,
+        }
+    }
+
+    /// A slot for a new connection: a general one, else a reserve one (for `/health`
+    /// only), else none.
+    fn admit(&self) -> Option<Slot> {
+        if let Ok(permit) = self.general.clone().try_acquire_owned() {
+            return Some(Slot::General(permit));
+        }
+        self.reserve
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(Slot::Reserve)
+    }
+}
+
+/// A connection's place under [`ConnectionLimits`], given back when it is dropped.
+enum Slot {
+    General(#[allow(dead_code)] OwnedSemaphorePermit),
+    Reserve(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+/// The fixed answer to a connection past every limit: written without reading the request
+/// (nor allocating), then the connection is closed.
+static TOO_BUSY: LazyLock<Box<[u8]>> = LazyLock::new(|| {
+    let body = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit (MAX_CONNECTIONS); retry shortly"}}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \
+         {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+    .into_boxed_slice()
+});
+
+/// Answer 503 if the socket takes it at once, and close.
+fn refuse(conn: TcpStream) {
+    let _ = conn.try_write(&TOO_BUSY);
+    drop(conn);
+}
+
+/// A connection on its way to salvo, with its slot and when it was accepted.
+struct Handoff {
+    conn: TcpStream,
+    remote: StdSocketAddr,
+    slot: Slot,
+    accepted_at: Instant,
+}
+
+/// A connection served by salvo: the socket with its slot, freed when hyper drops it.
+pub struct SlottedStream {
+    conn: TcpStream,
+    _slot: Slot,
+}
+
+impl AsyncRead for SlottedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SlottedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.conn.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+}
 
 /// salvo's acceptor for a plain-HTTP listener whose stream requests are served directly.
 pub struct SplitAcceptor {
     holdings: Vec<Holding>,
-    rx: mpsc::Receiver<(TcpStream, StdSocketAddr)>,
+    rx: mpsc::Receiver<Handoff>,
+    head_timeout: Duration,
 }
 
 impl SplitAcceptor {
     /// Take over `listener`: its accept loop runs until the app shuts down or salvo drops
     /// this acceptor.
-    pub fn new(app: Arc<App>, listener: TcpListener) -> io::Result<Self> {
+    pub fn new(app: Arc<App>, listener: TcpListener, limits: ConnectionLimits) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
-        tokio::spawn(accept_loop(app, listener, tx));
+        let head_timeout = limits.head_timeout;
+        tokio::spawn(accept_loop(app, listener, tx, limits));
         Ok(Self {
             holdings: vec![Holding {
                 local_addr: local.into(),
@@ -62,13 +184,14 @@ impl SplitAcceptor {
                 http_scheme: Scheme::HTTP,
             }],
             rx,
+            head_timeout,
         })
     }
 }
 
 impl Acceptor for SplitAcceptor {
     type Coupler = TcpCoupler<Self::Stream>;
-    type Stream = StraightStream<TcpStream>;
+    type Stream = StraightStream<SlottedStream>;
 
     fn holdings(&self) -> &[Holding] {
         &self.holdings
@@ -80,7 +203,13 @@ impl Acceptor for SplitAcceptor {
     ) -> io::Result<Accepted<Self::Coupler, Self::Stream>> {
         let local_addr = self.holdings[0].local_addr.clone();
         loop {
-            let Some((conn, remote)) = self.rx.recv().await else {
+            let Some(Handoff {
+                conn,
+                remote,
+                slot,
+                accepted_at,
+            }) = self.rx.recv().await
+            else {
                 // The listener stopped (shutdown): salvo is draining and stops on its own;
                 // an error here would only make it log and retry.
                 return std::future::pending().await;
@@ -95,6 +224,10 @@ impl Acceptor for SplitAcceptor {
                     };
                     match policy.decide(&info).await {
                         FuseAction::Accept(config) => {
+                            // The head must be complete within the timeout of the accept,
+                            // not of this hand-over.
+                            let left = self.head_timeout.saturating_sub(accepted_at.elapsed());
+                            let config = config.with_http1_header_timeout(left);
                             (Some(config), policy.observe(&info, &conn_ctrl))
                         }
                         FuseAction::Reject => continue,
@@ -104,7 +237,12 @@ impl Acceptor for SplitAcceptor {
             };
             return Ok(Accepted {
                 coupler: TcpCoupler::new(),
-                stream: StraightStream::new(conn, fuse_config, conn_ctrl.clone(), observer),
+                stream: StraightStream::new(
+                    SlottedStream { conn, _slot: slot },
+                    fuse_config,
+                    conn_ctrl.clone(),
+                    observer,
+                ),
                 fuse_config,
                 conn_ctrl,
                 remote_addr: remote.into(),
@@ -118,7 +256,8 @@ impl Acceptor for SplitAcceptor {
 async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
-    to_salvo: mpsc::Sender<(TcpStream, StdSocketAddr)>,
+    to_salvo: mpsc::Sender<Handoff>,
+    limits: ConnectionLimits,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -135,18 +274,47 @@ async fn accept_loop(
                 continue;
             }
         };
+        let accepted_at = Instant::now();
+        let Some(slot) = limits.admit() else {
+            refuse(conn);
+            continue;
+        };
         let _ = conn.set_nodelay(true);
         let (app, to_salvo) = (app.clone(), to_salvo.clone());
+        let head_timeout = limits.head_timeout;
         tokio::spawn(async move {
+            if let Slot::Reserve(_) = slot {
+                let peek = RESERVE_PEEK_TIMEOUT.min(head_timeout);
+                if asks_for_health(&conn, peek).await {
+                    let handoff = Handoff {
+                        conn,
+                        remote,
+                        slot,
+                        accepted_at,
+                    };
+                    let _ = to_salvo.send(handoff).await;
+                } else {
+                    refuse(conn);
+                }
+                return;
+            }
             // Everything before the first event is boxed and freed once done: an idle
             // subscriber's task holds only the streaming state.
-            let Some(mut open) = Box::pin(prepare(app.clone(), conn, remote, to_salvo)).await
+            let deadline = accepted_at + head_timeout.min(CLASSIFY_TIMEOUT);
+            let handoff = Handoff {
+                conn,
+                remote,
+                slot,
+                accepted_at,
+            };
+            let Some(mut open) = Box::pin(prepare(app.clone(), handoff, deadline, to_salvo)).await
             else {
                 return;
             };
             let lapsed = super::stream::until_lapsed(app, open.credential);
             stream_to(&mut open.conn, open.subscription, &open.cors, lapsed).await;
             drop(open.slot);
+            drop(open.conn_slot);
             let _ = open.conn.shutdown().await;
         });
     }
@@ -161,13 +329,38 @@ struct StreamRequest {
     headers: HeaderMap,
 }
 
+/// Whether the connection's request starts `GET /health` (peeked, never read) within
+/// `timeout`.
+async fn asks_for_health(conn: &TcpStream, timeout: Duration) -> bool {
+    const PREFIXES: [&[u8]; 2] = [b"GET /health ", b"GET /health?"];
+    let mut buf = [0u8; 12];
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, conn.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || !PREFIXES.iter().any(|p| p.starts_with(&buf[..n])) {
+            return false;
+        }
+        if n == buf.len() {
+            return true;
+        }
+        if Instant::now() + pause >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
 /// Peek (never read) at the connection until its head is complete: Some if it is an ordinary
 /// stream request, None for everything that salvo must see.
-async fn classify(conn: &TcpStream) -> Option<StreamRequest> {
+async fn classify(conn: &TcpStream, deadline: Instant) -> Option<StreamRequest> {
     const PREFIX: &[u8] = b"GET /stream/";
     // Most heads fit the small buffer; a bigger one (long cookies) gets the large one.
     let mut buf = vec![0u8; 2048];
-    let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
     let mut pause = Duration::from_millis(1);
     loop {
         let n = tokio::time::timeout_at(deadline, conn.peek(&mut buf))
@@ -255,20 +448,27 @@ struct OpenStream {
     slot: Option<ConnectionGuard>,
     cors: String,
     credential: crate::auth::Credential,
+    /// The connection's place under [`ConnectionLimits`].
+    conn_slot: Slot,
 }
 
 /// Classify the connection: hand it to salvo, answer a refused stream request, or return the
 /// opened stream.
 async fn prepare(
     app: Arc<App>,
-    mut conn: TcpStream,
-    remote: StdSocketAddr,
-    to_salvo: mpsc::Sender<(TcpStream, StdSocketAddr)>,
+    handoff: Handoff,
+    deadline: Instant,
+    to_salvo: mpsc::Sender<Handoff>,
 ) -> Option<OpenStream> {
-    let Some(request) = classify(&conn).await else {
-        let _ = to_salvo.send((conn, remote)).await;
+    let Some(request) = classify(&handoff.conn, deadline).await else {
+        let _ = to_salvo.send(handoff).await;
         return None;
     };
+    let Handoff {
+        mut conn,
+        slot: conn_slot,
+        ..
+    } = handoff;
     // Consume the head that was only peeked so far.
     let mut head = vec![0u8; request.head_len];
     conn.read_exact(&mut head).await.ok()?;
@@ -301,6 +501,7 @@ async fn prepare(
             slot,
             cors,
             credential,
+            conn_slot,
         }),
         Err(e) => {
             let _ = write_error(&mut conn, &e, &cors).await;
