@@ -220,3 +220,145 @@ fn events_append_into_a_closed_pipe_exits_quietly() {
     #[cfg(not(unix))]
     assert!(status.success(), "{status:?}: {stderr}");
 }
+
+/// One request on a fresh connection (`Connection: close`); the status, or None when the
+/// connection was refused, reset or closed without an answer.
+fn status_of(port: u16, request: &str) -> Option<u16> {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(request.as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let head = String::from_utf8_lossy(&answer);
+    head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+fn health(port: u16) -> Option<u16> {
+    status_of(
+        port,
+        "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// The server answers nothing more on `conn` and closes it (EOF or reset) within `bound`.
+fn closed_within(conn: &mut std::net::TcpStream, bound: Duration) -> bool {
+    conn.set_read_timeout(Some(bound)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn a_flood_of_idle_connections_is_capped_and_health_still_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = binary::free_port();
+    // Idle connections keep their slots for the whole test (a long head timeout).
+    let mut server = binary::serve_with(
+        tmp.path(),
+        port,
+        &[
+            ("MAX_CONNECTIONS", "64"),
+            ("REQUEST_HEAD_TIMEOUT_SECONDS", "600"),
+        ],
+    );
+    // This process holds the client ends: stay well inside its own descriptor limit.
+    let fds = weldr_agent::server::raise_fd_limit();
+    let flood = 2000.min(fds.saturating_sub(256) as usize);
+    assert!(flood > 200, "too few file descriptors for the test ({fds})");
+    let mut idle = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        if let Ok(conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            idle.push(conn);
+        }
+    }
+    assert!(idle.len() > 200, "only {} connections opened", idle.len());
+
+    // /health answers (from the reserve past the cap) while the flood is held open: once the
+    // burst's reserve connections have been turned away, and every time after.
+    let mut first = None;
+    for _ in 0..300 {
+        first = health(port);
+        if first == Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(first, Some(200), "/health during the flood");
+    for _ in 0..20 {
+        assert_eq!(health(port), Some(200), "/health during the flood");
+    }
+    // Every other route is refused past the cap, cheaply: a 503 or a closed connection.
+    let other = status_of(
+        port,
+        "GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(matches!(other, None | Some(503)), "{other:?}");
+
+    // The flood goes away; the server serves everything again.
+    drop(idle);
+    let mut after = None;
+    for _ in 0..300 {
+        after = status_of(
+            port,
+            "GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        if after == Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(after, Some(200), "a route after the flood");
+    binary::sigkill(&mut server);
+}
+
+#[test]
+fn a_connection_without_a_complete_head_is_closed_after_the_head_timeout() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let port = binary::free_port();
+    let mut server = binary::serve_with(tmp.path(), port, &[("REQUEST_HEAD_TIMEOUT_SECONDS", "1")]);
+    // Half a head of an ordinary route (salvo's path), of a stream request (the direct
+    // path), nothing at all, and an idle keep-alive connection after one full request.
+    let mut half_route = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    half_route
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let mut half_stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    half_stream
+        .write_all(b"GET /stream/p/b HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut keep_alive = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    keep_alive
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    for (name, conn) in [
+        ("half a route head", &mut half_route),
+        ("half a stream head", &mut half_stream),
+        ("no head", &mut silent),
+        ("idle keep-alive", &mut keep_alive),
+    ] {
+        assert!(
+            closed_within(conn, Duration::from_secs(60)),
+            "{name}: still open"
+        );
+    }
+    // Whole requests are served as before.
+    assert_eq!(health(port), Some(200));
+    binary::sigkill(&mut server);
+}
