@@ -109,6 +109,8 @@ pub fn start_on(
 
 /// Raise the soft limit of open files to the hard limit (a flood of connections otherwise
 /// runs the server out of descriptors long before memory); the limit in force after.
+// `rlim_t` is u64 on Linux and macOS, not on every unix.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_fd_limit() -> u64 {
     #[cfg(unix)]
     {
