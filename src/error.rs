@@ -149,6 +149,10 @@ impl From<StorageError> for ApiError {
             }
             StorageError::Conflict(msg) => Self::conflict("conflict", msg),
             StorageError::Closed => Self::unavailable("the server is shutting down; retry shortly"),
+            StorageError::Unwritable(reason) => Self::unavailable(format!(
+                "the store cannot write ({reason}); it retries on its own once writes succeed again (free disk space)"
+            ))
+            .with_code("store_unwritable"),
             other => {
                 tracing::error!(error = %other, "storage failure");
                 Self::internal("storage failure; see the server log")

@@ -39,9 +39,9 @@ impl Excludes {
             let _ = builder.add_line(None, pattern);
         }
         let custom = dir.join(".weldrignore");
-        if custom.is_file()
-            && let Some(e) = builder.add(&custom)
-        {
+        // The branch's own file only: a symlink could make the server read anything.
+        let own_file = std::fs::symlink_metadata(&custom).is_ok_and(|m| m.is_file());
+        if own_file && let Some(e) = builder.add(&custom) {
             tracing::warn!(path = %custom.display(), error = %e, "ignoring bad lines in .weldrignore");
         }
         let matcher = builder.build().unwrap_or_else(|_| Gitignore::empty());

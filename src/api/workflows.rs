@@ -197,7 +197,13 @@ pub async fn trigger(
     let model = body
         .model
         .unwrap_or_else(|| app.config.providers.default_model.clone());
-    ModelSpec::parse(&model).map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+    let spec = ModelSpec::parse(&model)
+        .map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+    if spec.provider == "replay" {
+        // Recorded transcripts play only from REPLAY_DIR: a caller names no other file.
+        crate::llm::replay::allowed_path(app.config.providers.replay_dir.as_deref(), &spec.model)
+            .map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+    }
     let branch = auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
     app.trigger_limiter.check(&principal.user_id)?;
     crate::branches::ensure_present_from(&app, branch).await?;

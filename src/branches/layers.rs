@@ -483,10 +483,11 @@ fn unescape_mount_path(p: &[u8]) -> Vec<u8> {
 }
 
 /// Whether any process has `dir` (or something in it) as working directory or root, or a file
-/// in it open: what `fuser -m` would find, read from /proc.
+/// in it open: what `fuser -m` would find, read from /proc (the server's own open files aside).
 fn in_use(dir: &Path) -> io::Result<bool> {
     let dir = fs::canonicalize(dir)?;
     let inside = |link: &Path| fs::read_link(link).is_ok_and(|t| t.starts_with(&dir));
+    let own = std::process::id().to_string();
     for proc in fs::read_dir("/proc")?.flatten() {
         let name = proc.file_name();
         if !name.as_bytes().iter().all(u8::is_ascii_digit) {
@@ -495,6 +496,12 @@ fn in_use(dir: &Path) -> io::Result<bool> {
         let path = proc.path();
         if inside(&path.join("cwd")) || inside(&path.join("root")) {
             return Ok(true);
+        }
+        // The server's own brief reads (the syncer walking the tree after a version, git
+        // reading refs) are not users of the directory: they see the same files once it is a
+        // layer, and a push cut short by the move is tried again.
+        if name == own.as_str() {
+            continue;
         }
         if let Ok(fds) = fs::read_dir(path.join("fd"))
             && fds.flatten().any(|fd| inside(&fd.path()))
