@@ -253,7 +253,6 @@ async fn memory_and_processes_are_limited() {
         dir.path(),
         sandbox(SandboxSettings {
             memory_mb: 128,
-            max_processes: 16,
             ..Default::default()
         }),
     )
@@ -269,7 +268,15 @@ async fn memory_and_processes_are_limited() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         // The process limit binds the dedicated uid (a user's own processes would count
-        // otherwise).
+        // otherwise), shared by every sandbox of that uid.
+        let ws = Workspace::with_sandbox(
+            dir.path(),
+            sandbox(SandboxSettings {
+                max_processes: 16,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
         let r = run(
             &ws,
             "for i in $(seq 40); do sleep 5 & done 2>&1; echo spawned; kill $(jobs -p) 2>/dev/null",

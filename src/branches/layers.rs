@@ -195,13 +195,22 @@ impl Layers {
                     // Nothing written since the last freeze: the layers are already the tree.
                     stack
                 } else {
-                    // An overlay in use refuses to unmount: then it is not frozen now.
-                    match unmount(parent_dir, false) {
-                        Ok(()) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                            return Ok(Err(Declined::Busy));
+                    // An overlay in use refuses to unmount: then it is not frozen now. The
+                    // server's own brief reads (a push walking the tree after a version) end
+                    // within moments, so a few short waits come first.
+                    let mut tries = 0;
+                    loop {
+                        match unmount(parent_dir, false) {
+                            Ok(()) => break,
+                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 20 => {
+                                tries += 1;
+                                std::thread::sleep(std::time::Duration::from_millis(25));
+                            }
+                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                                return Ok(Err(Declined::Busy));
+                            }
+                            Err(e) => return Err(e),
                         }
-                        Err(e) => return Err(e),
                     }
                     let mut next = vec![new_layer_id()];
                     next.extend(stack);

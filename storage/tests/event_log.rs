@@ -187,7 +187,15 @@ async fn observer_sees_commits_in_id_order() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(*rec.0.lock().unwrap(), (1..=200).collect::<Vec<_>>());
+    // Callers are answered before the observer is told: wait (bounded) for the last batch.
+    for _ in 0..500 {
+        if rec.0.lock().unwrap().len() >= 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let seen = rec.0.lock().unwrap().clone();
+    assert_eq!(seen, (1..=200).collect::<Vec<_>>());
 }
 
 #[test]
