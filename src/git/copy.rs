@@ -247,6 +247,8 @@ pub mod beneath {
         pub mtime_ns: i64,
         pub ctime_ns: i64,
         pub ino: u64,
+        /// The file system it is on.
+        pub dev: u64,
     }
 
     impl Stat {
@@ -266,6 +268,7 @@ pub mod beneath {
                 mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
                 ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
                 ino: st.st_ino,
+                dev: st.st_dev,
             }
         }
     }
@@ -480,6 +483,22 @@ pub mod beneath {
         pub fn chmod(&self, mode: u32) -> io::Result<()> {
             // SAFETY: valid descriptor.
             check(unsafe { libc::fchmod(self.0.as_raw_fd(), mode as libc::mode_t) }).map(|_| ())
+        }
+
+        /// chown `name` itself: a symlink is changed, never followed.
+        pub fn chown_name(&self, name: impl AsRef<OsStr>, uid: u32, gid: u32) -> io::Result<()> {
+            let c = name_c(name.as_ref())?;
+            // SAFETY: valid descriptor and C string.
+            check(unsafe {
+                libc::fchownat(
+                    self.0.as_raw_fd(),
+                    c.as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map(|_| ())
         }
 
         /// chown this directory.

@@ -30,8 +30,7 @@
 //! commands fail with a message that says so, unless the operator sets `SANDBOX=off`; `/health`
 //! and the startup log show the state either way.
 
-use std::ffi::{CString, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -545,45 +544,54 @@ fn reachable_by(dir: &Path, uid: u32) -> Result<(), SandboxError> {
 
 /// Give every file of the branch directory to `uid` (the server is root and commands run as
 /// `uid`): what the server wrote since the last command (tool writes, checkouts, restores,
-/// git's objects) becomes writable for the command. Symlinks are changed themselves, never
-/// followed; other file systems mounted below are not entered. Files already owned are only
-/// looked at, so an overlay branch's shared layers are not copied up.
+/// git's objects) becomes writable for the command. The walk goes by directory descriptors
+/// opened without following links, and changes each name itself (`fchownat` without
+/// following), so a command that swaps a directory for a symlink meanwhile cannot make it
+/// touch anything outside the branch; other file systems mounted below are not entered.
+/// Files already owned are only looked at, so an overlay branch's shared layers are not
+/// copied up.
 pub fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
-    let root = std::fs::symlink_metadata(dir)?;
-    let dev = root.dev();
-    let mut stack = vec![dir.to_path_buf()];
-    chown_if_needed(dir, &root, uid)?;
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let path = entry.path();
-            let m = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                // Gone meanwhile (a command of the branch is not running now, but the server
-                // may be deleting): nothing to hand over.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            chown_if_needed(&path, &m, uid)?;
-            if m.is_dir() && m.dev() == dev {
-                stack.push(path);
-            }
-        }
+    use crate::git::copy::beneath::Dir;
+    let root = Dir::open(dir)?;
+    let top = root.stat_self()?;
+    if top.uid != uid || top.gid != uid {
+        root.chown(uid, uid)?;
     }
-    Ok(())
+    hand_over_below(&root, top.dev, uid, 0)
 }
 
-fn chown_if_needed(path: &Path, m: &std::fs::Metadata, uid: u32) -> std::io::Result<()> {
-    if m.uid() == uid && m.gid() == uid {
-        return Ok(());
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("a path with a NUL byte"))?;
-    // SAFETY: a valid NUL-terminated path; lchown never follows the final symlink.
-    if unsafe { libc::lchown(c.as_ptr(), uid, uid) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::NotFound {
+/// Deeper than this, a tree is left as it is (no real project nests so deep).
+const HAND_OVER_DEPTH: usize = 256;
+
+fn hand_over_below(
+    dir: &crate::git::copy::beneath::Dir,
+    dev: u64,
+    uid: u32,
+    depth: usize,
+) -> std::io::Result<()> {
+    use crate::git::copy::beneath::Kind;
+    use std::io::ErrorKind;
+    // Gone or swapped meanwhile: nothing of ours to hand over there.
+    let vanished = |e: &std::io::Error| {
+        e.kind() == ErrorKind::NotFound
+            || matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR))
+    };
+    for name in dir.names()? {
+        let Some(st) = dir.stat(&name)? else {
+            continue;
+        };
+        if (st.uid != uid || st.gid != uid)
+            && let Err(e) = dir.chown_name(&name, uid, uid)
+            && !vanished(&e)
+        {
             return Err(e);
+        }
+        if st.kind == Kind::Dir && st.dev == dev && depth < HAND_OVER_DEPTH {
+            match dir.dir(&name) {
+                Ok(sub) => hand_over_below(&sub, dev, uid, depth + 1)?,
+                Err(e) if vanished(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
@@ -607,6 +615,27 @@ mod tests {
                 "{k}"
             );
         }
+    }
+
+    #[test]
+    fn hand_over_never_follows_a_link_out() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "s").unwrap();
+        let branch = tempfile::tempdir().unwrap();
+        std::fs::create_dir(branch.path().join("src")).unwrap();
+        std::fs::write(branch.path().join("src/a.rs"), "a").unwrap();
+        std::os::unix::fs::symlink(outside.path(), branch.path().join("out")).unwrap();
+        hand_over(branch.path(), 61000).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let owner = |p: &Path| std::fs::symlink_metadata(p).unwrap().uid();
+        assert_eq!(owner(&branch.path().join("src/a.rs")), 61000);
+        assert_eq!(owner(&branch.path().join("out")), 61000, "the link itself");
+        assert_eq!(owner(outside.path()), 0);
+        assert_eq!(owner(&outside.path().join("secret")), 0);
     }
 
     #[test]
