@@ -282,7 +282,12 @@ async fn memory_and_processes_are_limited() {
             "for i in $(seq 40); do sleep 5 & done 2>&1; echo spawned; kill $(jobs -p) 2>/dev/null",
         )
         .await;
-        let out = r["output"].as_str().unwrap();
+        // The shell cannot fork its 40 sleepers; with other sandboxes of the uid running,
+        // the sandbox itself may not even start.
+        let out = match &r {
+            Value::String(error) => error.as_str(),
+            _ => r["output"].as_str().unwrap(),
+        };
         assert!(
             out.contains("fork") || out.contains("Resource temporarily unavailable"),
             "{out}"
@@ -374,8 +379,10 @@ async fn a_command_in_a_layered_fork_changes_only_the_fork() {
         .await;
     assert_eq!(status, 201);
     let main = s.dir.join("p/main");
+    // Files of 64 KiB, so that a data copy shows in the blocks a file takes.
+    let content = |i: usize| format!("file {i}\n").repeat(64 * 1024 / 7);
     for i in 0..50 {
-        std::fs::write(main.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+        std::fs::write(main.join(format!("f{i}.txt")), content(i)).unwrap();
     }
     let (status, body) = s
         .post_json(
@@ -406,19 +413,27 @@ async fn a_command_in_a_layered_fork_changes_only_the_fork() {
     );
     assert_eq!(
         std::fs::read_to_string(main.join("f0.txt")).unwrap(),
-        "file 0\n"
+        content(0)
+    );
+    assert_eq!(
+        std::fs::read_to_string(feature.join("f1.txt")).unwrap(),
+        content(1)
     );
     assert!(!main.join("new.txt").exists());
     if layered {
-        // Only what the command changed was copied up; the shared files stayed in the layer.
+        // Only what the command changed was copied up with its data; the shared files stayed
+        // in the layer (at most their inodes came up, to change their owner: metacopy).
+        use std::os::unix::fs::MetadataExt;
         let upper = s.dir.join(".weldr-layers/branches/p/feature/upper");
-        let copied: Vec<_> = std::fs::read_dir(&upper)
+        let copied: Vec<String> = std::fs::read_dir(&upper)
             .unwrap()
             .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('f'))
+            .filter(|e| e.metadata().unwrap().blocks() * 512 >= 32 * 1024)
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('f'))
             .collect();
-        assert_eq!(copied, ["f0.txt"], "{copied:?}");
+        assert!(copied.is_empty(), "data copied up: {copied:?}");
+        assert!(upper.join("f0.txt").exists() && upper.join("new.txt").exists());
     }
     s.stop().await;
 }

@@ -525,8 +525,9 @@ fn cstring(p: &Path) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| invalid(format!("{p:?}")))
 }
 
-/// Mount an overlay at `dir`. Directory renames are allowed (`redirect_dir=on`) where the kernel
-/// has it; otherwise they fail with EXDEV and tools copy, as they do across file systems.
+/// Mount an overlay at `dir`. Directory renames are allowed (`redirect_dir=on`) and an owner or
+/// mode change copies up no data (`metacopy=on`) where the kernel has them; otherwise renames
+/// fail with EXDEV and tools copy, as they do across file systems.
 fn mount_overlay(dir: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> io::Result<()> {
     for p in lowers.iter().map(PathBuf::as_path).chain([upper, work]) {
         let bytes = p.as_os_str().as_bytes();
@@ -549,7 +550,13 @@ fn mount_overlay(dir: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> i
     );
     let target = cstring(dir)?;
     let mut last = io::Error::other("no mount attempted");
-    for options in [format!("{base},redirect_dir=on"), base] {
+    // metacopy: a change of owner or mode copies only the inode up, not the data (the sandbox
+    // takes ownership of a branch's files on its first command); it needs redirect_dir.
+    for options in [
+        format!("{base},redirect_dir=on,metacopy=on"),
+        format!("{base},redirect_dir=on"),
+        base,
+    ] {
         let data = std::ffi::CString::new(options).map_err(|_| invalid("options".into()))?;
         // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
         let rc = unsafe {

@@ -327,7 +327,6 @@ async fn fork_layered(
     child_id: &str,
 ) -> Result<bool, ApiError> {
     let config = app.config.clone();
-    let sandbox_uid = app.sandbox.dedicated_uid();
     let (p, parent, child) = (
         project_id.to_string(),
         parent_id.to_string(),
@@ -336,13 +335,6 @@ async fn fork_layered(
     let outcome = tokio::task::spawn_blocking(move || {
         let parent_dir = branch_dir(&config, &p, &parent);
         let child_dir = branch_dir(&config, &p, &child);
-        // The frozen layer's files belong to the sandbox uid already, so the first command on
-        // either side does not copy every file up to change its owner.
-        if let Some(uid) = sandbox_uid
-            && let Err(e) = crate::sandbox::hand_over(&parent_dir, uid)
-        {
-            tracing::warn!(error = %e, "could not hand the parent's files to the sandbox uid before the fork");
-        }
         layers::Layers::new(&config).fork(&p, (&parent, &parent_dir), (&child, &child_dir))
     })
     .await?;
