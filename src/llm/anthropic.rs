@@ -324,13 +324,8 @@ impl StreamParser for Parser {
                     signature: (!signature.is_empty()).then_some(signature),
                 }),
                 Block::Tool { id, name, json } => {
-                    let input = if cut {
-                        match http::cut_tool_input(&name, &json) {
-                            Some(input) => input,
-                            None => continue,
-                        }
-                    } else {
-                        http::tool_input(&name, &json)?
+                    let Some(input) = http::call_input(&name, &json, cut)? else {
+                        continue;
                     };
                     parts.push(Part::ToolCall { id, name, input });
                 }

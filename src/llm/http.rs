@@ -450,10 +450,14 @@ pub fn json(data: &str) -> Result<Value, LlmError> {
     })
 }
 
-/// The arguments of a call in a turn that was cut off at the output limit: None when they
-/// broke off (the engine drops the whole turn and asks again).
-pub fn cut_tool_input(name: &str, raw: &str) -> Option<Value> {
-    tool_input(name, raw).ok()
+/// The arguments of a call; in a turn `cut` off at the output limit, None when they broke off
+/// (the call is left out; the engine drops the whole turn and asks again).
+pub fn call_input(name: &str, raw: &str, cut: bool) -> Result<Option<Value>, LlmError> {
+    match tool_input(name, raw) {
+        Ok(input) => Ok(Some(input)),
+        Err(_) if cut => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Parses assembled tool-call arguments; empty means `{}`.

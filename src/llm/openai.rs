@@ -27,18 +27,11 @@ impl OpenAi {
     /// OpenAI (or `OPENAI_BASE_URL`); needs `OPENAI_API_KEY`.
     #[allow(clippy::self_named_constructors)] // `openai` next to `ollama`: the name is the provider
     pub fn openai(keys: &ProviderKeys) -> Result<Self, LlmError> {
-        let key = keys
-            .openai_api_key
-            .as_ref()
-            .filter(|k| !k.expose().trim().is_empty())
-            .ok_or_else(|| LlmError::Config("OPENAI_API_KEY is not set".into()))?;
+        let (base, auth) = openai_endpoint(keys)?;
         Ok(Self {
             name: "openai",
-            base: http::trim_base(keys.openai_base_url.as_deref().unwrap_or(DEFAULT_BASE_URL)),
-            auth: Some(http::header_value(
-                "OPENAI_API_KEY",
-                &format!("Bearer {}", key.expose().trim()),
-            )?),
+            base,
+            auth: Some(auth),
             transport: Transport::new()?,
         })
     }
@@ -62,6 +55,20 @@ impl OpenAi {
         self.transport.set_idle_timeout(idle);
         self
     }
+}
+
+/// OpenAI's base URL (`OPENAI_BASE_URL` or the default) and its `Authorization` header from
+/// `OPENAI_API_KEY`, for Chat Completions and the Responses API alike.
+pub(super) fn openai_endpoint(keys: &ProviderKeys) -> Result<(String, HeaderValue), LlmError> {
+    let key = keys
+        .openai_api_key
+        .as_ref()
+        .filter(|k| !k.expose().trim().is_empty())
+        .ok_or_else(|| LlmError::Config("OPENAI_API_KEY is not set".into()))?;
+    Ok((
+        http::trim_base(keys.openai_base_url.as_deref().unwrap_or(DEFAULT_BASE_URL)),
+        http::header_value("OPENAI_API_KEY", &format!("Bearer {}", key.expose().trim()))?,
+    ))
 }
 
 #[async_trait::async_trait]
@@ -341,13 +348,8 @@ impl StreamParser for Parser {
                     "tool call {index} has no function name"
                 )));
             }
-            let input = if cut {
-                match http::cut_tool_input(&call.name, &call.arguments) {
-                    Some(input) => input,
-                    None => continue,
-                }
-            } else {
-                http::tool_input(&call.name, &call.arguments)?
+            let Some(input) = http::call_input(&call.name, &call.arguments, cut)? else {
+                continue;
             };
             let id = if call.id.is_empty() {
                 format!("call_{}", self.first_id + n)

@@ -30,18 +30,10 @@ pub struct Responses {
 impl Responses {
     /// OpenAI (or `OPENAI_BASE_URL`); needs `OPENAI_API_KEY`.
     pub fn new(keys: &ProviderKeys) -> Result<Self, LlmError> {
-        let key = keys
-            .openai_api_key
-            .as_ref()
-            .filter(|k| !k.expose().trim().is_empty())
-            .ok_or_else(|| LlmError::Config("OPENAI_API_KEY is not set".into()))?;
+        let (base, auth) = super::openai::openai_endpoint(keys)?;
         Ok(Self {
-            base: http::trim_base(
-                keys.openai_base_url
-                    .as_deref()
-                    .unwrap_or(super::openai::DEFAULT_BASE_URL),
-            ),
-            auth: http::header_value("OPENAI_API_KEY", &format!("Bearer {}", key.expose().trim()))?,
+            base,
+            auth,
             transport: Transport::new()?,
         })
     }
@@ -422,13 +414,8 @@ impl StreamParser for Parser {
                             "a function call without a name or call_id".into(),
                         ));
                     }
-                    let input = if cut {
-                        match http::cut_tool_input(&name, &arguments) {
-                            Some(input) => input,
-                            None => continue,
-                        }
-                    } else {
-                        http::tool_input(&name, &arguments)?
+                    let Some(input) = http::call_input(&name, &arguments, cut)? else {
+                        continue;
                     };
                     has_calls = true;
                     parts.push(Part::ToolCall {
