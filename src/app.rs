@@ -160,6 +160,7 @@ pub fn new_event(kind: &str, fields: serde_json::Value) -> Result<NewEvent, ApiE
 
 /// Startup work before serving: in cloud mode the machine's project exists in the registry.
 pub async fn prepare(app: &App) -> Result<(), ApiError> {
+    crate::sandbox::log_status(&app.sandbox);
     if app.config.mode == crate::config::Mode::Cloud
         && let Some(project_id) = &app.config.project_id
     {

@@ -367,28 +367,12 @@ impl Sandbox {
     }
 }
 
-/// Get the workspace ready for sandboxed commands, once at start-up, and log how commands
-/// will run. When they run as the dedicated uid: the workspace base lets that uid pass (it must
-/// reach the branch directories to bind them; it still cannot list the base), and the server's
-/// own libgit2 accepts repositories owned by that uid (it never takes a repository's word on
-/// where its work tree is or which hooks to run: see [`crate::git`]).
+/// Get the workspace ready for sandboxed commands whenever the store is opened. When they run
+/// as the dedicated uid: the workspace base lets that uid pass (it must reach the branch
+/// directories to bind them; it still cannot list the base), and the server's own libgit2
+/// accepts repositories owned by that uid (it never takes a repository's word on where its
+/// work tree is or which hooks to run: see [`crate::git`]).
 pub fn prepare_workspace(sandbox: &Sandbox, workspace_base: &Path) {
-    match sandbox.status() {
-        SandboxStatus { mode: "off", .. } => tracing::warn!(
-            "SANDBOX=off: the agent's commands run unconfined, as the server's user, and can read its secrets"
-        ),
-        SandboxStatus {
-            reason: Some(reason),
-            ..
-        } => tracing::error!(
-            "the agent's commands cannot run: the sandbox is unavailable ({reason}); install bubblewrap or set SANDBOX=off"
-        ),
-        status => tracing::info!(
-            uid = ?status.uid,
-            network = status.network,
-            "the agent's commands run in a bubblewrap sandbox"
-        ),
-    }
     if sandbox.dedicated_uid().is_some() {
         // SAFETY: a libgit2 option set at start-up, before any repository is opened here.
         let _ = unsafe { git2::opts::set_verify_owner_validation(false) };
@@ -406,6 +390,26 @@ pub fn prepare_workspace(sandbox: &Sandbox, workspace_base: &Path) {
                 );
             }
         }
+    }
+}
+
+/// Log how commands will run (the server at start-up; this runs bubblewrap once to find out).
+pub fn log_status(sandbox: &Sandbox) {
+    match sandbox.status() {
+        SandboxStatus { mode: "off", .. } => tracing::warn!(
+            "SANDBOX=off: the agent's commands run unconfined, as the server's user, and can read its secrets"
+        ),
+        SandboxStatus {
+            reason: Some(reason),
+            ..
+        } => tracing::error!(
+            "the agent's commands cannot run: the sandbox is unavailable ({reason}); install bubblewrap or set SANDBOX=off"
+        ),
+        status => tracing::info!(
+            uid = ?status.uid,
+            network = status.network,
+            "the agent's commands run in a bubblewrap sandbox"
+        ),
     }
 }
 
