@@ -5,12 +5,15 @@
 //! call, after a timeout, and after the server is killed with SIGKILL.
 
 mod common;
+#[path = "common/procs.rs"]
+mod procs;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use procs::processes_with;
 use serde_json::{Value, json};
 use weldr_agent::sandbox::{Sandbox, SandboxMode, SandboxSettings};
 use weldr_agent::tools::{self, Workspace};
@@ -25,20 +28,6 @@ fn set_server_secret() {
         std::env::set_var("BETTER_AUTH_SECRET_FOR_TEST", SECRET);
         std::env::set_var("S3_SECRET_ACCESS_KEY", SECRET);
     }
-}
-
-/// Processes anywhere on the machine whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmdline).contains(marker)
-            && entry.file_name() != std::process::id().to_string().as_str()
-        {
-            found.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    found
 }
 
 /// Waits (a bounded while) until no process carries `marker`; the survivors otherwise.

@@ -5,40 +5,13 @@
 //! The disk is a real one: a small tmpfs for the data directory (the tests run as root).
 
 mod common;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::path::Path;
 use std::time::Duration;
 
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root");
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use tmpfs::Tmpfs;
 
 /// Fill the disk with a file until writing fails.
 fn fill(path: &Path) {

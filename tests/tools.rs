@@ -2,9 +2,13 @@
 //! edit errors, confinement (`..`, absolute paths, symlinks out, `.git`), .gitignore, and
 //! run_command's timeout, output cap and scrubbed environment.
 
+#[path = "common/procs.rs"]
+mod procs;
+
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
+use procs::processes_with;
 use serde_json::{Value, json};
 use weldr_agent::tools::{self, ChangeKind, ToolOutcome, Workspace};
 
@@ -629,19 +633,6 @@ async fn run_command_output_is_capped() {
     let out = r["output"].as_str().unwrap();
     assert!(out.len() < tools::OUTPUT_CAP_BYTES + 200, "{}", out.len());
     assert!(out.contains("[output truncated"));
-}
-
-/// Processes anywhere on the machine whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmdline).contains(marker)
-        {
-            found.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
-    found
 }
 
 #[tokio::test]

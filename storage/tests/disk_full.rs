@@ -6,39 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[path = "../../tests/common/tmpfs.rs"]
+mod tmpfs;
+
+use tmpfs::Tmpfs;
 use weldr_storage::events::{NoObserver, read_meta, read_range};
 use weldr_storage::{NewEvent, StorageError, Store, StoreOptions, StreamKey};
-
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
-pub struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    pub fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root");
-        Tmpfs { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 fn event(i: u64) -> NewEvent {
     NewEvent {
