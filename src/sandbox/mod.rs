@@ -205,7 +205,7 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let confine = self.confinement(None);
+        let confine = self.confinement();
         // SAFETY: see `Confinement::apply`: only async-signal-safe calls between fork and exec.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || confine.apply());
@@ -252,7 +252,7 @@ impl Sandbox {
             .env_clear()
             .process_group(0)
             .kill_on_drop(true);
-        let confine = self.confinement(Some(&dir));
+        let confine = self.confinement();
         // SAFETY: see `Confinement::apply`.
         unsafe {
             cmd.pre_exec(move || confine.apply());
@@ -283,7 +283,7 @@ impl Sandbox {
         cmd
     }
 
-    fn confinement(&self, _dir: Option<&Path>) -> Confinement {
+    fn confinement(&self) -> Confinement {
         let uid = self.dedicated_uid();
         Confinement {
             uid,
