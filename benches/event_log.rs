@@ -81,7 +81,14 @@ async fn appends_ours(app: &Arc<App>, producers: usize) -> AppendRun {
                 let body = serde_json::json!({ "payload": payload() });
                 while start.elapsed() < APPEND_WINDOW {
                     let t = Instant::now();
-                    app.emit("p", "b", "bench", body.clone()).await.unwrap();
+                    app.base
+                        .emit(
+                            &weldr_agent::branches::BranchKey::new("p", "b"),
+                            "bench",
+                            body.clone(),
+                        )
+                        .await
+                        .unwrap();
                     lat.push(t.elapsed());
                 }
                 lat
@@ -254,7 +261,17 @@ impl FanoutServer {
     async fn append(&mut self) -> u64 {
         let data = serde_json::json!({ "text": "hello" });
         match self {
-            FanoutServer::InProcess(_, app) => app.emit("p", "b", "text", data).await.unwrap().id,
+            FanoutServer::InProcess(_, app) => {
+                app.base
+                    .emit(
+                        &weldr_agent::branches::BranchKey::new("p", "b"),
+                        "text",
+                        data,
+                    )
+                    .await
+                    .unwrap()
+                    .id
+            }
             FanoutServer::OwnProcess(_, control) => {
                 let request = weldr_agent::control::ControlRequest::Append {
                     project_id: "p".into(),
@@ -580,7 +597,7 @@ async fn bench_catchup() {
     let body = serde_json::json!({ "payload": payload() });
     let mut batch = Vec::new();
     for _ in 0..LOG {
-        batch.push(weldr_agent::app::new_event("text", body.clone()).unwrap());
+        batch.push(weldr_agent::stream::new_event("text", body.clone()).unwrap());
     }
     for chunk in batch.chunks(1000) {
         app.store
@@ -920,7 +937,7 @@ fn bench_binary() {
                 .await
                 .unwrap();
             let events: Vec<_> = (0..100)
-                .map(|_| weldr_agent::app::new_event("text", body.clone()).unwrap())
+                .map(|_| weldr_agent::stream::new_event("text", body.clone()).unwrap())
                 .collect();
             app.store
                 .writer()

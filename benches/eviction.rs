@@ -86,7 +86,7 @@ async fn producers(
                 let mut lat = Vec::new();
                 let body = serde_json::json!({"payload": "x".repeat(180)});
                 while !stop.load(Ordering::Relaxed) {
-                    let event = weldr_agent::app::new_event("text", body.clone()).unwrap();
+                    let event = weldr_agent::stream::new_event("text", body.clone()).unwrap();
                     let t = Instant::now();
                     app.store
                         .writer()
@@ -129,7 +129,9 @@ async fn one_run(mnt: &Path, outside: &Path) -> Run {
         .unwrap();
     for b in 0..BRANCHES {
         let branch = format!("b{b:03}");
-        let created = weldr_agent::branches::create_branch(&app, "p", &branch, None)
+        let created = app
+            .residency
+            .create_branch(&weldr_agent::branches::BranchKey::new("p", &branch), None)
             .await
             .unwrap();
         for f in 0..FILES_PER_BRANCH {
@@ -144,24 +146,29 @@ async fn one_run(mnt: &Path, outside: &Path) -> Run {
             .unwrap();
     }
     // Past the maximum with a file that is not a branch (logs, caches, a build).
-    let usage = weldr_agent::evict::usage(&app).await.unwrap();
+    let usage = app.evictor.usage().unwrap();
     let max = app.config.max_volume_usage_percent as f64 + 2.0;
     let want = (usage.used_bytes + usage.available_bytes) as f64 * max / 100.0;
     let fill = (want - usage.used_bytes as f64).max(0.0) as usize;
     std::fs::write(mnt.join("filler.bin"), content(7, fill)).unwrap();
-    let before = weldr_agent::evict::usage(&app).await.unwrap().percent();
+    let before = app.evictor.usage().unwrap().percent();
 
     let baseline = measure(&app, tokio::time::sleep(BASELINE)).await;
     let mut pass = None;
     let during = measure(&app, async {
         let t = Instant::now();
-        let report = weldr_agent::evict::cleanup(&app).await.unwrap();
+        let report = app.evictor.cleanup().await.unwrap();
         pass = Some((t.elapsed(), report));
     })
     .await;
     let (elapsed, report) = pass.unwrap();
-    assert_eq!(report.status, "success", "{:?}", report.failed.len());
-    let after = weldr_agent::evict::usage(&app).await.unwrap().percent();
+    assert_eq!(
+        report.status,
+        weldr_agent::evict::PassStatus::Success,
+        "{:?}",
+        report.failed.len()
+    );
+    let after = app.evictor.usage().unwrap().percent();
     assert!(after <= app.config.target_volume_usage_percent as f64);
     let store = app.store.clone();
     drop(app);

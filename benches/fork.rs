@@ -11,7 +11,7 @@
 //!
 //! Then, interleaved (the order rotates every repeat), each repeat makes a new tree with:
 //!
-//! * ours: `branches::create_branch(.., Some(ForkFrom { branch_id: "main", version: None }))`,
+//! * ours: `Residency::create_branch(.., Some(ForkFrom { branch_id: "main", version: None }))`,
 //!   timed until it returns (a usable, isolated tree with its index, `git status` clean). As
 //!   root with overlayfs this is a layered fork (`main` frozen into a layer, both mounted over
 //!   it; one untimed fork before the repeats does the first freeze, so that every timed fork
@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use common::*;
 use weldr_agent::app::App;
-use weldr_agent::branches::{self, ForkFrom};
+use weldr_agent::branches::{self, BranchKey, ForkFrom};
 use weldr_agent::config::Config;
 use weldr_storage::model::VersionKind;
 
@@ -247,25 +247,26 @@ fn main() {
         weldr_agent::registry::create_project(&app.store, "p", None, None)
             .await
             .unwrap();
-        let main = branches::create_branch(&app, "p", "main", None)
+        let main = app
+            .residency
+            .create_branch(&BranchKey::new("p", "main"), None)
             .await
             .unwrap();
         let t = Instant::now();
         let (_, bytes, n_dirs) = generate(&main.dir, files, total_mb as u64 * 1_000_000);
         let gen_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        branches::commit_version(
-            &app,
-            "p",
-            "main",
-            "bench tree",
-            None,
-            VersionKind::Checkpoint,
-            None,
-        )
-        .await
-        .unwrap()
-        .expect("a version");
+        app.branches
+            .commit_version(
+                &BranchKey::new("p", "main"),
+                "bench tree",
+                None,
+                VersionKind::Checkpoint,
+                None,
+            )
+            .await
+            .unwrap()
+            .expect("a version");
         (main.dir, gen_s, t.elapsed().as_secs_f64(), n_dirs, bytes)
     });
     let src_du = dir_size(&src);
@@ -285,10 +286,8 @@ fn main() {
     // timed fork finds `main` as it will be from then on.
     let config = app.config.clone();
     let warm = rt
-        .block_on(branches::create_branch(
-            &app,
-            "p",
-            "warm",
+        .block_on(app.residency.create_branch(
+            &BranchKey::new("p", "warm"),
             Some(ForkFrom {
                 branch_id: "main".into(),
                 version: None,
@@ -296,7 +295,7 @@ fn main() {
         ))
         .unwrap();
     let layered = weldr_agent::branches::layers::is_mount_point(&warm.dir).unwrap();
-    branches::remove_branch_dir(&config, "p", "warm", &warm.dir).unwrap();
+    branches::layers::remove_branch_dir(&config, &BranchKey::new("p", "warm"), &warm.dir).unwrap();
     eprintln!(
         "fork mode: {}",
         if layered {
@@ -326,10 +325,8 @@ fn main() {
             let dst = match method {
                 Method::Ours => {
                     let created = rt
-                        .block_on(branches::create_branch(
-                            &app,
-                            "p",
-                            &format!("fork{rep}"),
+                        .block_on(app.residency.create_branch(
+                            &BranchKey::new("p", format!("fork{rep}")),
                             Some(ForkFrom {
                                 branch_id: "main".into(),
                                 version: None,
@@ -380,7 +377,12 @@ fn main() {
             }
             // Clean up before the next one so the disk does not fill.
             if method == Method::Ours {
-                branches::remove_branch_dir(&config, "p", &format!("fork{rep}"), &dst).unwrap();
+                branches::layers::remove_branch_dir(
+                    &config,
+                    &BranchKey::new("p", format!("fork{rep}")),
+                    &dst,
+                )
+                .unwrap();
             } else {
                 std::fs::remove_dir_all(&dst).unwrap();
             }

@@ -39,6 +39,78 @@ impl Secret {
     }
 }
 
+/// How commands are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// bubblewrap; commands fail when it cannot run.
+    Bwrap,
+    /// No isolation at all (`SANDBOX=off`, an explicit operator choice).
+    Off,
+}
+
+/// The sandbox's settings (`SANDBOX*` settings).
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    pub mode: SandboxMode,
+    /// Whether commands reach the network (`SANDBOX_NETWORK`).
+    pub network: bool,
+    /// The uid (and gid) commands run as when the server is root.
+    pub uid: u32,
+    /// Most data memory one process may map (`RLIMIT_DATA`), in MiB.
+    pub memory_mb: u64,
+    /// Most processes of the sandbox uid at once (`RLIMIT_NPROC`; only with the dedicated uid,
+    /// where the count is the sandboxes' own).
+    pub max_processes: u64,
+    /// Size of the private `/tmp`, in MiB.
+    pub tmp_mb: u64,
+    /// The bubblewrap program (found on `PATH` by default).
+    pub program: PathBuf,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            mode: SandboxMode::Bwrap,
+            network: true,
+            uid: 61000,
+            memory_mb: 4096,
+            max_processes: 1024,
+            tmp_mb: 512,
+            program: PathBuf::from("bwrap"),
+        }
+    }
+}
+
+/// Is `name` a safe SQL identifier (optionally schema-qualified)?
+pub fn is_sql_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 127
+        && name.split('.').count() <= 2
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !part.as_bytes()[0].is_ascii_digit()
+        })
+}
+
+/// Table names of the Better Auth schema (plural, as the original app configured it).
+#[derive(Debug, Clone)]
+pub struct AuthTables {
+    pub sessions: String,
+    pub users: String,
+    pub projects: String,
+}
+
+impl Default for AuthTables {
+    fn default() -> Self {
+        Self {
+            sessions: "sessions".into(),
+            users: "users".into(),
+            projects: "projects".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct S3Config {
     pub endpoint: String,
@@ -108,7 +180,7 @@ pub struct Config {
     pub sse_heartbeat: Duration,
     /// Better Auth cookie prefix (`<prefix>.session_token`).
     pub auth_cookie_prefix: String,
-    pub auth_tables: crate::auth::sessions::AuthTables,
+    pub auth_tables: AuthTables,
     /// Open SSE streams allowed per user.
     pub sse_max_per_user: usize,
     /// `/trigger` calls allowed per user per minute.
@@ -123,7 +195,7 @@ pub struct Config {
     /// them; false: always copy.
     pub fork_layers: bool,
     /// How the agent's commands are isolated.
-    pub sandbox: crate::sandbox::SandboxSettings,
+    pub sandbox: SandboxSettings,
     /// Open HTTP connections served at once (`MAX_CONNECTIONS`); more are refused at accept,
     /// with a few more kept for `/health`. None: derived from the file descriptor limit.
     pub max_connections: Option<usize>,
@@ -424,8 +496,7 @@ fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError
     Ok(v)
 }
 
-fn sandbox_settings(env: &Env) -> Result<crate::sandbox::SandboxSettings, ConfigError> {
-    use crate::sandbox::{SandboxMode, SandboxSettings};
+fn sandbox_settings(env: &Env) -> Result<SandboxSettings, ConfigError> {
     let d = SandboxSettings::default();
     let uid: u32 = env.parse("SANDBOX_UID", d.uid, "a uid")?;
     if uid == 0 {
@@ -462,7 +533,7 @@ fn sandbox_settings(env: &Env) -> Result<crate::sandbox::SandboxSettings, Config
 
 fn sql_table(env: &Env, name: &'static str, default: &str) -> Result<String, ConfigError> {
     let value = env.var(name).unwrap_or_else(|| default.to_string());
-    if !crate::auth::sessions::is_sql_identifier(&value) {
+    if !is_sql_identifier(&value) {
         return Err(ConfigError {
             var: name,
             value,
@@ -660,7 +731,7 @@ impl Config {
             auth_cookie_prefix: env
                 .var("AUTH_COOKIE_PREFIX")
                 .unwrap_or_else(|| "weldr".into()),
-            auth_tables: crate::auth::sessions::AuthTables {
+            auth_tables: AuthTables {
                 sessions: sql_table(&env, "AUTH_SESSIONS_TABLE", "sessions")?,
                 users: sql_table(&env, "AUTH_USERS_TABLE", "users")?,
                 projects: sql_table(&env, "AUTH_PROJECTS_TABLE", "projects")?,

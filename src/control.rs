@@ -14,15 +14,13 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
-use weldr_storage::StreamKey;
 use weldr_storage::events::{list_streams, read_meta, read_range};
 
+use crate::api::ApiError;
 use crate::app::App;
 use crate::auth::tokens;
-use crate::branches;
-use crate::error::ApiError;
-use crate::ids::check_id;
-use crate::registry;
+use crate::branches::{self, BranchError, BranchKey, registry};
+use crate::ids::{check_id, parse_version_id};
 
 /// Longest request line accepted on the socket.
 const MAX_LINE: usize = 1 << 20;
@@ -81,9 +79,7 @@ pub enum ControlResponse {
 pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiError> {
     match request {
         ControlRequest::Status => {
-            let store = app.store.clone();
-            let streams =
-                tokio::task::spawn_blocking(move || list_streams(&store.begin_read()?)).await??;
+            let streams = app.base.read(list_streams).await?;
             let events: u64 = streams.iter().map(|(_, m)| m.next_id - m.first_id).sum();
             Ok(json!({
                 "mode": app.config.mode.as_str(),
@@ -93,6 +89,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                 "events": events,
                 "subscribers": app.bus.total_subscribers(),
                 "uptimeSeconds": app.started.elapsed().as_secs(),
+                "workers": app.workers.status(),
             }))
         }
         ControlRequest::CreateProject { project_id, title } => {
@@ -109,11 +106,13 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             check_id("branchId", &branch_id)?;
             let from = from.as_deref().map(parse_fork_source).transpose()?;
             match registry::create_project(&app.store, &project_id, None, None).await {
-                Ok(_) => {}
-                Err(e) if e.code == "project_exists" => {}
-                Err(e) => return Err(e),
+                Ok(_) | Err(BranchError::ProjectExists(_)) => {}
+                Err(e) => return Err(e.into()),
             }
-            let created = branches::create_branch(app, &project_id, &branch_id, from).await?;
+            let created = app
+                .residency
+                .create_branch(&BranchKey::new(&project_id, &branch_id), from)
+                .await?;
             Ok(
                 json!({ "status": if created.created { "created" } else { "reused" }, "branchDir": created.dir }),
             )
@@ -126,8 +125,9 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
         } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
-            registry::require_branch(&app.store, &project_id, &branch_id).await?;
-            let event = app.emit(&project_id, &branch_id, &kind, data).await?;
+            let key = BranchKey::new(&project_id, &branch_id);
+            registry::require_branch(&app.store, &key).await?;
+            let event = app.base.emit(&key, &kind, data).await?;
             Ok(json!({ "id": event.id }))
         }
         ControlRequest::ListEvents {
@@ -138,22 +138,23 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
         } => {
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
-            registry::require_branch(&app.store, &project_id, &branch_id).await?;
-            let store = app.store.clone();
-            let key = StreamKey::new(&project_id, &branch_id);
+            let branch = BranchKey::new(&project_id, &branch_id);
+            registry::require_branch(&app.store, &branch).await?;
+            let key = branch.stream();
             let limit = limit.clamp(1, 10_000);
-            let events = tokio::task::spawn_blocking(move || {
-                let rtx = store.begin_read()?;
-                let meta = read_meta(&rtx, &key)?;
-                read_range(
-                    &rtx,
-                    &key,
-                    after.saturating_add(1).max(meta.first_id),
-                    meta.last_id(),
-                    limit,
-                )
-            })
-            .await??;
+            let events = app
+                .base
+                .read(move |rtx| {
+                    let meta = read_meta(rtx, &key)?;
+                    read_range(
+                        rtx,
+                        &key,
+                        after.saturating_add(1).max(meta.first_id),
+                        meta.last_id(),
+                        limit,
+                    )
+                })
+                .await?;
             let events: Vec<Value> = events
                 .iter()
                 .map(|e| {
@@ -179,7 +180,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             Ok(serde_json::to_value(list).unwrap_or_default())
         }
         ControlRequest::Cleanup => {
-            let report = crate::evict::cleanup(app).await?;
+            let report = app.evictor.cleanup().await?;
             Ok(serde_json::to_value(report).unwrap_or_default())
         }
         ControlRequest::RevokeToken { which } => {
@@ -198,7 +199,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
 /// `branchId` or `branchId@versionId`.
 fn parse_fork_source(raw: &str) -> Result<branches::ForkFrom, ApiError> {
     let (branch_id, version) = match raw.split_once('@') {
-        Some((b, v)) => (b, Some(crate::api::branches::parse_version_id(v)?)),
+        Some((b, v)) => (b, Some(parse_version_id(v)?)),
         None => (raw, None),
     };
     check_id("--from branch", branch_id)?;

@@ -7,26 +7,27 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod background;
+pub mod base;
 pub mod branches;
 pub mod config;
 pub mod control;
-pub mod error;
 pub mod evict;
 pub mod excludes;
 pub mod git;
 pub mod ids;
 pub mod llm;
-pub mod registry;
+pub mod residency;
 pub mod sandbox;
 pub mod server;
 pub mod stream;
 pub mod sync;
 pub mod tools;
+pub mod worker;
 pub mod workflow;
 
 pub use app::App;
+pub use branches::registry;
 pub use config::Config;
-pub use error::ApiError;
 
 /// Install ring as the process's one rustls crypto provider. Call before any TLS use (the
 /// binary does it first thing in `main`; tests call it too). Idempotent.

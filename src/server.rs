@@ -21,7 +21,7 @@ use crate::api::stream_conn::{ConnectionLimits, HEALTH_RESERVE};
 use crate::app::App;
 use crate::control::ControlServer;
 use crate::sync::dirty::DirtyWatcher;
-use crate::sync::syncer::Syncer;
+use crate::sync::syncer::SyncWorker;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -205,7 +205,6 @@ fn spawn_server<A: Acceptor + Send + 'static>(
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
     let handle = server.handle();
-    crate::workflow::recover(&app);
     let watcher = start_workers(&app);
     let service = crate::api::service(app.clone());
     let task = tokio::spawn(async move { server.serve(service).await });
@@ -221,15 +220,24 @@ fn spawn_server<A: Acceptor + Send + 'static>(
     }
 }
 
-/// The background workers: a full rescan (changes made while the server was down count), the
-/// syncer, the disk watermark loop and the shared directory watcher. They stop with the app's
-/// shutdown token.
+/// The background workers: workflow recovery, a full rescan (changes made while the server
+/// was down count), the syncer, the disk watermark pass and the shared directory watcher (a
+/// thread of its own, or periodic rescans where inotify is not to be had). They stop with the
+/// app's shutdown token and are joined in [`RunningServer::shutdown`].
 fn start_workers(app: &Arc<App>) -> DirtyWatcher {
-    let a = app.clone();
-    tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.config, &a.store));
-    Syncer::spawn_loop(app.clone());
-    crate::evict::spawn_loop(app.clone());
-    DirtyWatcher::start(app.clone())
+    let workers = &app.workers;
+    workers.spawn(crate::workflow::Recovery::new(app.workflows.clone()));
+    let syncer = app.syncer.clone();
+    tokio::task::spawn_blocking(move || syncer.mark_all_dirty());
+    workers.spawn(SyncWorker::new(app.syncer.clone()));
+    if let Some(evict) = crate::evict::EvictWorker::new(app.evictor.clone()) {
+        workers.spawn(evict);
+    }
+    let (watcher, rescan) = DirtyWatcher::start(app.base.clone(), app.syncer.clone());
+    if let Some(rescan) = rescan {
+        workers.spawn(rescan);
+    }
+    watcher
 }
 
 impl RunningServer {
@@ -254,7 +262,7 @@ impl RunningServer {
             }
         };
         let push = async {
-            if tokio::time::timeout(budget, self.app.syncer.flush(&self.app))
+            if tokio::time::timeout(budget, self.app.syncer.flush())
                 .await
                 .is_err()
             {
@@ -264,7 +272,7 @@ impl RunningServer {
                 );
             }
         };
-        tokio::join!(http, push);
+        tokio::join!(http, push, self.app.workers.join(budget));
         if let Some(watcher) = self.watcher {
             let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
         }

@@ -160,7 +160,13 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     let names = ["bfail", "b0", "b1", "b2", "b3", "b4", "b5"];
     for b in names {
         assert_eq!(create_branch(&s, p, b).await.0, 201, "create {b}");
-        fill_branch(&weldr_agent::branches::branch_dir(&config, p, b), 5 << 20);
+        fill_branch(
+            &weldr_agent::branches::branch_dir(
+                &config,
+                &weldr_agent::branches::BranchKey::new(p, b),
+            ),
+            5 << 20,
+        );
     }
     std::fs::create_dir_all(&config.object_store_dir).unwrap();
     std::fs::write(
@@ -185,7 +191,15 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     }
     let trees: BTreeMap<&str, BTreeMap<String, String>> = names
         .iter()
-        .map(|b| (*b, tree(&weldr_agent::branches::branch_dir(&config, p, b))))
+        .map(|b| {
+            (
+                *b,
+                tree(&weldr_agent::branches::branch_dir(
+                    &config,
+                    &weldr_agent::branches::BranchKey::new(p, *b),
+                )),
+            )
+        })
         .collect();
     let before = usage(mount.path());
     assert!(before >= 85.0, "the volume is only {before:.1}% full");
@@ -241,14 +255,23 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert!(text.contains(&format!("USAGE_AFTER={after:.1}")), "{text}");
 
     for b in ["b0", "b3"] {
-        assert!(!weldr_agent::branches::branch_dir(&config, p, b).exists());
+        assert!(
+            !weldr_agent::branches::branch_dir(
+                &config,
+                &weldr_agent::branches::BranchKey::new(p, b)
+            )
+            .exists()
+        );
         let (_, view) = s.get_json(&format!("/projects/proj/branches/{b}")).await;
         assert_eq!(view["state"], "evicted", "{view}");
         assert!(view["sync"]["lastSnapshotId"].is_string(), "{view}");
     }
     // Kept: the failed push, the busy ones, the recent one, and the one not needed.
     for b in ["bfail", "b1", "b2", "b4", "b5"] {
-        let dir = weldr_agent::branches::branch_dir(&config, p, b);
+        let dir = weldr_agent::branches::branch_dir(
+            &config,
+            &weldr_agent::branches::BranchKey::new(p, b),
+        );
         tree::assert_same(&tree(&dir), &trees[b], b);
     }
     let (_, view) = s.get_json("/projects/proj/branches/bfail").await;
@@ -274,7 +297,8 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert!(text.contains("STATUS=reused"), "{text}");
     let (status, versions) = s.get_json("/projects/proj/branches/b0/versions").await;
     assert_eq!(status, 200, "{versions}");
-    let b0 = weldr_agent::branches::branch_dir(&config, p, "b0");
+    let b0 =
+        weldr_agent::branches::branch_dir(&config, &weldr_agent::branches::BranchKey::new(p, "b0"));
     tree::assert_same(&tree(&b0), &trees["b0"], "b0 restored");
     git(&b0, &["fsck", "--full", "--strict"]);
     assert_eq!(
@@ -285,7 +309,8 @@ async fn cleanup_evicts_lru_branches_and_they_restore_byte_identical() {
     assert_eq!(view["state"], "active");
     // ... and a stream connect, which sees the `sync` events of the push and the restore.
     let mut stream = s.sse("/stream/proj/b3", Some("0")).await;
-    let b3 = weldr_agent::branches::branch_dir(&config, p, "b3");
+    let b3 =
+        weldr_agent::branches::branch_dir(&config, &weldr_agent::branches::BranchKey::new(p, "b3"));
     tree::assert_same(&tree(&b3), &trees["b3"], "b3 restored");
     git(&b3, &["fsck", "--full", "--strict"]);
     let mut seen = Vec::new();
@@ -363,7 +388,10 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
         .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(create_branch(&s, "p", "main").await.0, 201);
-    let dir: PathBuf = weldr_agent::branches::branch_dir(&config, "p", "main");
+    let dir: PathBuf = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "main"),
+    );
 
     // The new branch is pushed once it is quiet.
     wait_for(
@@ -464,7 +492,10 @@ async fn sigterm_pushes_dirty_branches_before_stopping() {
     config.sync_quiet = Duration::from_secs(3600);
     let s = start(config.clone()).await;
     common::branch(s.app(), "p", "b").await;
-    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     weldr_agent::git::init_branch(&dir, "test").unwrap();
     std::fs::write(dir.join("unsaved.txt"), "work in progress").unwrap();
     wait_for(

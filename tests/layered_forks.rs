@@ -286,7 +286,7 @@ async fn layered_branches_come_back_after_a_restart_and_evict_and_restore() {
     pressed.eviction_grace = std::time::Duration::ZERO;
     pressed.eviction_interval = std::time::Duration::ZERO;
     let s = start(pressed).await;
-    let report = weldr_agent::evict::cleanup(s.app()).await.unwrap();
+    let report = s.app().evictor.cleanup().await.unwrap();
     let report = serde_json::to_value(&report).unwrap();
     assert!(
         report.to_string().contains("feature") && report.to_string().contains("main"),

@@ -176,7 +176,10 @@ async fn a_link_at_an_excluded_path_is_never_written_through() {
     let config = common::config(tmp.path());
     let outside = Outside::new(tmp.path());
     let before = outside.state();
-    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     let out = outside.dir.to_str().unwrap();
 
     publish(
@@ -432,7 +435,10 @@ async fn impossible_manifests_are_refused_and_the_branch_is_untouched() {
     let config = common::config(tmp.path());
     let outside = Outside::new(tmp.path());
     let before_outside = outside.state();
-    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     std::fs::create_dir_all(dir.join("src")).unwrap();
     std::fs::write(dir.join("a.txt"), "local\n").unwrap();
     std::fs::write(dir.join("stray.txt"), "not in any snapshot\n").unwrap();
@@ -506,7 +512,10 @@ async fn a_swap_that_fails_half_way_is_undone() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let config = common::config(tmp.path());
-    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     std::fs::create_dir_all(dir.join("keep/mnt")).unwrap();
     std::fs::create_dir_all(dir.join("gone/deep")).unwrap();
     std::fs::write(dir.join("a.txt"), "local\n").unwrap();
@@ -556,7 +565,10 @@ async fn a_swap_that_fails_half_way_is_undone() {
 async fn oversized_objects_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let config = common::config(tmp.path());
-    let dir = weldr_agent::branches::branch_dir(&config, "p", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("a.txt"), "local\n").unwrap();
     let before = listing(&dir);

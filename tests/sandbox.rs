@@ -110,7 +110,10 @@ async fn a_hostile_run_command_and_build_reach_nothing_and_leave_nothing() {
     cfg.providers.replay_dir = Some(dir.path().to_path_buf());
     let s = start(cfg).await;
     branch(s.app(), "p", "other").await;
-    let other = weldr_agent::branches::branch_dir(&s.app().config, "p", "other");
+    let other = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "other"),
+    );
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("secret.txt"), "the other branch's secret").unwrap();
     let res = s
@@ -121,7 +124,10 @@ async fn a_hostile_run_command_and_build_reach_nothing_and_leave_nothing() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
-    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    let wd = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     let outside = tempfile::tempdir().unwrap();
     let marker = format!("weldr-sbx-{}", std::process::id());
     let script = attack(&s, &other, outside.path(), &format!("{marker}-cmd"));

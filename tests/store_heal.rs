@@ -48,7 +48,12 @@ async fn health_is_503_while_the_disk_is_full_and_200_once_space_is_freed() {
         let app = s.app().clone();
         let pad = pad.clone();
         async move {
-            app.emit("p", "b", "text", serde_json::json!({ "n": n, "pad": pad }))
+            app.base
+                .emit(
+                    &weldr_agent::branches::BranchKey::new("p", "b"),
+                    "text",
+                    serde_json::json!({ "n": n, "pad": pad }),
+                )
                 .await
                 .map(|e| e.id)
         }

@@ -132,7 +132,12 @@ async fn a_subscriber_that_stops_reading_still_gets_every_event() {
     let big = "x".repeat(2000);
     for i in 0..6000 {
         s.app()
-            .emit("p", "b", "text", serde_json::json!({ "n": i, "pad": big }))
+            .base
+            .emit(
+                &weldr_agent::branches::BranchKey::new("p", "b"),
+                "text",
+                serde_json::json!({ "n": i, "pad": big }),
+            )
             .await
             .unwrap();
     }
@@ -224,7 +229,12 @@ async fn replays_through_the_shared_block_cache_are_exact_at_every_block_edge() 
         let big = "y".repeat(300);
         for i in 0..LOG {
             s.app()
-                .emit("p", "b", "text", serde_json::json!({ "n": i, "pad": big }))
+                .base
+                .emit(
+                    &weldr_agent::branches::BranchKey::new("p", "b"),
+                    "text",
+                    serde_json::json!({ "n": i, "pad": big }),
+                )
                 .await
                 .unwrap();
         }

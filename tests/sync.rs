@@ -165,7 +165,10 @@ async fn push_change_push_pull_noop_and_corruption() {
     let config = s3_config(tmp.path(), &s3.endpoint);
     let project = project_id();
     let branch = "main";
-    let dir = weldr_agent::branches::branch_dir(&config, &project, branch);
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new(&project, branch),
+    );
 
     // Nothing pushed yet: skipped, as the original's bucket_not_found.
     let restore0 = tmp.path().join("restore0");
@@ -327,7 +330,10 @@ async fn interrupted_push_keeps_previous_snapshot_and_next_push_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let config = s3_config(tmp.path(), &s3.endpoint);
     let project = project_id();
-    let dir = weldr_agent::branches::branch_dir(&config, &project, "b1");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new(&project, "b1"),
+    );
     populate(&dir);
     let first = sync::push(&config, &project, "b1").await.unwrap();
     let first_tree = tree(&dir);
@@ -383,7 +389,10 @@ async fn shared_bucket_with_prefixes() {
     assert!(status.is_success(), "{status}");
     config.s3.bucket = Some(shared.clone());
     let project = project_id();
-    let dir = weldr_agent::branches::branch_dir(&config, &project, "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new(&project, "b"),
+    );
     populate(&dir);
     let report = sync::push(&config, &project, "b").await.unwrap();
     assert_eq!(report.bucket, shared);
@@ -399,7 +408,10 @@ async fn fs_backend_round_trip_in_local_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let config = Config::for_workspace(tmp.path());
     assert!(config.s3.access_key_id.is_none());
-    let dir = weldr_agent::branches::branch_dir(&config, "proj", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("proj", "b"),
+    );
     populate(&dir);
     let first = sync::push(&config, "proj", "b").await.unwrap();
     assert!(
@@ -428,7 +440,10 @@ async fn fs_backend_round_trip_in_local_mode() {
 async fn local_index_is_only_a_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let config = Config::for_workspace(tmp.path());
-    let dir = weldr_agent::branches::branch_dir(&config, "proj", "b");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new("proj", "b"),
+    );
     populate(&dir);
     let first = sync::push(&config, "proj", "b").await.unwrap();
     let noop = sync::push(&config, "proj", "b").await.unwrap();
@@ -460,7 +475,10 @@ async fn local_index_is_only_a_cache() {
     let other_base = tempfile::tempdir().unwrap();
     let mut other = Config::for_workspace(other_base.path());
     other.object_store_dir = config.object_store_dir.clone();
-    let other_dir = weldr_agent::branches::branch_dir(&other, "proj", "b");
+    let other_dir = weldr_agent::branches::branch_dir(
+        &other,
+        &weldr_agent::branches::BranchKey::new("proj", "b"),
+    );
     sync::pull_into(&other, "proj", "b", None, &other_dir)
         .await
         .unwrap();
@@ -588,7 +606,10 @@ async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
     let base = tmp.path().join("ws");
     let project = project_id();
     let config = s3_config(&base, &s3.endpoint);
-    let dir = weldr_agent::branches::branch_dir(&config, &project, "k");
+    let dir = weldr_agent::branches::branch_dir(
+        &config,
+        &weldr_agent::branches::BranchKey::new(&project, "k"),
+    );
     populate(&dir);
     let mut first = sync::push(&config, &project, "k")
         .await

@@ -209,7 +209,10 @@ async fn trigger_plan_code_version_end() {
         text.contains("hello.txt") && text.contains("say hello"),
         "{text}"
     );
-    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    let wd = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     let log = std::process::Command::new("git")
         .args(["log", "--format=%s", "-1"])
         .current_dir(&wd)
@@ -385,7 +388,7 @@ async fn a_missing_key_fails_the_workflow_with_an_error_event() {
     let wf = started(&s, "anthropic:x").await;
     let frames = until_end(&mut sse, &wf).await;
     assert_consecutive(&frames);
-    assert!(frames.iter().any(|f| f.event == "error"));
+    assert!(frames.iter().any(|f| f.event == "failure"));
     assert_eq!(statuses(&frames).last().unwrap(), "failed");
     let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "failed");
@@ -475,7 +478,10 @@ async fn recovery_after_a_stop_mid_coding() {
     assert_eq!(count("list_dir"), 2, "{runs:?}");
     let w = s2.workflow(&wf).await;
     assert_eq!(w["status"], "complete");
-    let wd = weldr_agent::branches::branch_dir(&s2.app().config, "p", "b");
+    let wd = weldr_agent::branches::branch_dir(
+        &s2.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     assert_eq!(std::fs::read_to_string(wd.join("a.txt")).unwrap(), "a");
     assert_eq!(std::fs::read_to_string(wd.join("b.txt")).unwrap(), "b");
 }
@@ -485,7 +491,10 @@ async fn a_model_cannot_write_outside_the_branch() {
     let (dir, s) = setup("escape").await;
     let outside = dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    let wd = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     std::os::unix::fs::symlink(&outside, wd.join("link")).unwrap();
     let abs = outside.join("abs.txt");
     let turns = json!([
@@ -541,7 +550,10 @@ async fn a_model_cannot_write_outside_the_branch() {
 #[tokio::test]
 async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     let (dir, s) = setup("build").await;
-    let wd = weldr_agent::branches::branch_dir(&s.app().config, "p", "b");
+    let wd = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
     std::fs::write(
         wd.join("weldr.json"),
         json!({"buildCommand": "echo compiling; echo 'error: it broke' >&2; exit 3"}).to_string(),

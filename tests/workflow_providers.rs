@@ -275,7 +275,7 @@ async fn provider_429_then_success_completes() {
     let fake = FakeLlm::start(script).await;
     let (frames, record) = run_script(fake.keys()).await;
     assert_eq!(record["status"], "complete", "{record}");
-    assert!(frames.iter().all(|f| f.event != "error"), "{frames:#?}");
+    assert!(frames.iter().all(|f| f.event != "failure"), "{frames:#?}");
     assert_eq!(fake.requests().len(), 5, "the 429 was retried once");
 }
 
@@ -286,7 +286,7 @@ async fn provider_down_fails_the_workflow_with_an_error_event() {
     assert_eq!(record["status"], "failed", "{record}");
     let error = frames
         .iter()
-        .find(|f| f.event == "error")
+        .find(|f| f.event == "failure")
         .expect("error event");
     assert!(!error.data["message"].as_str().unwrap().is_empty());
     assert_eq!(frames.last().unwrap().data["status"], "failed");
@@ -297,7 +297,7 @@ async fn malformed_provider_stream_fails_the_workflow_with_an_error_event() {
     let fake = FakeLlm::start(vec![Reply::Malformed; 4]).await;
     let (frames, record) = run_script(fake.keys()).await;
     assert_eq!(record["status"], "failed", "{record}");
-    assert!(frames.iter().any(|f| f.event == "error"), "{frames:#?}");
+    assert!(frames.iter().any(|f| f.event == "failure"), "{frames:#?}");
     assert!(record["error"].as_str().is_some(), "{record}");
 }
 

@@ -4,7 +4,7 @@ use salvo::http::ParseError;
 use salvo::prelude::*;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use super::ApiError;
 
 /// Parse the request body as JSON `T`. 413 above `max_bytes`; 415 unless the request says
 /// `Content-Type: application/json` (parameters such as `charset=utf-8` allowed); 400 naming the

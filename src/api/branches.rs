@@ -3,14 +3,12 @@
 use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::{Deserialize, Serialize};
-use weldr_storage::StorageError;
-use weldr_storage::model::{self, BranchRecord, BranchState, SyncStateRecord};
+use weldr_storage::model::{self, BranchRecord, SyncStateRecord};
 
 use super::body::json_body;
-use crate::auth;
-use crate::branches::{self, ForkFrom};
-use crate::error::ApiError;
-use crate::ids::check_id;
+use super::{ApiError, principal, require_branch, require_project};
+use crate::branches::{BranchKey, ForkFrom};
+use crate::ids::{check_id, parse_version_id};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -90,31 +88,10 @@ impl From<BranchRecord> for BranchView {
             created_at_ms: b.created_at_ms,
             last_accessed_at_ms: b.last_access_ms,
             size_bytes: b.size_bytes,
-            state: match b.state {
-                BranchState::Active => "active",
-                BranchState::Evicted => "evicted",
-                BranchState::Restoring => "restoring",
-            }
-            .into(),
+            state: b.state.as_str().into(),
             head_version_id: b.head_version.map(|v| v.to_string()),
         }
     }
-}
-
-/// A version id is the decimal per-branch sequence number.
-pub fn parse_version_id(raw: &str) -> Result<u64, ApiError> {
-    if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::bad_request(
-            "invalid_version_id",
-            "a version id is a positive decimal number",
-        ));
-    }
-    raw.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_version_id",
-            "a version id is a positive decimal number",
-        )
-    })
 }
 
 /// Create a branch (a new git repository with an initial commit on `main`), or fork one.
@@ -130,7 +107,7 @@ pub async fn create_branch(
     res: &mut Response,
 ) -> Result<Json<BranchView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let project_id = check_id(
         "projectId",
         req.param::<&str>("projectId").unwrap_or_default(),
@@ -138,7 +115,7 @@ pub async fn create_branch(
     .to_string();
     let body: CreateBranch = json_body(req, app.config.max_body_bytes).await?;
     check_id("branchId", &body.branch_id)?;
-    auth::require_project(&app, &principal, &project_id).await?;
+    require_project(&app, &principal, &project_id).await?;
     let from = match (body.from_branch_id, body.from_version_id) {
         (Some(branch_id), version) => {
             check_id("fromBranchId", &branch_id)?;
@@ -155,7 +132,10 @@ pub async fn create_branch(
         }
         (None, None) => None,
     };
-    let created = branches::create_branch(&app, &project_id, &body.branch_id, from).await?;
+    let created = app
+        .residency
+        .create_branch(&BranchKey::new(&project_id, &body.branch_id), from)
+        .await?;
     if !created.created {
         return Err(ApiError::conflict(
             "branch_exists",
@@ -173,18 +153,17 @@ pub async fn list_branches(
     depot: &mut Depot,
 ) -> Result<Json<Vec<BranchView>>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let project_id = check_id(
         "projectId",
         req.param::<&str>("projectId").unwrap_or_default(),
     )?
     .to_string();
-    auth::require_project(&app, &principal, &project_id).await?;
-    let store = app.store.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        model::list_branches(&store.begin_read()?, &project_id)
-    })
-    .await??;
+    require_project(&app, &principal, &project_id).await?;
+    let list = app
+        .base
+        .read(move |rtx| model::list_branches(rtx, &project_id))
+        .await?;
     Ok(Json(list.into_iter().map(Into::into).collect()))
 }
 
@@ -198,23 +177,16 @@ pub async fn get_branch(
     depot: &mut Depot,
 ) -> Result<Json<BranchView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let project_id = check_id(
-        "projectId",
-        req.param::<&str>("projectId").unwrap_or_default(),
-    )?;
-    let branch_id = check_id(
-        "branchId",
-        req.param::<&str>("branchId").unwrap_or_default(),
-    )?;
-    let branch = auth::require_branch(&app, &principal, project_id, branch_id).await?;
-    crate::branches::touch(&app, &branch);
-    let state = crate::sync::syncer::state(&app.store, project_id, branch_id).await?;
+    let principal = principal(depot)?;
+    let key = super::path_key(req)?;
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.touch(&branch);
+    let state = crate::sync::syncer::state(&app.store, &key).await?;
     let mut view = BranchView::from(branch);
     view.sync = Some(SyncView::new(
         state,
-        app.syncer.is_dirty(project_id, branch_id),
-        app.syncer.is_running(project_id, branch_id),
+        app.syncer.is_dirty(&key),
+        app.syncer.is_running(&key),
     ));
     Ok(Json(view))
 }
@@ -232,8 +204,8 @@ pub async fn sync_branch(
     depot: &mut Depot,
 ) -> Result<Json<crate::sync::PushReport>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let (project_id, branch_id) = super::path_ids(req)?;
+    let principal = principal(depot)?;
+    let key = super::path_key(req)?;
     // No body is needed; a JSON one may be sent, and must then be the empty object `{}`.
     if req.headers().contains_key("content-type") {
         let body: serde_json::Map<String, serde_json::Value> =
@@ -266,17 +238,11 @@ pub async fn sync_branch(
             }
         }
     }
-    let branch = auth::require_branch(&app, &principal, &project_id, &branch_id).await?;
-    crate::branches::touch(&app, &branch);
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.touch(&branch);
     let report = app
         .syncer
-        .push_branch(
-            &app,
-            &project_id,
-            &branch_id,
-            crate::sync::syncer::Trigger::Api,
-            false,
-        )
+        .push_branch(&key, crate::sync::syncer::Trigger::Api, false)
         .await?;
     Ok(Json(report))
 }

@@ -6,8 +6,7 @@ use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::Serialize;
 
-use crate::auth;
-use crate::error::ApiError;
+use super::{ApiError, principal, require_project};
 
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -52,16 +51,16 @@ pub struct LruEntry {
 #[endpoint(tags("disk"))]
 pub async fn disk(depot: &mut Depot) -> Result<Json<DiskView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let usage = crate::evict::usage(&app).await?;
+    let principal = principal(depot)?;
+    let usage = app.evictor.usage()?;
     let mut allowed: HashMap<String, bool> = HashMap::new();
     let mut branches = Vec::new();
-    for c in crate::evict::lru(&app).await? {
+    for c in app.evictor.lru().await? {
         let visible = match allowed.get(&c.project_id) {
             Some(v) => *v,
             None => {
                 let v = principal.is_operator()
-                    || auth::require_project(&app, &principal, &c.project_id)
+                    || require_project(&app, &principal, &c.project_id)
                         .await
                         .is_ok();
                 allowed.insert(c.project_id.clone(), v);

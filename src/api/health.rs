@@ -5,7 +5,7 @@ use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::Serialize;
 
-use crate::error::ApiError;
+use super::ApiError;
 
 #[derive(Serialize, ToSchema)]
 #[salvo(schema(name = Health))]
@@ -24,6 +24,36 @@ pub struct Health {
     subscribers: usize,
     /// How the agent's commands are isolated.
     sandbox: HealthSandbox,
+    /// The background workers (syncer, evictor, recovery, ...).
+    workers: Vec<HealthWorker>,
+}
+
+/// One background worker.
+#[derive(Serialize, ToSchema)]
+#[salvo(schema(name = HealthWorker))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthWorker {
+    name: &'static str,
+    /// `busy`, `idle`, `backoff` (after an error) or `done`.
+    state: &'static str,
+    /// The last error, kept after the worker recovers.
+    last_error: Option<String>,
+    /// Failed units since the start.
+    errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl From<crate::worker::WorkerInfo> for HealthWorker {
+    fn from(w: crate::worker::WorkerInfo) -> Self {
+        Self {
+            name: w.name,
+            state: w.state,
+            last_error: w.last_error,
+            errors: w.errors,
+            detail: w.detail,
+        }
+    }
 }
 
 /// The agent's command sandbox.
@@ -75,5 +105,6 @@ pub async fn health(depot: &mut Depot, res: &mut Response) -> Result<Json<Health
         uptime_seconds: app.started.elapsed().as_secs(),
         subscribers: app.bus.total_subscribers(),
         sandbox: app.sandbox.status().into(),
+        workers: app.workers.status().into_iter().map(Into::into).collect(),
     }))
 }

@@ -4,6 +4,7 @@ pub mod body;
 pub mod branches;
 pub mod disk;
 pub mod docs;
+pub mod error;
 pub mod health;
 pub mod projects;
 pub mod stream;
@@ -20,7 +21,10 @@ use salvo::oapi::OpenApi;
 use salvo::prelude::*;
 
 use crate::app::App;
-use crate::error::{ApiError, JsonCatcher};
+use crate::auth::{Credential, Principal};
+use crate::branches::BranchKey;
+pub use error::ApiError;
+use error::JsonCatcher;
 
 /// Puts the [`App`] into every request's depot.
 struct InjectApp(Arc<App>);
@@ -78,13 +82,92 @@ pub fn app(depot: &Depot) -> Result<Arc<App>, ApiError> {
         .map_err(|_| ApiError::internal("application state missing"))
 }
 
+/// Hoop: authenticate, put the [`Principal`] and its [`Credential`] in the depot, or answer 401.
+pub struct RequireAuth;
+
+#[async_trait]
+impl Handler for RequireAuth {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        let result = match app(depot) {
+            Ok(app) => app
+                .auth
+                .authenticate(&app.store, req.headers())
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((principal, credential)) => {
+                depot.insert_typed(principal);
+                // For streams, which end when it stops holding.
+                depot.insert_typed(credential);
+            }
+            Err(e) => {
+                res.status_code(e.status);
+                res.render(Json(e.body()));
+                ctrl.skip_rest();
+            }
+        }
+    }
+}
+
+fn not_authenticated() -> ApiError {
+    crate::auth::AuthError::Unauthorized("not authenticated").into()
+}
+
+/// The credential this request was authenticated with.
+pub fn credential(depot: &Depot) -> Result<Credential, ApiError> {
+    depot
+        .get_typed::<Credential>()
+        .cloned()
+        .map_err(|_| not_authenticated())
+}
+
+/// The authenticated caller of this request.
+pub fn principal(depot: &Depot) -> Result<Principal, ApiError> {
+    depot
+        .get_typed::<Principal>()
+        .cloned()
+        .map_err(|_| not_authenticated())
+}
+
+/// The project, if the caller may use it; 404 otherwise (no existence leak).
+pub async fn require_project(
+    app: &App,
+    principal: &Principal,
+    project_id: &str,
+) -> Result<weldr_storage::model::ProjectRecord, ApiError> {
+    Ok(app
+        .auth
+        .require_project(&app.store, &app.config, principal, project_id)
+        .await?)
+}
+
+/// The branch, if the caller may use its project; 404 otherwise.
+pub async fn require_branch(
+    app: &App,
+    principal: &Principal,
+    key: &BranchKey,
+) -> Result<weldr_storage::model::BranchRecord, ApiError> {
+    Ok(app
+        .auth
+        .require_branch(&app.store, &app.config, principal, key)
+        .await?)
+}
+
 /// The API routes, without documentation routes.
 pub fn api_routes() -> Router {
     Router::new()
         .push(Router::with_path("health").get(health::health))
         .push(
             Router::new()
-                .hoop(crate::auth::RequireAuth)
+                .hoop(RequireAuth)
                 .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
                 .push(Router::with_path("revert").post(versions::revert))
                 .push(Router::with_path("disk").get(disk::disk))
@@ -168,16 +251,14 @@ pub fn service(app: Arc<App>) -> Service {
 }
 
 /// The `projectId` and `branchId` path parameters of a branch route, validated.
-fn path_ids(req: &salvo::Request) -> Result<(String, String), ApiError> {
+fn path_key(req: &salvo::Request) -> Result<BranchKey, ApiError> {
     let p = crate::ids::check_id(
         "projectId",
         req.param::<&str>("projectId").unwrap_or_default(),
-    )?
-    .to_string();
+    )?;
     let b = crate::ids::check_id(
         "branchId",
         req.param::<&str>("branchId").unwrap_or_default(),
-    )?
-    .to_string();
-    Ok((p, b))
+    )?;
+    Ok(BranchKey::new(p, b))
 }

@@ -3,14 +3,12 @@
 use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::{Deserialize, Serialize};
-use weldr_storage::StorageError;
 use weldr_storage::model::{self, ProjectRecord};
 
 use super::body::json_body;
-use crate::auth;
-use crate::error::ApiError;
+use super::{ApiError, principal, require_project};
+use crate::branches::registry;
 use crate::ids::check_id;
-use crate::registry;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -48,7 +46,7 @@ pub async fn create_project(
     res: &mut Response,
 ) -> Result<Json<ProjectView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let body: CreateProject = json_body(req, app.config.max_body_bytes).await?;
     check_id("projectId", &body.project_id)?;
     if let Some(title) = &body.title
@@ -71,15 +69,11 @@ pub async fn create_project(
 #[endpoint(tags("projects"))]
 pub async fn list_projects(depot: &mut Depot) -> Result<Json<Vec<ProjectView>>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let store = app.store.clone();
-    let all = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        model::list_projects(&store.begin_read()?)
-    })
-    .await??;
+    let principal = principal(depot)?;
+    let all = app.base.read(model::list_projects).await?;
     let mut out = Vec::new();
     for project in all {
-        if auth::require_project(&app, &principal, &project.project_id)
+        if require_project(&app, &principal, &project.project_id)
             .await
             .is_ok()
         {
@@ -96,14 +90,12 @@ pub async fn get_project(
     depot: &mut Depot,
 ) -> Result<Json<ProjectView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let project_id = check_id(
         "projectId",
         req.param::<&str>("projectId").unwrap_or_default(),
     )?;
     Ok(Json(
-        auth::require_project(&app, &principal, project_id)
-            .await?
-            .into(),
+        require_project(&app, &principal, project_id).await?.into(),
     ))
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use super::ApiError;
 use crate::app::App;
 use crate::auth::{self, limits::ConnectionGuard};
-use crate::error::ApiError;
+use crate::branches::BranchKey;
 use crate::stream::{Cursor, Subscription};
 
 /// How often an open stream checks that its local API token was not revoked.
@@ -80,18 +81,17 @@ pub fn cursor_of(header: Option<&HeaderValue>, query: Option<&str>) -> Result<Cu
 pub async fn open(
     app: &App,
     principal: &auth::Principal,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     cursor: Cursor,
 ) -> Result<(Subscription, Option<ConnectionGuard>), ApiError> {
-    let branch = auth::require_branch(app, principal, project_id, branch_id).await?;
+    let branch = super::require_branch(app, principal, key).await?;
     let slot = if principal.is_operator() {
         None
     } else {
         Some(app.stream_limiter.acquire(&principal.user_id)?)
     };
-    crate::branches::ensure_present_from(app, branch).await?;
-    let subscription = app.subscribe(project_id, branch_id, cursor).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let subscription = app.base.subscribe(key, cursor).await?;
     Ok((subscription, slot))
 }
 
@@ -118,11 +118,11 @@ pub async fn stream(
     res: &mut Response,
 ) -> Result<(), ApiError> {
     let app = super::app(depot)?;
-    let (project_id, branch_id) = super::path_ids(req)?;
+    let key = super::path_key(req)?;
     let cursor = request_cursor(req)?;
-    let principal = auth::principal(depot)?;
-    let credential = auth::credential(depot)?;
-    let (mut subscription, slot) = open(&app, &principal, &project_id, &branch_id, cursor).await?;
+    let principal = super::principal(depot)?;
+    let credential = super::credential(depot)?;
+    let (mut subscription, slot) = open(&app, &principal, &key, cursor).await?;
     // Ready before the head goes out, so that hyper can send both in one write.
     let first = subscription.first_chunk().await;
     let headers = res.headers_mut();

@@ -38,9 +38,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
+use super::ApiError;
 use crate::app::App;
 use crate::auth::limits::ConnectionGuard;
-use crate::error::ApiError;
 use crate::stream::Subscription;
 
 /// Largest request head served here (bigger ones go to salvo, which has the real limits).
@@ -475,10 +475,7 @@ async fn prepare(
     drop(head);
     let cors = cors_headers(&app, &request.headers);
     let opened = async {
-        let (principal, credential) = app
-            .auth
-            .authenticate_credential(&app.store, &request.headers)
-            .await?;
+        let (principal, credential) = app.auth.authenticate(&app.store, &request.headers).await?;
         let cursor = super::stream::cursor_of(
             request.headers.get("last-event-id"),
             request.last_event_id.as_deref(),
@@ -486,8 +483,7 @@ async fn prepare(
         super::stream::open(
             &app,
             &principal,
-            &request.project_id,
-            &request.branch_id,
+            &crate::branches::BranchKey::new(&request.project_id, &request.branch_id),
             cursor,
         )
         .await

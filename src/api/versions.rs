@@ -3,16 +3,13 @@
 use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::{Deserialize, Serialize};
-use weldr_storage::StorageError;
 use weldr_storage::model::{self, ChangeKind, VersionKind, VersionRecord};
 
 use super::body::json_body;
-use super::branches::parse_version_id;
-use crate::auth;
-use crate::branches;
-use crate::error::ApiError;
+use super::{ApiError, principal, require_branch};
+use crate::branches::BranchKey;
 use crate::git::FileDiff;
-use crate::ids::check_id;
+use crate::ids::{check_id, parse_version_id};
 
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -50,7 +47,7 @@ impl From<VersionRecord> for VersionView {
             commit_hash: v.commit_hash,
             message: v.message,
             description: v.description,
-            kind: branches::kind_name(v.kind).into(),
+            kind: v.kind.as_str().into(),
             changed_files: v
                 .changed
                 .into_iter()
@@ -82,15 +79,18 @@ pub async fn list_versions(
     depot: &mut Depot,
 ) -> Result<Json<Vec<VersionView>>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let (p, b) = super::path_ids(req)?;
-    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present_from(&app, branch).await?;
-    let store = app.store.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        model::list_versions(&store.begin_read()?, &p, &b)
-    })
-    .await??;
+    let principal = principal(depot)?;
+    let key = super::path_key(req)?;
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let BranchKey {
+        project_id: p,
+        branch_id: b,
+    } = key;
+    let list = app
+        .base
+        .read(move |rtx| model::list_versions(rtx, &p, &b))
+        .await?;
     Ok(Json(list.into_iter().map(Into::into).collect()))
 }
 
@@ -117,12 +117,12 @@ pub async fn version_diff(
     depot: &mut Depot,
 ) -> Result<Json<VersionDiff>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let (p, b) = super::path_ids(req)?;
+    let principal = principal(depot)?;
+    let key = super::path_key(req)?;
     let seq = parse_version_id(req.param::<&str>("versionId").unwrap_or_default())?;
-    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present_from(&app, branch).await?;
-    let (version, files) = branches::version_diff(&app, &p, &b, seq).await?;
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let (version, files) = app.branches.version_diff(&key, seq).await?;
     Ok(Json(VersionDiff {
         version: version.into(),
         files,
@@ -159,8 +159,8 @@ pub async fn create_version(
     res: &mut Response,
 ) -> Result<Json<VersionCreated>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
-    let (p, b) = super::path_ids(req)?;
+    let principal = principal(depot)?;
+    let key = super::path_key(req)?;
     let body: CreateVersion = json_body(req, app.config.max_body_bytes).await?;
     let message = body.message.trim();
     if message.is_empty() || message.len() > 2000 {
@@ -169,19 +169,21 @@ pub async fn create_version(
             "message must be 1-2000 characters",
         ));
     }
-    let branch = auth::require_branch(&app, &principal, &p, &b).await?;
-    branches::ensure_present_from(&app, branch).await?;
-    let version = branches::commit_version(
-        &app,
-        &p,
-        &b,
-        message,
-        body.description,
-        VersionKind::Checkpoint,
-        None,
-    )
-    .await?
-    .ok_or_else(|| ApiError::conflict("no_changes", "nothing changed since the last version"))?;
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let version = app
+        .branches
+        .commit_version(
+            &key,
+            message,
+            body.description,
+            VersionKind::Checkpoint,
+            None,
+        )
+        .await?
+        .ok_or_else(|| {
+            ApiError::conflict("no_changes", "nothing changed since the last version")
+        })?;
     res.status_code(StatusCode::CREATED);
     Ok(Json(VersionCreated {
         version_id: version.seq.to_string(),
@@ -216,14 +218,15 @@ pub async fn revert(
     depot: &mut Depot,
 ) -> Result<Json<RevertResponse>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let body: RevertRequest = json_body(req, app.config.max_body_bytes).await?;
     check_id("projectId", &body.project_id)?;
     check_id("branchId", &body.branch_id)?;
     let seq = parse_version_id(&body.version_id)?;
-    let branch = auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
-    branches::ensure_present_from(&app, branch).await?;
-    let version = branches::revert(&app, &body.project_id, &body.branch_id, seq).await?;
+    let key = BranchKey::new(&body.project_id, &body.branch_id);
+    let branch = require_branch(&app, &principal, &key).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let version = app.branches.revert(&key, seq).await?;
     Ok(Json(RevertResponse {
         success: true,
         commit_hash: version.commit_hash,

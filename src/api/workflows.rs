@@ -3,12 +3,12 @@
 use salvo::oapi::ToSchema;
 use salvo::prelude::*;
 use serde::{Deserialize, Serialize};
-use weldr_storage::StorageError;
 use weldr_storage::workflow::{self as wfs, WorkflowRecord};
 
 use super::body::json_body;
-use crate::auth;
-use crate::error::ApiError;
+use super::{ApiError, principal, require_branch};
+use crate::auth::Principal;
+use crate::branches::BranchKey;
 use crate::ids::check_id;
 use crate::llm::ModelSpec;
 
@@ -138,7 +138,7 @@ pub async fn trigger(
     res: &mut Response,
 ) -> Result<Json<Triggered>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let body: TriggerBody = json_body(req, app.config.max_body_bytes).await?;
     check_id("projectId", &body.project_id)?;
     check_id("branchId", &body.branch_id)?;
@@ -199,15 +199,16 @@ pub async fn trigger(
         .unwrap_or_else(|| app.config.providers.default_model.clone());
     let spec = ModelSpec::parse(&model)
         .map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
-    if spec.provider == "replay" {
-        // Recorded transcripts play only from REPLAY_DIR: a caller names no other file.
-        crate::llm::replay::allowed_path(app.config.providers.replay_dir.as_deref(), &spec.model)
-            .map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
-    }
-    let branch = auth::require_branch(&app, &principal, &body.project_id, &body.branch_id).await?;
+    // A provider without a key (or a recorded transcript outside REPLAY_DIR: a caller names no
+    // other file) is refused now, not reported later by a failed workflow.
+    crate::llm::provider_for(&app.config.providers, &spec)
+        .map_err(|e| ApiError::bad_request("invalid_model", e.to_string()))?;
+    let key = BranchKey::new(&body.project_id, &body.branch_id);
+    let branch = require_branch(&app, &principal, &key).await?;
     app.trigger_limiter.check(&principal.user_id)?;
-    crate::branches::ensure_present_from(&app, branch).await?;
-    let wf = crate::workflow::trigger(&app, &body.project_id, &body.branch_id, text, model).await?;
+    app.residency.ensure_present_from(branch).await?;
+    let wf = crate::workflow::trigger(&app.workflows, &key.project_id, &key.branch_id, text, model)
+        .await?;
     res.status_code(StatusCode::ACCEPTED);
     Ok(Json(Triggered {
         stream_url: format!("/stream/{}/{}", wf.project_id, wf.branch_id),
@@ -217,21 +218,25 @@ pub async fn trigger(
 
 async fn visible(
     app: &crate::App,
-    principal: &auth::Principal,
+    principal: &Principal,
     id: &str,
 ) -> Result<WorkflowRecord, ApiError> {
     check_id("workflowId", id)?;
-    let (store, id2) = (app.store.clone(), id.to_string());
-    let wf = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        wfs::get_workflow(&store.begin_read()?, &id2)
-    })
-    .await??;
+    let id2 = id.to_string();
+    let wf = app
+        .base
+        .read(move |rtx| wfs::get_workflow(rtx, &id2))
+        .await?;
     let not_found =
         || ApiError::not_found("workflow_not_found", format!("workflow {id} not found"));
     let wf = wf.ok_or_else(not_found)?;
-    auth::require_branch(app, principal, &wf.project_id, &wf.branch_id)
-        .await
-        .map_err(|_| not_found())?;
+    require_branch(
+        app,
+        principal,
+        &BranchKey::new(&wf.project_id, &wf.branch_id),
+    )
+    .await
+    .map_err(|_| not_found())?;
     Ok(wf)
 }
 
@@ -245,7 +250,7 @@ pub async fn get_workflow(
     depot: &mut Depot,
 ) -> Result<Json<WorkflowView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let id = req.param::<String>("workflowId").unwrap_or_default();
     Ok(Json(visible(&app, &principal, &id).await?.into()))
 }
@@ -262,7 +267,7 @@ pub async fn cancel_workflow(
     res: &mut Response,
 ) -> Result<Json<WorkflowView>, ApiError> {
     let app = super::app(depot)?;
-    let principal = auth::principal(depot)?;
+    let principal = principal(depot)?;
     let id = req.param::<String>("workflowId").unwrap_or_default();
     // No body is needed; one that is sent anyway is held to the body limit.
     if let Err(salvo::http::ParseError::PayloadTooLarge) =
@@ -284,7 +289,7 @@ pub async fn cancel_workflow(
             format!("workflow {id} is already {}", wf.status.as_str()),
         ));
     }
-    let wf = crate::workflow::request_cancel(&app, &id).await?;
+    let wf = crate::workflow::request_cancel(&app.workflows, &id).await?;
     res.status_code(StatusCode::ACCEPTED);
     Ok(Json(wf.into()))
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::error::ApiError;
+use super::AuthError;
 
 /// Caps concurrent connections per user; a [`ConnectionGuard`] gives the slot back on drop.
 pub struct ConnectionLimiter {
@@ -26,18 +26,11 @@ impl ConnectionLimiter {
         }
     }
 
-    pub fn acquire(&self, user: &str) -> Result<ConnectionGuard, ApiError> {
+    pub fn acquire(&self, user: &str) -> Result<ConnectionGuard, AuthError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(user.to_string()).or_insert(0);
         if *n >= self.max {
-            return Err(ApiError::new(
-                salvo::http::StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                format!(
-                    "at most {} open streams per user; close one first",
-                    self.max
-                ),
-            ));
+            return Err(AuthError::TooManyStreams { max: self.max });
         }
         *n += 1;
         Ok(ConnectionGuard {
@@ -73,7 +66,7 @@ impl RateLimiter {
         }
     }
 
-    pub fn check(&self, user: &str) -> Result<(), ApiError> {
+    pub fn check(&self, user: &str) -> Result<(), AuthError> {
         let now = Instant::now();
         let capacity = self.per_minute as f64;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,12 +78,9 @@ impl RateLimiter {
         *at = now;
         if *tokens < 1.0 {
             let wait = ((1.0 - *tokens) * 60.0 / capacity).ceil() as u64;
-            return Err(ApiError::new(
-                salvo::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many requests; retry in {wait} s"),
-            )
-            .with_retry_after(wait));
+            return Err(AuthError::RateLimited {
+                retry_after_secs: wait,
+            });
         }
         *tokens -= 1.0;
         Ok(())
@@ -106,7 +96,10 @@ mod tests {
         let l = ConnectionLimiter::new(2);
         let a = l.acquire("u").unwrap();
         let _b = l.acquire("u").unwrap();
-        assert_eq!(l.acquire("u").unwrap_err().code, "too_many_streams");
+        assert!(matches!(
+            l.acquire("u").unwrap_err(),
+            AuthError::TooManyStreams { max: 2 }
+        ));
         assert!(l.acquire("other").is_ok());
         drop(a);
         assert!(l.acquire("u").is_ok());
@@ -119,12 +112,10 @@ mod tests {
             r.check("u").unwrap();
         }
         let refused = r.check("u").unwrap_err();
-        assert_eq!(refused.code, "rate_limited");
-        assert!(
-            refused
-                .retry_after_secs
-                .is_some_and(|s| (1..=60).contains(&s))
-        );
+        assert!(matches!(
+            refused,
+            AuthError::RateLimited { retry_after_secs } if (1..=60).contains(&retry_after_secs)
+        ));
         assert!(r.check("v").is_ok());
     }
 }

@@ -13,14 +13,13 @@ pub mod tokens;
 
 use std::sync::Arc;
 
-use salvo::prelude::*;
+use http::HeaderMap;
 use weldr_storage::model::{self, BranchRecord, ProjectRecord};
 use weldr_storage::writer::now_ms;
 use weldr_storage::{StorageError, Store};
 
-use crate::app::App;
-use crate::error::ApiError;
-use crate::registry::{branch_not_found, project_not_found};
+use crate::branches::layout::BranchKey;
+use crate::config::{Config, Mode};
 use cookie::Bearer;
 use sessions::{SessionInfo, SessionSource};
 
@@ -66,12 +65,30 @@ pub enum Credential {
     Session { token: String, expires_at_ms: u64 },
 }
 
-fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(
-        salvo::http::StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        message,
-    )
+/// Why a request may not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credential, or one that does not hold (401).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The session store or the upstream cannot tell now; retry shortly (503).
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// Missing, or someone else's (the same answer: no existence leak).
+    #[error("project {0} not found")]
+    ProjectNotFound(String),
+    #[error("branch {} not found in project {}", .0.branch_id, .0.project_id)]
+    BranchNotFound(BranchKey),
+    #[error("at most {max} open streams per user; close one first")]
+    TooManyStreams { max: usize },
+    #[error("too many requests; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn unauthorized(message: &'static str) -> AuthError {
+    AuthError::Unauthorized(message)
 }
 
 /// Authenticates requests.
@@ -82,26 +99,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub async fn authenticate(&self, store: &Store, req: &Request) -> Result<Principal, ApiError> {
-        self.authenticate_headers(store, req.headers()).await
-    }
-
-    /// [`Self::authenticate`] from the request's headers alone (the direct SSE path has no
-    /// salvo request).
-    pub async fn authenticate_headers(
+    /// Who sent a request with these headers, and the credential that was accepted.
+    pub async fn authenticate(
         &self,
         store: &Store,
-        headers: &salvo::http::HeaderMap,
-    ) -> Result<Principal, ApiError> {
-        Ok(self.authenticate_credential(store, headers).await?.0)
-    }
-
-    /// [`Self::authenticate_headers`], with the credential that was accepted.
-    pub async fn authenticate_credential(
-        &self,
-        store: &Store,
-        headers: &salvo::http::HeaderMap,
-    ) -> Result<(Principal, Credential), ApiError> {
+        headers: &HeaderMap,
+    ) -> Result<(Principal, Credential), AuthError> {
         if let Some(header) = headers.get("authorization") {
             let header = header
                 .to_str()
@@ -169,7 +172,7 @@ impl Authenticator {
                         true
                     }
                     Ok(_) => true,
-                    Err(e) => e.status != salvo::http::StatusCode::UNAUTHORIZED,
+                    Err(e) => !matches!(e, AuthError::Unauthorized(_)),
                 }
             }
         }
@@ -179,7 +182,7 @@ impl Authenticator {
         &self,
         store: &Store,
         token: &str,
-    ) -> Result<(Principal, Credential), ApiError> {
+    ) -> Result<(Principal, Credential), AuthError> {
         let now = now_ms();
         let t = token.to_string();
         let cached = store.read(move |s| sessions::cached(s, &t)).await?;
@@ -226,138 +229,103 @@ impl Authenticator {
                 }
                 None => {
                     tracing::warn!(error = %e, "session store unreachable");
-                    Err(ApiError::unavailable(
+                    Err(AuthError::Unavailable(
                         "cannot verify the session right now; retry shortly",
                     ))
                 }
             },
         }
     }
-}
 
-/// Salvo hoop: authenticate, put the [`Principal`] in the depot, or answer 401.
-pub struct RequireAuth;
-
-#[async_trait]
-impl Handler for RequireAuth {
-    async fn handle(
+    /// The project, if `principal` may use it; 404 otherwise (no existence leak).
+    pub async fn require_project(
         &self,
-        req: &mut Request,
-        depot: &mut Depot,
-        res: &mut Response,
-        ctrl: &mut FlowCtrl,
-    ) {
-        let result = match crate::api::app(depot) {
-            Ok(app) => {
-                app.auth
-                    .authenticate_credential(&app.store, req.headers())
-                    .await
-            }
-            Err(e) => Err(e),
+        store: &Store,
+        config: &Config,
+        principal: &Principal,
+        project_id: &str,
+    ) -> Result<ProjectRecord, AuthError> {
+        let p = project_id.to_string();
+        let project = store
+            .read(move |s| model::get_project(&s.begin_read()?, &p))
+            .await?;
+        self.check_owner(store, config, principal, project_id, project)
+            .await
+    }
+
+    /// `project` if it exists and `principal` may use it; 404 otherwise.
+    async fn check_owner(
+        &self,
+        store: &Store,
+        config: &Config,
+        principal: &Principal,
+        project_id: &str,
+        project: Option<ProjectRecord>,
+    ) -> Result<ProjectRecord, AuthError> {
+        let not_found = || AuthError::ProjectNotFound(project_id.to_string());
+        let project = project.ok_or_else(not_found)?;
+        if principal.is_operator() {
+            return Ok(project);
+        }
+        let owner = match &project.owner {
+            Some(owner) => Some(owner.clone()),
+            None if config.mode == Mode::Cloud => self.upstream_owner(store, &project).await?,
+            None => None,
         };
-        match result {
-            Ok((principal, credential)) => {
-                depot.insert_typed(principal);
-                // For streams, which end when it stops holding.
-                depot.insert_typed(credential);
-            }
-            Err(e) => {
-                res.status_code(e.status);
-                res.render(Json(e.body()));
-                ctrl.skip_rest();
-            }
+        if owner.as_deref() == Some(principal.user_id.as_str()) {
+            Ok(project)
+        } else {
+            Err(not_found())
         }
     }
-}
 
-/// The credential this request was authenticated with.
-pub fn credential(depot: &Depot) -> Result<Credential, ApiError> {
-    depot
-        .get_typed::<Credential>()
-        .cloned()
-        .map_err(|_| unauthorized("not authenticated"))
-}
-
-/// The authenticated caller of this request.
-pub fn principal(depot: &Depot) -> Result<Principal, ApiError> {
-    depot
-        .get_typed::<Principal>()
-        .cloned()
-        .map_err(|_| unauthorized("not authenticated"))
-}
-
-/// The project, if `principal` may use it; 404 otherwise (no existence leak).
-pub async fn require_project(
-    app: &App,
-    principal: &Principal,
-    project_id: &str,
-) -> Result<ProjectRecord, ApiError> {
-    let (s, p) = (app.store.clone(), project_id.to_string());
-    let project = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        model::get_project(&s.begin_read()?, &p)
-    })
-    .await??;
-    check_owner(app, principal, project_id, project).await
-}
-
-/// `project` if it exists and `principal` may use it; 404 otherwise.
-async fn check_owner(
-    app: &App,
-    principal: &Principal,
-    project_id: &str,
-    project: Option<ProjectRecord>,
-) -> Result<ProjectRecord, ApiError> {
-    let project = project.ok_or_else(|| project_not_found(project_id))?;
-    if principal.is_operator() {
-        return Ok(project);
+    /// The project and branch, if `principal` may use them; 404 otherwise. Both are read in one
+    /// transaction (one hop off the runtime: every stream connect comes through here).
+    pub async fn require_branch(
+        &self,
+        store: &Store,
+        config: &Config,
+        principal: &Principal,
+        key: &BranchKey,
+    ) -> Result<BranchRecord, AuthError> {
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let (project, branch) = store
+            .read(move |s| -> Result<_, StorageError> {
+                let rtx = s.begin_read()?;
+                Ok((
+                    model::get_project(&rtx, &p)?,
+                    model::get_branch(&rtx, &p, &b)?,
+                ))
+            })
+            .await?;
+        self.check_owner(store, config, principal, &key.project_id, project)
+            .await?;
+        branch.ok_or_else(|| AuthError::BranchNotFound(key.clone()))
     }
-    let owner = match &project.owner {
-        Some(owner) => Some(owner.clone()),
-        None if app.config.mode == crate::config::Mode::Cloud => {
-            upstream_owner(app, &project).await?
+
+    /// In cloud mode the machine's project belongs to `projects.user_id` upstream; remember it.
+    async fn upstream_owner(
+        &self,
+        store: &Store,
+        project: &ProjectRecord,
+    ) -> Result<Option<String>, AuthError> {
+        let Some(source) = &self.source else {
+            return Ok(None);
+        };
+        let owner = source
+            .project_owner(&project.project_id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot read the project owner upstream");
+                AuthError::Unavailable("cannot verify project access right now; retry shortly")
+            })?;
+        if let Some(owner) = &owner {
+            let (p, o) = (project.project_id.clone(), owner.clone());
+            let _ = store
+                .writer()
+                .write(move |ctx| model::set_project_owner(ctx, &p, &o))
+                .await;
         }
-        None => None,
-    };
-    if owner.as_deref() == Some(principal.user_id.as_str()) {
-        Ok(project)
-    } else {
-        Err(project_not_found(project_id))
+        Ok(owner)
     }
-}
-
-/// The project and branch, if `principal` may use them; 404 otherwise. Both are read in one
-/// transaction (one hop off the runtime: every stream connect comes through here).
-pub async fn require_branch(
-    app: &App,
-    principal: &Principal,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<BranchRecord, ApiError> {
-    let (project, branch) =
-        crate::registry::project_and_branch(&app.store, project_id, branch_id).await?;
-    check_owner(app, principal, project_id, project).await?;
-    branch.ok_or_else(|| branch_not_found(project_id, branch_id))
-}
-
-/// In cloud mode the machine's project belongs to `projects.user_id` upstream; remember it.
-async fn upstream_owner(app: &App, project: &ProjectRecord) -> Result<Option<String>, ApiError> {
-    let Some(source) = &app.auth.source else {
-        return Ok(None);
-    };
-    let owner = source
-        .project_owner(&project.project_id)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "cannot read the project owner upstream");
-            ApiError::unavailable("cannot verify project access right now; retry shortly")
-        })?;
-    if let Some(owner) = &owner {
-        let (p, o) = (project.project_id.clone(), owner.clone());
-        let _ = app
-            .store
-            .writer()
-            .write(move |ctx| model::set_project_owner(ctx, &p, &o))
-            .await;
-    }
-    Ok(owner)
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use salvo::async_trait;
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use weldr_storage::record::{Record, decode, encode};
 use weldr_storage::tables::SESSIONS;
@@ -48,35 +48,7 @@ pub trait SessionSource: Send + Sync {
     async fn project_owner(&self, project_id: &str) -> Result<Option<String>, SourceError>;
 }
 
-/// Table names of the Better Auth schema (plural, as the original app configured it).
-#[derive(Debug, Clone)]
-pub struct AuthTables {
-    pub sessions: String,
-    pub users: String,
-    pub projects: String,
-}
-
-impl Default for AuthTables {
-    fn default() -> Self {
-        Self {
-            sessions: "sessions".into(),
-            users: "users".into(),
-            projects: "projects".into(),
-        }
-    }
-}
-
-/// Is `name` a safe SQL identifier (optionally schema-qualified)?
-pub fn is_sql_identifier(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 127
-        && name.split('.').count() <= 2
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !part.as_bytes()[0].is_ascii_digit()
-        })
-}
+pub use crate::config::{AuthTables, is_sql_identifier};
 
 pub struct PostgresSource {
     url: String,

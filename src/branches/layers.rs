@@ -389,7 +389,10 @@ pub async fn mounted_dir(
     project_id: &str,
     branch_id: &str,
 ) -> io::Result<PathBuf> {
-    let dir = super::branch_dir(config, project_id, branch_id);
+    let dir = super::layout::branch_dir(
+        config,
+        &super::layout::BranchKey::new(project_id, branch_id),
+    );
     let layers = Layers::new(config);
     if !layers.is_layered(project_id, branch_id) {
         return Ok(dir);
@@ -399,6 +402,22 @@ pub async fn mounted_dir(
         .await
         .map_err(io::Error::other)??;
     Ok(dir)
+}
+
+/// Delete a branch's directory: unmount a layered branch and drop its own layer of changes, or
+/// delete a plain directory. Blocks.
+pub fn remove_branch_dir(
+    config: &Config,
+    key: &super::layout::BranchKey,
+    dir: &Path,
+) -> io::Result<()> {
+    if Layers::new(config).remove_branch(&key.project_id, &key.branch_id, dir)? {
+        return Ok(());
+    }
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Mount every layered branch of the workspace that is not mounted (after a reboot). Failures
@@ -413,7 +432,10 @@ pub fn mount_all(config: &Config) {
         }
     };
     for (project_id, branch_id) in branches {
-        let dir = super::branch_dir(config, &project_id, &branch_id);
+        let dir = super::layout::branch_dir(
+            config,
+            &super::layout::BranchKey::new(project_id.clone(), branch_id.clone()),
+        );
         if let Err(e) = layers.mount_branch(&project_id, &branch_id, &dir) {
             tracing::error!(project = %project_id, branch = %branch_id, error = %e, "cannot mount a layered branch");
         }

@@ -5,7 +5,8 @@
 //! directory file for file, mark it `evicted` in redb, and only then delete the directory (off the
 //! runtime). Any failure keeps the directory. A branch with an active workflow, open stream
 //! subscribers, recent use (`EVICTION_GRACE_SECONDS`) or an operation holding its lock is never
-//! evicted. An evicted branch comes back on its next use ([`crate::branches::ensure_present`]).
+//! evicted. An evicted branch comes back on its next use
+//! ([`crate::residency::Residency::ensure_present`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,14 +14,27 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
+use weldr_storage::StorageError;
 use weldr_storage::model::{self, BranchRecord, BranchState};
 use weldr_storage::writer::now_ms;
-use weldr_storage::{StorageError, StreamKey};
 
-use crate::app::App;
-use crate::branches::branch_dir;
-use crate::error::ApiError;
-use crate::sync::syncer::Trigger;
+use crate::base::Base;
+use crate::branches::layers::remove_branch_dir;
+use crate::branches::layout::BranchKey;
+use crate::sync::syncer::{Syncer, Trigger};
+use crate::worker::{Worker, WorkerState};
+
+/// Why a cleanup pass could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EvictError {
+    #[error("cannot read the disk usage of {path}: {source}")]
+    Usage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
 
 /// Space on the workspace volume, as `df` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,33 +91,22 @@ impl DiskUsage for Statvfs {
     }
 }
 
-/// The evictor's shared state on [`App`].
+/// Disk usage and the cleanup pass.
 pub struct Evictor {
-    pub disk: Box<dyn DiskUsage>,
+    base: Base,
+    syncer: Arc<Syncer>,
+    disk: Box<dyn DiskUsage>,
     /// One cleanup pass at a time.
     pass: tokio::sync::Mutex<()>,
 }
 
-impl Default for Evictor {
-    fn default() -> Self {
-        Self {
-            disk: Box::new(Statvfs),
-            pass: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
-/// Usage of the workspace volume, read off the runtime.
-pub async fn usage(app: &App) -> Result<Usage, ApiError> {
-    let path = app.config.workspace_base.clone();
-    let app_disk = &app.evictor.disk;
-    // statvfs is one quick system call; it does not need a blocking thread.
-    app_disk.usage(&path).map_err(|e| {
-        ApiError::internal(format!(
-            "cannot read the disk usage of {}: {e}",
-            path.display()
-        ))
-    })
+/// Whether a pass brought the volume under the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassStatus {
+    Success,
+    /// Usage is still at or above the maximum.
+    Failed,
 }
 
 /// One branch in eviction order, and whether it may be evicted now.
@@ -121,82 +124,94 @@ pub struct Candidate {
     pub reason: Option<&'static str>,
 }
 
-pub fn state_name(state: BranchState) -> &'static str {
-    match state {
-        BranchState::Active => "active",
-        BranchState::Evicted => "evicted",
-        BranchState::Restoring => "restoring",
-    }
-}
-
-/// Why a branch may not be evicted now (None: it may).
-fn blocker(app: &App, b: &BranchRecord, active_workflow: bool, now: u64) -> Option<&'static str> {
-    match b.state {
-        BranchState::Evicted => return Some("evicted"),
-        BranchState::Restoring => return Some("restoring"),
-        BranchState::Active => {}
-    }
-    if active_workflow {
-        return Some("active_workflow");
-    }
-    if app
-        .bus
-        .subscriber_count(&StreamKey::new(&b.project_id, &b.branch_id))
-        > 0
-    {
-        return Some("subscribers");
-    }
-    let grace = app.config.eviction_grace.as_millis() as u64;
-    if now.saturating_sub(b.last_access_ms) < grace {
-        return Some("recently_used");
-    }
-    if !branch_dir(&app.config, &b.project_id, &b.branch_id).is_dir() {
-        return Some("no_directory");
-    }
-    None
-}
-
-/// Every branch, least recently used first, with what keeps it from eviction.
-pub async fn lru(app: &App) -> Result<Vec<Candidate>, ApiError> {
-    let store = app.store.clone();
-    let (branches, active) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        let rtx = store.begin_read()?;
-        let branches = model::list_all_branches(&rtx)?;
-        let mut active = Vec::with_capacity(branches.len());
-        for b in &branches {
-            active.push(model::active_workflow(&rtx, &b.project_id, &b.branch_id)?.is_some());
+impl Evictor {
+    pub fn new(base: Base, syncer: Arc<Syncer>) -> Self {
+        Self {
+            base,
+            syncer,
+            disk: Box::new(Statvfs),
+            pass: tokio::sync::Mutex::new(()),
         }
-        Ok((branches, active))
-    })
-    .await??;
-    let now = now_ms();
-    let mut out: Vec<Candidate> = branches
-        .iter()
-        .zip(active)
-        .map(|(b, active)| {
-            let reason = blocker(app, b, active, now).or_else(|| {
-                app.branch_locks
-                    .try_lock(&b.project_id, &b.branch_id)
-                    .is_none()
-                    .then_some("busy")
-            });
-            Candidate {
-                project_id: b.project_id.clone(),
-                branch_id: b.branch_id.clone(),
-                last_accessed_at_ms: b.last_access_ms,
-                size_bytes: b.size_bytes,
-                state: state_name(b.state),
-                evictable: reason.is_none(),
-                reason,
-            }
+    }
+
+    /// Usage of the workspace volume. statvfs is one quick system call; it does not need a
+    /// blocking thread.
+    pub fn usage(&self) -> Result<Usage, EvictError> {
+        let path = &self.base.config.workspace_base;
+        self.disk.usage(path).map_err(|source| EvictError::Usage {
+            path: path.display().to_string(),
+            source,
         })
-        .collect();
-    out.sort_by(|a, b| {
-        a.last_accessed_at_ms
-            .cmp(&b.last_accessed_at_ms)
-            .then_with(|| (&a.project_id, &a.branch_id).cmp(&(&b.project_id, &b.branch_id)))
-    });
-    Ok(out)
+    }
+
+    /// Why a branch may not be evicted now (None: it may).
+    fn blocker(&self, b: &BranchRecord, active_workflow: bool, now: u64) -> Option<&'static str> {
+        match b.state {
+            BranchState::Evicted => return Some("evicted"),
+            BranchState::Restoring => return Some("restoring"),
+            BranchState::Active => {}
+        }
+        if active_workflow {
+            return Some("active_workflow");
+        }
+        let key = BranchKey::new(&b.project_id, &b.branch_id);
+        if self.base.bus.subscriber_count(&key.stream()) > 0 {
+            return Some("subscribers");
+        }
+        let grace = self.base.config.eviction_grace.as_millis() as u64;
+        if now.saturating_sub(b.last_access_ms) < grace {
+            return Some("recently_used");
+        }
+        if !self.base.dir(&key).is_dir() {
+            return Some("no_directory");
+        }
+        None
+    }
+
+    /// Every branch, least recently used first, with what keeps it from eviction.
+    pub async fn lru(&self) -> Result<Vec<Candidate>, EvictError> {
+        let (branches, active) = self
+            .base
+            .read(|rtx| {
+                let branches = model::list_all_branches(rtx)?;
+                let mut active = Vec::with_capacity(branches.len());
+                for b in &branches {
+                    active
+                        .push(model::active_workflow(rtx, &b.project_id, &b.branch_id)?.is_some());
+                }
+                Ok((branches, active))
+            })
+            .await?;
+        let now = now_ms();
+        let mut out: Vec<Candidate> = branches
+            .iter()
+            .zip(active)
+            .map(|(b, active)| {
+                let reason = self.blocker(b, active, now).or_else(|| {
+                    self.base
+                        .locks
+                        .try_lock(&BranchKey::new(&b.project_id, &b.branch_id))
+                        .is_none()
+                        .then_some("busy")
+                });
+                Candidate {
+                    project_id: b.project_id.clone(),
+                    branch_id: b.branch_id.clone(),
+                    last_accessed_at_ms: b.last_access_ms,
+                    size_bytes: b.size_bytes,
+                    state: b.state.as_str(),
+                    evictable: reason.is_none(),
+                    reason,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.last_accessed_at_ms
+                .cmp(&b.last_accessed_at_ms)
+                .then_with(|| (&a.project_id, &a.branch_id).cmp(&(&b.project_id, &b.branch_id)))
+        });
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,8 +241,7 @@ pub struct Failed {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CleanupReport {
-    /// `success`, or `failed` when usage is still at or above the maximum.
-    pub status: &'static str,
+    pub status: PassStatus,
     pub usage_before: f64,
     pub usage_after: f64,
     pub max_usage_percent: u8,
@@ -243,244 +257,248 @@ enum NotEvicted {
     Failed(String),
 }
 
-/// One pass: at or above the maximum, evict LRU branches until at or below the target.
-pub async fn cleanup(app: &App) -> Result<CleanupReport, ApiError> {
-    let _pass = app.evictor.pass.lock().await;
-    let max = app.config.max_volume_usage_percent as f64;
-    let target = app.config.target_volume_usage_percent as f64;
-    let before = usage(app).await?.percent();
-    let mut report = CleanupReport {
-        status: "success",
-        usage_before: before,
-        usage_after: before,
-        max_usage_percent: app.config.max_volume_usage_percent,
-        target_usage_percent: app.config.target_volume_usage_percent,
-        evicted: Vec::new(),
-        skipped: Vec::new(),
-        failed: Vec::new(),
-    };
-    if before < max {
-        return Ok(report);
-    }
-    tracing::info!(
-        usage = before,
-        max,
-        target,
-        "disk above the maximum: evicting"
-    );
-    let mut current = before;
-    for c in lru(app).await? {
-        if current <= target {
-            break;
+impl Evictor {
+    /// One pass: at or above the maximum, evict LRU branches until at or below the target.
+    pub async fn cleanup(&self) -> Result<CleanupReport, EvictError> {
+        let _pass = self.pass.lock().await;
+        let config = &self.base.config;
+        let max = config.max_volume_usage_percent as f64;
+        let target = config.target_volume_usage_percent as f64;
+        let before = self.usage()?.percent();
+        let mut report = CleanupReport {
+            status: PassStatus::Success,
+            usage_before: before,
+            usage_after: before,
+            max_usage_percent: config.max_volume_usage_percent,
+            target_usage_percent: config.target_volume_usage_percent,
+            evicted: Vec::new(),
+            skipped: Vec::new(),
+            failed: Vec::new(),
+        };
+        if before < max {
+            return Ok(report);
         }
-        if c.state != "active" {
-            continue;
-        }
-        if let Some(reason) = c.reason {
-            report.skipped.push(Skipped {
-                project_id: c.project_id,
-                branch_id: c.branch_id,
-                reason,
-            });
-            continue;
-        }
-        match evict_branch(app, &c.project_id, &c.branch_id).await {
-            Ok(()) => report.evicted.push(BranchRef {
-                project_id: c.project_id,
-                branch_id: c.branch_id,
-            }),
-            Err(NotEvicted::Skipped(reason)) => report.skipped.push(Skipped {
-                project_id: c.project_id,
-                branch_id: c.branch_id,
-                reason,
-            }),
-            Err(NotEvicted::Failed(error)) => report.failed.push(Failed {
-                project_id: c.project_id,
-                branch_id: c.branch_id,
-                error,
-            }),
-        }
-        current = usage(app).await?.percent();
-    }
-    report.usage_after = current;
-    if current >= max {
-        report.status = "failed";
-    }
-    tracing::info!(
-        before,
-        after = current,
-        evicted = report.evicted.len(),
-        skipped = report.skipped.len(),
-        failed = report.failed.len(),
-        "cleanup pass done"
-    );
-    Ok(report)
-}
-
-/// Push, verify, mark evicted, delete. Keeps the directory on any failure.
-async fn evict_branch(app: &App, project_id: &str, branch_id: &str) -> Result<(), NotEvicted> {
-    let Some(_guard) = app.branch_locks.try_lock(project_id, branch_id) else {
-        return Err(NotEvicted::Skipped("busy"));
-    };
-    let result = evict_locked(app, project_id, branch_id).await;
-    let fields = match &result {
-        Ok(snapshot_id) => json!({ "status": "evicted", "snapshotId": snapshot_id }),
-        Err(NotEvicted::Failed(error)) => json!({ "status": "failed", "error": error }),
-        Err(NotEvicted::Skipped(_)) => return result.map(|_| ()),
-    };
-    if let Err(NotEvicted::Failed(error)) = &result {
-        tracing::warn!(
-            project = project_id,
-            branch = branch_id,
-            error = %error,
-            "eviction failed; the directory is kept"
+        tracing::info!(
+            usage = before,
+            max,
+            target,
+            "disk above the maximum: evicting"
         );
+        let mut current = before;
+        for c in self.lru().await? {
+            if current <= target {
+                break;
+            }
+            if c.state != "active" {
+                continue;
+            }
+            if let Some(reason) = c.reason {
+                report.skipped.push(Skipped {
+                    project_id: c.project_id,
+                    branch_id: c.branch_id,
+                    reason,
+                });
+                continue;
+            }
+            match self
+                .evict_branch(&BranchKey::new(&c.project_id, &c.branch_id))
+                .await
+            {
+                Ok(()) => report.evicted.push(BranchRef {
+                    project_id: c.project_id,
+                    branch_id: c.branch_id,
+                }),
+                Err(NotEvicted::Skipped(reason)) => report.skipped.push(Skipped {
+                    project_id: c.project_id,
+                    branch_id: c.branch_id,
+                    reason,
+                }),
+                Err(NotEvicted::Failed(error)) => report.failed.push(Failed {
+                    project_id: c.project_id,
+                    branch_id: c.branch_id,
+                    error,
+                }),
+            }
+            current = self.usage()?.percent();
+        }
+        report.usage_after = current;
+        if current >= max {
+            report.status = PassStatus::Failed;
+        }
+        tracing::info!(
+            before,
+            after = current,
+            evicted = report.evicted.len(),
+            skipped = report.skipped.len(),
+            failed = report.failed.len(),
+            "cleanup pass done"
+        );
+        Ok(report)
     }
-    if let Err(e) = app.emit(project_id, branch_id, "eviction", fields).await {
-        tracing::debug!(error = %e, "could not announce an eviction");
-    }
-    result.map(|_| ())
-}
 
-async fn evict_locked(app: &App, project_id: &str, branch_id: &str) -> Result<String, NotEvicted> {
-    let failed = |what: &str, e: &dyn std::fmt::Display| NotEvicted::Failed(format!("{what}: {e}"));
-    // Look again under the lock: the branch may have been used since the LRU list was made.
-    let (store, p, b) = (
-        app.store.clone(),
-        project_id.to_string(),
-        branch_id.to_string(),
-    );
-    let (branch, active) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-        let rtx = store.begin_read()?;
-        Ok((
-            model::get_branch(&rtx, &p, &b)?,
-            model::active_workflow(&rtx, &p, &b)?.is_some(),
-        ))
-    })
-    .await
-    .map_err(|e| failed("background task", &e))?
-    .map_err(|e| failed("storage", &e))?;
-    let Some(branch) = branch else {
-        return Err(NotEvicted::Skipped("evicted"));
-    };
-    if let Some(reason) = blocker(app, &branch, active, now_ms()) {
-        return Err(NotEvicted::Skipped(reason));
+    /// Push, verify, mark evicted, delete. Keeps the directory on any failure.
+    async fn evict_branch(&self, key: &BranchKey) -> Result<(), NotEvicted> {
+        let Some(_guard) = self.base.locks.try_lock(key) else {
+            return Err(NotEvicted::Skipped("busy"));
+        };
+        let result = self.evict_locked(key).await;
+        let fields = match &result {
+            Ok(snapshot_id) => json!({ "status": "evicted", "snapshotId": snapshot_id }),
+            Err(NotEvicted::Failed(error)) => json!({ "status": "failed", "error": error }),
+            Err(NotEvicted::Skipped(_)) => return result.map(|_| ()),
+        };
+        if let Err(NotEvicted::Failed(error)) = &result {
+            tracing::warn!(
+                branch = %key,
+                error = %error,
+                "eviction failed; the directory is kept"
+            );
+        }
+        if let Err(e) = self.base.emit(key, "eviction", fields).await {
+            tracing::debug!(error = %e, "could not announce an eviction");
+        }
+        result.map(|_| ())
     }
 
-    let report = app
-        .syncer
-        .push_branch(app, project_id, branch_id, Trigger::Eviction, true)
-        .await
-        .map_err(|e| NotEvicted::Failed(format!("push failed: {}", e.message)))?;
-    let same = crate::sync::verify(&app.config, project_id, branch_id, &report.snapshot_id)
+    async fn evict_locked(&self, key: &BranchKey) -> Result<String, NotEvicted> {
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| NotEvicted::Failed(format!("{what}: {e}"));
+        let (project_id, branch_id) = (key.project_id.as_str(), key.branch_id.as_str());
+        // Look again under the lock: the branch may have been used since the LRU list was made.
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let (branch, active) = self
+            .base
+            .read(move |rtx| {
+                Ok((
+                    model::get_branch(rtx, &p, &b)?,
+                    model::active_workflow(rtx, &p, &b)?.is_some(),
+                ))
+            })
+            .await
+            .map_err(|e| failed("storage", &e))?;
+        let Some(branch) = branch else {
+            return Err(NotEvicted::Skipped("evicted"));
+        };
+        if let Some(reason) = self.blocker(&branch, active, now_ms()) {
+            return Err(NotEvicted::Skipped(reason));
+        }
+
+        let report = self
+            .syncer
+            .push_branch(key, Trigger::Eviction, true)
+            .await
+            .map_err(|e| NotEvicted::Failed(format!("push failed: {e}")))?;
+        let same = crate::sync::verify(
+            &self.base.config,
+            project_id,
+            branch_id,
+            &report.snapshot_id,
+        )
         .await
         .map_err(|e| failed("verifying the snapshot", &e))?;
-    if !same {
-        return Err(NotEvicted::Failed(format!(
-            "the directory does not match snapshot {} (it changed after the push)",
-            report.snapshot_id
-        )));
-    }
+        if !same {
+            return Err(NotEvicted::Failed(format!(
+                "the directory does not match snapshot {} (it changed after the push)",
+                report.snapshot_id
+            )));
+        }
 
-    // Evicted in redb first: a crash before the directory is gone leaves a branch that is
-    // restored (over whatever is left) on its next use, never one that looks active but empty.
-    let (p, b, snapshot) = (
-        project_id.to_string(),
-        branch_id.to_string(),
-        report.snapshot_id.clone(),
-    );
-    app.store
-        .writer()
-        .write(move |ctx| {
-            if let Some(holder) = model::active_workflow_for_update(ctx, &p, &b)? {
-                return Err(StorageError::Conflict(format!(
-                    "workflow {holder} started on the branch"
-                )));
-            }
-            let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? else {
-                return Err(StorageError::NotFound(format!("branch {b}")));
-            };
-            branch.state = BranchState::Evicted;
-            model::put_branch(ctx, &branch)?;
-            let mut state = model::get_sync_state_for_update(ctx, &p, &b)?.unwrap_or_default();
-            state.snapshot_id = Some(snapshot.clone());
-            state.dirty = false;
-            model::put_sync_state(ctx, &p, &b, &state)?;
-            Ok(())
+        // Evicted in redb first: a crash before the directory is gone leaves a branch that is
+        // restored (over whatever is left) on its next use, never one that looks active but empty.
+        let (p, b, snapshot) = (
+            project_id.to_string(),
+            branch_id.to_string(),
+            report.snapshot_id.clone(),
+        );
+        self.base
+            .store
+            .writer()
+            .write(move |ctx| {
+                if let Some(holder) = model::active_workflow_for_update(ctx, &p, &b)? {
+                    return Err(StorageError::Conflict(format!(
+                        "workflow {holder} started on the branch"
+                    )));
+                }
+                let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? else {
+                    return Err(StorageError::NotFound(format!("branch {b}")));
+                };
+                branch.state = BranchState::Evicted;
+                model::put_branch(ctx, &branch)?;
+                let mut state = model::get_sync_state_for_update(ctx, &p, &b)?.unwrap_or_default();
+                state.snapshot_id = Some(snapshot.clone());
+                state.dirty = false;
+                model::put_sync_state(ctx, &p, &b, &state)?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| failed("marking the branch evicted", &e))?;
+        self.syncer.clear(key);
+
+        let dir = self.base.dir(key);
+        let (config, k) = (self.base.config.clone(), key.clone());
+        let removed =
+            crate::background::low_priority(move || remove_branch_dir(&config, &k, &dir)).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            // The branch is evicted either way; a restore pulls over whatever is left.
+            tracing::warn!(branch = %key, result = ?removed, "could not remove all of an evicted branch's directory");
+        }
+        tracing::info!(
+            branch = %key,
+            snapshot = %report.snapshot_id,
+            "evicted"
+        );
+        Ok(report.snapshot_id)
+    }
+}
+
+/// The cleanup pass every `EVICTION_INTERVAL_SECONDS`, as a [`Worker`].
+pub struct EvictWorker {
+    evictor: Arc<Evictor>,
+    every: Duration,
+    /// The first pass comes one interval after the start, as every later one.
+    started: bool,
+}
+
+impl EvictWorker {
+    /// None when `EVICTION_INTERVAL_SECONDS` is 0 (no periodic pass).
+    pub fn new(evictor: Arc<Evictor>) -> Option<Self> {
+        let every = evictor.base.config.eviction_interval;
+        (!every.is_zero()).then(|| Self {
+            evictor,
+            every: every.max(Duration::from_secs(1)),
+            started: false,
         })
-        .await
-        .map_err(|e| failed("marking the branch evicted", &e))?;
-    app.syncer.clear(project_id, branch_id);
-
-    let dir = branch_dir(&app.config, project_id, branch_id);
-    let (config, p, b) = (
-        app.config.clone(),
-        project_id.to_string(),
-        branch_id.to_string(),
-    );
-    let removed = crate::background::low_priority(move || {
-        crate::branches::remove_branch_dir(&config, &p, &b, &dir)
-    })
-    .await;
-    if !matches!(removed, Ok(Ok(()))) {
-        // The branch is evicted either way; a restore pulls over whatever is left.
-        tracing::warn!(project = project_id, branch = branch_id, result = ?removed, "could not remove all of an evicted branch's directory");
     }
-    tracing::info!(
-        project = project_id,
-        branch = branch_id,
-        snapshot = %report.snapshot_id,
-        "evicted"
-    );
-    Ok(report.snapshot_id)
 }
 
-/// Make room before a branch is created or restored: at or above the maximum, run a cleanup
-/// pass; still at or above it, answer 507 `disk_full`.
-pub async fn ensure_space(app: &App) -> Result<(), ApiError> {
-    let max = app.config.max_volume_usage_percent as f64;
-    let now = match usage(app).await {
-        Ok(u) => u.percent(),
-        Err(e) => {
-            tracing::warn!(error = %e.message, "disk usage unknown; going ahead");
-            return Ok(());
-        }
-    };
-    if now < max {
-        return Ok(());
+#[async_trait::async_trait]
+impl Worker for EvictWorker {
+    fn name(&self) -> &'static str {
+        "evictor"
     }
-    let report = cleanup(app).await?;
-    if report.usage_after >= max {
-        return Err(ApiError::new(
-            salvo::http::StatusCode::INSUFFICIENT_STORAGE,
-            "disk_full",
-            format!(
-                "the workspace volume is {:.1}% full (maximum {}%) and no more branches can be evicted; free space or raise MAX_VOLUME_USAGE_PERCENT",
-                report.usage_after, app.config.max_volume_usage_percent
-            ),
-        )
-        .with_details(serde_json::to_value(&report).unwrap_or_default()));
-    }
-    Ok(())
-}
 
-/// Run a cleanup pass every `EVICTION_INTERVAL_SECONDS` until shutdown (0: never).
-pub fn spawn_loop(app: Arc<App>) {
-    let every = app.config.eviction_interval;
-    if every.is_zero() {
-        return;
+    fn detail(&self) -> Option<String> {
+        let usage = self.evictor.usage().ok()?;
+        Some(format!("disk {:.1}% used", usage.percent()))
     }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = app.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
-            }
-            if let Err(e) = cleanup(&app).await {
-                tracing::warn!(error = %e, "cleanup pass failed");
-            }
+
+    async fn work(
+        &mut self,
+        _shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<WorkerState, String> {
+        if !std::mem::replace(&mut self.started, true) {
+            return Ok(WorkerState::Idle);
         }
-    });
+        self.evictor
+            .cleanup()
+            .await
+            .map(|_| WorkerState::Idle)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn wait_for_work(&mut self) {
+        tokio::time::sleep(self.every).await
+    }
 }
 
 #[cfg(test)]

@@ -56,47 +56,7 @@ const ETC_SECRETS: &[&str] = &[
     "/etc/machine-id",
 ];
 
-/// How commands are isolated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxMode {
-    /// bubblewrap; commands fail when it cannot run.
-    Bwrap,
-    /// No isolation at all (`SANDBOX=off`, an explicit operator choice).
-    Off,
-}
-
-/// The sandbox's settings (from [`crate::config::Config`]).
-#[derive(Debug, Clone)]
-pub struct SandboxSettings {
-    pub mode: SandboxMode,
-    /// Whether commands reach the network (`SANDBOX_NETWORK`).
-    pub network: bool,
-    /// The uid (and gid) commands run as when the server is root.
-    pub uid: u32,
-    /// Most data memory one process may map (`RLIMIT_DATA`), in MiB.
-    pub memory_mb: u64,
-    /// Most processes of the sandbox uid at once (`RLIMIT_NPROC`; only with the dedicated uid,
-    /// where the count is the sandboxes' own).
-    pub max_processes: u64,
-    /// Size of the private `/tmp`, in MiB.
-    pub tmp_mb: u64,
-    /// The bubblewrap program (found on `PATH` by default).
-    pub program: PathBuf,
-}
-
-impl Default for SandboxSettings {
-    fn default() -> Self {
-        Self {
-            mode: SandboxMode::Bwrap,
-            network: true,
-            uid: 61000,
-            memory_mb: 4096,
-            max_processes: 1024,
-            tmp_mb: 512,
-            program: PathBuf::from(BWRAP),
-        }
-    }
-}
+pub use crate::config::{SandboxMode, SandboxSettings};
 
 /// Why a command could not be sandboxed. The text is what the model and the operator read.
 #[derive(Debug, Clone, thiserror::Error)]

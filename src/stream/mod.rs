@@ -41,6 +41,38 @@ pub fn is_valid_event_type(kind: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// An event that cannot go into the log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EventError {
+    #[error("event type must be 1-32 characters of a-z, 0-9, '-' or '_'")]
+    InvalidType,
+    #[error("event data must be a JSON object")]
+    InvalidData,
+}
+
+/// Validate and normalise an event for the log: `fields` is a JSON object (or null); `id`,
+/// `type` and `timestamp` are the log's and are dropped.
+pub fn new_event(
+    kind: &str,
+    fields: serde_json::Value,
+) -> Result<weldr_storage::NewEvent, EventError> {
+    if !is_valid_event_type(kind) {
+        return Err(EventError::InvalidType);
+    }
+    let mut map = match fields {
+        serde_json::Value::Object(map) => map,
+        serde_json::Value::Null => serde_json::Map::new(),
+        _ => return Err(EventError::InvalidData),
+    };
+    for reserved in ["id", "type", "timestamp"] {
+        map.remove(reserved);
+    }
+    Ok(weldr_storage::NewEvent {
+        kind: kind.to_string(),
+        data: serde_json::Value::Object(map).to_string(),
+    })
+}
+
 /// Encode `id:`/`event:`/`data:`. `data` is the stored JSON object with `id`, `type` and
 /// `timestamp` (ms since epoch) put first.
 pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {

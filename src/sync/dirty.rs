@@ -17,10 +17,13 @@ use std::time::Duration;
 
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
-use crate::app::App;
+use crate::base::Base;
+use crate::branches::layout::BranchKey;
 use crate::config::{Config, Mode};
 use crate::excludes::Excludes;
 use crate::ids::is_valid_id;
+use crate::sync::syncer::Syncer;
+use crate::worker::{Worker, WorkerState};
 
 /// Where a path is in the workspace.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,14 +71,15 @@ pub fn locate(config: &Config, path: &Path) -> Option<Place> {
 
 /// The watcher thread's state.
 struct Tracker {
-    app: Arc<App>,
+    base: Base,
+    syncer: Arc<Syncer>,
     watcher: RecommendedWatcher,
     excludes: HashMap<PathBuf, Excludes>,
 }
 
 impl Tracker {
     fn branch_root(&self, project_id: &str, branch_id: &str) -> PathBuf {
-        crate::branches::branch_dir(&self.app.config, project_id, branch_id)
+        self.base.dir(&BranchKey::new(project_id, branch_id))
     }
 
     fn is_excluded(&mut self, root: &Path, rel: &Path, is_dir: bool) -> bool {
@@ -132,7 +136,7 @@ impl Tracker {
                 project_id,
                 branch_id,
                 ..
-            }) = locate(&self.app.config, &path)
+            }) = locate(&self.base.config, &path)
             {
                 self.watch_tree(&path, &path);
                 found.push((project_id, branch_id));
@@ -143,7 +147,7 @@ impl Tracker {
 
     /// Watch the whole workspace.
     fn watch_all(&mut self) {
-        let base = self.app.config.workspace_base.clone();
+        let base = self.base.config.workspace_base.clone();
         if let Err(e) = std::fs::create_dir_all(&base) {
             tracing::warn!(dir = %base.display(), error = %e, "cannot create the workspace");
         }
@@ -153,7 +157,7 @@ impl Tracker {
                 continue;
             }
             let path = entry.path();
-            match locate(&self.app.config, &path) {
+            match locate(&self.base.config, &path) {
                 Some(Place::Project(_)) => {
                     self.watch_project(&path);
                 }
@@ -166,9 +170,7 @@ impl Tracker {
     fn handle(&mut self, event: Event) {
         if event.need_rescan() {
             tracing::warn!("inotify queue overflowed: every branch is treated as changed");
-            self.app
-                .syncer
-                .mark_all_dirty(&self.app.config, &self.app.store);
+            self.syncer.mark_all_dirty();
             self.excludes.clear();
             self.watch_all();
             return;
@@ -178,7 +180,7 @@ impl Tracker {
             return;
         }
         for path in &event.paths {
-            let Some(place) = locate(&self.app.config, path) else {
+            let Some(place) = locate(&self.base.config, path) else {
                 continue;
             };
             let is_dir = std::fs::symlink_metadata(path)
@@ -192,7 +194,7 @@ impl Tracker {
                     // Branches made in it before its watch began are new: push them.
                     if is_dir {
                         for (p, b) in self.watch_project(path) {
-                            self.app.syncer.mark_dirty(&p, &b);
+                            self.syncer.mark_dirty(&BranchKey::new(p, b));
                         }
                     }
                 }
@@ -211,47 +213,51 @@ impl Tracker {
                     if is_dir && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
                         self.watch_tree(&root, path);
                     }
-                    self.app.syncer.mark_dirty(&project_id, &branch_id);
+                    self.syncer
+                        .mark_dirty(&BranchKey::new(project_id, branch_id));
                 }
             }
         }
     }
 }
 
-/// The running watcher thread; it stops when the app shuts down.
+/// The running watcher thread; it stops when the server shuts down.
 pub struct DirtyWatcher {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DirtyWatcher {
-    /// Start watching the workspace. Without an inotify instance, every branch is marked dirty
-    /// every ten quiet periods instead, so nothing goes unpushed.
-    pub fn start(app: Arc<App>) -> Self {
+    /// Start watching the workspace. Without an inotify instance, answers a [`Rescan`] worker
+    /// instead, which marks every branch dirty every ten quiet periods, so nothing goes
+    /// unpushed; the caller runs it.
+    pub fn start(base: Base, syncer: Arc<Syncer>) -> (Self, Option<Rescan>) {
         let (tx, rx) = mpsc::channel::<notify::Result<Event>>();
-        app.syncer.set_watcher(tx.clone());
+        syncer.set_watcher(tx.clone());
         let watcher = match notify::recommended_watcher(tx) {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "no inotify watcher (raise fs.inotify.max_user_instances); falling back to periodic full rescans");
-                spawn_periodic_rescan(app);
-                return Self { thread: None };
+                let every = base.config.sync_quiet * 10;
+                return (Self { thread: None }, Some(Rescan { syncer, every }));
             }
         };
+        let shutdown = base.shutdown.clone();
         let thread = std::thread::Builder::new()
             .name("dirty-watcher".into())
             .spawn(move || {
                 let mut tracker = Tracker {
-                    app,
+                    base,
+                    syncer,
                     watcher,
                     excludes: HashMap::new(),
                 };
                 tracker.watch_all();
-                while !tracker.app.shutdown.is_cancelled() {
+                while !shutdown.is_cancelled() {
                     match rx.recv_timeout(Duration::from_millis(250)) {
                         Ok(Ok(event)) => tracker.handle(event),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "watcher error: every branch is treated as changed");
-                            tracker.app.syncer.mark_all_dirty(&tracker.app.config, &tracker.app.store);
+                            tracker.syncer.mark_all_dirty();
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -259,15 +265,15 @@ impl DirtyWatcher {
                 }
             });
         match thread {
-            Ok(t) => Self { thread: Some(t) },
+            Ok(t) => (Self { thread: Some(t) }, None),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the watcher thread");
-                Self { thread: None }
+                (Self { thread: None }, None)
             }
         }
     }
 
-    /// Wait for the thread to end (after the app's shutdown token is cancelled). Blocks.
+    /// Wait for the thread to end (after the shutdown token is cancelled). Blocks.
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -275,20 +281,32 @@ impl DirtyWatcher {
     }
 }
 
-fn spawn_periodic_rescan(app: Arc<App>) {
-    tokio::spawn(async move {
-        let every = app.config.sync_quiet * 10;
-        loop {
-            let a = app.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || a.syncer.mark_all_dirty(&a.config, &a.store))
-                    .await;
-            tokio::select! {
-                _ = app.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-        }
-    });
+/// Periodic full rescans, where no watcher could be had.
+pub struct Rescan {
+    syncer: Arc<Syncer>,
+    every: Duration,
+}
+
+#[async_trait::async_trait]
+impl Worker for Rescan {
+    fn name(&self) -> &'static str {
+        "rescan"
+    }
+
+    async fn work(
+        &mut self,
+        _shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<WorkerState, String> {
+        let syncer = self.syncer.clone();
+        tokio::task::spawn_blocking(move || syncer.mark_all_dirty())
+            .await
+            .map_err(|e| format!("the rescan failed: {e}"))?;
+        Ok(WorkerState::Idle)
+    }
+
+    async fn wait_for_work(&mut self) {
+        tokio::time::sleep(self.every).await
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::branches::branch_dir;
+use crate::branches::layout::{BranchKey, branch_dir};
 use crate::config::Config;
 use crate::excludes::Excludes;
 use crate::git::copy::beneath::{Dir, Kind, Stat};
@@ -782,7 +782,7 @@ pub async fn pull_into_with(
         requests: store.requests(),
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    if target == branch_dir(config, project_id, branch_id) {
+    if target == branch_dir(config, &BranchKey::new(project_id, branch_id)) {
         let index = LocalIndex {
             store: store_identity(config, &store),
             snapshot: Some((
@@ -1369,7 +1369,7 @@ pub async fn verify(
     let Some(m) = fetch_manifest(&store, Some(snapshot_id)).await? else {
         return Ok(false);
     };
-    let dir = branch_dir(config, project_id, branch_id);
+    let dir = branch_dir(config, &BranchKey::new(project_id, branch_id));
     let scanned = blocking(move || {
         let mut fresh = StatCache::new();
         manifest::scan(&dir, &StatCache::new(), &mut fresh)

@@ -18,11 +18,31 @@ use weldr_storage::writer::now_ms;
 use weldr_storage::{StorageError, Store, StreamKey};
 
 use super::{PushOptions, PushReport, SyncError};
-use crate::app::{App, new_event};
-use crate::branches::BranchLocks;
-use crate::error::ApiError;
+use crate::base::Base;
+use crate::branches::layout::{BranchKey, BranchLocks};
+use crate::stream::new_event;
+use crate::worker::{Worker, WorkerState};
+use tokio_util::sync::CancellationToken;
 
-type Key = (String, String);
+type Key = BranchKey;
+
+/// Why a push did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("a push of branch {} is running; wait for its `sync` event", .0.branch_id)]
+    Running(BranchKey),
+    #[error(
+        "branch {} is evicted; its last snapshot is in object storage and it is restored on its next use",
+        .0.branch_id
+    )]
+    Evicted(BranchKey),
+    #[error("branch {} not found in project {}", .0.branch_id, .0.project_id)]
+    BranchNotFound(BranchKey),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
 
 /// Pushes running at once from the background loop.
 const PUSH_CONCURRENCY: usize = 2;
@@ -67,8 +87,8 @@ impl Trigger {
 }
 
 /// Dirty marks and per-branch push locks, shared by the watcher, the loop and the API.
-#[derive(Default)]
 pub struct Syncer {
+    base: Base,
     dirty: Mutex<HashMap<Key, Dirty>>,
     running: Mutex<HashSet<Key>>,
     locks: BranchLocks,
@@ -93,11 +113,18 @@ impl Drop for Running<'_> {
     }
 }
 
-fn key(project_id: &str, branch_id: &str) -> Key {
-    (project_id.to_string(), branch_id.to_string())
-}
-
 impl Syncer {
+    pub fn new(base: Base) -> Self {
+        Self {
+            base,
+            dirty: Default::default(),
+            running: Default::default(),
+            locks: Default::default(),
+            wake: Default::default(),
+            watcher: Default::default(),
+        }
+    }
+
     /// A branch directory was mounted anew (a layered fork): its old watches saw the tree
     /// that is now hidden or frozen. Has the watcher walk it again, and marks it dirty.
     pub fn rewatch(&self, dir: &std::path::Path) {
@@ -120,19 +147,19 @@ impl Syncer {
     }
 
     /// Note a change in a branch directory. Cheap; callable from any thread.
-    pub fn mark_dirty(&self, project_id: &str, branch_id: &str) {
-        self.mark(project_id, branch_id, false);
+    pub fn mark_dirty(&self, key: &BranchKey) {
+        self.mark(key, false);
     }
 
     /// A version was made: push as soon as possible.
-    pub fn push_soon(&self, project_id: &str, branch_id: &str) {
-        self.mark(project_id, branch_id, true);
+    pub fn push_soon(&self, key: &BranchKey) {
+        self.mark(key, true);
     }
 
-    fn mark(&self, project_id: &str, branch_id: &str, now: bool) {
+    fn mark(&self, key: &BranchKey, now: bool) {
         let at = Instant::now();
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = dirty.entry(key(project_id, branch_id)).or_insert(Dirty {
+        let entry = dirty.entry(key.clone()).or_insert(Dirty {
             since: at,
             last: at,
             now: false,
@@ -146,36 +173,40 @@ impl Syncer {
         }
     }
 
-    pub fn is_dirty(&self, project_id: &str, branch_id: &str) -> bool {
+    pub fn is_dirty(&self, key: &BranchKey) -> bool {
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key(project_id, branch_id))
+            .contains_key(key)
     }
 
     /// Forget a branch's dirty mark (its directory is gone: evicted).
-    pub fn clear(&self, project_id: &str, branch_id: &str) {
+    pub fn clear(&self, key: &BranchKey) {
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&key(project_id, branch_id));
+            .remove(key);
     }
 
     /// Every active branch is dirty: after an inotify queue overflow, at startup, or when no
     /// watcher could be had. Blocks on a redb read: call off the async runtime's workers.
-    pub fn mark_all_dirty(&self, config: &crate::config::Config, store: &Store) {
-        let branches = store
+    pub fn mark_all_dirty(&self) {
+        let branches = self
+            .base
+            .store
             .begin_read()
             .and_then(|rtx| model::list_all_branches(&rtx));
         match branches {
             Ok(list) => {
                 // A branch without a directory (registered, never written) has nothing to push.
                 let mut marked = 0;
-                for b in list.iter().filter(|b| {
-                    b.state == BranchState::Active
-                        && crate::branches::branch_dir(config, &b.project_id, &b.branch_id).is_dir()
-                }) {
-                    self.mark_dirty(&b.project_id, &b.branch_id);
+                for key in list
+                    .iter()
+                    .filter(|b| b.state == BranchState::Active)
+                    .map(|b| BranchKey::new(&b.project_id, &b.branch_id))
+                    .filter(|key| self.base.dir(key).is_dir())
+                {
+                    self.mark_dirty(&key);
                     marked += 1;
                 }
                 tracing::info!(branches = marked, "full rescan: every branch is dirty");
@@ -215,7 +246,7 @@ impl Syncer {
     }
 
     /// Write new dirty marks to redb (one transaction).
-    async fn save_marks(&self, store: &Store) {
+    async fn save_marks(&self) {
         let unsaved: Vec<Key> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             dirty
@@ -231,17 +262,20 @@ impl Syncer {
             return;
         }
         let marks = unsaved.clone();
-        let unknown = store
+        let unknown = self
+            .base
+            .store
             .writer()
             .write(move |ctx| {
                 let mut unknown = Vec::new();
-                for (p, b) in &marks {
+                for k in &marks {
+                    let (p, b) = (&k.project_id, &k.branch_id);
                     // No registered branch (a directory made by hand), or an evicted one whose
                     // directory is being deleted: nothing to push.
                     let active = model::get_branch_for_update(ctx, p, b)?
                         .is_some_and(|branch| branch.state == BranchState::Active);
                     if !active {
-                        unknown.push((p.clone(), b.clone()));
+                        unknown.push(k.clone());
                         continue;
                     }
                     let mut state =
@@ -274,42 +308,37 @@ impl Syncer {
     }
 
     /// Is a push of this branch running now?
-    pub fn is_running(&self, project_id: &str, branch_id: &str) -> bool {
+    pub fn is_running(&self, key: &BranchKey) -> bool {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&key(project_id, branch_id))
+            .contains(key)
     }
 
     /// Push a branch now, record the outcome and emit a `sync` event. With `wait` false, a push
-    /// of the branch that is already running answers 409 `sync_running`; with `wait` true this
-    /// push waits for it. A branch that is not active (evicted) answers 409 `branch_evicted`.
+    /// of the branch that is already running answers [`PushError::Running`]; with `wait` true
+    /// this push waits for it. A branch that is not active answers [`PushError::Evicted`].
     pub async fn push_branch(
         &self,
-        app: &App,
-        project_id: &str,
-        branch_id: &str,
+        key: &BranchKey,
         trigger: Trigger,
         wait: bool,
-    ) -> Result<PushReport, ApiError> {
+    ) -> Result<PushReport, PushError> {
         // No git operation (commit, revert, fork) is half done while the push reads the
         // branch. The eviction pass holds this lock already; the order is always this lock,
         // then the push lock.
         let _git = match trigger {
             Trigger::Eviction => None,
-            _ => Some(app.branch_locks.lock(project_id, branch_id).await),
+            _ => Some(self.base.locks.lock(key).await),
         };
         let _guard = if wait {
-            self.locks.lock(project_id, branch_id).await
+            self.locks.lock(key).await
         } else {
-            self.locks.try_lock(project_id, branch_id).ok_or_else(|| {
-                ApiError::conflict(
-                    "sync_running",
-                    format!("a push of branch {branch_id} is running; wait for its `sync` event"),
-                )
-            })?
+            self.locks
+                .try_lock(key)
+                .ok_or_else(|| PushError::Running(key.clone()))?
         };
-        let k = key(project_id, branch_id);
+        let k = key.clone();
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -319,24 +348,19 @@ impl Syncer {
             key: k.clone(),
         };
 
-        let (store, p, b) = (app.store.clone(), k.0.clone(), k.1.clone());
-        let branch = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-            model::get_branch(&store.begin_read()?, &p, &b)
-        })
-        .await??;
+        let (p, b) = (k.project_id.clone(), k.branch_id.clone());
+        let branch = self
+            .base
+            .read(move |rtx| model::get_branch(rtx, &p, &b))
+            .await?;
         match branch {
             None => {
-                self.clear(project_id, branch_id);
-                return Err(crate::registry::branch_not_found(project_id, branch_id));
+                self.clear(key);
+                return Err(PushError::BranchNotFound(key.clone()));
             }
             Some(b) if b.state != BranchState::Active => {
-                self.clear(project_id, branch_id);
-                return Err(ApiError::conflict(
-                    "branch_evicted",
-                    format!(
-                        "branch {branch_id} is evicted; its last snapshot is in object storage and it is restored on its next use"
-                    ),
-                ));
+                self.clear(key);
+                return Err(PushError::Evicted(key.clone()));
             }
             Some(_) => {}
         }
@@ -347,8 +371,13 @@ impl Syncer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&k);
-        let result =
-            super::push_with(&app.config, project_id, branch_id, &PushOptions::default()).await;
+        let result = super::push_with(
+            &self.base.config,
+            &key.project_id,
+            &key.branch_id,
+            &PushOptions::default(),
+        )
+        .await;
         if result.is_err()
             && let Some(mut d) = taken
         {
@@ -361,13 +390,11 @@ impl Syncer {
             d.unsaved = false;
             *entry = d;
         }
-        self.record(app, project_id, branch_id, trigger, &result)
-            .await;
+        self.record(key, trigger, &result).await;
         match result {
             Ok(report) => {
                 tracing::info!(
-                    project = project_id,
-                    branch = branch_id,
+                    branch = %key,
                     trigger = trigger.as_str(),
                     snapshot = %report.snapshot_id,
                     unchanged = report.unchanged,
@@ -377,8 +404,8 @@ impl Syncer {
                 Ok(report)
             }
             Err(e) => {
-                tracing::warn!(project = project_id, branch = branch_id, trigger = trigger.as_str(), error = %e, "push failed");
-                Err(sync_error(e))
+                tracing::warn!(branch = %key, trigger = trigger.as_str(), error = %e, "push failed");
+                Err(e.into())
             }
         }
     }
@@ -386,9 +413,7 @@ impl Syncer {
     /// Persist the outcome of a push and announce it, in one transaction.
     async fn record(
         &self,
-        app: &App,
-        project_id: &str,
-        branch_id: &str,
+        key: &BranchKey,
         trigger: Trigger,
         result: &Result<PushReport, SyncError>,
     ) {
@@ -410,10 +435,11 @@ impl Syncer {
             Ok(r) => Ok(r.clone()),
             Err(e) => Err(e.to_string()),
         };
-        let (p, b) = (project_id.to_string(), branch_id.to_string());
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         // Changes seen during the push keep the branch dirty.
-        let dirty_now = self.is_dirty(project_id, branch_id);
-        let written = app
+        let dirty_now = self.is_dirty(key);
+        let written = self
+            .base
             .store
             .writer()
             .write(move |ctx| {
@@ -447,8 +473,22 @@ impl Syncer {
     }
 
     /// Push every dirty branch (the server is stopping). The caller bounds the time.
-    pub async fn flush(&self, app: &App) {
-        let list = self.dirty_branches();
+    pub async fn flush(&self) {
+        // A push under way took its branch's mark: it is pushed again after it (and waits for
+        // it), so that the runtime never stops in the middle of the only push of a change.
+        let mut list = self.dirty_branches();
+        let running: Vec<Key> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for k in running {
+            if !list.contains(&k) {
+                list.push(k);
+            }
+        }
         if list.is_empty() {
             return;
         }
@@ -456,8 +496,8 @@ impl Syncer {
             branches = list.len(),
             "pushing dirty branches before stopping"
         );
-        let pushes = list.into_iter().map(|(p, b)| async move {
-            let _ = self.push_branch(app, &p, &b, Trigger::Shutdown, true).await;
+        let pushes = list.into_iter().map(|key| async move {
+            let _ = self.push_branch(&key, Trigger::Shutdown, true).await;
         });
         futures_util::StreamExt::collect::<Vec<()>>(futures_util::StreamExt::buffer_unordered(
             futures_util::stream::iter(pushes),
@@ -465,79 +505,100 @@ impl Syncer {
         ))
         .await;
     }
-
-    /// Load dirty marks, then save new marks and push quiet dirty branches until shutdown.
-    pub fn spawn_loop(app: Arc<App>) {
-        tokio::spawn(async move {
-            let permits = Arc::new(tokio::sync::Semaphore::new(PUSH_CONCURRENCY));
-            let quiet = app.config.sync_quiet;
-            let tick = (quiet / 2).clamp(Duration::from_millis(200), Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = app.shutdown.cancelled() => return,
-                    _ = app.syncer.wake.notified() => {}
-                    _ = tokio::time::sleep(tick) => {}
-                }
-                app.syncer.save_marks(&app.store).await;
-                for (p, b) in app.syncer.due(quiet) {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        break;
-                    };
-                    let app = app.clone();
-                    let trigger = if app
-                        .syncer
-                        .dirty
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&(p.clone(), b.clone()))
-                        .is_some_and(|d| d.now)
-                    {
-                        Trigger::Version
-                    } else {
-                        Trigger::Background
-                    };
-                    app.syncer
-                        .running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((p.clone(), b.clone()));
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let result = app.syncer.push_branch(&app, &p, &b, trigger, true).await;
-                        if let Err(e) = result
-                            && e.code != "branch_evicted"
-                        {
-                            // Retry after another quiet period, not in a tight loop.
-                            app.syncer.mark_dirty(&p, &b);
-                        }
-                    });
-                }
-            }
-        });
-    }
-}
-
-/// A failed push as an API error.
-pub fn sync_error(e: SyncError) -> ApiError {
-    let status = match &e {
-        SyncError::NotFound(_) => salvo::http::StatusCode::CONFLICT,
-        SyncError::Config(_) => salvo::http::StatusCode::SERVICE_UNAVAILABLE,
-        _ => salvo::http::StatusCode::BAD_GATEWAY,
-    };
-    ApiError::new(status, "sync_failed", e.to_string())
 }
 
 /// A branch's sync state as stored (default when never synced).
-pub async fn state(
-    store: &Store,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<SyncStateRecord, ApiError> {
-    let (s, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
-    Ok(
-        tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-            Ok(model::get_sync_state(&s.begin_read()?, &p, &b)?.unwrap_or_default())
-        })
-        .await??,
-    )
+pub async fn state(store: &Store, key: &BranchKey) -> Result<SyncStateRecord, StorageError> {
+    let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+    store
+        .read(move |s| Ok(model::get_sync_state(&s.begin_read()?, &p, &b)?.unwrap_or_default()))
+        .await
+}
+
+/// The syncer as a [`Worker`]: saves new dirty marks to redb and starts pushes of branches that
+/// are due (quiet, or with a new version), at most [`PUSH_CONCURRENCY`] at once.
+pub struct SyncWorker {
+    syncer: Arc<Syncer>,
+    permits: Arc<tokio::sync::Semaphore>,
+    tick: Duration,
+    quiet: Duration,
+}
+
+impl SyncWorker {
+    pub fn new(syncer: Arc<Syncer>) -> Self {
+        let quiet = syncer.base.config.sync_quiet;
+        Self {
+            syncer,
+            permits: Arc::new(tokio::sync::Semaphore::new(PUSH_CONCURRENCY)),
+            tick: (quiet / 2).clamp(Duration::from_millis(200), Duration::from_secs(1)),
+            quiet,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Worker for SyncWorker {
+    fn name(&self) -> &'static str {
+        "syncer"
+    }
+
+    fn detail(&self) -> Option<String> {
+        let dirty = self
+            .syncer
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        let pushing = self
+            .syncer
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        Some(format!("{dirty} dirty, {pushing} pushing"))
+    }
+
+    async fn work(&mut self, _shutdown: &CancellationToken) -> Result<WorkerState, String> {
+        let syncer = &self.syncer;
+        syncer.save_marks().await;
+        for key in syncer.due(self.quiet) {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let trigger = if syncer
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .is_some_and(|d| d.now)
+            {
+                Trigger::Version
+            } else {
+                Trigger::Background
+            };
+            syncer
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            let syncer = syncer.clone();
+            // Detached: a push is not cut short by shutdown; `flush` waits for it instead.
+            tokio::spawn(async move {
+                let _permit = permit;
+                match syncer.push_branch(&key, trigger, true).await {
+                    Ok(_) | Err(PushError::Evicted(_)) | Err(PushError::BranchNotFound(_)) => {}
+                    // Retry after another quiet period, not in a tight loop.
+                    Err(_) => syncer.mark_dirty(&key),
+                }
+            });
+        }
+        Ok(WorkerState::Idle)
+    }
+
+    async fn wait_for_work(&mut self) {
+        tokio::select! {
+            _ = self.syncer.wake.notified() => {}
+            _ = tokio::time::sleep(self.tick) => {}
+        }
+    }
 }

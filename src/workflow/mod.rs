@@ -3,7 +3,7 @@
 //!
 //! Every step is persisted before it is announced: a transition, a model turn or a tool result
 //! is one write that updates the [`WorkflowRecord`], appends to the journal and appends the
-//! branch-stream events together. Recovery (at startup, [`recover`]) reloads every unfinished
+//! branch-stream events together. Recovery (at startup, [`Recovery`]) reloads every unfinished
 //! workflow and continues from its record and journal: the conversation is rebuilt from the
 //! journaled turns and results, and a tool call with a journaled result is never run again.
 
@@ -22,11 +22,14 @@ use weldr_storage::workflow::{
 };
 use weldr_storage::{NewEvent, StorageError, StreamKey};
 
-use crate::app::{App, new_event};
-use crate::error::ApiError;
+use crate::base::Base;
+use crate::branches::{BranchError, BranchKey, Branches};
 use crate::llm::{
     ChatRequest, Delta, LlmProvider, Message, ModelSpec, Part, Role, ToolSpec, provider_for,
 };
+use crate::stream::{EventError, new_event};
+use crate::sync::syncer::{Syncer, Trigger};
+use crate::worker::{Worker, WorkerState};
 use tools::{BranchTools, READ_ONLY, Tools};
 
 /// Model steps per planning conversation and per task attempt.
@@ -38,8 +41,24 @@ const EVENT_RESULT_CHARS: usize = 4096;
 /// Turns asked again after a malformed tool call or an empty turn, per conversation.
 const MAX_TURN_RETRIES: u32 = 2;
 
-/// The engine's shared state on [`App`].
+/// Why a workflow could not be started or asked to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("workflow {holder} is active on branch {branch}")]
+    Busy { holder: String, branch: String },
+    #[error("workflow {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The workflow engine: what a run uses, concurrency permits, tools, cancel signals.
 pub struct Workflows {
+    base: Base,
+    branches: Arc<Branches>,
+    syncer: Arc<Syncer>,
     permits: Arc<Semaphore>,
     tools: RwLock<Arc<dyn Tools>>,
     /// Where commands (run_command, the build) run.
@@ -51,8 +70,17 @@ pub struct Workflows {
 }
 
 impl Workflows {
-    pub fn new(concurrency: usize, sandbox: Arc<crate::sandbox::Sandbox>) -> Self {
+    pub fn new(
+        base: Base,
+        branches: Arc<Branches>,
+        syncer: Arc<Syncer>,
+        sandbox: Arc<crate::sandbox::Sandbox>,
+    ) -> Self {
+        let concurrency = base.config.workflow_concurrency;
         Self {
+            base,
+            branches,
+            syncer,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tools: RwLock::new(Arc::new(BranchTools {
                 sandbox: sandbox.clone(),
@@ -106,9 +134,18 @@ impl From<StorageError> for Stop {
     }
 }
 
-impl From<ApiError> for Stop {
-    fn from(e: ApiError) -> Self {
-        Stop::Fail(e.message)
+impl From<EventError> for Stop {
+    fn from(e: EventError) -> Self {
+        Stop::Fail(e.to_string())
+    }
+}
+
+impl From<BranchError> for Stop {
+    fn from(e: BranchError) -> Self {
+        match e {
+            BranchError::Storage(StorageError::Closed) => Stop::Shutdown,
+            other => Stop::Fail(other.to_string()),
+        }
     }
 }
 
@@ -116,14 +153,14 @@ pub fn now_ms() -> u64 {
     weldr_storage::writer::now_ms()
 }
 
-fn event(wf: &WorkflowRecord, kind: &str, mut fields: Value) -> Result<NewEvent, ApiError> {
+fn event(wf: &WorkflowRecord, kind: &str, mut fields: Value) -> Result<NewEvent, EventError> {
     if let Value::Object(map) = &mut fields {
         map.insert("workflowId".into(), wf.workflow_id.clone().into());
     }
     new_event(kind, fields)
 }
 
-fn status_event(wf: &WorkflowRecord) -> Result<NewEvent, ApiError> {
+fn status_event(wf: &WorkflowRecord) -> Result<NewEvent, EventError> {
     let mut fields = json!({"status": wf.status.as_str()});
     if let Some(e) = &wf.error {
         fields["error"] = e.clone().into();
@@ -133,14 +170,16 @@ fn status_event(wf: &WorkflowRecord) -> Result<NewEvent, ApiError> {
 
 /// Persist `wf`, append `journal` entries and `events` in one transaction.
 async fn persist(
-    app: &App,
+    engine: &Workflows,
     wf: &WorkflowRecord,
     journal: Vec<JournalEntry>,
     events: Vec<NewEvent>,
 ) -> Result<(), StorageError> {
     let wf = wf.clone();
     let key = StreamKey::new(&wf.project_id, &wf.branch_id);
-    app.store
+    engine
+        .base
+        .store
         .writer()
         .write(move |ctx| {
             // A cancel request may have landed since `wf` was read: keep it.
@@ -160,16 +199,16 @@ async fn persist(
         .await
 }
 
-async fn load(app: &App, id: &str) -> Result<WorkflowRecord, Stop> {
-    let (store, id2) = (app.store.clone(), id.to_string());
+async fn load(engine: &Workflows, id: &str) -> Result<WorkflowRecord, Stop> {
+    let (store, id2) = (engine.base.store.clone(), id.to_string());
     tokio::task::spawn_blocking(move || wfs::get_workflow(&store.begin_read()?, &id2))
         .await
         .map_err(|e| Stop::Fail(e.to_string()))??
         .ok_or_else(|| Stop::Fail(format!("workflow {id} vanished")))
 }
 
-async fn load_journal(app: &App, id: &str) -> Result<Vec<(u64, JournalEntry)>, Stop> {
-    let (store, id) = (app.store.clone(), id.to_string());
+async fn load_journal(engine: &Workflows, id: &str) -> Result<Vec<(u64, JournalEntry)>, Stop> {
+    let (store, id) = (engine.base.store.clone(), id.to_string());
     Ok(
         tokio::task::spawn_blocking(move || wfs::journal(&store.begin_read()?, &id))
             .await
@@ -180,12 +219,12 @@ async fn load_journal(app: &App, id: &str) -> Result<Vec<(u64, JournalEntry)>, S
 /// Create a workflow (claiming the branch) and start it. `Err(409 branch_busy)` when another
 /// workflow is active on the branch.
 pub async fn trigger(
-    app: &Arc<App>,
+    engine: &Arc<Workflows>,
     project_id: &str,
     branch_id: &str,
     message: String,
     model: String,
-) -> Result<WorkflowRecord, ApiError> {
+) -> Result<WorkflowRecord, WorkflowError> {
     let now = now_ms();
     let wf = WorkflowRecord {
         workflow_id: new_workflow_id(),
@@ -208,7 +247,8 @@ pub async fn trigger(
     let status = status_event(&wf)?;
     let key = StreamKey::new(project_id, branch_id);
     let record = wf.clone();
-    let created = app
+    let created = engine
+        .base
         .store
         .writer()
         .write(move |ctx| {
@@ -220,15 +260,14 @@ pub async fn trigger(
     match created {
         Ok(()) => {}
         Err(StorageError::Conflict(holder)) => {
-            return Err(ApiError::conflict(
-                "branch_busy",
-                format!("workflow {holder} is active on branch {branch_id}"),
-            )
-            .with_details(json!({"workflowId": holder})));
+            return Err(WorkflowError::Busy {
+                holder,
+                branch: branch_id.to_string(),
+            });
         }
         Err(e) => return Err(e.into()),
     }
-    spawn(app.clone(), wf.workflow_id.clone());
+    spawn(engine.clone(), wf.workflow_id.clone());
     Ok(wf)
 }
 
@@ -240,9 +279,10 @@ fn new_workflow_id() -> String {
 }
 
 /// Ask a workflow to stop at its next safe point.
-pub async fn request_cancel(app: &App, id: &str) -> Result<WorkflowRecord, ApiError> {
-    let id = id.to_string();
-    let wf = app
+pub async fn request_cancel(engine: &Workflows, id: &str) -> Result<WorkflowRecord, WorkflowError> {
+    let (id, id2) = (id.to_string(), id.to_string());
+    let wf = engine
+        .base
         .store
         .writer()
         .write(move |ctx| {
@@ -255,47 +295,69 @@ pub async fn request_cancel(app: &App, id: &str) -> Result<WorkflowRecord, ApiEr
             }
             Ok(wf)
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            StorageError::NotFound(_) => WorkflowError::NotFound(id2),
+            other => other.into(),
+        })?;
     if wf.cancel_requested && !wf.status.is_terminal() {
-        app.workflows.cancel_signal(&wf.workflow_id).cancel();
+        engine.cancel_signal(&wf.workflow_id).cancel();
     }
     Ok(wf)
 }
 
-/// Resume every unfinished workflow (call once at startup, before serving).
-pub fn recover(app: &Arc<App>) {
-    let app = app.clone();
-    tokio::spawn(async move {
-        let store = app.store.clone();
-        let open =
-            tokio::task::spawn_blocking(move || wfs::list_unfinished(&store.begin_read()?)).await;
-        match open {
-            Ok(Ok(list)) => {
-                for wf in list {
-                    tracing::info!(workflow = %wf.workflow_id, status = wf.status.as_str(), "resuming workflow");
-                    spawn(app.clone(), wf.workflow_id);
-                }
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "listing unfinished workflows"),
-            Err(e) => tracing::error!(error = %e, "listing unfinished workflows"),
-        }
-    });
+/// Recovery as a [`Worker`]: at startup, resume every unfinished workflow, then done. A
+/// failed listing (the store unreadable for a moment) is retried with the runner's backoff.
+pub struct Recovery {
+    engine: Arc<Workflows>,
 }
 
-fn spawn(app: Arc<App>, id: String) {
+impl Recovery {
+    pub fn new(engine: Arc<Workflows>) -> Self {
+        Self { engine }
+    }
+}
+
+#[async_trait::async_trait]
+impl Worker for Recovery {
+    fn name(&self) -> &'static str {
+        "recovery"
+    }
+
+    async fn work(
+        &mut self,
+        _shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<WorkerState, String> {
+        let list = self
+            .engine
+            .base
+            .read(wfs::list_unfinished)
+            .await
+            .map_err(|e| format!("listing unfinished workflows: {e}"))?;
+        for wf in list {
+            tracing::info!(workflow = %wf.workflow_id, status = wf.status.as_str(), "resuming workflow");
+            spawn(self.engine.clone(), wf.workflow_id);
+        }
+        Ok(WorkerState::Done)
+    }
+
+    async fn wait_for_work(&mut self) {}
+}
+
+fn spawn(engine: Arc<Workflows>, id: String) {
     tokio::spawn(async move {
-        let permits = app.workflows.permits.clone();
+        let permits = engine.permits.clone();
         let Ok(_permit) = permits.acquire_owned().await else {
             return;
         };
-        let outcome = drive(&app, &id).await;
-        app.workflows.forget_cancel_signal(&id);
+        let outcome = drive(&engine, &id).await;
+        engine.forget_cancel_signal(&id);
         let end = match outcome {
             Ok(()) | Err(Stop::Shutdown) => return,
             Err(Stop::Cancelled) => (WorkflowStatus::Cancelled, None),
             Err(Stop::Fail(message)) => (WorkflowStatus::Failed, Some(message)),
         };
-        if let Err(e) = finish(&app, &id, end.0, end.1).await {
+        if let Err(e) = finish(&engine, &id, end.0, end.1).await {
             tracing::warn!(workflow = %id, error = %e, "could not record the end of a workflow");
         }
     });
@@ -303,12 +365,12 @@ fn spawn(app: Arc<App>, id: String) {
 
 /// Record a terminal status (releasing the branch) with its `error`, `status` and `end` events.
 async fn finish(
-    app: &App,
+    engine: &Workflows,
     id: &str,
     status: WorkflowStatus,
     error: Option<String>,
 ) -> Result<(), StorageError> {
-    let Ok(mut wf) = load(app, id).await else {
+    let Ok(mut wf) = load(engine, id).await else {
         return Err(StorageError::NotFound(format!("workflow {id}")));
     };
     if wf.status.is_terminal() {
@@ -319,24 +381,29 @@ async fn finish(
     wf.updated_at_ms = now_ms();
     let mut events = Vec::new();
     if let Some(message) = &error {
-        events.extend(event(&wf, "error", json!({"message": message})).ok());
+        // Not `error`: a server event of that name fires `EventSource`'s own error handler.
+        events.extend(event(&wf, "failure", json!({"message": message})).ok());
     }
     events.extend(status_event(&wf).ok());
     events.extend(event(&wf, "end", json!({"status": status.as_str()})).ok());
     tracing::info!(workflow = %id, status = status.as_str(), error = ?error, "workflow ended");
-    persist(app, &wf, vec![], events).await
+    persist(engine, &wf, vec![], events).await
 }
 
-async fn transition(app: &App, wf: &mut WorkflowRecord, to: WorkflowStatus) -> Result<(), Stop> {
+async fn transition(
+    engine: &Workflows,
+    wf: &mut WorkflowRecord,
+    to: WorkflowStatus,
+) -> Result<(), Stop> {
     wf.status = to;
     wf.updated_at_ms = now_ms();
     let events = vec![status_event(wf)?];
-    persist(app, wf, vec![], events).await?;
+    persist(engine, wf, vec![], events).await?;
     Ok(())
 }
 
-fn check(app: &App, wf: &WorkflowRecord) -> Result<(), Stop> {
-    if app.shutdown.is_cancelled() {
+fn check(engine: &Workflows, wf: &WorkflowRecord) -> Result<(), Stop> {
+    if engine.base.shutdown.is_cancelled() {
         return Err(Stop::Shutdown);
     }
     if wf.cancel_requested {
@@ -345,18 +412,20 @@ fn check(app: &App, wf: &WorkflowRecord) -> Result<(), Stop> {
     Ok(())
 }
 
-async fn drive(app: &Arc<App>, id: &str) -> Result<(), Stop> {
+async fn drive(engine: &Arc<Workflows>, id: &str) -> Result<(), Stop> {
     loop {
-        let mut wf = load(app, id).await?;
+        let mut wf = load(engine, id).await?;
         if wf.status.is_terminal() {
             return Ok(());
         }
-        check(app, &wf)?;
+        check(engine, &wf)?;
         match wf.status {
-            WorkflowStatus::Pending => transition(app, &mut wf, WorkflowStatus::Planning).await?,
-            WorkflowStatus::Planning => planning(app, wf).await?,
-            WorkflowStatus::Coding => coding(app, wf).await?,
-            WorkflowStatus::Deploying => return deploying(app, wf).await,
+            WorkflowStatus::Pending => {
+                transition(engine, &mut wf, WorkflowStatus::Planning).await?
+            }
+            WorkflowStatus::Planning => planning(engine, wf).await?,
+            WorkflowStatus::Coding => coding(engine, wf).await?,
+            WorkflowStatus::Deploying => return deploying(engine, wf).await,
             _ => return Ok(()),
         }
     }
@@ -436,21 +505,23 @@ struct Ctx {
     tools: Arc<dyn Tools>,
 }
 
-fn context(app: &App, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
+fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
     let spec = ModelSpec::parse(&wf.model).map_err(|e| Stop::Fail(e.to_string()))?;
-    let provider =
-        provider_for(&app.config.providers, &spec).map_err(|e| Stop::Fail(e.to_string()))?;
+    let provider = provider_for(&engine.base.config.providers, &spec)
+        .map_err(|e| Stop::Fail(e.to_string()))?;
     let output_limit = crate::llm::limits::max_output_tokens(
         &spec.provider,
         &spec.model,
-        app.config.providers.max_output_tokens,
+        engine.base.config.providers.max_output_tokens,
     );
     Ok(Ctx {
         provider,
         model: spec.model,
         output_limit,
-        dir: crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id),
-        tools: app.workflows.tools(),
+        dir: engine
+            .base
+            .dir(&BranchKey::new(&wf.project_id, &wf.branch_id)),
+        tools: engine.tools(),
     })
 }
 
@@ -469,14 +540,14 @@ fn task_system() -> String {
 
 /// Run the conversation of `phase` until it ends (see [`Outcome`]).
 async fn converse(
-    app: &Arc<App>,
+    engine: &Arc<Workflows>,
     id: &str,
     ctx: &Ctx,
     mode: Mode,
     phase: &str,
     opening: Message,
 ) -> Result<Outcome, Stop> {
-    let journal = load_journal(app, id).await?;
+    let journal = load_journal(engine, id).await?;
     let (mut messages, mut finished, mut steps) = conversation(&journal, phase)?;
     let fresh = !journal.iter().any(|(_, e)| e.phase() == phase);
     // Stopped between two tool calls of a turn: drop the partial results; the loop below
@@ -511,12 +582,12 @@ async fn converse(
         }
     };
     if fresh {
-        let wf = load(app, id).await?;
+        let wf = load(engine, id).await?;
         let entry = JournalEntry::User {
             phase: phase.into(),
             message_json: serde_json::to_string(&opening).unwrap_or_default(),
         };
-        persist(app, &wf, vec![entry], vec![]).await?;
+        persist(engine, &wf, vec![entry], vec![]).await?;
         match messages.last_mut() {
             Some(m) if m.role == Role::User => m.parts.extend(opening.parts),
             _ => messages.push(opening),
@@ -525,8 +596,8 @@ async fn converse(
     let mut max_tokens = crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit);
     let mut retries = 0;
     loop {
-        let mut wf = load(app, id).await?;
-        check(app, &wf)?;
+        let mut wf = load(engine, id).await?;
+        check(engine, &wf)?;
         // Tool calls of the last turn that have no journaled result yet.
         if let Some(last) = messages
             .last()
@@ -551,8 +622,8 @@ async fn converse(
                     });
                     continue;
                 }
-                wf = load(app, id).await?;
-                check(app, &wf)?;
+                wf = load(engine, id).await?;
+                check(engine, &wf)?;
                 let mut extra = Vec::new();
                 let (content, is_error) = match (mode, name.as_str()) {
                     // Every call of a turn gets a result (the APIs refuse a conversation
@@ -618,7 +689,7 @@ async fn converse(
                     content: content.clone(),
                     is_error,
                 };
-                persist(app, &wf, vec![entry], events).await?;
+                persist(engine, &wf, vec![entry], events).await?;
                 finished.insert(call_id.clone(), (content.clone(), is_error));
                 results.push(Part::ToolResult {
                     id: call_id,
@@ -645,8 +716,8 @@ async fn converse(
             tools: specs.clone(),
             max_tokens,
         };
-        let response = chat(app, &wf, ctx, &request).await?;
-        let mut wf = load(app, id).await?;
+        let response = chat(engine, &wf, ctx, &request).await?;
+        let mut wf = load(engine, id).await?;
         // What the model generated counts, also in a turn that is dropped below.
         wf.input_tokens += response.usage.input_tokens;
         wf.output_tokens += response.usage.output_tokens;
@@ -654,7 +725,7 @@ async fn converse(
         let judged = judge_turn(&response, max_tokens, ctx.output_limit, &mut retries);
         if !matches!(judged, Ok(None)) {
             // The turn is dropped; its usage is kept.
-            persist(app, &wf, vec![], vec![]).await?;
+            persist(engine, &wf, vec![], vec![]).await?;
         }
         if let Some(next) = judged? {
             max_tokens = next;
@@ -672,7 +743,7 @@ async fn converse(
             phase: phase.into(),
             message_json: serde_json::to_string(&response.message).unwrap_or_default(),
         };
-        persist(app, &wf, vec![entry], events).await?;
+        persist(engine, &wf, vec![entry], events).await?;
         messages.push(response.message);
         steps += 1;
     }
@@ -734,14 +805,14 @@ fn judge_turn(
 /// One model call; deltas go to the branch stream as they arrive (coalesced while the
 /// writer is busy), all before the turn itself is persisted.
 async fn chat(
-    app: &Arc<App>,
+    engine: &Arc<Workflows>,
     wf: &WorkflowRecord,
     ctx: &Ctx,
     request: &ChatRequest,
 ) -> Result<crate::llm::ChatResponse, Stop> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Delta>();
     let forward = {
-        let (app, wf) = (app.clone(), wf.clone());
+        let (engine, wf) = (engine.clone(), wf.clone());
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -764,7 +835,14 @@ async fn chat(
                     .filter_map(|(kind, text)| event(&wf, kind, json!({"text": text})).ok())
                     .collect();
                 let key = StreamKey::new(&wf.project_id, &wf.branch_id);
-                if app.store.writer().append(key, events).await.is_err() {
+                if engine
+                    .base
+                    .store
+                    .writer()
+                    .append(key, events)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -773,11 +851,11 @@ async fn chat(
     let sink = move |d: Delta| {
         let _ = tx.send(d);
     };
-    let cancel = app.workflows.cancel_signal(&wf.workflow_id);
+    let cancel = engine.cancel_signal(&wf.workflow_id);
     let result = tokio::select! {
         r = ctx.provider.chat(request, &sink) => r.map_err(|e| Stop::Fail(e.to_string())),
         _ = cancel.cancelled() => Err(Stop::Cancelled),
-        _ = app.shutdown.cancelled() => Err(Stop::Shutdown),
+        _ = engine.base.shutdown.cancelled() => Err(Stop::Shutdown),
     };
     drop(sink);
     let _ = forward.await;
@@ -804,7 +882,7 @@ fn plan_json(p: &weldr_storage::workflow::Plan) -> Value {
     json!({ "plan": plan_value(p) })
 }
 
-fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, ApiError> {
+fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, EventError> {
     let t = wf.tasks.iter().find(|t| t.id == task_id);
     event(
         wf,
@@ -817,14 +895,14 @@ fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, ApiError> {
     )
 }
 
-async fn planning(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
-    let ctx = context(app, &wf)?;
+async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
+    let ctx = context(engine, &wf)?;
     let opening = Message::user_text(wf.user_message.clone());
-    match converse(app, &wf.workflow_id, &ctx, Mode::Plan, "plan", opening).await? {
+    match converse(engine, &wf.workflow_id, &ctx, Mode::Plan, "plan", opening).await? {
         Outcome::PlanAccepted => Ok(()),
         Outcome::Reply(text) => {
             // A reply without a plan (a question to the user) ends the workflow.
-            let mut wf = load(app, &wf.workflow_id).await?;
+            let mut wf = load(engine, &wf.workflow_id).await?;
             wf.reply = Some(text.clone());
             wf.status = WorkflowStatus::Complete;
             wf.updated_at_ms = now_ms();
@@ -832,7 +910,7 @@ async fn planning(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
                 status_event(&wf)?,
                 event(&wf, "end", json!({"status": "complete", "reply": text}))?,
             ];
-            persist(app, &wf, vec![], events).await?;
+            persist(engine, &wf, vec![], events).await?;
             Ok(())
         }
         Outcome::TaskDone => Ok(()),
@@ -842,8 +920,8 @@ async fn planning(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
     }
 }
 
-async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
-    let ctx = context(app, &wf)?;
+async fn coding(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
+    let ctx = context(engine, &wf)?;
     let plan = wf
         .plan
         .clone()
@@ -857,8 +935,8 @@ async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
             .cloned()
             .ok_or_else(|| Stop::Fail(format!("task {task_id} missing")))?;
         loop {
-            let mut wf = load(app, &wf.workflow_id).await?;
-            check(app, &wf)?;
+            let mut wf = load(engine, &wf.workflow_id).await?;
+            check(engine, &wf)?;
             let state = wf
                 .tasks
                 .iter_mut()
@@ -876,7 +954,7 @@ async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
                     state.attempts += 1;
                     wf.updated_at_ms = now_ms();
                     let events = vec![task_event(&wf, task_id)?];
-                    persist(app, &wf, vec![], events).await?;
+                    persist(engine, &wf, vec![], events).await?;
                     continue;
                 }
                 TaskStatus::InProgress => {}
@@ -899,7 +977,7 @@ async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
                     .unwrap_or_default(),
             ));
             let outcome = converse(
-                app,
+                engine,
                 &wf.workflow_id,
                 &ctx,
                 Mode::Task(task_id),
@@ -911,7 +989,7 @@ async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
                 break;
             }
             // The attempt ended without `done`: retry or fail the task.
-            let mut wf = load(app, &wf.workflow_id).await?;
+            let mut wf = load(engine, &wf.workflow_id).await?;
             if let Some(state) = wf.tasks.iter_mut().find(|t| t.id == task_id) {
                 state.status = if state.attempts >= MAX_ATTEMPTS {
                     TaskStatus::Failed
@@ -921,20 +999,20 @@ async fn coding(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
             }
             wf.updated_at_ms = now_ms();
             let events = vec![task_event(&wf, task_id)?];
-            persist(app, &wf, vec![], events).await?;
+            persist(engine, &wf, vec![], events).await?;
         }
     }
-    let mut wf = load(app, &wf.workflow_id).await?;
-    check(app, &wf)?;
-    transition(app, &mut wf, WorkflowStatus::Deploying).await
+    let mut wf = load(engine, &wf.workflow_id).await?;
+    check(engine, &wf)?;
+    transition(engine, &mut wf, WorkflowStatus::Deploying).await
 }
 
-async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
+async fn deploying(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
     let mut wf = wf;
     if wf.version.is_none() {
         // After a crash the commit may exist already: it names this workflow.
         let (store, p, b, id) = (
-            app.store.clone(),
+            engine.base.store.clone(),
             wf.project_id.clone(),
             wf.branch_id.clone(),
             wf.workflow_id.clone(),
@@ -959,34 +1037,36 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
                     .chars()
                     .take(200)
                     .collect();
-                crate::branches::commit_version(
-                    app,
-                    &wf.project_id,
-                    &wf.branch_id,
-                    &message,
-                    Some(wf.user_message.clone()),
-                    VersionKind::Checkpoint,
-                    Some(wf.workflow_id.clone()),
-                )
-                .await?
-                .map(|v| v.seq)
+                engine
+                    .branches
+                    .commit_version(
+                        &BranchKey::new(&wf.project_id, &wf.branch_id),
+                        &message,
+                        Some(wf.user_message.clone()),
+                        VersionKind::Checkpoint,
+                        Some(wf.workflow_id.clone()),
+                    )
+                    .await?
+                    .map(|v| v.seq)
             }
         };
-        wf = load(app, &wf.workflow_id).await?;
+        wf = load(engine, &wf.workflow_id).await?;
         wf.version = version;
     }
     // The version is recorded before the build: a crash during the build resumes here without
     // committing again, and a failed build keeps the work.
     wf.updated_at_ms = now_ms();
-    persist(app, &wf, vec![], vec![]).await?;
-    let dir = crate::branches::branch_dir(&app.config, &wf.project_id, &wf.branch_id);
+    persist(engine, &wf, vec![], vec![]).await?;
+    let dir = engine
+        .base
+        .dir(&BranchKey::new(&wf.project_id, &wf.branch_id));
     if let Some(build) = BuildConfig::read(&dir).map_err(Stop::Fail)? {
-        check(app, &wf)?;
-        let report = run_build(&app.workflows.sandbox, &dir, &build).await;
+        check(engine, &wf)?;
+        let report = run_build(&engine.sandbox, &dir, &build).await;
         let ok = report["exitCode"] == json!(0) && report["timedOut"] != json!(true);
-        wf = load(app, &wf.workflow_id).await?;
+        wf = load(engine, &wf.workflow_id).await?;
         let events = vec![event(&wf, "build", report.clone())?];
-        persist(app, &wf, vec![], events).await?;
+        persist(engine, &wf, vec![], events).await?;
         if !ok {
             let tail: String = report["output"].as_str().unwrap_or_default().to_string();
             let tail = tail_chars(&tail, 2000);
@@ -999,24 +1079,22 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
     // The snapshot goes to object storage before the workflow completes. A push that fails is
     // recorded (a `sync` event) and retried by the background syncer; the workflow completes
     // anyway, its work is safe in the branch's git history.
-    let snapshot = match app
+    let snapshot = match engine
         .syncer
         .push_branch(
-            app,
-            &wf.project_id,
-            &wf.branch_id,
-            crate::sync::syncer::Trigger::Version,
+            &BranchKey::new(&wf.project_id, &wf.branch_id),
+            Trigger::Version,
             true,
         )
         .await
     {
         Ok(report) => Some(report.snapshot_id),
         Err(e) => {
-            tracing::warn!(workflow = %wf.workflow_id, error = %e.message, "snapshot push failed; the syncer retries");
+            tracing::warn!(workflow = %wf.workflow_id, error = %e, "snapshot push failed; the syncer retries");
             None
         }
     };
-    wf = load(app, &wf.workflow_id).await?;
+    wf = load(engine, &wf.workflow_id).await?;
     wf.status = WorkflowStatus::Complete;
     wf.updated_at_ms = now_ms();
     let mut end = json!({"status": "complete"});
@@ -1027,7 +1105,7 @@ async fn deploying(app: &Arc<App>, wf: WorkflowRecord) -> Result<(), Stop> {
         end["snapshotId"] = id.into();
     }
     let events = vec![status_event(&wf)?, event(&wf, "end", end)?];
-    persist(app, &wf, vec![], events).await?;
+    persist(engine, &wf, vec![], events).await?;
     Ok(())
 }
 

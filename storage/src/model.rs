@@ -29,6 +29,17 @@ pub enum BranchState {
     Restoring,
 }
 
+impl BranchState {
+    /// The name clients see (`active`, `evicted`, `restoring`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BranchState::Active => "active",
+            BranchState::Evicted => "evicted",
+            BranchState::Restoring => "restoring",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BranchRecord {
     pub project_id: String,
@@ -148,6 +159,17 @@ pub enum VersionKind {
     Checkpoint,
     Integration,
     Revert,
+}
+
+impl VersionKind {
+    /// The name clients see (`checkpoint`, `integration`, `revert`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionKind::Checkpoint => "checkpoint",
+            VersionKind::Integration => "integration",
+            VersionKind::Revert => "revert",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

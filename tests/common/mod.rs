@@ -118,7 +118,7 @@ pub async fn start(config: Config) -> TestServer {
 pub async fn branch(app: &App, p: &str, b: &str) {
     match registry::create_project(&app.store, p, None, None).await {
         Ok(_) => {}
-        Err(e) if e.code == "project_exists" => {}
+        Err(weldr_agent::branches::BranchError::ProjectExists(_)) => {}
         Err(e) => panic!("{e}"),
     }
     registry::register_branch(&app.store, p, b, None)
@@ -143,9 +143,11 @@ pub async fn set_last_access(app: &App, p: &str, b: &str, at_ms: u64) {
 
 pub async fn emit_n(app: &App, p: &str, b: &str, n: usize) -> Vec<u64> {
     let mut ids = Vec::new();
+    let key = weldr_agent::branches::BranchKey::new(p, b);
     for i in 0..n {
         ids.push(
-            app.emit(p, b, "text", serde_json::json!({ "n": i }))
+            app.base
+                .emit(&key, "text", serde_json::json!({ "n": i }))
                 .await
                 .unwrap()
                 .id,

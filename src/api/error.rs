@@ -1,4 +1,5 @@
-//! API errors, mapped to HTTP in exactly one place.
+//! Errors as HTTP shows them, in exactly one place: every domain error type is mapped here to
+//! a status and a stable code. The domain never names a status code.
 //!
 //! Every error body is `{"error": {"code": "...", "message": "..."}}`; `code` is stable and
 //! machine-readable, `message` says what went wrong and what to do.
@@ -157,6 +158,149 @@ impl From<StorageError> for ApiError {
                 tracing::error!(error = %other, "storage failure");
                 Self::internal("storage failure; see the server log")
             }
+        }
+    }
+}
+
+impl From<crate::ids::IdError> for ApiError {
+    fn from(e: crate::ids::IdError) -> Self {
+        Self::bad_request("invalid_id", e.to_string())
+    }
+}
+
+impl From<crate::ids::VersionIdError> for ApiError {
+    fn from(e: crate::ids::VersionIdError) -> Self {
+        Self::bad_request("invalid_version_id", e.to_string())
+    }
+}
+
+impl From<crate::stream::EventError> for ApiError {
+    fn from(e: crate::stream::EventError) -> Self {
+        use crate::stream::EventError;
+        let code = match e {
+            EventError::InvalidType => "invalid_event_type",
+            EventError::InvalidData => "invalid_event_data",
+        };
+        Self::bad_request(code, e.to_string())
+    }
+}
+
+impl From<crate::base::EmitError> for ApiError {
+    fn from(e: crate::base::EmitError) -> Self {
+        match e {
+            crate::base::EmitError::Event(e) => e.into(),
+            crate::base::EmitError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::branches::BranchError> for ApiError {
+    fn from(e: crate::branches::BranchError) -> Self {
+        use crate::branches::BranchError as E;
+        let message = e.to_string();
+        match e {
+            E::ProjectNotFound(_) => Self::not_found("project_not_found", message),
+            E::BranchNotFound(_) => Self::not_found("branch_not_found", message),
+            E::ProjectExists(_) => Self::conflict("project_exists", message),
+            E::BranchExists(_) => Self::conflict("branch_exists", message),
+            E::VersionNotFound { .. } | E::ObjectNotFound(_) => {
+                Self::not_found("version_not_found", message)
+            }
+            E::EmptyParent => Self::conflict("empty_branch", message),
+            E::ForkItself => Self::bad_request("invalid_fork", message),
+            E::WrongMachine { .. } => Self::bad_request("wrong_machine", message),
+            E::Busy { workflow_id } => Self::conflict("branch_busy", message)
+                .with_details(serde_json::json!({ "workflowId": workflow_id })),
+            E::InvalidId(e) => e.into(),
+            E::Storage(e) => e.into(),
+            E::Mount { .. } | E::Fork(_) | E::Git(_) | E::Task(_) => Self::internal(message),
+        }
+    }
+}
+
+impl From<crate::residency::ResidencyError> for ApiError {
+    fn from(e: crate::residency::ResidencyError) -> Self {
+        use crate::residency::ResidencyError as E;
+        let message = e.to_string();
+        match e {
+            E::Branch(e) => e.into(),
+            E::DiskFull { report, .. } => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+                    .with_details(serde_json::to_value(&report).unwrap_or_default())
+            }
+            E::RestoreFailed { .. } => Self::unavailable(message).with_code("restore_failed"),
+            E::Evict(e) => e.into(),
+            E::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::evict::EvictError> for ApiError {
+    fn from(e: crate::evict::EvictError) -> Self {
+        match e {
+            crate::evict::EvictError::Storage(e) => e.into(),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::sync::SyncError> for ApiError {
+    fn from(e: crate::sync::SyncError) -> Self {
+        use crate::sync::SyncError as E;
+        let status = match &e {
+            E::NotFound(_) => StatusCode::CONFLICT,
+            E::Config(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Self::new(status, "sync_failed", e.to_string())
+    }
+}
+
+impl From<crate::sync::syncer::PushError> for ApiError {
+    fn from(e: crate::sync::syncer::PushError) -> Self {
+        use crate::sync::syncer::PushError as E;
+        let message = e.to_string();
+        match e {
+            E::Running(_) => Self::conflict("sync_running", message),
+            E::Evicted(_) => Self::conflict("branch_evicted", message),
+            E::BranchNotFound(_) => Self::not_found("branch_not_found", message),
+            E::Sync(e) => e.into(),
+            E::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as E;
+        let message = e.to_string();
+        match e {
+            E::Unauthorized(_) => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
+            E::Unavailable(_) => Self::unavailable(message),
+            E::ProjectNotFound(_) => Self::not_found("project_not_found", message),
+            E::BranchNotFound(_) => Self::not_found("branch_not_found", message),
+            E::TooManyStreams { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_streams", message)
+            }
+            E::RateLimited { retry_after_secs } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+                    .with_retry_after(retry_after_secs)
+            }
+            E::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::workflow::WorkflowError> for ApiError {
+    fn from(e: crate::workflow::WorkflowError) -> Self {
+        use crate::workflow::WorkflowError as E;
+        let message = e.to_string();
+        match e {
+            E::Busy { holder, .. } => Self::conflict("branch_busy", message)
+                .with_details(serde_json::json!({ "workflowId": holder })),
+            E::NotFound(_) => Self::not_found("workflow_not_found", message),
+            E::Event(e) => e.into(),
+            E::Storage(e) => e.into(),
         }
     }
 }

@@ -4,29 +4,16 @@ use weldr_storage::model::{self, BranchRecord, BranchState, ProjectRecord};
 use weldr_storage::writer::now_ms;
 use weldr_storage::{StorageError, Store};
 
-use crate::error::ApiError;
+use super::error::BranchError;
+use super::layout::BranchKey;
 
-pub fn project_not_found(project_id: &str) -> ApiError {
-    ApiError::not_found(
-        "project_not_found",
-        format!("project {project_id} not found"),
-    )
-}
-
-pub fn branch_not_found(project_id: &str, branch_id: &str) -> ApiError {
-    ApiError::not_found(
-        "branch_not_found",
-        format!("branch {branch_id} not found in project {project_id}"),
-    )
-}
-
-/// Register a project; 409 if it exists.
+/// Register a project; [`BranchError::ProjectExists`] if it exists.
 pub async fn create_project(
     store: &Store,
     project_id: &str,
     title: Option<String>,
     owner: Option<String>,
-) -> Result<ProjectRecord, ApiError> {
+) -> Result<ProjectRecord, BranchError> {
     let record = ProjectRecord {
         project_id: project_id.to_string(),
         title,
@@ -39,10 +26,7 @@ pub async fn create_project(
         .write(move |ctx| model::insert_project(ctx, &to_insert))
         .await
         .map_err(|e| match e {
-            StorageError::AlreadyExists(_) => ApiError::conflict(
-                "project_exists",
-                format!("project {project_id} already exists"),
-            ),
+            StorageError::AlreadyExists(_) => BranchError::ProjectExists(project_id.to_string()),
             other => other.into(),
         })?;
     Ok(record)
@@ -54,7 +38,7 @@ pub async fn register_branch(
     project_id: &str,
     branch_id: &str,
     parent: Option<(String, Option<u64>)>,
-) -> Result<(BranchRecord, bool), ApiError> {
+) -> Result<(BranchRecord, bool), BranchError> {
     let (p, b) = (project_id.to_string(), branch_id.to_string());
     let result = store
         .writer()
@@ -82,7 +66,7 @@ pub async fn register_branch(
         })
         .await;
     result.map_err(|e| match e {
-        StorageError::NotFound(_) => project_not_found(project_id),
+        StorageError::NotFound(_) => BranchError::ProjectNotFound(project_id.to_string()),
         other => other.into(),
     })
 }
@@ -90,11 +74,10 @@ pub async fn register_branch(
 /// A project and one of its branches, read in one transaction (one hop off the runtime).
 pub async fn project_and_branch(
     store: &Store,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), ApiError> {
-    let (p, b) = (project_id.to_string(), branch_id.to_string());
-    Ok(store
+    key: &BranchKey,
+) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), StorageError> {
+    let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+    store
         .read(move |s| -> Result<_, StorageError> {
             let rtx = s.begin_read()?;
             Ok((
@@ -102,18 +85,14 @@ pub async fn project_and_branch(
                 model::get_branch(&rtx, &p, &b)?,
             ))
         })
-        .await?)
+        .await
 }
 
-/// The branch, or 404 naming whichever of project and branch is missing.
-pub async fn require_branch(
-    store: &Store,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<BranchRecord, ApiError> {
-    match project_and_branch(store, project_id, branch_id).await? {
-        (None, _) => Err(project_not_found(project_id)),
-        (Some(_), None) => Err(branch_not_found(project_id, branch_id)),
+/// The branch, or the error naming whichever of project and branch is missing.
+pub async fn require_branch(store: &Store, key: &BranchKey) -> Result<BranchRecord, BranchError> {
+    match project_and_branch(store, key).await? {
+        (None, _) => Err(BranchError::ProjectNotFound(key.project_id.clone())),
+        (Some(_), None) => Err(BranchError::BranchNotFound(key.clone())),
         (Some(_), Some(branch)) => Ok(branch),
     }
 }
@@ -145,8 +124,8 @@ pub fn disk_usage(dir: &std::path::Path) -> u64 {
 
 /// Measure a branch directory in the background and record its size (for `GET` branch and the
 /// eviction loop). Best effort: never delays the caller.
-pub fn refresh_size(store: &Store, project_id: &str, branch_id: &str, dir: std::path::PathBuf) {
-    let (store, p, b) = (store.clone(), project_id.to_string(), branch_id.to_string());
+pub fn refresh_size(store: &Store, key: &BranchKey, dir: std::path::PathBuf) {
+    let (store, p, b) = (store.clone(), key.project_id.clone(), key.branch_id.clone());
     tokio::spawn(async move {
         let Ok(size) = tokio::task::spawn_blocking(move || disk_usage(&dir)).await else {
             return;

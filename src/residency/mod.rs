@@ -1,0 +1,279 @@
+//! Residency: whether a branch's directory is on this machine. A branch is `active` (here),
+//! `restoring` (being pulled back from object storage) or `evicted` (only in object storage).
+//! This floor owns making a branch present before it is used ([`Residency::ensure_present`]),
+//! restoring it, making room first ([`Residency::ensure_space`]), and creating branches, which
+//! needs all of these. It stands above branches, sync and evict, which never call up into it.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use weldr_storage::StorageError;
+use weldr_storage::model::{self, BranchRecord, BranchState};
+
+use crate::base::Base;
+use crate::branches::layers;
+use crate::branches::{
+    BranchError, BranchKey, Branches, Created, ForkFrom, check_machine_project, recently_touched,
+};
+use crate::evict::{CleanupReport, EvictError, Evictor};
+use crate::sync::{self, PullReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResidencyError {
+    #[error(transparent)]
+    Branch(#[from] BranchError),
+    #[error(
+        "the workspace volume is {usage:.1}% full (maximum {max}%) and no more branches can be evicted; free space or raise MAX_VOLUME_USAGE_PERCENT"
+    )]
+    DiskFull {
+        usage: f64,
+        max: u8,
+        report: Box<CleanupReport>,
+    },
+    #[error(
+        "branch {branch} is evicted and could not be restored from object storage: {reason}; retry later"
+    )]
+    RestoreFailed { branch: String, reason: String },
+    #[error(transparent)]
+    Evict(#[from] EvictError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<tokio::task::JoinError> for ResidencyError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ResidencyError::Branch(e.into())
+    }
+}
+
+pub struct Residency {
+    base: Base,
+    branches: Arc<Branches>,
+    evictor: Arc<Evictor>,
+}
+
+impl Residency {
+    pub fn new(base: Base, branches: Arc<Branches>, evictor: Arc<Evictor>) -> Self {
+        Self {
+            base,
+            branches,
+            evictor,
+        }
+    }
+
+    /// Create a branch, or hand back the existing one (present: restored if it was evicted).
+    /// A fork of an existing branch id is [`BranchError::BranchExists`].
+    pub async fn create_branch(
+        &self,
+        key: &BranchKey,
+        from: Option<ForkFrom>,
+    ) -> Result<Created, ResidencyError> {
+        check_machine_project(&self.base.config, &key.project_id)?;
+        // Before any lock: a cleanup pass takes other branches' locks.
+        self.ensure_space().await?;
+        if let Some(fork) = &from
+            && fork.branch_id != key.branch_id
+        {
+            crate::ids::check_id("fromBranchId", &fork.branch_id).map_err(BranchError::from)?;
+            match self.ensure_present(&key.sibling(&fork.branch_id)).await {
+                // Reported by the fork itself, with the project checked first.
+                Err(ResidencyError::Branch(BranchError::BranchNotFound(_))) => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+        let _guard = self.base.locks.lock(key).await;
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let (project, existing) = self
+            .base
+            .read(move |rtx| {
+                Ok((
+                    model::get_project(rtx, &p)?,
+                    model::get_branch(rtx, &p, &b)?,
+                ))
+            })
+            .await?;
+        if project.is_none() {
+            return Err(BranchError::ProjectNotFound(key.project_id.clone()).into());
+        }
+        let Some(branch) = existing else {
+            return Ok(self.branches.create_locked(key, from).await?);
+        };
+        if from.is_some() {
+            return Err(BranchError::BranchExists(key.branch_id.clone()).into());
+        }
+        let branch = if branch.state == BranchState::Active {
+            self.branches.mount_if_layered(key).await?;
+            self.branches.reinit_if_missing(key).await?;
+            self.branches.touch_locked(key, branch).await?
+        } else {
+            self.restore_locked(key).await?
+        };
+        Ok(Created {
+            branch,
+            created: false,
+            dir: self.base.dir(key),
+        })
+    }
+
+    /// Make sure a branch's directory is here before it is used: an evicted branch is restored
+    /// from object storage (state `restoring` while it is pulled, then `active`). Also records
+    /// the use (under the branch lock, unless one was recorded within the touch window), so
+    /// that an eviction pass never removes a branch that was just handed to a caller.
+    pub async fn ensure_present(&self, key: &BranchKey) -> Result<BranchRecord, ResidencyError> {
+        let branch = self.read_branch(key).await?;
+        self.ensure_present_from(branch).await
+    }
+
+    /// [`Self::ensure_present`] for a caller that has just read the branch's record (the
+    /// access check does): one read less on every request.
+    pub async fn ensure_present_from(
+        &self,
+        branch: BranchRecord,
+    ) -> Result<BranchRecord, ResidencyError> {
+        let key = BranchKey::new(&branch.project_id, &branch.branch_id);
+        if branch.state == BranchState::Active && recently_touched(&self.base.config, &branch) {
+            // Used within the touch window, which is shorter than the eviction grace: a pass
+            // that starts now skips the branch, and one under way cannot be (it checked the use
+            // under the lock and no use is recorded without it), so it is here without taking
+            // the lock.
+            self.branches.mount_if_layered(&key).await?;
+            return Ok(branch);
+        }
+        if branch.state != BranchState::Active {
+            // Before the lock: a cleanup pass takes other branches' locks.
+            self.ensure_space().await?;
+        }
+        let _guard = self.base.locks.lock(&key).await;
+        let branch = self.read_branch(&key).await?;
+        if branch.state == BranchState::Active {
+            self.branches.mount_if_layered(&key).await?;
+            return Ok(self.branches.touch_locked(&key, branch).await?);
+        }
+        self.restore_locked(&key).await
+    }
+
+    /// Record a use of `branch` (for the eviction pass's LRU order) in the background, unless
+    /// its record, just read by the caller, shows one within the touch window.
+    pub fn touch(self: &Arc<Self>, branch: &BranchRecord) {
+        if recently_touched(&self.base.config, branch) {
+            return;
+        }
+        let (this, key) = (
+            self.clone(),
+            BranchKey::new(&branch.project_id, &branch.branch_id),
+        );
+        tokio::spawn(async move {
+            let _guard = this.base.locks.lock(&key).await;
+            let result: Result<(), ResidencyError> = match this.read_branch(&key).await {
+                Ok(branch) => match this.branches.touch_locked(&key, branch).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.into()),
+                },
+                Err(ResidencyError::Branch(BranchError::BranchNotFound(_))) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "could not record branch access");
+            }
+        });
+    }
+
+    /// Make room before a branch is created or restored: at or above the maximum, run a
+    /// cleanup pass; still at or above it, [`ResidencyError::DiskFull`].
+    pub async fn ensure_space(&self) -> Result<(), ResidencyError> {
+        let max = self.base.config.max_volume_usage_percent;
+        let now = match self.evictor.usage() {
+            Ok(u) => u.percent(),
+            Err(e) => {
+                tracing::warn!(error = %e, "disk usage unknown; going ahead");
+                return Ok(());
+            }
+        };
+        if now < max as f64 {
+            return Ok(());
+        }
+        let report = self.evictor.cleanup().await?;
+        if report.usage_after >= max as f64 {
+            return Err(ResidencyError::DiskFull {
+                usage: report.usage_after,
+                max,
+                report: Box::new(report),
+            });
+        }
+        Ok(())
+    }
+
+    async fn read_branch(&self, key: &BranchKey) -> Result<BranchRecord, ResidencyError> {
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        self.base
+            .read(move |rtx| model::get_branch(rtx, &p, &b))
+            .await?
+            .ok_or_else(|| BranchError::BranchNotFound(key.clone()).into())
+    }
+
+    /// Pull an evicted branch back (the caller holds the branch lock).
+    async fn restore_locked(&self, key: &BranchKey) -> Result<BranchRecord, ResidencyError> {
+        let snapshot = sync::syncer::state(&self.base.store, key)
+            .await?
+            .snapshot_id;
+        self.branches.set_state(key, BranchState::Restoring).await?;
+        // Layers an interrupted eviction left behind go first: the snapshot is the branch now.
+        let (config, k, dir) = (self.base.config.clone(), key.clone(), self.base.dir(key));
+        tokio::task::spawn_blocking(move || {
+            layers::Layers::new(&config).remove_branch(&k.project_id, &k.branch_id, &dir)
+        })
+        .await?
+        .map_err(|e| BranchError::Mount {
+            branch: key.branch_id.clone(),
+            reason: format!("cannot clear the evicted branch's layers: {e}"),
+        })?;
+        tracing::info!(branch = %key, snapshot = ?snapshot, "restoring an evicted branch");
+        let pulled = sync::pull(
+            &self.base.config,
+            &key.project_id,
+            &key.branch_id,
+            snapshot.as_deref(),
+        )
+        .await;
+        let outcome = match pulled {
+            Ok(PullReport::Restored {
+                snapshot_id,
+                files,
+                bytes,
+                duration_ms,
+                ..
+            }) => Ok(json!({
+                "action": "restore",
+                "status": "success",
+                "snapshotId": snapshot_id,
+                "files": files,
+                "bytes": bytes,
+                "durationMs": duration_ms,
+            })),
+            Ok(PullReport::Skipped { bucket }) => Err(format!(
+                "no snapshot of the branch in {bucket}; the object store lost it"
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(fields) => {
+                self.branches.set_state(key, BranchState::Active).await?;
+                let _ = self.base.emit(key, "sync", fields).await;
+                crate::branches::registry::refresh_size(&self.base.store, key, self.base.dir(key));
+                self.read_branch(key).await
+            }
+            Err(error) => {
+                tracing::warn!(branch = %key, error = %error, "restore failed");
+                self.branches.set_state(key, BranchState::Evicted).await?;
+                let fields = json!({ "action": "restore", "status": "failed", "error": error });
+                let _ = self.base.emit(key, "sync", fields).await;
+                Err(ResidencyError::RestoreFailed {
+                    branch: key.branch_id.clone(),
+                    reason: error,
+                })
+            }
+        }
+    }
+}
