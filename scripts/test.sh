@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || die "cargo is needed (install Rust with rustup)"
 command -v git >/dev/null || die "git is needed by the tests (they check repositories with git fsck)"
 ensure_services
+python3 scripts/layers.py
 
 export RUST_BACKTRACE=1
 cargo build --locked --workspace --bins --tests

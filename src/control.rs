@@ -175,8 +175,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             Ok(json!({ "token": token, "name": name }))
         }
         ControlRequest::ListTokens => {
-            let store = app.store.clone();
-            let list = tokio::task::spawn_blocking(move || tokens::list(&store)).await??;
+            let list = app.store.read(|s| tokens::list(s)).await?;
             Ok(serde_json::to_value(list).unwrap_or_default())
         }
         ControlRequest::Cleanup => {

@@ -382,17 +382,29 @@ async fn cancel_during_coding() {
 }
 
 #[tokio::test]
-async fn a_missing_key_fails_the_workflow_with_an_error_event() {
+async fn a_model_whose_provider_has_no_key_is_refused_at_once() {
     let (_dir, s) = setup("nokey").await;
+    let res = trigger(&s, "say hello", "anthropic:x").await;
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_model", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ANTHROPIC_API_KEY"),
+        "{body}"
+    );
+    // Nothing was started: the branch is free and its stream holds no workflow.
+    let (status, events) = s.get_json("/projects/p/branches/b").await;
+    assert_eq!(status, 200, "{events}");
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
-    let wf = started(&s, "anthropic:x").await;
-    let frames = until_end(&mut sse, &wf).await;
-    assert_consecutive(&frames);
-    assert!(frames.iter().any(|f| f.event == "failure"));
-    assert_eq!(statuses(&frames).last().unwrap(), "failed");
-    let w = s.workflow(&wf).await;
-    assert_eq!(w["status"], "failed");
-    assert!(!w["error"].as_str().unwrap().is_empty());
+    let res = trigger(&s, "say hello", "nope:x").await;
+    assert_eq!(res.status(), 400);
+    // Whatever the stream holds (from 0) is not a workflow's: none was started.
+    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_millis(300), sse.next()).await {
+        assert_ne!(frame.event, "status", "no workflow may start: {frame:?}");
+    }
     assert_eq!(
         s.http
             .get(s.url("/workflows/nope"))

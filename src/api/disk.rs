@@ -73,9 +73,9 @@ pub async fn disk(depot: &mut Depot) -> Result<Json<DiskView>, ApiError> {
                 branch_id: c.branch_id,
                 last_accessed_at_ms: c.last_accessed_at_ms,
                 size_bytes: c.size_bytes,
-                state: c.state.into(),
+                state: c.state.as_str().into(),
                 evictable: c.evictable,
-                reason: c.reason.map(Into::into),
+                reason: c.reason.map(|r| r.as_str().into()),
             });
         }
     }

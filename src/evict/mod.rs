@@ -117,11 +117,44 @@ pub struct Candidate {
     pub branch_id: String,
     pub last_accessed_at_ms: u64,
     pub size_bytes: u64,
-    pub state: &'static str,
+    #[serde(serialize_with = "state_name")]
+    pub state: BranchState,
     pub evictable: bool,
     /// Why not, when not: `evicted`, `restoring`, `active_workflow`, `subscribers`,
     /// `recently_used`, `busy` or `no_directory`.
-    pub reason: Option<&'static str>,
+    pub reason: Option<Blocker>,
+}
+
+/// What keeps a branch from eviction now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blocker {
+    Evicted,
+    Restoring,
+    ActiveWorkflow,
+    Subscribers,
+    RecentlyUsed,
+    /// An operation holds the branch's lock.
+    Busy,
+    NoDirectory,
+}
+
+impl Blocker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blocker::Evicted => "evicted",
+            Blocker::Restoring => "restoring",
+            Blocker::ActiveWorkflow => "active_workflow",
+            Blocker::Subscribers => "subscribers",
+            Blocker::RecentlyUsed => "recently_used",
+            Blocker::Busy => "busy",
+            Blocker::NoDirectory => "no_directory",
+        }
+    }
+}
+
+fn state_name<S: serde::Serializer>(state: &BranchState, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(state.as_str())
 }
 
 impl Evictor {
@@ -145,25 +178,25 @@ impl Evictor {
     }
 
     /// Why a branch may not be evicted now (None: it may).
-    fn blocker(&self, b: &BranchRecord, active_workflow: bool, now: u64) -> Option<&'static str> {
+    fn blocker(&self, b: &BranchRecord, active_workflow: bool, now: u64) -> Option<Blocker> {
         match b.state {
-            BranchState::Evicted => return Some("evicted"),
-            BranchState::Restoring => return Some("restoring"),
+            BranchState::Evicted => return Some(Blocker::Evicted),
+            BranchState::Restoring => return Some(Blocker::Restoring),
             BranchState::Active => {}
         }
         if active_workflow {
-            return Some("active_workflow");
+            return Some(Blocker::ActiveWorkflow);
         }
         let key = BranchKey::new(&b.project_id, &b.branch_id);
         if self.base.bus.subscriber_count(&key.stream()) > 0 {
-            return Some("subscribers");
+            return Some(Blocker::Subscribers);
         }
         let grace = self.base.config.eviction_grace.as_millis() as u64;
         if now.saturating_sub(b.last_access_ms) < grace {
-            return Some("recently_used");
+            return Some(Blocker::RecentlyUsed);
         }
         if !self.base.dir(&key).is_dir() {
-            return Some("no_directory");
+            return Some(Blocker::NoDirectory);
         }
         None
     }
@@ -192,14 +225,14 @@ impl Evictor {
                         .locks
                         .try_lock(&BranchKey::new(&b.project_id, &b.branch_id))
                         .is_none()
-                        .then_some("busy")
+                        .then_some(Blocker::Busy)
                 });
                 Candidate {
                     project_id: b.project_id.clone(),
                     branch_id: b.branch_id.clone(),
                     last_accessed_at_ms: b.last_access_ms,
                     size_bytes: b.size_bytes,
-                    state: b.state.as_str(),
+                    state: b.state,
                     evictable: reason.is_none(),
                     reason,
                 }
@@ -226,7 +259,7 @@ pub struct BranchRef {
 pub struct Skipped {
     pub project_id: String,
     pub branch_id: String,
-    pub reason: &'static str,
+    pub reason: Blocker,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -253,7 +286,7 @@ pub struct CleanupReport {
 
 /// Why one branch was not evicted.
 enum NotEvicted {
-    Skipped(&'static str),
+    Skipped(Blocker),
     Failed(String),
 }
 
@@ -289,7 +322,7 @@ impl Evictor {
             if current <= target {
                 break;
             }
-            if c.state != "active" {
+            if c.state != BranchState::Active {
                 continue;
             }
             if let Some(reason) = c.reason {
@@ -339,7 +372,7 @@ impl Evictor {
     /// Push, verify, mark evicted, delete. Keeps the directory on any failure.
     async fn evict_branch(&self, key: &BranchKey) -> Result<(), NotEvicted> {
         let Some(_guard) = self.base.locks.try_lock(key) else {
-            return Err(NotEvicted::Skipped("busy"));
+            return Err(NotEvicted::Skipped(Blocker::Busy));
         };
         let result = self.evict_locked(key).await;
         let fields = match &result {
@@ -377,7 +410,7 @@ impl Evictor {
             .await
             .map_err(|e| failed("storage", &e))?;
         let Some(branch) = branch else {
-            return Err(NotEvicted::Skipped("evicted"));
+            return Err(NotEvicted::Skipped(Blocker::Evicted));
         };
         if let Some(reason) = self.blocker(&branch, active, now_ms()) {
             return Err(NotEvicted::Skipped(reason));

@@ -200,20 +200,17 @@ async fn persist(
 }
 
 async fn load(engine: &Workflows, id: &str) -> Result<WorkflowRecord, Stop> {
-    let (store, id2) = (engine.base.store.clone(), id.to_string());
-    tokio::task::spawn_blocking(move || wfs::get_workflow(&store.begin_read()?, &id2))
-        .await
-        .map_err(|e| Stop::Fail(e.to_string()))??
+    let id2 = id.to_string();
+    engine
+        .base
+        .read(move |rtx| wfs::get_workflow(rtx, &id2))
+        .await?
         .ok_or_else(|| Stop::Fail(format!("workflow {id} vanished")))
 }
 
 async fn load_journal(engine: &Workflows, id: &str) -> Result<Vec<(u64, JournalEntry)>, Stop> {
-    let (store, id) = (engine.base.store.clone(), id.to_string());
-    Ok(
-        tokio::task::spawn_blocking(move || wfs::journal(&store.begin_read()?, &id))
-            .await
-            .map_err(|e| Stop::Fail(e.to_string()))??,
-    )
+    let id = id.to_string();
+    Ok(engine.base.read(move |rtx| wfs::journal(rtx, &id)).await?)
 }
 
 /// Create a workflow (claiming the branch) and start it. `Err(409 branch_busy)` when another
@@ -1011,21 +1008,21 @@ async fn deploying(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), St
     let mut wf = wf;
     if wf.version.is_none() {
         // After a crash the commit may exist already: it names this workflow.
-        let (store, p, b, id) = (
-            engine.base.store.clone(),
+        let (p, b, id) = (
             wf.project_id.clone(),
             wf.branch_id.clone(),
             wf.workflow_id.clone(),
         );
-        let existing = tokio::task::spawn_blocking(move || {
-            weldr_storage::model::list_versions(&store.begin_read()?, &p, &b).map(|vs| {
-                vs.into_iter()
-                    .find(|v| v.workflow_id.as_deref() == Some(id.as_str()))
-                    .map(|v| v.seq)
+        let existing = engine
+            .base
+            .read(move |rtx| {
+                weldr_storage::model::list_versions(rtx, &p, &b).map(|vs| {
+                    vs.into_iter()
+                        .find(|v| v.workflow_id.as_deref() == Some(id.as_str()))
+                        .map(|v| v.seq)
+                })
             })
-        })
-        .await
-        .map_err(|e| Stop::Fail(e.to_string()))??;
+            .await?;
         let version = match existing {
             Some(seq) => Some(seq),
             None => {
