@@ -13,6 +13,7 @@ pub mod control;
 pub mod error;
 pub mod evict;
 pub mod excludes;
+pub mod fsx;
 pub mod git;
 pub mod ids;
 pub mod llm;
