@@ -3,7 +3,7 @@
 //! request handlers on a small machine: under contention the scheduler serves them first.
 
 /// How much nicer than the server the bulk work runs.
-const NICENESS: libc::c_int = 10;
+const NICENESS: i32 = 10;
 
 /// The thread gave up without an answer (it panicked).
 #[derive(Debug, thiserror::Error)]
@@ -19,15 +19,9 @@ pub async fn low_priority<T: Send + 'static>(
     std::thread::Builder::new()
         .name("weldr-bulk".into())
         .spawn(move || {
-            // SAFETY: plain system calls on the calling thread; failures only leave the
-            // priority as it was.
-            unsafe {
-                let tid = libc::gettid();
-                let id = libc::id_t::try_from(tid).unwrap_or_default();
-                if id > 0 {
-                    libc::setpriority(libc::PRIO_PROCESS, id, NICENESS);
-                }
-            }
+            // On Linux PRIO_PROCESS with a thread id sets that thread's niceness alone. A
+            // failure only leaves the priority as it was.
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICENESS);
             let _ = tx.send(f());
         })
         .map_err(|e| Failed(format!("could not start a thread: {e}")))?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod evict;
 pub mod excludes;
+pub mod fsx;
 pub mod git;
 pub mod ids;
 pub mod llm;

@@ -485,44 +485,34 @@ async fn cleanup_command(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// A progress line on stderr for long transfers, only when stderr is a terminal.
+/// A progress line on stderr for long transfers, only when stderr is a terminal (indicatif
+/// redraws it at most 20 times a second).
 fn progress_line(label: &'static str) -> Option<weldr_agent::sync::Progress> {
-    use std::io::{IsTerminal, Write};
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let last: Mutex<Option<Instant>> = Mutex::new(None);
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+        .with_prefix(label)
+        .with_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {percent:>3}% {binary_bytes}/{binary_total_bytes} \
+                 {binary_bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("## "),
+        );
     Some(weldr_agent::sync::Progress(Arc::new(move |done, total| {
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        let finished = done >= total;
-        if !finished && last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+        if bar.is_finished() {
             return;
         }
-        *last = Some(Instant::now());
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let pct = if total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / total as f64
-        };
-        let width = 30usize;
-        let filled = ((pct / 100.0) * width as f64) as usize;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{label} [{}{}] {:>5.1}% {:.1}/{:.1} MiB",
-            "#".repeat(filled.min(width)),
-            " ".repeat(width - filled.min(width)),
-            pct,
-            mib(done),
-            mib(total)
-        );
-        if finished {
-            let _ = writeln!(err);
+        bar.set_length(total);
+        // Uploads report from several threads: a late, smaller count never moves it back.
+        bar.set_position(done.max(bar.position()));
+        if done >= total {
+            bar.finish();
         }
-        let _ = err.flush();
     })))
 }
 

@@ -403,6 +403,38 @@ async fn shared_bucket_with_prefixes() {
     assert_same_tree(&restore, &dir);
 }
 
+/// A per-branch bucket is created by a SigV4-signed `PUT` in the configured region (with the
+/// location constraint a region other than us-east-1 needs), and creating it again is no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_branch_buckets_are_created_in_their_region() {
+    let s3 = s3();
+    let tmp = tempfile::tempdir().unwrap();
+    for region in ["us-east-1", "eu-west-1", "auto"] {
+        let mut config = s3_config(tmp.path(), &s3.endpoint);
+        config.s3.region = region.into();
+        let store = sync::store::Store::open(&config, &project_id(), "main").unwrap();
+        store.ensure_bucket().await.unwrap();
+        store.ensure_bucket().await.unwrap();
+        store.put("probe", b"x".to_vec()).await.unwrap();
+        assert_eq!(
+            store.get("probe").await.unwrap().as_deref(),
+            Some(&b"x"[..]),
+            "{region}"
+        );
+        let location = reqwest::Client::new()
+            .get(format!("{}/{}?location", s3.endpoint, store.bucket))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if region == "eu-west-1" {
+            assert!(location.contains("eu-west-1"), "{location}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fs_backend_round_trip_in_local_mode() {
     let tmp = tempfile::tempdir().unwrap();

@@ -113,10 +113,8 @@ impl Layers {
             .truncate(false)
             .write(true)
             .open(self.root.join("lock"))?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // flock(LOCK_EX), released when the file is closed.
+        f.lock()?;
         Ok(f)
     }
 
@@ -202,11 +200,11 @@ impl Layers {
                     loop {
                         match unmount(parent_dir, false) {
                             Ok(()) => break,
-                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 20 => {
+                            Err(e) if e.kind() == io::ErrorKind::ResourceBusy && tries < 20 => {
                                 tries += 1;
                                 std::thread::sleep(std::time::Duration::from_millis(25));
                             }
-                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
                                 return Ok(Err(Declined::Busy));
                             }
                             Err(e) => return Err(e),
@@ -580,20 +578,16 @@ fn mount_overlay(dir: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> i
         base,
     ] {
         let data = std::ffi::CString::new(options).map_err(|_| invalid("options".into()))?;
-        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"overlay".as_ptr(),
-                target.as_ptr(),
-                c"overlay".as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            return Ok(());
+        match rustix::mount::mount(
+            c"overlay",
+            target.as_c_str(),
+            c"overlay",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e.into(),
         }
-        last = io::Error::last_os_error();
     }
     Err(last)
 }
@@ -601,12 +595,12 @@ fn mount_overlay(dir: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> i
 /// Unmount `dir`; `detach` lets it go even while in use (MNT_DETACH).
 fn unmount(dir: &Path, detach: bool) -> io::Result<()> {
     let target = cstring(dir)?;
-    let flags = if detach { libc::MNT_DETACH } else { 0 };
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = if detach {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    Ok(rustix::mount::unmount(target.as_c_str(), flags)?)
 }
 
 /// Detaches every mount below its directory when dropped (tests and benchmarks: the mounts

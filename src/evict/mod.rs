@@ -68,25 +68,19 @@ pub struct Statvfs;
 impl DiskUsage for Statvfs {
     fn usage(&self, path: &Path) -> std::io::Result<Usage> {
         use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid NUL-terminated string and `st` a writable statvfs.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(std::io::Error::last_os_error());
+        if path.as_os_str().as_bytes().contains(&0) {
+            return Err(std::io::Error::other("path contains a NUL byte"));
         }
+        let st = rustix::fs::statvfs(path)?;
         let frsize = if st.f_frsize > 0 {
             st.f_frsize
         } else {
             st.f_bsize
-        } as u64;
-        let blocks = st.f_blocks as u64;
-        let free = st.f_bfree as u64;
-        let avail = st.f_bavail as u64;
+        };
         Ok(Usage {
-            total_bytes: blocks * frsize,
-            used_bytes: blocks.saturating_sub(free) * frsize,
-            available_bytes: avail * frsize,
+            total_bytes: st.f_blocks * frsize,
+            used_bytes: st.f_blocks.saturating_sub(st.f_bfree) * frsize,
+            available_bytes: st.f_bavail * frsize,
         })
     }
 }

@@ -123,8 +123,7 @@ impl Sandbox {
     /// The uid commands run as when it is not the server's: the dedicated one, when the server
     /// is root and the sandbox is on.
     pub fn dedicated_uid(&self) -> Option<u32> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = rustix::process::geteuid().is_root();
         (root && self.settings.mode == SandboxMode::Bwrap).then_some(self.settings.uid)
     }
 
@@ -583,8 +582,7 @@ mod tests {
 
     #[test]
     fn hand_over_never_follows_a_link_out() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return;
         }
         let outside = tempfile::tempdir().unwrap();
