@@ -16,16 +16,16 @@ LAYERS = {
     "branches": 2, "sync": 2, "evict": 2,
     "base": 1, "auth": 1, "stream": 1, "llm": 1, "tools": 1, "sandbox": 1, "git": 1,
     "worker": 1,
-    "config": 0, "ids": 0, "excludes": 0, "background": 0,
+    "config": 0, "ids": 0, "excludes": 0, "background": 0, "fsx": 0,
 }
-# Same-layer uses that are allowed (from, to): branches records versions and asks the syncer
-# for a push; eviction pushes before it deletes; base wraps the stream bus; the sandbox hands
-# files over with git's no-follow walk; the server composes workers.
+# Same-layer uses that are allowed (from, to): branches asks the syncer for a push after a
+# version, eviction pushes and verifies before it deletes, base wraps the stream bus, tools run
+# commands in the sandbox and describe themselves with llm's ToolSpec, the interfaces use the
+# composition root, and the control socket shows errors as the API does.
 SIDEWAYS = {
-    ("branches", "sync"), ("evict", "sync"), ("base", "stream"), ("sandbox", "git"),
-    ("main", "server"), ("api", "app"), ("control", "app"), ("control", "api"),
-    ("config", "ids"),
-    ("tools", "sandbox"), ("tools", "git"), ("tools", "llm"), ("workflow", "tools"),
+    ("branches", "sync"), ("evict", "sync"), ("base", "stream"), ("tools", "sandbox"),
+    ("tools", "llm"), ("api", "app"), ("control", "app"), ("control", "api"), ("config", "ids"),
+    ("main", "server"),
 }
 # Leaf files inside a layered module that lower layers may use (path prefix -> layer).
 LEAVES = {"branches::layout": 0, "branches::layers": 0}

@@ -503,8 +503,4 @@ impl Branches {
             .await?;
         Ok(())
     }
-
-    pub fn base(&self) -> &Base {
-        &self.base
-    }
 }

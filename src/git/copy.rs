@@ -205,7 +205,3 @@ fn reflink(src: &std::fs::File, dst: &std::fs::File) -> bool {
 fn reflink(_src: &std::fs::File, _dst: &std::fs::File) -> bool {
     false
 }
-
-/// The no-follow directory operations now live in [`crate::fsx`]; this alias keeps the old
-/// path compiling until every caller names `crate::fsx` directly.
-pub use crate::fsx as beneath;

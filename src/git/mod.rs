@@ -141,7 +141,7 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// renamed over it, only when something changed). A `config` that is a symlink or no regular
 /// file is replaced by a minimal one: libgit2 would follow it.
 pub fn sanitize_repo_config(git_dir: &Path) -> Result<(), GitError> {
-    use copy::beneath::{Dir, Kind};
+    use crate::fsx::{Dir, Kind};
     use std::io::Read;
     let dir = Dir::open(git_dir).map_err(io_err(git_dir))?;
     let path = git_dir.join("config");

@@ -514,7 +514,7 @@ fn reachable_by(dir: &Path, uid: u32) -> Result<(), SandboxError> {
 /// Files already owned are only looked at, so an overlay branch's shared layers are not
 /// copied up.
 pub fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
-    use crate::git::copy::beneath::Dir;
+    use crate::fsx::Dir;
     let root = Dir::open(dir)?;
     let top = root.stat_self()?;
     if top.uid != uid || top.gid != uid {
@@ -526,13 +526,8 @@ pub fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
 /// Deeper than this, a tree is left as it is (no real project nests so deep).
 const HAND_OVER_DEPTH: usize = 256;
 
-fn hand_over_below(
-    dir: &crate::git::copy::beneath::Dir,
-    dev: u64,
-    uid: u32,
-    depth: usize,
-) -> std::io::Result<()> {
-    use crate::git::copy::beneath::Kind;
+fn hand_over_below(dir: &crate::fsx::Dir, dev: u64, uid: u32, depth: usize) -> std::io::Result<()> {
+    use crate::fsx::Kind;
     use std::io::ErrorKind;
     // Gone or swapped meanwhile: nothing of ours to hand over there.
     let vanished = |e: &std::io::Error| {

@@ -25,7 +25,7 @@
 //!   Only a crash during the swap (renames only) can leave it half-way; the next restore
 //!   finishes it and removes the leftover staging directory;
 //! - everything is opened relative to the branch directory one component at a time with
-//!   `O_NOFOLLOW` ([`crate::git::copy::beneath`]): a restore never follows a symlink, neither
+//!   `O_NOFOLLOW` ([`crate::fsx`]): a restore never follows a symlink, neither
 //!   one in the snapshot nor one in the branch (excluded paths included).
 
 pub mod dirty;
@@ -50,7 +50,7 @@ use tokio::io::AsyncWriteExt;
 use crate::branches::layout::{BranchKey, branch_dir};
 use crate::config::Config;
 use crate::excludes::Excludes;
-use crate::git::copy::beneath::{Dir, Kind, Stat};
+use crate::fsx::{Dir, Kind, Stat};
 use index::{IndexFiles, LocalIndex};
 use manifest::{Entry, Loc, Manifest, Scanned, StatCache};
 pub use store::{Store, bucket_name};
