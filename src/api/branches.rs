@@ -94,6 +94,40 @@ impl From<BranchRecord> for BranchView {
     }
 }
 
+/// What a push did.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[salvo(schema(name = SyncReport))]
+pub struct SyncReportView {
+    pub bucket: String,
+    pub snapshot_id: String,
+    /// True when the tree matched the latest snapshot and nothing was written.
+    pub unchanged: bool,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    /// Store requests made (a multipart upload counts once per chunk).
+    pub requests: u64,
+    pub duration_ms: u64,
+}
+
+impl From<crate::sync::PushReport> for SyncReportView {
+    fn from(r: crate::sync::PushReport) -> Self {
+        Self {
+            bucket: r.bucket,
+            snapshot_id: r.snapshot_id,
+            unchanged: r.unchanged,
+            files: r.files,
+            bytes: r.bytes,
+            uploaded_objects: r.uploaded_objects,
+            uploaded_bytes: r.uploaded_bytes,
+            requests: r.requests,
+            duration_ms: r.duration_ms,
+        }
+    }
+}
+
 /// Create a branch (a new git repository with an initial commit on `main`), or fork one.
 #[endpoint(
     tags("branches"),
@@ -202,7 +236,7 @@ pub async fn get_branch(
 pub async fn sync_branch(
     req: &mut Request,
     depot: &mut Depot,
-) -> Result<Json<crate::sync::PushReport>, ApiError> {
+) -> Result<Json<SyncReportView>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let key = super::path_key(req)?;
@@ -244,5 +278,5 @@ pub async fn sync_branch(
         .syncer
         .push_branch(&key, crate::sync::syncer::Trigger::Api, false)
         .await?;
-    Ok(Json(report))
+    Ok(Json(report.into()))
 }

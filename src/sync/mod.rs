@@ -93,9 +93,8 @@ impl SyncError {
 }
 
 /// What a push did (the `POST .../sync` answer and the `sync` event's fields).
-#[derive(Debug, Clone, Serialize, salvo::oapi::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-#[salvo(schema(name = SyncReport))]
 pub struct PushReport {
     pub bucket: String,
     pub snapshot_id: String,
