@@ -27,6 +27,8 @@ use crate::sync::syncer::Syncer;
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 64;
+/// HTTP/2 flow-control window for request data, per connection and per stream.
+const H2_RECEIVE_WINDOW: u32 = 256 * 1024;
 
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -176,9 +178,14 @@ fn spawn_server<A: Acceptor + Send + 'static>(
         .http1_mut()
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
+    // HTTP/2: the same head limit as HTTP/1.1, and receive windows that bound what one
+    // connection can make the server buffer before its handlers read it (hyper's default is
+    // 1 MiB per connection; request bodies are small JSON).
     server
         .http2_mut()
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .initial_connection_window_size(H2_RECEIVE_WINDOW)
+        .initial_stream_window_size(H2_RECEIVE_WINDOW);
     let handle = server.handle();
     crate::workflow::recover(&app);
     let watcher = start_workers(&app);

@@ -304,6 +304,55 @@ fn a_flood_of_idle_connections_is_capped_and_health_still_answers() {
     binary::sigkill(&mut server);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_a_reserve_connection_serves_health_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.max_connections = Some(1);
+    let s = start(cfg).await;
+    let addr = s.server.addr;
+    // The one connection: half a head, so it stays open.
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    // What a reserve connection answers to `request`: the whole answer (it closes).
+    let answer = |request: &'static str| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut out))
+            .await
+            .expect("the reserve connection is closed after its answer")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let other = answer("GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 503 "), "{other}");
+    assert!(other.contains("too_many_connections"), "{other}");
+    let health = answer("GET /health HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(health.starts_with("HTTP/1.1 200 "), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    // The slot is free once the held connection goes.
+    drop(held);
+    let mut status = 0;
+    for _ in 0..300 {
+        status = s
+            .http
+            .get(s.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
 #[test]
 fn a_connection_without_a_complete_head_is_closed_after_the_head_timeout() {
     use std::io::Write;

@@ -170,6 +170,20 @@ async fn h2c_serves_several_streams_over_one_connection() {
     assert_eq!(res.status(), 404);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "branch_not_found");
+    // Request bodies larger than the flow-control window arrive whole (JSON padded with
+    // whitespace); the body limit holds.
+    for (pad, status) in [(700 * 1024, 201), (2 << 20, 413)] {
+        let body = format!(r#"{{"projectId": "big{pad}"{}}}"#, " ".repeat(pad));
+        let res = client
+            .post(s.url("/projects"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{pad} bytes");
+        assert_eq!(res.version(), Version::HTTP_2);
+    }
     drop(client);
 
     if curl_with_http2() {
