@@ -9,15 +9,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use salvo::conn::rustls::{Keycert, RustlsConfig};
+use salvo::conn::rustls::{Keycert, RustlsConfig, RustlsListener};
 use salvo::conn::{Acceptor, Listener};
-use salvo::fuse::{ArcConnObserver, ConnObserver, FuseAction, FuseConfig, FuseInfo, FusePolicy};
+use salvo::fuse::FuseConfig;
 use salvo::prelude::*;
 use salvo::server::ServerHandle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::api::stream_conn::{ConnectionLimits, HEALTH_RESERVE};
+use crate::api::connections::{
+    CappedAcceptor, CappedListener, ConnectionLimits, HEALTH_RESERVE, Transport,
+};
 use crate::app::App;
 use crate::control::ControlServer;
 use crate::sync::dirty::DirtyWatcher;
@@ -26,6 +27,8 @@ use crate::sync::syncer::SyncWorker;
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 64;
+/// HTTP/2 flow-control window for request data, per connection and per stream.
+const H2_RECEIVE_WINDOW: u32 = 256 * 1024;
 
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -42,11 +45,19 @@ pub struct RunningServer {
 pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
     let addr = SocketAddr::new(app.config.host, app.config.port);
     let control = ControlServer::start(app.clone()).await?;
+    let listener = listen(addr).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr}: {e} (is PORT taken?)"),
+        )
+    })?;
     let mut server = match app.config.tls.clone() {
         Some((cert, key)) => {
+            // ALPN offers h2 and http/1.1.
             let keycert = Keycert::new().cert_from_path(&cert)?.key_from_path(&key)?;
-            let acceptor = salvo::conn::TcpListener::new(addr)
-                .rustls(RustlsConfig::new(keycert))
+            let limits = connection_limits(&app);
+            let capped = CappedListener::new(listener, limits.clone(), Transport::Tls);
+            let acceptor = RustlsListener::new(RustlsConfig::new(keycert), capped)
                 .try_bind()
                 .await
                 .map_err(|e| {
@@ -57,21 +68,9 @@ pub async fn start(app: Arc<App>) -> std::io::Result<RunningServer> {
                 .first()
                 .and_then(|h| h.local_addr.clone().into_std())
                 .unwrap_or(addr);
-            let policy = CappedFuse {
-                config: fuse_config(&app),
-                slots: Arc::new(Semaphore::new(max_connections(&app))),
-            };
-            spawn_server(app, acceptor, bound, "https", policy)
+            spawn_server(app, acceptor, bound, "https", limits)
         }
-        None => {
-            let listener = listen(addr).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {addr}: {e} (is PORT taken?)"),
-                )
-            })?;
-            start_on(app, listener)?
-        }
+        None => start_on(app, listener)?,
     };
     server.control = Some(control);
     Ok(server)
@@ -93,18 +92,21 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Serve plain HTTP on an already bound listener (tests bind 127.0.0.1:0).
+/// Serve plain HTTP (HTTP/1.1, and h2c with prior knowledge) on an already bound listener
+/// (tests bind 127.0.0.1:0).
 pub fn start_on(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<RunningServer> {
     let addr = listener.local_addr()?;
-    // Stream requests are answered on the raw connection (see api::stream_conn); the rest
-    // goes to salvo. The accept loop there keeps the connection count bounded.
-    let limits = ConnectionLimits::new(max_connections(&app), app.config.request_head_timeout);
-    let acceptor = crate::api::stream_conn::SplitAcceptor::new(app.clone(), listener, limits)?;
-    let policy = fuse_config(&app);
-    Ok(spawn_server(app, acceptor, addr, "http", policy))
+    let limits = connection_limits(&app);
+    let acceptor = CappedAcceptor::new(listener, limits.clone(), Transport::Plain)?;
+    Ok(spawn_server(app, acceptor, addr, "http", limits))
+}
+
+/// The connection caps of the listener: `MAX_CONNECTIONS` and the request head timeout.
+fn connection_limits(app: &App) -> ConnectionLimits {
+    ConnectionLimits::new(max_connections(app), app.config.request_head_timeout)
 }
 
 /// Raise the soft limit of open files to the hard limit (a flood of connections otherwise
@@ -164,49 +166,29 @@ fn fuse_config(app: &App) -> FuseConfig {
     FuseConfig::default().with_http1_header_timeout(app.config.request_head_timeout)
 }
 
-/// The HTTPS listener's connection cap: salvo refuses a connection past it before the TLS
-/// handshake; an admitted one holds its slot until it closes.
-struct CappedFuse {
-    config: FuseConfig,
-    slots: Arc<Semaphore>,
-}
-
-/// Holds a connection's slot for as long as salvo keeps the connection.
-struct SlotHolder(#[allow(dead_code)] OwnedSemaphorePermit);
-
-impl ConnObserver for SlotHolder {}
-
-#[async_trait]
-impl FusePolicy for CappedFuse {
-    async fn decide(&self, _info: &FuseInfo) -> FuseAction {
-        if self.slots.available_permits() == 0 {
-            FuseAction::Reject
-        } else {
-            FuseAction::Accept(self.config)
-        }
-    }
-
-    fn observe(&self, _info: &FuseInfo, _ctrl: &salvo::ConnCtrl) -> Option<ArcConnObserver> {
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
-        Some(Arc::new(SlotHolder(permit)))
-    }
-}
-
 fn spawn_server<A: Acceptor + Send + 'static>(
     app: Arc<App>,
     acceptor: A,
     addr: SocketAddr,
     scheme: &'static str,
-    fuse: impl FusePolicy,
+    limits: ConnectionLimits,
 ) -> RunningServer {
-    let mut server = Server::new(acceptor).fuse_policy(fuse);
+    let mut server = Server::new(acceptor).fuse_config(fuse_config(&app));
     server
         .http1_mut()
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
+    // HTTP/2: the same head limit as HTTP/1.1, and receive windows that bound what one
+    // connection can make the server buffer before its handlers read it (hyper's default is
+    // 1 MiB per connection; request bodies are small JSON).
+    server
+        .http2_mut()
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .initial_connection_window_size(H2_RECEIVE_WINDOW)
+        .initial_stream_window_size(H2_RECEIVE_WINDOW);
     let handle = server.handle();
     let watcher = start_workers(&app);
-    let service = crate::api::service(app.clone());
+    let service = crate::api::service(app.clone()).hoop(limits.reserve_gate());
     let task = tokio::spawn(async move { server.serve(service).await });
     tracing::info!(%addr, scheme, mode = app.config.mode.as_str(), "listening");
     RunningServer {

@@ -24,22 +24,18 @@ async fn project_and_branch(s: &TestServer) {
     assert_eq!(status, 201, "{body}");
 }
 
-/// A client that sends `token`, with 50 extra headers when `via_salvo`: more than the direct
-/// stream path serves, so the request goes through salvo's route.
-fn stream_client(token: &str, via_salvo: bool) -> reqwest::Client {
+/// A client that sends `token`, over HTTP/1.1 or (`h2c`) HTTP/2 with prior knowledge.
+fn stream_client(token: &str, h2c: bool) -> reqwest::Client {
     weldr_agent::install_crypto_provider();
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    if via_salvo {
-        for i in 0..50 {
-            let name = reqwest::header::HeaderName::try_from(format!("x-pad-{i}")).unwrap();
-            headers.insert(name, "1".parse().unwrap());
-        }
-    }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap()
+    let builder = reqwest::Client::builder().default_headers(headers);
+    let builder = if h2c {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    };
+    builder.build().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,11 +43,11 @@ async fn a_stream_ends_when_its_local_token_is_revoked() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     project_and_branch(&s).await;
-    for (name, via_salvo) in [("direct", false), ("salvo", true)] {
+    for (name, h2c) in [("http1", false), ("h2c", true)] {
         let token = weldr_agent::auth::tokens::create(&s.app().store, name)
             .await
             .unwrap();
-        let client = stream_client(&token, via_salvo);
+        let client = stream_client(&token, h2c);
         let mut sse = SseClient::connect_with(&client, &s.url("/stream/p/b"), Some("0")).await;
         let id = emit_n(s.app(), "p", "b", 1).await[0];
         sse.read_until(id).await;
@@ -308,14 +304,63 @@ fn a_flood_of_idle_connections_is_capped_and_health_still_answers() {
     binary::sigkill(&mut server);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_a_reserve_connection_serves_health_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.max_connections = Some(1);
+    let s = start(cfg).await;
+    let addr = s.server.addr;
+    // The one connection: half a head, so it stays open.
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    // What a reserve connection answers to `request`: the whole answer (it closes).
+    let answer = |request: &'static str| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut out))
+            .await
+            .expect("the reserve connection is closed after its answer")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let other = answer("GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 503 "), "{other}");
+    assert!(other.contains("too_many_connections"), "{other}");
+    let health = answer("GET /health HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(health.starts_with("HTTP/1.1 200 "), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    // The slot is free once the held connection goes.
+    drop(held);
+    let mut status = 0;
+    for _ in 0..300 {
+        status = s
+            .http
+            .get(s.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
 #[test]
 fn a_connection_without_a_complete_head_is_closed_after_the_head_timeout() {
     use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
     let port = binary::free_port();
     let mut server = binary::serve_with(tmp.path(), port, &[("REQUEST_HEAD_TIMEOUT_SECONDS", "1")]);
-    // Half a head of an ordinary route (salvo's path), of a stream request (the direct
-    // path), nothing at all, and an idle keep-alive connection after one full request.
+    // Half a head of an ordinary route, of a stream request, nothing at all, and an idle
+    // keep-alive connection after one full request.
     let mut half_route = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     half_route
         .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n")

@@ -1,7 +1,8 @@
-//! A stream request is served on the raw connection when it is the connection's first request
-//! (`api::stream_conn`), and by the salvo route otherwise (a keep-alive connection, TLS). The
-//! two must be indistinguishable to a client: same status, headers that matter, errors and
-//! bytes. Raw TCP on both sides, so which path serves is certain.
+//! Stream requests over raw HTTP/1.1 connections: on a fresh connection and on a keep-alive
+//! connection that already served a request, a stream must be indistinguishable to a client
+//! (same status, headers that matter, errors and bytes), open with one write, notice a client
+//! that hangs up, and get heartbeats only while idle. Raw TCP, so what goes over the wire is
+//! certain.
 
 mod common;
 
@@ -131,8 +132,8 @@ fn stream_request(path: &str, token: &str, extra: &str) -> String {
     )
 }
 
-/// A connection already used for one request, so the next one goes to salvo.
-async fn salvo_conn(url: &str) -> Conn {
+/// A connection already used for one request.
+async fn keep_alive_conn(url: &str) -> Conn {
     let mut c = Conn::open(url).await;
     c.send("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
@@ -143,7 +144,7 @@ async fn salvo_conn(url: &str) -> Conn {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_and_salvo_streams_are_byte_identical() {
+async fn fresh_and_keep_alive_streams_are_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
@@ -155,12 +156,12 @@ async fn direct_and_salvo_streams_are_byte_identical() {
         "Last-Event-ID: 0\r\nOrigin: http://localhost:3000\r\n",
     );
 
-    let mut direct = Conn::open(&url).await;
-    direct.send(&request).await;
-    let mut salvo = salvo_conn(&url).await;
-    salvo.send(&request).await;
+    let mut fresh = Conn::open(&url).await;
+    fresh.send(&request).await;
+    let mut kept = keep_alive_conn(&url).await;
+    kept.send(&request).await;
 
-    let (dh, sh) = (direct.head().await, salvo.head().await);
+    let (dh, sh) = (fresh.head().await, kept.head().await);
     for h in [&dh, &sh] {
         assert_eq!(h.status, 200);
         assert_eq!(h.get("content-type"), Some("text/event-stream"));
@@ -175,27 +176,27 @@ async fn direct_and_salvo_streams_are_byte_identical() {
 
     // The header wins over the query on both; replay, then live events.
     let (mut db, mut sb) = (Vec::new(), Vec::new());
-    direct.body_until(&mut db, "\"id\":50,").await;
-    salvo.body_until(&mut sb, "\"id\":50,").await;
+    fresh.body_until(&mut db, "\"id\":50,").await;
+    kept.body_until(&mut sb, "\"id\":50,").await;
     assert_eq!(db, sb);
     let text = String::from_utf8(db.clone()).unwrap();
     assert!(text.starts_with("retry: 2000\n"), "{text}");
     assert!(text.contains("id: 1\nevent: text\n"));
     emit_n(s.app(), "p", "b", 5).await;
-    direct.body_until(&mut db, "\"id\":55,").await;
-    salvo.body_until(&mut sb, "\"id\":55,").await;
+    fresh.body_until(&mut db, "\"id\":55,").await;
+    kept.body_until(&mut sb, "\"id\":55,").await;
     assert_eq!(db, sb);
     assert_eq!(s.app().bus.total_subscribers(), 2);
 
     // Shutdown ends both streams: the last chunk, then the connection closes.
     s.server.shutdown().await;
-    for c in [&mut direct, &mut salvo] {
+    for c in [&mut fresh, &mut kept] {
         while c.chunk().await.is_some() {}
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_and_salvo_refuse_alike() {
+async fn fresh_and_keep_alive_refuse_alike() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(config(tmp.path())).await;
     branch(s.app(), "p", "b").await;
@@ -235,7 +236,7 @@ async fn direct_and_salvo_refuse_alike() {
     ];
     for (request, status, code) in cases {
         let mut answers = Vec::new();
-        for mut c in [Conn::open(&url).await, salvo_conn(&url).await] {
+        for mut c in [Conn::open(&url).await, keep_alive_conn(&url).await] {
             c.send(&request).await;
             let head = c.head().await;
             let body: serde_json::Value = serde_json::from_slice(&c.body(&head).await).unwrap();
@@ -251,7 +252,7 @@ async fn direct_and_salvo_refuse_alike() {
         assert_eq!(answers[0], answers[1], "{request}");
     }
     assert_eq!(s.app().bus.total_subscribers(), 0);
-    // Requests the direct path does not take still get salvo's answers on a fresh connection.
+    // Odd requests get the answers of the route table.
     for (request, status) in [
         ("GET /stream/p/b HTTP/1.0\r\n\r\n", 401),
         ("GET /stream/p/b/extra HTTP/1.1\r\nHost: x\r\n\r\n", 404),
@@ -323,8 +324,7 @@ async fn heads_that_arrive_in_pieces_or_are_large_are_still_served() {
     }
     replays_three(&mut c).await;
 
-    // A 6 KiB header (a long cookie) outgrows the first peek buffer; still served directly.
-    // A 20 KiB one is beyond what the direct path takes: salvo answers it, the same way.
+    // A 6 KiB header (a long cookie) and a 20 KiB one (under the 32 KiB header limit).
     for size in [6 * 1024, 20 * 1024] {
         let cookie = format!("Cookie: other={}\r\nLast-Event-ID: 0\r\n", "x".repeat(size));
         let mut c = Conn::open(&url).await;
@@ -333,8 +333,8 @@ async fn heads_that_arrive_in_pieces_or_are_large_are_still_served() {
         replays_three(&mut c).await;
     }
 
-    // A connection that sends nothing for longer than the peek waits goes to salvo, which
-    // still serves the request when it comes.
+    // A connection that sends nothing for a while (within the head timeout) is still served
+    // when the request comes.
     let mut c = Conn::open(&url).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     c.send(&request).await;
@@ -349,6 +349,32 @@ async fn replays_three(c: &mut Conn) {
     c.body_until(&mut body, "\"id\":3,").await;
 }
 
+/// A stream opens with one write: the response head and the first chunk (the retry hint and
+/// the first page of the replay) go out together, so the client's first read holds both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opens_with_one_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    branch(s.app(), "p", "b").await;
+    emit_n(s.app(), "p", "b", 3).await;
+    let url = s.server.url();
+    let request = stream_request("/stream/p/b", &s.token, "Last-Event-ID: 0\r\n");
+    for mut c in [Conn::open(&url).await, keep_alive_conn(&url).await] {
+        assert!(c.buf.is_empty());
+        c.send(&request).await;
+        let mut first = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.tcp.read(&mut first))
+            .await
+            .expect("the server answers")
+            .unwrap();
+        let text = String::from_utf8_lossy(&first[..n]);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+        assert!(text.contains("retry: 2000\n"), "{text}");
+        assert!(text.contains("id: 3\nevent: text\n"), "{text}");
+    }
+    s.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_streams_get_heartbeats_and_busy_ones_do_not() {
     let tmp = tempfile::tempdir().unwrap();
@@ -358,19 +384,19 @@ async fn idle_streams_get_heartbeats_and_busy_ones_do_not() {
     branch(s.app(), "p", "b").await;
     let url = s.server.url();
     let request = stream_request("/stream/p/b", &s.token, "");
-    let mut direct = Conn::open(&url).await;
-    direct.send(&request).await;
-    let mut salvo = salvo_conn(&url).await;
-    salvo.send(&request).await;
+    let mut fresh = Conn::open(&url).await;
+    fresh.send(&request).await;
+    let mut kept = keep_alive_conn(&url).await;
+    kept.send(&request).await;
     let (mut db, mut sb) = (Vec::new(), Vec::new());
-    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+    for (c, body) in [(&mut fresh, &mut db), (&mut kept, &mut sb)] {
         assert_eq!(c.head().await.status, 200);
         c.body_until(body, ": connected\n\n").await;
         body.clear();
     }
 
-    // Idle: a keep-alive comment every interval, on both paths.
-    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+    // Idle: a keep-alive comment every interval, on both connections.
+    for (c, body) in [(&mut fresh, &mut db), (&mut kept, &mut sb)] {
         c.body_until(body, ": keep-alive\n\n: keep-alive\n\n").await;
         body.clear();
     }
@@ -384,7 +410,7 @@ async fn idle_streams_get_heartbeats_and_busy_ones_do_not() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    for (c, body) in [(&mut direct, &mut db), (&mut salvo, &mut sb)] {
+    for (c, body) in [(&mut fresh, &mut db), (&mut kept, &mut sb)] {
         c.body_until(body, "\"id\":24,").await;
         let text = String::from_utf8_lossy(body);
         let busy = &text[text.find("id: 1\n").unwrap()..];
@@ -402,7 +428,7 @@ fn frame_ids(body: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-/// The scale the fan-out benchmark runs at, as a correctness check: a thousand direct
+/// The scale the fan-out benchmark runs at, as a correctness check: a thousand
 /// subscribers (live and resuming) while two producers append, each gets every event once,
 /// in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

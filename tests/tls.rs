@@ -1,4 +1,5 @@
-//! HTTPS through rustls with one crypto provider: the real binary serves /health over TLS.
+//! HTTPS through rustls with one crypto provider: the real binary serves /health over TLS,
+//! with HTTP/2 for clients that offer it by ALPN.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,6 +59,16 @@ fn serves_https_when_a_certificate_is_configured() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(body.contains("\"status\":\"ok\""), "{body}");
+    // ALPN: a client that offers h2 gets HTTP/2 (tests/http2.rs covers streams over it).
+    let features = Command::new("curl").arg("--version").output().unwrap();
+    if String::from_utf8_lossy(&features.stdout).contains("HTTP2") {
+        let out = Command::new("curl")
+            .args(["-sk", "--http2", "--max-time", "2", "-o", "/dev/null"])
+            .args(["-w", "%{http_version}", &url])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "2");
+    }
     // Plain HTTP on the TLS port is not served.
     let plain = Command::new("curl")
         .args([

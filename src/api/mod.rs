@@ -2,13 +2,13 @@
 
 pub mod body;
 pub mod branches;
+pub mod connections;
 pub mod disk;
 pub mod docs;
 pub mod error;
 pub mod health;
 pub mod projects;
 pub mod stream;
-pub mod stream_conn;
 pub mod versions;
 pub mod workflows;
 

@@ -1,4 +1,9 @@
 //! `GET /stream/{projectId}/{branchId}`: the branch's events over Server-Sent Events.
+//!
+//! Served by salvo like every route, over HTTP/1.1, h2c or h2. The response head and the
+//! subscription's first chunk (the `retry:` hint and, when resuming, the first page of the
+//! replay) are ready before the handler returns, so the first poll of the body yields that
+//! chunk and hyper writes head and chunk together: a stream opens with one write.
 
 use salvo::http::HeaderValue;
 use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -22,7 +27,7 @@ const TOKEN_RECHECK: Duration = Duration::from_secs(3);
 /// [`TOKEN_RECHECK`]), a session at its expiry or revoked upstream (checked as often as
 /// sessions are re-validated anyway). A stream ends then: it was only ever authorized once, at
 /// its start.
-pub async fn until_lapsed(app: Arc<App>, mut credential: auth::Credential) {
+async fn until_lapsed(app: Arc<App>, mut credential: auth::Credential) {
     loop {
         let wait = match &credential {
             auth::Credential::Local(_) => TOKEN_RECHECK,
@@ -54,21 +59,13 @@ pub fn parse_cursor(raw: &str) -> Result<u64, ApiError> {
 
 /// The cursor of a request: the `Last-Event-ID` header wins over the `lastEventId` query.
 pub fn request_cursor(req: &Request) -> Result<Cursor, ApiError> {
-    cursor_of(
-        req.headers().get("last-event-id"),
-        req.queries().get("lastEventId").map(String::as_str),
-    )
-}
-
-/// The cursor from the `Last-Event-ID` header and the `lastEventId` query value.
-pub fn cursor_of(header: Option<&HeaderValue>, query: Option<&str>) -> Result<Cursor, ApiError> {
-    if let Some(header) = header {
+    if let Some(header) = req.headers().get("last-event-id") {
         let value = header
             .to_str()
             .map_err(|_| ApiError::bad_request("invalid_cursor", "Last-Event-ID is not ASCII"))?;
         return Ok(Cursor::After(parse_cursor(value)?));
     }
-    match query {
+    match req.queries().get("lastEventId") {
         Some(value) => Ok(Cursor::After(parse_cursor(value)?)),
         None => Ok(Cursor::Live),
     }
@@ -76,9 +73,8 @@ pub fn cursor_of(header: Option<&HeaderValue>, query: Option<&str>) -> Result<Cu
 
 /// Everything a stream request does before its first byte: check access, take the user's
 /// stream slot (the operator's local token is not capped), bring an evicted branch back and
-/// subscribe. Shared by this route and the direct path ([`super::stream_conn`]); the slot is
-/// held until the stream ends.
-pub async fn open(
+/// subscribe. The slot is held until the stream ends.
+async fn open(
     app: &App,
     principal: &auth::Principal,
     key: &BranchKey,
