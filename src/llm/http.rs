@@ -76,9 +76,10 @@ const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 /// The server-sent events of a response `body`, parsed by `eventsource-stream`.
 ///
 /// A shim in front of the parser keeps what the parser alone would not:
-/// - it hands the parser whole lines only: the parser parses a partial line again from its
-///   start at every chunk, which is quadratic for a long line (Gemini sends a tool call in
-///   one), and a line is bounded at [`MAX_LINE_BYTES`];
+/// - it hands the parser one whole line at a time: the parser parses a partial line again
+///   from its start at every chunk (quadratic for a long line; Gemini sends a tool call in
+///   one) and copies its buffer's rest after every line (quadratic for a chunk of many
+///   lines); a line is bounded at [`MAX_LINE_BYTES`];
 /// - it decodes UTF-8 and fails at the first bad byte, a protocol error: the parser's decoder
 ///   takes a bad byte for an unfinished character and buffers the rest of the stream;
 /// - it ends the stream with a blank line, so that a last event the server did not terminate
@@ -107,6 +108,16 @@ where
                     Err(e) => return Some((Err(fatal(e)), None)),
                 }
             }
+        })
+        .flat_map(|text| {
+            let lines: Vec<Result<String, Failure>> = match text {
+                Ok(text) => text
+                    .split_inclusive(['\n', '\r'])
+                    .map(|line| Ok(line.to_string()))
+                    .collect(),
+                Err(failure) => vec![Err(failure)],
+            };
+            futures_util::stream::iter(lines)
         });
     text.eventsource().map(|event| match event {
         Ok(e) => Ok(SseEvent {
