@@ -38,11 +38,19 @@ fn fast() -> Retry {
 }
 
 fn provider(kind: Kind, keys: &ProviderKeys) -> Result<Box<dyn LlmProvider>, LlmError> {
+    provider_with(kind, keys, fast())
+}
+
+fn provider_with(
+    kind: Kind,
+    keys: &ProviderKeys,
+    retry: Retry,
+) -> Result<Box<dyn LlmProvider>, LlmError> {
     Ok(match kind {
-        Kind::Anthropic => Box::new(Anthropic::new(keys)?.with_retry(fast())),
-        Kind::OpenAi => Box::new(OpenAi::openai(keys)?.with_retry(fast())),
-        Kind::Ollama => Box::new(OpenAi::ollama(keys)?.with_retry(fast())),
-        Kind::Gemini => Box::new(Gemini::new(keys)?.with_retry(fast())),
+        Kind::Anthropic => Box::new(Anthropic::new(keys)?.with_retry(retry)),
+        Kind::OpenAi => Box::new(OpenAi::openai(keys)?.with_retry(retry)),
+        Kind::Ollama => Box::new(OpenAi::ollama(keys)?.with_retry(retry)),
+        Kind::Gemini => Box::new(Gemini::new(keys)?.with_retry(retry)),
     })
 }
 
@@ -413,6 +421,34 @@ async fn rate_limit_then_success() {
             ],
         )
         .await;
+        assert_eq!(r.unwrap().message.text(), "ok", "{kind:?}");
+        assert_eq!(fake.requests().len(), 2, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stated_retry_after_replaces_the_computed_backoff() {
+    // The computed wait would be at least half an hour; the server asks for none.
+    let patient = Retry {
+        attempts: 2,
+        base_delay: Duration::from_secs(3600),
+        max_delay: Duration::from_secs(3600),
+    };
+    for kind in ALL {
+        let fake = FakeLlm::start(vec![
+            Reply::Status {
+                code: 429,
+                message: "slow down".into(),
+                retry_after: Some(0),
+            },
+            Reply::Turn(Turn::text(&["ok"])),
+        ])
+        .await;
+        let p = provider_with(kind, &fake.keys(), patient).unwrap();
+        let req = request(vec![Message::user_text("hi")]);
+        let (r, _) = tokio::time::timeout(Duration::from_secs(120), chat(p.as_ref(), &req))
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: the stated delay did not replace the backoff"));
         assert_eq!(r.unwrap().message.text(), "ok", "{kind:?}");
         assert_eq!(fake.requests().len(), 2, "{kind:?}");
     }

@@ -6,8 +6,10 @@
 mod fake_llm;
 
 use fake_llm::{Wire, validate};
-use serde_json::json;
-use weldr_agent::llm::{ChatRequest, Message, ToolSpec, anthropic, gemini, openai, schema};
+use serde_json::{Value, json};
+use weldr_agent::llm::{
+    ChatRequest, Message, ToolSpec, anthropic, gemini, openai, responses, schema,
+};
 
 /// Every tool of every phase: the planner's read-only tools and `submit_plan`, the coder's
 /// tools and `done`.
@@ -18,6 +20,54 @@ fn every_spec() -> Vec<ToolSpec> {
     specs
 }
 
+/// What a generated schema must not carry into a request (see `schema::tool_schema`): keywords
+/// Gemini refuses and the converter would drop silently (`$ref` would lose the subschema),
+/// nullable types, and integer formats such as `uint64` that OpenAI and Gemini refuse.
+fn dialect_problems(schema: &Value, at: &str, found: &mut Vec<String>) {
+    let Some(obj) = schema.as_object() else {
+        found.push(format!("{at}: not an object"));
+        return;
+    };
+    for key in [
+        "$schema",
+        "$ref",
+        "$defs",
+        "definitions",
+        "title",
+        "nullable",
+    ] {
+        if obj.contains_key(key) {
+            found.push(format!("{at}: {key}"));
+        }
+    }
+    match obj.get("type") {
+        Some(Value::String(t)) if t != "null" => {}
+        None if at.is_empty() => found.push("the top level has no type".into()),
+        None => {}
+        Some(other) => found.push(format!("{at}: type {other}")),
+    }
+    if obj.contains_key("format") && matches!(obj["type"].as_str(), Some("integer" | "number")) {
+        found.push(format!("{at}: format {}", obj["format"]));
+    }
+    if let Some(items) = obj.get("items") {
+        dialect_problems(items, &format!("{at}.items"), found);
+    }
+    for (name, sub) in obj
+        .get("properties")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        dialect_problems(sub, &format!("{at}.properties.{name}"), found);
+    }
+    let required = obj.get("required").and_then(Value::as_array);
+    for name in required.into_iter().flatten().filter_map(Value::as_str) {
+        if obj["properties"].get(name).is_none() {
+            found.push(format!("{at}: required {name:?} is not a property"));
+        }
+    }
+}
+
 #[test]
 fn every_tool_schema_is_valid_for_every_provider() {
     for spec in every_spec() {
@@ -26,6 +76,9 @@ fn every_tool_schema_is_valid_for_every_provider() {
             "{}: our own schema has an array without items",
             spec.name
         );
+        let mut problems = Vec::new();
+        dialect_problems(&spec.input_schema, "", &mut problems);
+        assert!(problems.is_empty(), "{}: {problems:?}", spec.name);
         let request = ChatRequest {
             model: "m".into(),
             system: "s".into(),
@@ -37,6 +90,7 @@ fn every_tool_schema_is_valid_for_every_provider() {
             (Wire::Anthropic, anthropic::request_body(&request), ""),
             (Wire::OpenAi, openai::request_body(&request, true), ""),
             (Wire::OpenAi, openai::request_body(&request, false), ""),
+            (Wire::Responses, responses::request_body(&request), ""),
             (
                 Wire::Gemini,
                 gemini::request_body(&request),

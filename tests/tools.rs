@@ -80,6 +80,49 @@ fn specs_describe_every_tool() {
     }
 }
 
+/// A value of every property the schema describes: the default, else the minimum, else the
+/// property's name (distinct strings, so that edit_file's old and new texts differ).
+fn sample_input(schema: &Value) -> Value {
+    let props = schema["properties"].as_object().expect("properties");
+    let sample = |name: &String, p: &Value| match p["type"].as_str() {
+        _ if p.get("default").is_some() => p["default"].clone(),
+        Some("integer") => p.get("minimum").cloned().unwrap_or(json!(1)),
+        Some("boolean") => json!(false),
+        Some("string") => json!(name),
+        other => panic!("{name}: no sample for {other:?}"),
+    };
+    Value::Object(
+        props
+            .iter()
+            .map(|(n, p)| (n.clone(), sample(n, p)))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn every_tool_takes_what_its_schema_describes_and_nothing_else() {
+    let f = fixture();
+    for spec in tools::specs() {
+        let mut input = sample_input(&spec.input_schema);
+        if spec.name == "run_command" {
+            input["command"] = json!("true");
+        }
+        let out = f.call(&spec.name, input.clone()).await;
+        assert!(
+            !out.content().contains("invalid input"),
+            "{} refused the input its schema describes: {input} -> {}",
+            spec.name,
+            out.content()
+        );
+        input["notInTheSchema"] = json!(1);
+        assert!(
+            f.err(&spec.name, input).await.contains("invalid input"),
+            "{} took a property its schema does not have",
+            spec.name
+        );
+    }
+}
+
 #[tokio::test]
 async fn unknown_tool_and_bad_input_are_error_values() {
     let f = fixture();

@@ -1,14 +1,20 @@
-//! What the HTTP providers share: one reqwest client, retries with backoff and jitter, the idle
-//! timeout between chunks, error classification, and an incremental SSE parser.
+//! What the HTTP providers share: one reqwest client, retries with backoff and jitter
+//! (`backon`), the idle timeout between chunks, error classification, and the server-sent
+//! events of a response (`eventsource-stream`, behind a small shim: [`sse_events`]).
 //!
 //! A provider builds the request body and a [`StreamParser`] per attempt; [`Transport::stream`]
 //! sends, retries what may be retried (429, 5xx, connection errors, a stream that broke before
-//! any delta reached the caller) and feeds the server-sent events to the parser.
+//! any delta reached the caller) and feeds the server-sent events to the parser. Nothing runs
+//! detached: dropping the future (the workflow's cancel does) ends a request, a stream or a
+//! wait between attempts at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 
@@ -36,116 +42,135 @@ impl Default for Retry {
 }
 
 impl Retry {
-    /// The wait before attempt `attempt + 1` (`attempt` counts from 1), honouring `retry_after`.
-    fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        if let Some(after) = retry_after {
-            return after.min(self.max_delay);
-        }
-        let exp = self
-            .base_delay
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let capped = exp.min(self.max_delay);
-        // Full jitter in [50%, 100%].
-        let mut b = [0u8; 2];
-        let r = if getrandom::fill(&mut b).is_ok() {
-            u16::from_le_bytes(b)
-        } else {
-            u16::MAX
-        };
-        capped.mul_f64(0.5 + 0.5 * f64::from(r) / f64::from(u16::MAX))
+    /// The computed waits between attempts: wait `n` lies in [50%, 100%] of
+    /// `min(base_delay * 2^(n-1), max_delay)`.
+    fn backoff(&self) -> ExponentialBuilder {
+        // backon's jitter adds up to 100% to a delay, so it grows half-sized delays.
+        ExponentialBuilder::new()
+            .with_min_delay(self.base_delay.min(self.max_delay) / 2)
+            .with_max_delay(self.max_delay / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(self.attempts.saturating_sub(1) as usize)
+    }
+
+    /// The wait before the next attempt: none once the attempts are used up (`computed` is
+    /// None), else the delay the provider stated (capped at `max_delay`) or the computed one.
+    fn next_wait(&self, computed: Option<Duration>, stated: Option<Duration>) -> Option<Duration> {
+        computed.map(|computed| stated.map_or(computed, |s| s.min(self.max_delay)))
     }
 }
 
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
-    /// The `event:` field, if any.
+    /// The `event:` field; None for the default type (`message`).
     pub event: Option<String>,
     /// The `data:` lines joined with `\n`.
     pub data: String,
 }
 
-/// An incremental SSE parser: feed it bytes as they arrive, get complete events back.
-#[derive(Debug, Default)]
-pub struct SseParser {
-    buf: Vec<u8>,
-    event: Option<String>,
-    data: String,
-    has_data: bool,
+/// Longest event-stream line accepted (a line is held in memory until it is complete).
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The server-sent events of a response `body`, parsed by `eventsource-stream`.
+///
+/// A shim in front of the parser keeps what the parser alone would not:
+/// - it hands the parser one whole line at a time: the parser parses a partial line again
+///   from its start at every chunk (quadratic for a long line; Gemini sends a tool call in
+///   one) and copies its buffer's rest after every line (quadratic for a chunk of many
+///   lines); a line is bounded at [`MAX_LINE_BYTES`];
+/// - it decodes UTF-8 and fails at the first bad byte, a protocol error: the parser's decoder
+///   takes a bad byte for an unfinished character and buffers the rest of the stream;
+/// - it ends the stream with a blank line, so that a last event the server did not terminate
+///   still counts (the parser, as browsers do, would drop it);
+/// - it waits at most `idle` for each chunk.
+fn sse_events<S>(body: S, idle: Duration) -> impl Stream<Item = Result<SseEvent, Failure>>
+where
+    S: Stream<Item = Result<Bytes, Failure>> + Unpin,
+{
+    let text =
+        futures_util::stream::unfold(Some((body, Lines::default())), move |state| async move {
+            let (mut body, mut lines) = state?;
+            loop {
+                let chunk = match tokio::time::timeout(idle, body.next()).await {
+                    Err(_) => {
+                        let message = format!("no data for {}s while streaming", idle.as_secs());
+                        return Some((Err(unavailable(message)), None));
+                    }
+                    Ok(None) => return Some((lines.finish().map_err(fatal), None)),
+                    Ok(Some(Err(failure))) => return Some((Err(failure), None)),
+                    Ok(Some(Ok(chunk))) => chunk,
+                };
+                match lines.push(&chunk) {
+                    Ok(None) => {}
+                    Ok(Some(text)) => return Some((Ok(text), Some((body, lines)))),
+                    Err(e) => return Some((Err(fatal(e)), None)),
+                }
+            }
+        })
+        .flat_map(|text| {
+            let lines: Vec<Result<String, Failure>> = match text {
+                Ok(text) => text
+                    .split_inclusive(['\n', '\r'])
+                    .map(|line| Ok(line.to_string()))
+                    .collect(),
+                Err(failure) => vec![Err(failure)],
+            };
+            futures_util::stream::iter(lines)
+        });
+    text.eventsource().map(|event| match event {
+        Ok(e) => Ok(SseEvent {
+            event: (e.event != "message").then_some(e.event),
+            data: e.data,
+        }),
+        Err(EventStreamError::Transport(failure)) => Err(failure),
+        Err(EventStreamError::Utf8(_)) => Err(fatal(not_utf8())),
+        Err(EventStreamError::Parser(e)) => Err(fatal(LlmError::Protocol(format!(
+            "the event stream is malformed: {e}"
+        )))),
+    })
 }
 
-impl SseParser {
-    pub fn new() -> Self {
-        Self::default()
+/// Cuts a byte stream after its last line end so far (LF or CR, never inside a UTF-8
+/// character), holding back the unfinished line.
+#[derive(Debug, Default)]
+struct Lines {
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    /// The complete lines `chunk` finishes, as text; None while a line is still open.
+    fn push(&mut self, chunk: &[u8]) -> Result<Option<String>, LlmError> {
+        let end = chunk.iter().rposition(|&b| b == b'\n' || b == b'\r');
+        let complete = end.map(|end| {
+            let mut complete = std::mem::take(&mut self.partial);
+            complete.extend_from_slice(&chunk[..=end]);
+            complete
+        });
+        self.partial
+            .extend_from_slice(&chunk[end.map_or(0, |end| end + 1)..]);
+        if self.partial.len() > MAX_LINE_BYTES {
+            return Err(LlmError::Protocol(format!(
+                "an event-stream line is longer than {} MiB",
+                MAX_LINE_BYTES >> 20
+            )));
+        }
+        complete
+            .map(|bytes| String::from_utf8(bytes).map_err(|_| not_utf8()))
+            .transpose()
     }
 
-    /// Parses what `chunk` completes.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, LlmError> {
-        self.buf.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            let line = String::from_utf8(line)
-                .map_err(|_| LlmError::Protocol("the event stream is not UTF-8".into()))?;
-            self.line(&line, &mut events);
-        }
-        if self.buf.len() > 16 * 1024 * 1024 {
-            return Err(LlmError::Protocol(
-                "an event-stream line is longer than 16 MiB".into(),
-            ));
-        }
-        Ok(events)
+    /// The rest at the end of the stream, closed by a blank line.
+    fn finish(&mut self) -> Result<String, LlmError> {
+        let mut rest = std::mem::take(&mut self.partial);
+        rest.extend_from_slice(b"\n\n");
+        String::from_utf8(rest).map_err(|_| not_utf8())
     }
+}
 
-    /// The event left when the stream ends without a final blank line.
-    pub fn finish(&mut self) -> Result<Option<SseEvent>, LlmError> {
-        let mut events = Vec::new();
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf);
-            let line = String::from_utf8(rest)
-                .map_err(|_| LlmError::Protocol("the event stream is not UTF-8".into()))?;
-            self.line(line.trim_end_matches('\r'), &mut events);
-        }
-        self.line("", &mut events);
-        Ok(events.pop())
-    }
-
-    fn line(&mut self, line: &str, events: &mut Vec<SseEvent>) {
-        if line.is_empty() {
-            if self.has_data {
-                events.push(SseEvent {
-                    event: self.event.take(),
-                    data: std::mem::take(&mut self.data),
-                });
-            }
-            self.event = None;
-            self.data.clear();
-            self.has_data = false;
-            return;
-        }
-        if line.starts_with(':') {
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "event" => self.event = Some(value.to_string()),
-            "data" => {
-                if self.has_data {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value);
-                self.has_data = true;
-            }
-            _ => {}
-        }
-    }
+fn not_utf8() -> LlmError {
+    LlmError::Protocol("the event stream is not UTF-8".into())
 }
 
 /// What a provider does with the events of one attempt.
@@ -210,32 +235,37 @@ impl Transport {
         on_delta: DeltaSink<'_>,
     ) -> Result<ChatResponse, LlmError> {
         let emitted = AtomicBool::new(false);
+        let attempts = AtomicU32::new(0);
         let sink = |d: Delta| {
             emitted.store(true, Ordering::Relaxed);
             on_delta(d);
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let failure = match self
-                .attempt(url, headers.clone(), body, new_parser(), &sink)
-                .await
-            {
-                Ok(response) => return Ok(response),
-                Err(f) => f,
+        let result = (|| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            self.attempt(url, headers.clone(), body, new_parser(), &sink)
+        })
+        .retry(self.retry.backoff())
+        .sleep(tokio::time::sleep)
+        // Once a delta reached the caller, a new attempt would repeat it.
+        .when(|f| matches!(f, Failure::Retry { .. }) && !emitted.load(Ordering::Relaxed))
+        .adjust(|f, computed| {
+            let stated = match f {
+                Failure::Retry { retry_after, .. } => *retry_after,
+                Failure::Fatal(_) => None,
             };
-            match failure {
-                Failure::Fatal(e) => return Err(e),
-                Failure::Retry { error, retry_after } => {
-                    let error = with_attempts(error, attempt);
-                    if attempt >= self.retry.attempts || emitted.load(Ordering::Relaxed) {
-                        return Err(error);
-                    }
-                    tracing::warn!(attempt, %url, error = %error, "LLM request failed; retrying");
-                    tokio::time::sleep(self.retry.delay(attempt, retry_after)).await;
-                }
+            self.retry.next_wait(computed, stated)
+        })
+        .notify(|f, wait| {
+            if let Failure::Retry { error, .. } = f {
+                let attempt = attempts.load(Ordering::Relaxed);
+                tracing::warn!(attempt, %url, error = %error, ?wait, "LLM request failed; retrying");
             }
-        }
+        })
+        .await;
+        result.map_err(|failure| match failure {
+            Failure::Fatal(e) => e,
+            Failure::Retry { error, .. } => with_attempts(error, attempts.load(Ordering::Relaxed)),
+        })
     }
 
     async fn attempt<P: StreamParser>(
@@ -293,30 +323,16 @@ impl Transport {
                 _ => Failure::Fatal(LlmError::Refused(message)),
             });
         }
-        let mut sse = SseParser::new();
-        let mut stream = response.bytes_stream();
+        let body = response
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(|e| unavailable(describe(&e))));
+        let mut events = std::pin::pin!(sse_events(body, self.idle_timeout));
         let mut complete = false;
-        'read: loop {
-            let chunk = match tokio::time::timeout(self.idle_timeout, stream.next()).await {
-                Err(_) => {
-                    return Err(unavailable(format!(
-                        "no data for {}s while streaming",
-                        self.idle_timeout.as_secs()
-                    )));
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(unavailable(describe(&e))),
-                Ok(Some(Ok(c))) => c,
-            };
-            for event in sse.push(&chunk).map_err(fatal)? {
-                if parser.event(event, on_delta).map_err(classify)? {
-                    complete = true;
-                    break 'read;
-                }
+        while let Some(event) = events.next().await {
+            if parser.event(event?, on_delta).map_err(classify)? {
+                complete = true;
+                break;
             }
-        }
-        if !complete && let Some(event) = sse.finish().map_err(fatal)? {
-            complete = parser.event(event, on_delta).map_err(classify)?;
         }
         parser.finish(complete).map_err(classify)
     }
@@ -476,48 +492,104 @@ pub fn tool_input(name: &str, raw: &str) -> Result<Value, LlmError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sse_split_anywhere() {
-        let text = "event: a\ndata: {\"x\":1}\n\n: comment\r\ndata: one\r\ndata: two\r\n\r\ndata: [DONE]\n\n";
-        for split in 0..text.len() {
-            let mut p = SseParser::new();
-            let mut events = p.push(&text.as_bytes()[..split]).unwrap();
-            events.extend(p.push(&text.as_bytes()[split..]).unwrap());
-            assert_eq!(p.finish().unwrap(), None);
+    /// The events of `chunks`, or the first failure's error.
+    async fn events(chunks: &[&[u8]]) -> Result<Vec<SseEvent>, LlmError> {
+        let body = futures_util::stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        );
+        let mut events = std::pin::pin!(sse_events(body, Duration::from_secs(60)));
+        let mut out = Vec::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(e) => out.push(e),
+                Err(Failure::Fatal(e) | Failure::Retry { error: e, .. }) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn sse(event: Option<&str>, data: &str) -> SseEvent {
+        SseEvent {
+            event: event.map(str::to_string),
+            data: data.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn sse_split_anywhere() {
+        let text = "event: a\ndata: {\"x\":1}\n\n: comment\r\ndata: one\r\ndata: two\r\n\r\nevent: only\n\ndata: é€\n\ndata: [DONE]\n\n";
+        let expected = vec![
+            sse(Some("a"), "{\"x\":1}"),
+            sse(None, "one\ntwo"),
+            sse(None, "é€"),
+            sse(None, "[DONE]"),
+        ];
+        let bytes = text.as_bytes();
+        for split in 0..=bytes.len() {
+            let got = events(&[&bytes[..split], &bytes[split..]]).await.unwrap();
+            assert_eq!(got, expected, "split at {split}");
+        }
+        let one_byte_chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(events(&one_byte_chunks).await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn sse_unterminated_last_event() {
+        for tail in [
+            "data: tail",
+            "data: tail\n",
+            "data: tail\r",
+            "data: tail\r\n",
+        ] {
             assert_eq!(
-                events,
-                vec![
-                    SseEvent {
-                        event: Some("a".into()),
-                        data: "{\"x\":1}".into()
-                    },
-                    SseEvent {
-                        event: None,
-                        data: "one\ntwo".into()
-                    },
-                    SseEvent {
-                        event: None,
-                        data: "[DONE]".into()
-                    },
-                ]
+                events(&[b"data: first\n\n", tail.as_bytes()])
+                    .await
+                    .unwrap(),
+                vec![sse(None, "first"), sse(None, "tail")],
+                "{tail:?}"
+            );
+        }
+        assert_eq!(events(&[b": only a comment"]).await.unwrap(), vec![]);
+        assert_eq!(events(&[]).await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn sse_bad_utf8_is_protocol() {
+        for chunks in [
+            [
+                b"data: \xff\xfe\n".as_slice(),
+                b"\ndata: more\n\n".as_slice(),
+            ],
+            [b"data: ok\n\ndata: \xe2\x82".as_slice(), b"".as_slice()],
+        ] {
+            assert!(
+                matches!(events(&chunks).await, Err(LlmError::Protocol(m)) if m.contains("UTF-8")),
+                "{chunks:?}"
             );
         }
     }
 
-    #[test]
-    fn sse_unterminated_last_event() {
-        let mut p = SseParser::new();
-        assert!(p.push(b"data: tail").unwrap().is_empty());
-        assert_eq!(p.finish().unwrap().unwrap().data, "tail");
+    #[tokio::test]
+    async fn sse_overlong_line_is_protocol() {
+        let big = vec![b'x'; MAX_LINE_BYTES / 2 + 1];
+        let r = events(&[b"data: ", &big, &big, b"\n\n"]).await;
+        assert!(matches!(r, Err(LlmError::Protocol(m)) if m.contains("longer")));
     }
 
-    #[test]
-    fn sse_bad_utf8_is_protocol() {
-        let mut p = SseParser::new();
-        assert!(matches!(
-            p.push(b"data: \xff\xfe\n"),
-            Err(LlmError::Protocol(_))
-        ));
+    #[tokio::test]
+    async fn sse_idle_body_times_out_as_retryable() {
+        let body = futures_util::stream::iter([Ok(Bytes::from_static(b"data: x\n"))])
+            .chain(futures_util::stream::pending());
+        let mut events = std::pin::pin!(sse_events(body, Duration::from_millis(10)));
+        match events.next().await {
+            Some(Err(Failure::Retry { error, .. })) => {
+                assert!(error.to_string().contains("no data"), "{error}")
+            }
+            _ => panic!("expected a retryable timeout"),
+        }
     }
 
     #[test]
@@ -541,28 +613,43 @@ mod tests {
         assert_eq!(retry_delay_in_body(body), Some(Duration::from_millis(1500)));
         assert_eq!(retry_delay_in_body(r#"{"error": {"message": "x"}}"#), None);
         assert_eq!(retry_delay_in_body("not json"), None);
-        // The retry waits what was stated, capped.
-        let r = Retry::default();
-        assert_eq!(
-            r.delay(1, Some(Duration::from_secs(37))),
-            Duration::from_secs(37)
-        );
-        assert_eq!(r.delay(1, Some(Duration::from_secs(600))), r.max_delay);
     }
 
     #[test]
-    fn backoff_is_capped() {
+    fn a_stated_delay_overrides_the_backoff_capped() {
+        let r = Retry::default();
+        let computed = Some(Duration::from_millis(700));
+        let stated = Duration::from_secs(37);
+        assert_eq!(r.next_wait(computed, Some(stated)), Some(stated));
+        assert_eq!(
+            r.next_wait(computed, Some(Duration::from_secs(600))),
+            Some(r.max_delay)
+        );
+        assert_eq!(r.next_wait(computed, None), computed);
+        // No wait at all once the attempts are used up, whatever the server asks.
+        assert_eq!(r.next_wait(None, Some(stated)), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        use backon::BackoffBuilder;
         let r = Retry {
-            attempts: 4,
+            attempts: 6,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(300),
         };
-        assert!(r.delay(1, None) <= Duration::from_millis(100));
-        assert!(r.delay(10, None) <= Duration::from_millis(300));
-        assert!(r.delay(10, None) >= Duration::from_millis(150));
-        assert_eq!(
-            r.delay(1, Some(Duration::from_secs(99))),
-            Duration::from_millis(300)
-        );
+        for _ in 0..200 {
+            let waits: Vec<Duration> = r.backoff().build().collect();
+            assert_eq!(waits.len(), 5, "attempts - 1 waits");
+            for (n, wait) in waits.iter().enumerate() {
+                let cap = (r.base_delay * (1 << n)).min(r.max_delay);
+                assert!(*wait >= cap / 2 && *wait <= cap, "wait {n}: {wait:?}");
+            }
+        }
+        let one = Retry {
+            attempts: 1,
+            ..Retry::default()
+        };
+        assert_eq!(one.backoff().build().count(), 0);
     }
 }

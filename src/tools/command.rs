@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -23,11 +24,14 @@ pub use crate::sandbox::ENV_ALLOWLIST;
 /// left the group may still hold them).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Deserialize)]
+/// The input of `run_command` (its JSON Schema is what the model sees: see [`super::specs`]).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunCommandInput {
+    /// The shell command.
     pub command: String,
-    #[serde(default)]
+    /// Seconds before the command and all its children are killed.
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_SECS), extend("default" = DEFAULT_TIMEOUT_SECS))]
     pub timeout_seconds: Option<u64>,
 }
 

@@ -4,6 +4,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -16,49 +17,67 @@ pub const MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
 /// Longest line read_file returns whole.
 const MAX_LINE_CHARS: usize = 2000;
 
-#[derive(Debug, Deserialize)]
+/// The input of `list_dir` (its JSON Schema is what the model sees: see [`super::specs`]).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListDirInput {
-    #[serde(default)]
+    /// Directory relative to the project root; default the root.
     pub path: Option<String>,
-    #[serde(default)]
+    /// How many levels deep to list.
+    #[schemars(range(min = 1, max = 10), extend("default" = 2))]
     pub level: Option<usize>,
-    #[serde(default)]
+    /// List directories only.
+    #[schemars(extend("default" = false))]
     pub directories_only: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The input of `read_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReadFileInput {
+    /// File path relative to the project root.
     pub file_path: String,
-    #[serde(default)]
+    /// First line to read (1-based).
+    #[schemars(range(min = 1))]
     pub start_line: Option<usize>,
-    #[serde(default)]
+    /// Last line to read (inclusive).
+    #[schemars(range(min = 1))]
     pub end_line: Option<usize>,
-    #[serde(default)]
+    /// Most lines to return.
+    #[schemars(range(min = 1), extend("default" = 1500))]
     pub max_lines: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The input of `write_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WriteFileInput {
+    /// File path relative to the project root.
     pub file_path: String,
+    /// The complete new content of the file.
     pub content: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// The input of `edit_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EditFileInput {
+    /// File path relative to the project root.
     pub file_path: String,
+    /// The exact text to replace.
     pub old_text: String,
+    /// The text to put in its place.
     pub new_text: String,
-    #[serde(default)]
+    /// Replace every occurrence.
+    #[schemars(extend("default" = false))]
     pub replace_all: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The input of `delete_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeleteFileInput {
+    /// File path relative to the project root.
     pub file_path: String,
 }
 

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::llm::ToolSpec;
+use crate::llm::schema::tool_schema;
 
 pub use command::{
     DEFAULT_TIMEOUT_SECS, ENV_ALLOWLIST, MAX_TIMEOUT_SECS, OUTPUT_CAP_BYTES, RunCommandInput,
@@ -117,140 +118,59 @@ pub const TOOL_NAMES: &[&str] = &[
     "run_command",
 ];
 
-/// Descriptions and input schemas of every tool, for the model.
+/// Descriptions and input schemas of every tool, for the model. Each schema is derived from
+/// the struct [`execute`] deserializes that tool's arguments into.
 pub fn specs() -> Vec<ToolSpec> {
-    let spec = |name: &str, description: &str, input_schema: Value| ToolSpec {
-        name: name.into(),
-        description: description.into(),
-        input_schema,
-    };
+    fn spec<T: schemars::JsonSchema>(name: &str, description: &str) -> ToolSpec {
+        ToolSpec {
+            name: name.into(),
+            description: description.into(),
+            input_schema: tool_schema::<T>(),
+        }
+    }
     vec![
-        spec(
+        spec::<ListDirInput>(
             "list_dir",
             "List files and directories under a directory of the project (relative path; the root \
              by default), down to `level` levels. Honours .gitignore and skips .git. Directories \
              end with `/`. Paths are relative to the project root.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "path": {"type": "string", "description": "Directory relative to the project root; default the root."},
-                    "level": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2, "description": "How many levels deep to list."},
-                    "directoriesOnly": {"type": "boolean", "default": false, "description": "List directories only."}
-                },
-                "additionalProperties": false
-            }),
         ),
-        spec(
+        spec::<ReadFileInput>(
             "read_file",
             "Read a text file (relative path). Lines are 1-based and inclusive; at most `maxLines` \
              lines come back and `truncated` says when more were left out. Returns JSON \
              {content, totalLines, startLine, endLine, truncated}.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "File path relative to the project root."},
-                    "startLine": {"type": "integer", "minimum": 1, "description": "First line to read (1-based)."},
-                    "endLine": {"type": "integer", "minimum": 1, "description": "Last line to read (inclusive)."},
-                    "maxLines": {"type": "integer", "minimum": 1, "default": 1500, "description": "Most lines to return."}
-                },
-                "required": ["filePath"],
-                "additionalProperties": false
-            }),
         ),
-        spec(
+        spec::<WriteFileInput>(
             "write_file",
             "Create or overwrite a file with the given content (relative path; parent directories \
              are created). Use edit_file for small changes to an existing file.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "File path relative to the project root."},
-                    "content": {"type": "string", "description": "The complete new content of the file."}
-                },
-                "required": ["filePath", "content"],
-                "additionalProperties": false
-            }),
         ),
-        spec(
+        spec::<EditFileInput>(
             "edit_file",
             "Replace an exact piece of text in a file. `oldText` must match the file exactly \
              (whitespace and indentation included) and exactly once, unless `replaceAll` is true; \
              include enough surrounding lines to make it unique.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "File path relative to the project root."},
-                    "oldText": {"type": "string", "description": "The exact text to replace."},
-                    "newText": {"type": "string", "description": "The text to put in its place."},
-                    "replaceAll": {"type": "boolean", "default": false, "description": "Replace every occurrence."}
-                },
-                "required": ["filePath", "oldText", "newText"],
-                "additionalProperties": false
-            }),
         ),
-        spec(
-            "delete_file",
-            "Delete a file (relative path).",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "File path relative to the project root."}
-                },
-                "required": ["filePath"],
-                "additionalProperties": false
-            }),
-        ),
-        spec(
+        spec::<DeleteFileInput>("delete_file", "Delete a file (relative path)."),
+        spec::<FindInput>(
             "find",
             "Find files and directories by name: a case-insensitive substring of the name (or of \
              the path when the query contains `/`), or a glob such as `*.tsx` or `src/**/*.rs`. \
              Honours .gitignore.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "query": {"type": "string", "description": "Name substring or glob."},
-                    "includeDirectories": {"type": "boolean", "default": true},
-                    "includeFiles": {"type": "boolean", "default": true},
-                    "maxResults": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20}
-                },
-                "required": ["query"],
-                "additionalProperties": false
-            }),
         ),
-        spec(
+        spec::<GrepInput>(
             "grep",
             "Search file contents with a regular expression (Rust regex syntax, like ripgrep). \
              Honours .gitignore, skips binary files. Output lines are `path:line:text` for matches \
              and `path-line-text` for context.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "pattern": {"type": "string", "description": "Regular expression."},
-                    "filePattern": {"type": "string", "description": "Glob the files must match, e.g. `*.ts` or `src/**/*.rs`."},
-                    "ignoreCase": {"type": "boolean", "default": false},
-                    "wholeWord": {"type": "boolean", "default": false},
-                    "maxResults": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50, "description": "Most matching lines to return."},
-                    "contextLines": {"type": "integer", "minimum": 0, "maximum": 10, "default": 2}
-                },
-                "required": ["pattern"],
-                "additionalProperties": false
-            }),
         ),
-        spec(
+        spec::<RunCommandInput>(
             "run_command",
             "Run a shell command (`sh -c`) in the project root, e.g. to build, test or install. \
              No secrets are in its environment (CI=true is set). It is killed with all its \
              children after `timeoutSeconds`; output (stdout and stderr together) is capped at \
              64 KiB. Returns JSON {exitCode, output, truncated, timedOut}.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "command": {"type": "string", "description": "The shell command."},
-                    "timeoutSeconds": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_SECS, "default": DEFAULT_TIMEOUT_SECS}
-                },
-                "required": ["command"],
-                "additionalProperties": false
-            }),
         ),
     ]
 }

@@ -8,6 +8,7 @@ use grep_regex::RegexMatcherBuilder;
 use grep_searcher::{
     BinaryDetection, Searcher, SearcherBuilder, Sink, SinkContext, SinkContextKind, SinkMatch,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -21,31 +22,42 @@ const GREP_MAX_LINE_CHARS: usize = 500;
 /// Largest grep output.
 const GREP_MAX_OUTPUT_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
+/// The input of `find` (its JSON Schema is what the model sees: see [`super::specs`]).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FindInput {
+    /// Name substring or glob.
     pub query: String,
-    #[serde(default)]
+    /// List matching directories.
+    #[schemars(extend("default" = true))]
     pub include_directories: Option<bool>,
-    #[serde(default)]
+    /// List matching files.
+    #[schemars(extend("default" = true))]
     pub include_files: Option<bool>,
-    #[serde(default)]
+    /// Most results to return.
+    #[schemars(range(min = 1, max = 1000), extend("default" = 20))]
     pub max_results: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The input of `grep`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrepInput {
+    /// Regular expression.
     pub pattern: String,
-    #[serde(default)]
+    /// Glob the files must match, e.g. `*.ts` or `src/**/*.rs`.
     pub file_pattern: Option<String>,
-    #[serde(default)]
+    /// Match regardless of case.
+    #[schemars(extend("default" = false))]
     pub ignore_case: Option<bool>,
-    #[serde(default)]
+    /// Match whole words only.
+    #[schemars(extend("default" = false))]
     pub whole_word: Option<bool>,
-    #[serde(default)]
+    /// Most matching lines to return.
+    #[schemars(range(min = 1, max = 1000), extend("default" = 50))]
     pub max_results: Option<usize>,
-    #[serde(default)]
+    /// Lines of context around each match.
+    #[schemars(range(min = 0, max = 10), extend("default" = 2))]
     pub context_lines: Option<usize>,
 }
 

@@ -1,34 +1,60 @@
 //! `submit_plan`: parse and validate a plan (unique ids, known dependencies, no cycle).
 
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use weldr_storage::workflow::{Plan, PlanTask};
 
 use crate::llm::ToolSpec;
+use crate::llm::schema::tool_schema;
 
-#[derive(Deserialize)]
+/// The input of `submit_plan`. The schema asks for every field the model should fill in; the
+/// parser still takes a plan or task without the lists and the description (empty).
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["acceptanceCriteria", "tasks"]))]
 struct PlanInput {
+    /// What must hold when the whole plan is done.
     #[serde(default)]
     acceptance_criteria: Vec<String>,
+    /// The tasks, each done in turn once the tasks it depends on are done.
     tasks: Vec<TaskInput>,
 }
 
-#[derive(Deserialize)]
+/// One task of a plan.
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend(
+    "required" = ["id", "summary", "description", "acceptanceCriteria", "dependencies"]
+))]
 struct TaskInput {
+    /// A number unique in the plan.
     id: u64,
+    /// One line that says what the task does.
     summary: String,
+    /// What to do, in enough detail to do it.
     #[serde(default)]
     description: String,
+    /// What must hold when the task is done.
     #[serde(default)]
     acceptance_criteria: Vec<String>,
+    /// Ids of the tasks that must be done first.
     #[serde(default)]
     dependencies: Vec<u64>,
+    /// Steps of the task.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     sub_tasks: Vec<Value>,
+    /// Hints for whoever implements the task.
     #[serde(default)]
     implementation_notes: Option<String>,
+}
+
+/// The input of `done` (the engine reads none of it; the summary is for the transcript).
+#[derive(Deserialize, JsonSchema)]
+pub struct DoneInput {
+    /// What was done.
+    pub summary: Option<String>,
 }
 
 pub fn submit_plan_spec() -> ToolSpec {
@@ -37,26 +63,7 @@ pub fn submit_plan_spec() -> ToolSpec {
         description: "Submit the implementation plan: acceptance criteria and tasks; a task's \
                       dependencies are ids of tasks that must be done first."
             .into(),
-        input_schema: json!({
-            "type": "object",
-            "properties": {
-                "acceptanceCriteria": {"type": "array", "items": {"type": "string"}},
-                "tasks": {"type": "array", "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "summary": {"type": "string"},
-                        "description": {"type": "string"},
-                        "acceptanceCriteria": {"type": "array", "items": {"type": "string"}},
-                        "dependencies": {"type": "array", "items": {"type": "integer"}},
-                        "subTasks": {"type": "array", "items": {"type": "string"}},
-                        "implementationNotes": {"type": "string"}
-                    },
-                    "required": ["id", "summary", "description", "acceptanceCriteria", "dependencies"]
-                }}
-            },
-            "required": ["acceptanceCriteria", "tasks"]
-        }),
+        input_schema: tool_schema::<PlanInput>(),
     }
 }
 
@@ -65,7 +72,7 @@ pub fn done_spec() -> ToolSpec {
         name: "done".into(),
         description: "Call when the current task is finished and its acceptance criteria hold."
             .into(),
-        input_schema: json!({"type": "object", "properties": {"summary": {"type": "string"}}}),
+        input_schema: tool_schema::<DoneInput>(),
     }
 }
 
@@ -145,6 +152,7 @@ pub fn order(plan: &Plan) -> Result<Vec<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn plan(deps: &[(u64, &[u64])]) -> Value {
         json!({"acceptanceCriteria": [], "tasks": deps.iter().map(|(id, d)| json!({
