@@ -175,7 +175,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             Ok(json!({ "token": token, "name": name }))
         }
         ControlRequest::ListTokens => {
-            let list = app.store.read(|s| tokens::list(s)).await?;
+            let list = app.store.read(tokens::list).await?;
             Ok(serde_json::to_value(list).unwrap_or_default())
         }
         ControlRequest::Cleanup => {
