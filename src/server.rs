@@ -111,36 +111,21 @@ fn connection_limits(app: &App) -> ConnectionLimits {
 
 /// Raise the soft limit of open files to the hard limit (a flood of connections otherwise
 /// runs the server out of descriptors long before memory); the limit in force after.
-// `rlim_t` is u64 on Linux and macOS, not on every unix.
-#[allow(clippy::unnecessary_cast)]
 pub fn raise_fd_limit() -> u64 {
-    #[cfg(unix)]
-    {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-                return 1024;
-            }
-            if limit.rlim_cur < limit.rlim_max {
-                let raised = libc::rlimit {
-                    rlim_cur: limit.rlim_max,
-                    rlim_max: limit.rlim_max,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                    limit = raised;
-                }
-            }
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), max) = (limit.current, limit.maximum) else {
+        // Unlimited.
+        return u64::MAX;
+    };
+    if max.is_none_or(|max| current < max) {
+        let mut raised = limit.clone();
+        raised.current = max;
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return max.unwrap_or(u64::MAX);
         }
-        limit.rlim_cur as u64
     }
-    #[cfg(not(unix))]
-    {
-        1024
-    }
+    current
 }
 
 /// `MAX_CONNECTIONS`, or three quarters of the file descriptor limit (raised first): the rest

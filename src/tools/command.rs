@@ -62,17 +62,18 @@ async fn pump(mut r: impl AsyncRead + Unpin, out: Arc<Mutex<Output>>) {
 /// bubblewrap: once it is gone, so is its PID namespace and every process in it. With
 /// `SANDBOX=off` the shell led process group `group`, the best there is.
 async fn end_sandbox(child: &mut Child, group: Option<u32>) {
-    if let Some(pid) = group
-        && let Ok(pid) = libc::pid_t::try_from(pid)
-        && pid > 0
-    {
-        // SAFETY: killpg has no memory-safety preconditions; a stale group gives ESRCH.
-        unsafe {
-            libc::killpg(pid, libc::SIGKILL);
-        }
+    if let Some(pid) = group {
+        kill_group(pid);
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// SIGKILL to process group `pid` (ours, not reaped: a stale group gives ESRCH, ignored).
+fn kill_group(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
 }
 
 pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, ToolError> {
@@ -113,13 +114,8 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
     let (status, mut timed_out) = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(status) => (status.ok(), false),
         Err(_) => {
-            if let Some(pid) = pgid
-                && let Ok(pid) = libc::pid_t::try_from(pid)
-            {
-                // SAFETY: no memory-safety preconditions; the group is ours and not reaped.
-                unsafe {
-                    libc::killpg(pid, libc::SIGKILL);
-                }
+            if let Some(pid) = pgid {
+                kill_group(pid);
             }
             let _ = child.start_kill();
             (child.wait().await.ok(), true)
