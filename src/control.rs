@@ -378,7 +378,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<ControlResult
             Ok(ControlResult::TokenCreated { token, name })
         }
         ControlRequest::ListTokens => {
-            let list = app.store.read(|s| tokens::list(s)).await?;
+            let list = app.store.read(tokens::list).await?;
             Ok(ControlResult::Tokens {
                 tokens: list.into_iter().map(Into::into).collect(),
             })
