@@ -279,9 +279,10 @@ impl FanoutServer {
                     kind: "text".into(),
                     data,
                 };
-                control.call(&request).await.unwrap()["id"]
-                    .as_u64()
-                    .unwrap()
+                match control.call(&request).await.unwrap() {
+                    weldr_agent::control::ControlResult::Appended { id } => id,
+                    other => panic!("append answered {other:?}"),
+                }
             }
             FanoutServer::Bare(bare) => bare.send(),
         }

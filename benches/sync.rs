@@ -16,7 +16,7 @@
 //! the numbers are for the workspace's filesystem, not a tmpfs).
 //!
 //! Tools, each run as the process a user runs (wall time from spawn to exit):
-//! * ours: `target/release/weldr-agent sync push|pull main <project>` (per-branch bucket);
+//! * ours: `target/release/weldr-agent sync push|pull <project> main` (per-branch bucket);
 //! * `rclone sync` with its defaults (size + modtime, 4 transfers, 8 checkers);
 //! * `rclone sync --fast-list --checksum --transfers 16 --checkers 32` (its best correct tuning).
 //!
@@ -790,7 +790,7 @@ impl Tools {
     fn push(&self, tool: Tool, endpoint: &str, slot: &Slot, src: &Path, server: &Server) -> Ran {
         let mut cmd = if tool == Tool::Ours {
             let mut c = self.ours_cmd(endpoint, &slot.ours_ws);
-            c.args(["sync", "push", BRANCH, &slot.project]);
+            c.args(["sync", "push", &slot.project, BRANCH]);
             c
         } else {
             let mut c = self.rclone_cmd(endpoint, tool);
@@ -811,7 +811,7 @@ impl Tools {
     ) -> (Ran, PathBuf) {
         if tool == Tool::Ours {
             let mut c = self.ours_cmd(endpoint, dst);
-            c.args(["sync", "pull", BRANCH, &slot.project]);
+            c.args(["sync", "pull", &slot.project, BRANCH]);
             let ran = run_timed(&mut c, server);
             assert!(ran.stdout.contains("SYNC_STATUS=success"), "{}", ran.stdout);
             (ran, dst.join(&slot.project).join(BRANCH))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -34,8 +34,8 @@ pub enum ControlRequest {
         project_id: String,
         title: Option<String>,
     },
-    /// Create or reuse a branch (and its project when missing): a git repository, or a fork of
-    /// `from` (`branchId` or `branchId@versionId`).
+    /// Create or reuse a branch: a git repository (its project registered too when missing),
+    /// or a fork of `from` (`branchId` or `branchId@versionId`) in the same, existing project.
     CreateBranch {
         project_id: String,
         branch_id: String,
@@ -68,34 +68,229 @@ pub enum ControlRequest {
     Cleanup,
 }
 
+/// One answer line: what the request did, or why it failed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ControlResponse {
-    Ok { result: Value },
+    Ok { result: ControlResult },
     Error { code: String, message: String },
 }
 
+/// What a request did: one variant per [`ControlRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ControlResult {
+    Status(StatusReport),
+    ProjectCreated {
+        project_id: String,
+    },
+    BranchCreated(BranchCreated),
+    Appended {
+        id: u64,
+    },
+    Events {
+        events: Vec<EventLine>,
+    },
+    TokenCreated {
+        /// The secret, shown only now.
+        token: String,
+        name: String,
+    },
+    Tokens {
+        tokens: Vec<TokenLine>,
+    },
+    TokenRevoked {
+        revoked: usize,
+    },
+    Cleanup(CleanupSummary),
+}
+
+/// `weldr-agent status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub mode: String,
+    pub store: PathBuf,
+    pub workspace_base: PathBuf,
+    pub streams: usize,
+    pub events: u64,
+    pub subscribers: usize,
+    pub uptime_seconds: u64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One background worker, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    pub name: String,
+    /// `busy`, `idle`, `backoff` (after an error) or `done`.
+    pub state: String,
+    pub last_error: Option<String>,
+    pub errors: u64,
+    pub consecutive_errors: u32,
+    pub detail: Option<String>,
+}
+
+impl From<crate::worker::WorkerInfo> for WorkerStatus {
+    fn from(w: crate::worker::WorkerInfo) -> Self {
+        Self {
+            name: w.name.into(),
+            state: w.state.into(),
+            last_error: w.last_error,
+            errors: w.errors,
+            consecutive_errors: w.consecutive_errors,
+            detail: w.detail,
+        }
+    }
+}
+
+/// Whether `branch create` made the branch or found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchCreateStatus {
+    Created,
+    Reused,
+}
+
+impl BranchCreateStatus {
+    /// As the original script printed it (`STATUS=created`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Reused => "reused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchCreated {
+    pub status: BranchCreateStatus,
+    pub branch_dir: PathBuf,
+}
+
+/// One stored event, as `events list` prints it (a JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventLine {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// The event's payload, any JSON.
+    pub data: Value,
+}
+
+/// A local API token as listed: never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenLine {
+    /// Enough of the token's hash to name it for `revoke`.
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: u64,
+}
+
+impl From<tokens::TokenInfo> for TokenLine {
+    fn from(t: tokens::TokenInfo) -> Self {
+        Self {
+            id: t.id,
+            name: t.name,
+            created_at_ms: t.created_at_ms,
+        }
+    }
+}
+
+/// What one cleanup pass did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupSummary {
+    /// The volume is under the maximum now.
+    pub success: bool,
+    pub usage_before: f64,
+    pub usage_after: f64,
+    pub max_usage_percent: u8,
+    pub target_usage_percent: u8,
+    pub evicted: Vec<BranchName>,
+    /// Kept, and why (`active_workflow`, `subscribers`, `recently_used`, ...).
+    pub skipped: Vec<(BranchName, String)>,
+    /// Kept because evicting failed, and the error.
+    pub failed: Vec<(BranchName, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchName {
+    pub project_id: String,
+    pub branch_id: String,
+}
+
+impl std::fmt::Display for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.project_id, self.branch_id)
+    }
+}
+
+impl From<crate::evict::CleanupReport> for CleanupSummary {
+    fn from(r: crate::evict::CleanupReport) -> Self {
+        let name = |project_id: String, branch_id: String| BranchName {
+            project_id,
+            branch_id,
+        };
+        Self {
+            success: r.status == crate::evict::PassStatus::Success,
+            usage_before: r.usage_before,
+            usage_after: r.usage_after,
+            max_usage_percent: r.max_usage_percent,
+            target_usage_percent: r.target_usage_percent,
+            evicted: r
+                .evicted
+                .into_iter()
+                .map(|b| name(b.project_id, b.branch_id))
+                .collect(),
+            skipped: r
+                .skipped
+                .into_iter()
+                .map(|s| {
+                    (
+                        name(s.project_id, s.branch_id),
+                        s.reason.as_str().to_string(),
+                    )
+                })
+                .collect(),
+            failed: r
+                .failed
+                .into_iter()
+                .map(|f| (name(f.project_id, f.branch_id), f.error))
+                .collect(),
+        }
+    }
+}
+
 /// Run one control request against an open app (the server's, or the CLI's own).
-pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiError> {
+pub async fn execute(app: &App, request: ControlRequest) -> Result<ControlResult, ApiError> {
     match request {
         ControlRequest::Status => {
             let streams = app.base.read(list_streams).await?;
             let events: u64 = streams.iter().map(|(_, m)| m.next_id - m.first_id).sum();
-            Ok(json!({
-                "mode": app.config.mode.as_str(),
-                "store": app.store.path(),
-                "workspaceBase": app.config.workspace_base,
-                "streams": streams.len(),
-                "events": events,
-                "subscribers": app.bus.total_subscribers(),
-                "uptimeSeconds": app.started.elapsed().as_secs(),
-                "workers": app.workers.status(),
+            Ok(ControlResult::Status(StatusReport {
+                mode: app.config.mode.as_str().into(),
+                store: app.store.path().to_path_buf(),
+                workspace_base: app.config.workspace_base.clone(),
+                streams: streams.len(),
+                events,
+                subscribers: app.bus.total_subscribers(),
+                uptime_seconds: app.started.elapsed().as_secs(),
+                workers: app.workers.status().into_iter().map(Into::into).collect(),
             }))
         }
         ControlRequest::CreateProject { project_id, title } => {
             check_id("projectId", &project_id)?;
             let project = registry::create_project(&app.store, &project_id, title, None).await?;
-            Ok(json!({ "projectId": project.project_id }))
+            Ok(ControlResult::ProjectCreated {
+                project_id: project.project_id,
+            })
         }
         ControlRequest::CreateBranch {
             project_id,
@@ -105,17 +300,28 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             check_id("projectId", &project_id)?;
             check_id("branchId", &branch_id)?;
             let from = from.as_deref().map(parse_fork_source).transpose()?;
-            match registry::create_project(&app.store, &project_id, None, None).await {
-                Ok(_) | Err(BranchError::ProjectExists(_)) => {}
-                Err(e) => return Err(e.into()),
+            let key = BranchKey::new(&project_id, &branch_id);
+            // A failed command registers nothing. A fork's source is a branch of the same
+            // project, so a fork never registers the project. A new repository does, once the
+            // checks that can refuse it (this machine's project, disk space) have passed; only
+            // an internal failure to initialise the repository leaves an empty project behind.
+            if from.is_none() {
+                branches::check_machine_project(&app.config, &project_id)?;
+                app.residency.ensure_space().await?;
+                match registry::create_project(&app.store, &project_id, None, None).await {
+                    Ok(_) | Err(BranchError::ProjectExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-            let created = app
-                .residency
-                .create_branch(&BranchKey::new(&project_id, &branch_id), from)
-                .await?;
-            Ok(
-                json!({ "status": if created.created { "created" } else { "reused" }, "branchDir": created.dir }),
-            )
+            let created = app.residency.create_branch(&key, from).await?;
+            Ok(ControlResult::BranchCreated(BranchCreated {
+                status: if created.created {
+                    BranchCreateStatus::Created
+                } else {
+                    BranchCreateStatus::Reused
+                },
+                branch_dir: created.dir,
+            }))
         }
         ControlRequest::Append {
             project_id,
@@ -128,7 +334,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
             let key = BranchKey::new(&project_id, &branch_id);
             registry::require_branch(&app.store, &key).await?;
             let event = app.base.emit(&key, &kind, data).await?;
-            Ok(json!({ "id": event.id }))
+            Ok(ControlResult::Appended { id: event.id })
         }
         ControlRequest::ListEvents {
             project_id,
@@ -155,14 +361,16 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                     )
                 })
                 .await?;
-            let events: Vec<Value> = events
-                .iter()
-                .map(|e| {
-                    let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
-                    json!({ "id": e.id, "type": e.kind, "timestamp": e.at_ms, "data": data })
+            let events = events
+                .into_iter()
+                .map(|e| EventLine {
+                    data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
+                    id: e.id,
+                    kind: e.kind.clone(),
+                    timestamp: e.at_ms,
                 })
                 .collect();
-            Ok(Value::Array(events))
+            Ok(ControlResult::Events { events })
         }
         ControlRequest::CreateToken { name } => {
             if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
@@ -172,15 +380,17 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                 ));
             }
             let token = tokens::create(&app.store, &name).await?;
-            Ok(json!({ "token": token, "name": name }))
+            Ok(ControlResult::TokenCreated { token, name })
         }
         ControlRequest::ListTokens => {
             let list = app.store.read(tokens::list).await?;
-            Ok(serde_json::to_value(list).unwrap_or_default())
+            Ok(ControlResult::Tokens {
+                tokens: list.into_iter().map(Into::into).collect(),
+            })
         }
         ControlRequest::Cleanup => {
             let report = app.evictor.cleanup().await?;
-            Ok(serde_json::to_value(report).unwrap_or_default())
+            Ok(ControlResult::Cleanup(report.into()))
         }
         ControlRequest::RevokeToken { which } => {
             let revoked = tokens::revoke(&app.store, &which).await?;
@@ -190,7 +400,7 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<Value, ApiErr
                     format!("no token named or with id {which}"),
                 ));
             }
-            Ok(json!({ "revoked": revoked }))
+            Ok(ControlResult::TokenRevoked { revoked })
         }
     }
 }
@@ -307,7 +517,7 @@ impl ControlClient {
         })
     }
 
-    pub async fn call(&mut self, request: &ControlRequest) -> anyhow::Result<Value> {
+    pub async fn call(&mut self, request: &ControlRequest) -> anyhow::Result<ControlResult> {
         let mut out = serde_json::to_vec(request)?;
         out.push(b'\n');
         self.write.write_all(&out).await?;

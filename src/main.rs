@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use weldr_agent::app::App;
 use weldr_agent::config::{Config, Mode, SETTINGS};
-use weldr_agent::control::{ControlClient, ControlRequest, execute};
+use weldr_agent::control::{ControlClient, ControlRequest, ControlResult, execute};
 use weldr_storage::StorageError;
 
 #[derive(Parser)]
@@ -79,13 +79,17 @@ enum StoreCommand {
 enum TokenCommand {
     /// Create a token and print it (only this once) on stdout.
     Create {
+        /// A name to recognise the token by in `token list` and to revoke it with.
         #[arg(long, default_value = "cli")]
         name: String,
     },
-    /// List tokens (id, name, creation time); never the secrets.
+    /// List tokens (id, creation time in UTC, name); never the secrets.
     List,
     /// Revoke a token by id (from `list`, at least 6 characters) or by name.
-    Revoke { which: String },
+    Revoke {
+        /// The token's id from `token list` (at least its first 6 characters), or its name.
+        which: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,15 +97,20 @@ enum SyncCommand {
     /// Snapshot the branch directory into the store; prints SYNC_STATUS=success|failed and
     /// BUCKET_NAME=<bucket>, like the original sync-to-s3.sh.
     Push {
-        branch_id: String,
+        /// The project, as in `/projects/{projectId}`.
         project_id: String,
+        /// The branch of that project.
+        branch_id: String,
     },
     /// Restore the latest (or a named) snapshot into the branch directory; prints
     /// SYNC_STATUS=success|skipped|failed, BUCKET_NAME=<bucket> and REASON=bucket_not_found
     /// when there is no snapshot yet.
     Pull {
-        branch_id: String,
+        /// The project, as in `/projects/{projectId}`.
         project_id: String,
+        /// The branch of that project.
+        branch_id: String,
+        /// Restore this snapshot (a SNAPSHOT_ID printed by `sync push`) instead of the latest.
         #[arg(long)]
         snapshot: Option<String>,
     },
@@ -109,9 +118,11 @@ enum SyncCommand {
 
 #[derive(Subcommand)]
 enum ProjectCommand {
-    /// Register a project.
+    /// Register a project; prints PROJECT_ID=<id>.
     Create {
+        /// The new project's id: 1-64 characters of A-Z, a-z, 0-9, `_` or `-`.
         project_id: String,
+        /// A human-readable title (at most 200 characters).
         #[arg(long)]
         title: Option<String>,
     },
@@ -119,12 +130,17 @@ enum ProjectCommand {
 
 #[derive(Subcommand)]
 enum BranchCommand {
-    /// Create or reuse a branch directory; prints STATUS=created|reused and BRANCH_DIR=<path>.
+    /// Create or reuse a branch directory (a git repository with an initial commit; its
+    /// project is registered too when missing); prints STATUS=created|reused and
+    /// BRANCH_DIR=<path>.
     Create {
-        branch_id: String,
+        /// The project, as in `/projects/{projectId}`: 1-64 characters of A-Z, a-z, 0-9, `_`
+        /// or `-`.
         project_id: String,
-        /// Fork from `branchId` or `branchId@versionId` of the same project.
-        #[arg(long)]
+        /// The branch: the same characters.
+        branch_id: String,
+        /// Fork from `branchId` or `branchId@versionId` of the same (existing) project.
+        #[arg(long, value_name = "BRANCH[@VERSION]")]
         from: Option<String>,
     },
 }
@@ -133,7 +149,9 @@ enum BranchCommand {
 enum EventsCommand {
     /// Append events to a branch stream; prints ID=<n> for each once it is durable.
     Append {
+        /// The project, as in `/stream/{projectId}/{branchId}`.
         project_id: String,
+        /// The branch of that project.
         branch_id: String,
         /// Event type, e.g. `status`.
         #[arg(long = "type", default_value = "note")]
@@ -147,10 +165,14 @@ enum EventsCommand {
     },
     /// Print events after an id as JSON lines.
     List {
+        /// The project, as in `/stream/{projectId}/{branchId}`.
         project_id: String,
+        /// The branch of that project.
         branch_id: String,
+        /// Print the events after this id (0: from the start of the retained log).
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Print at most this many events (1-10000).
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
@@ -182,7 +204,7 @@ impl Target {
         }
     }
 
-    async fn call(&mut self, request: ControlRequest) -> Result<Value> {
+    async fn call(&mut self, request: ControlRequest) -> Result<ControlResult> {
         match self {
             Target::Local(app) => execute(app, request)
                 .await
@@ -262,41 +284,49 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Status => {
-            one_call(config, ControlRequest::Status, |v| {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            one_call(config, ControlRequest::Status, |result| match result {
+                ControlResult::Status(report) => {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
             })
             .await
         }
         Command::Project {
             command: ProjectCommand::Create { project_id, title },
         } => {
-            one_call(
-                config,
-                ControlRequest::CreateProject { project_id, title },
-                |v| println!("PROJECT_ID={}", v["projectId"].as_str().unwrap_or_default()),
-            )
+            let request = ControlRequest::CreateProject { project_id, title };
+            one_call(config, request, |result| match result {
+                ControlResult::ProjectCreated { project_id } => {
+                    println!("PROJECT_ID={project_id}");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            })
             .await
         }
         Command::Branch {
             command:
                 BranchCommand::Create {
-                    branch_id,
                     project_id,
+                    branch_id,
                     from,
                 },
         } => {
-            one_call(
-                config,
-                ControlRequest::CreateBranch {
-                    project_id,
-                    branch_id,
-                    from,
-                },
-                |v| {
-                    println!("STATUS={}", v["status"].as_str().unwrap_or_default());
-                    println!("BRANCH_DIR={}", v["branchDir"].as_str().unwrap_or_default());
-                },
-            )
+            let request = ControlRequest::CreateBranch {
+                project_id,
+                branch_id,
+                from,
+            };
+            one_call(config, request, |result| match result {
+                ControlResult::BranchCreated(created) => {
+                    println!("STATUS={}", created.status.as_str());
+                    println!("BRANCH_DIR={}", created.branch_dir.display());
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            })
             .await
         }
         Command::Events {
@@ -323,7 +353,13 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                     data: data.clone(),
                 };
                 let printed = match target.call(request).await {
-                    Ok(v) => writeln!(out, "ID={}", v["id"]).and_then(|()| out.flush()),
+                    Ok(ControlResult::Appended { id }) => {
+                        writeln!(out, "ID={id}").and_then(|()| out.flush())
+                    }
+                    Ok(other) => {
+                        result = Err(unexpected(other));
+                        break;
+                    }
                     Err(e) => {
                         result = Err(e);
                         break;
@@ -351,32 +387,57 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
-            one_call(config, ControlRequest::CreateToken { name }, |v| {
-                println!("{}", v["token"].as_str().unwrap_or_default())
-            })
+            one_call(
+                config,
+                ControlRequest::CreateToken { name },
+                |result| match result {
+                    ControlResult::TokenCreated { token, .. } => {
+                        println!("{token}");
+                        Ok(())
+                    }
+                    other => Err(unexpected(other)),
+                },
+            )
             .await
         }
         Command::Token {
             command: TokenCommand::List,
         } => {
-            one_call(config, ControlRequest::ListTokens, |v| {
-                for t in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{}  {}  {}",
-                        t["id"].as_str().unwrap_or_default(),
-                        t["name"].as_str().unwrap_or_default(),
-                        t["createdAtMs"]
-                    );
+            one_call(config, ControlRequest::ListTokens, |result| match result {
+                ControlResult::Tokens { tokens } if tokens.is_empty() => {
+                    println!("no tokens; `weldr-agent token create --name <name>` makes one");
+                    Ok(())
                 }
+                ControlResult::Tokens { tokens } => {
+                    println!("{:<12}  {:<20}  NAME", "ID", "CREATED (UTC)");
+                    for t in tokens {
+                        println!(
+                            "{:<12}  {:<20}  {}",
+                            t.id,
+                            utc_time(t.created_at_ms),
+                            t.name
+                        );
+                    }
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
             })
             .await
         }
         Command::Token {
             command: TokenCommand::Revoke { which },
         } => {
-            one_call(config, ControlRequest::RevokeToken { which }, |v| {
-                println!("REVOKED={}", v["revoked"])
-            })
+            one_call(
+                config,
+                ControlRequest::RevokeToken { which },
+                |result| match result {
+                    ControlResult::TokenRevoked { revoked } => {
+                        println!("REVOKED={revoked}");
+                        Ok(())
+                    }
+                    other => Err(unexpected(other)),
+                },
+            )
             .await
         }
         Command::Events {
@@ -388,23 +449,41 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                     limit,
                 },
         } => {
-            one_call(
-                config,
-                ControlRequest::ListEvents {
-                    project_id,
-                    branch_id,
-                    after,
-                    limit,
-                },
-                |v| {
-                    for e in v.as_array().into_iter().flatten() {
-                        println!("{e}");
+            let request = ControlRequest::ListEvents {
+                project_id,
+                branch_id,
+                after,
+                limit,
+            };
+            one_call(config, request, |result| match result {
+                ControlResult::Events { events } => {
+                    for e in events {
+                        println!("{}", serde_json::to_string(&e)?);
                     }
-                },
-            )
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            })
             .await
         }
     }
+}
+
+/// A server that answers a request with another request's result: not the same version.
+fn unexpected(result: ControlResult) -> anyhow::Error {
+    anyhow!(
+        "the server answered with an unexpected result ({result:?}); is it running another \
+         version of weldr-agent?"
+    )
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 in UTC, to the second.
+fn utc_time(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
 }
 
 /// `store recover`: on the store file itself; refused while a server holds it.
@@ -430,56 +509,46 @@ async fn cleanup_command(config: Config) -> Result<()> {
     let result = target.call(ControlRequest::Cleanup).await;
     target.close().await;
     let report = match result {
-        Ok(v) => v,
+        Ok(ControlResult::Cleanup(report)) => report,
+        Ok(other) => {
+            println!("CLEANUP_STATUS=failed");
+            return Err(unexpected(other));
+        }
         Err(e) => {
             println!("CLEANUP_STATUS=failed");
             return Err(e);
         }
     };
-    let list = |key: &str, extra: &str| -> String {
-        report[key]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| {
-                let name = format!(
-                    "{}/{}",
-                    b["projectId"].as_str().unwrap_or_default(),
-                    b["branchId"].as_str().unwrap_or_default()
-                );
-                match b[extra].as_str() {
-                    Some(x) if !extra.is_empty() => format!("{name}:{x}"),
-                    _ => name,
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let status = report["status"].as_str().unwrap_or("failed");
+    let join = |names: Vec<String>| names.join(",");
+    let status = if report.success { "success" } else { "failed" };
     println!("CLEANUP_STATUS={status}");
+    println!("USAGE_BEFORE={:.1}", report.usage_before);
+    println!("USAGE_AFTER={:.1}", report.usage_after);
     println!(
-        "USAGE_BEFORE={:.1}",
-        report["usageBefore"].as_f64().unwrap_or(0.0)
+        "EVICTED={}",
+        join(report.evicted.iter().map(|b| b.to_string()).collect())
     );
     println!(
-        "USAGE_AFTER={:.1}",
-        report["usageAfter"].as_f64().unwrap_or(0.0)
+        "SKIPPED={}",
+        join(
+            report
+                .skipped
+                .iter()
+                .map(|(b, reason)| format!("{b}:{reason}"))
+                .collect()
+        )
     );
-    println!("EVICTED={}", list("evicted", ""));
-    println!("SKIPPED={}", list("skipped", "reason"));
-    println!("FAILED={}", list("failed", ""));
-    for f in report["failed"].as_array().into_iter().flatten() {
-        eprintln!(
-            "weldr-agent: {}/{} was kept: {}",
-            f["projectId"].as_str().unwrap_or_default(),
-            f["branchId"].as_str().unwrap_or_default(),
-            f["error"].as_str().unwrap_or_default()
-        );
+    println!(
+        "FAILED={}",
+        join(report.failed.iter().map(|(b, _)| b.to_string()).collect())
+    );
+    for (branch, error) in &report.failed {
+        eprintln!("weldr-agent: {branch} was kept: {error}");
     }
-    if status != "success" {
+    if !report.success {
         anyhow::bail!(
             "the volume is still at or above MAX_VOLUME_USAGE_PERCENT ({}%) after cleanup",
-            report["maxUsagePercent"]
+            report.max_usage_percent
         );
     }
     Ok(())
@@ -522,12 +591,12 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
     use weldr_agent::sync::{self, PullReport};
     let (project_id, branch_id) = match &command {
         SyncCommand::Push {
-            branch_id,
             project_id,
+            branch_id,
         }
         | SyncCommand::Pull {
-            branch_id,
             project_id,
+            branch_id,
             ..
         } => (project_id.clone(), branch_id.clone()),
     };
@@ -604,16 +673,16 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
     result
 }
 
+/// Run one request and print its result with `print`.
 async fn one_call(
     config: Config,
     request: ControlRequest,
-    print: impl FnOnce(Value),
+    print: impl FnOnce(ControlResult) -> Result<()>,
 ) -> Result<()> {
     let mut target = Target::open(config).await?;
     let result = target.call(request).await;
     target.close().await;
-    print(result?);
-    Ok(())
+    print(result?)
 }
 
 async fn serve(config: Config) -> Result<()> {

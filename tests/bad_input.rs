@@ -143,6 +143,7 @@ async fn openapi_and_reference_describe_the_api() {
         .unwrap();
     let names: Vec<&str> = params.iter().filter_map(|p| p["name"].as_str()).collect();
     assert!(names.contains(&"Last-Event-ID") && names.contains(&"lastEventId"));
+    document_is_a_contract(&doc);
     let page = http.get(s.url("/reference")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/openapi.json"));
@@ -160,6 +161,99 @@ async fn openapi_and_reference_describe_the_api() {
     );
     assert!(health["version"].is_string() && health["uptimeSeconds"].is_u64());
     s.server.shutdown().await;
+}
+
+/// A schema with `$ref`s into `components/schemas` followed (one level of `allOf`/`oneOf` too).
+fn resolve<'a>(
+    doc: &'a serde_json::Value,
+    schema: &'a serde_json::Value,
+) -> Vec<&'a serde_json::Value> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return resolve(doc, &doc["components"]["schemas"][name]);
+    }
+    for key in ["allOf", "oneOf"] {
+        if let Some(items) = schema[key].as_array() {
+            return items.iter().flat_map(|i| resolve(doc, i)).collect();
+        }
+    }
+    vec![schema]
+}
+
+/// The id pattern and limits, wherever the schema allows a string.
+fn assert_is_id(doc: &serde_json::Value, schema: &serde_json::Value, what: &str) {
+    let strings: Vec<_> = resolve(doc, schema)
+        .into_iter()
+        // Not `null` (an optional field), nor the `allOf` item that only carries a description.
+        .filter(|s| s["type"] != "null" && s.get("type").is_some())
+        .collect();
+    assert!(!strings.is_empty(), "{what}: no schema");
+    for s in strings {
+        let digits = s["pattern"] == "^0*[1-9][0-9]*$" && s["maxLength"] == 19;
+        let id = s["pattern"] == "^[A-Za-z0-9_-]{1,64}$" && s["maxLength"] == 64;
+        assert!(
+            (id || digits) && s["minLength"] == 1,
+            "{what}: {s} is not an id schema"
+        );
+    }
+}
+
+/// What the document promises beyond its paths: how to authenticate, what errors look like,
+/// what an id is.
+fn document_is_a_contract(doc: &serde_json::Value) {
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["type"], "http");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["sessionCookie"]["type"], "apiKey");
+    assert_eq!(schemes["sessionCookie"]["in"], "cookie");
+    assert_eq!(schemes["sessionCookie"]["name"], "weldr.session_token");
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let what = format!("{method} {path}");
+            let security: Vec<String> = op["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r.as_object().unwrap().keys().cloned())
+                .collect();
+            if path == "/health" {
+                assert!(security.is_empty(), "{what} is open");
+            } else {
+                assert_eq!(security, ["bearer", "sessionCookie"], "{what}");
+            }
+            for (status, response) in op["responses"].as_object().unwrap() {
+                let schema = &response["content"]["application/json"]["schema"]["$ref"];
+                if status.starts_with('4') || (status.starts_with('5') && path != "/health") {
+                    assert_eq!(schema, "#/components/schemas/ErrorBody", "{what} {status}");
+                }
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                if p["in"] == "path" {
+                    assert_is_id(doc, &p["schema"], &format!("{what} {name}"));
+                }
+            }
+        }
+    }
+    for (body, fields) in [
+        ("CreateProject", &["projectId"][..]),
+        (
+            "CreateBranch",
+            &["branchId", "fromBranchId", "fromVersionId"],
+        ),
+        ("RevertRequest", &["projectId", "branchId", "versionId"]),
+        ("Trigger", &["projectId", "branchId"]),
+    ] {
+        for field in fields {
+            let schema = &doc["components"]["schemas"][body]["properties"][field];
+            assert_is_id(doc, schema, &format!("{body}.{field}"));
+        }
+    }
+    let required = &doc["components"]["schemas"]["Trigger"]["required"];
+    assert!(
+        required.as_array().unwrap().iter().any(|r| r == "message"),
+        "/trigger's message is required: {required}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
-//! `weldr-agent branch create` and `scripts/create-branch-dir.sh` as the original script was
-//! used: without a server (the CLI opens the store) and with one running (the CLI goes through
-//! its control socket), creating, reusing and forking.
+//! `weldr-agent branch create <projectId> <branchId>` and `scripts/create-branch-dir.sh
+//! <branchId> <projectId>` as the original script was used: without a server (the CLI opens
+//! the store) and with one running (the CLI goes through its control socket), creating,
+//! reusing and forking; a failed command registers nothing. And `token list`.
 
 #[path = "common/binary.rs"]
 mod binary;
@@ -37,7 +38,7 @@ fn branch_create_without_and_with_a_running_server() {
     let _mounts = weldr_agent::branches::layers::DetachOnDrop(ws.to_path_buf());
 
     // No server: the CLI opens the store itself.
-    let (status, main) = create(ws, &["main", "demo"]);
+    let (status, main) = create(ws, &["demo", "main"]);
     assert_eq!(status, "created");
     assert_eq!(main, ws.join("demo").join("main"));
     assert_eq!(
@@ -49,13 +50,13 @@ fn branch_create_without_and_with_a_running_server() {
         "1",
         "an initial commit"
     );
-    let (status, again) = create(ws, &["main", "demo"]);
+    let (status, again) = create(ws, &["demo", "main"]);
     assert_eq!(
         (status.as_str(), again.as_path()),
         ("reused", main.as_path())
     );
 
-    // The script is a thin wrapper with the same output.
+    // The script is a thin wrapper with the same output, in the original's argument order.
     let out = Command::new("scripts/create-branch-dir.sh")
         .args(["main", "demo"])
         .env("WELDR_AGENT_BIN", BIN)
@@ -90,7 +91,7 @@ fn branch_create_without_and_with_a_running_server() {
         ],
     );
     std::fs::write(main.join("untracked.txt"), "u").unwrap();
-    let (status, fork) = create(ws, &["feature", "demo", "--from", "main"]);
+    let (status, fork) = create(ws, &["demo", "feature", "--from", "main"]);
     assert_eq!(status, "created");
     assert_eq!(
         std::fs::read_to_string(fork.join("committed.txt")).unwrap(),
@@ -105,10 +106,11 @@ fn branch_create_without_and_with_a_running_server() {
 
     // Bad input: a clear error and a non-zero exit, nothing created.
     for args in [
-        vec!["../x", "demo"],
-        vec!["ok", "de/mo"],
-        vec!["ok", "demo", "--from", "missing"],
-        vec!["ok", "demo", "--from", "main@notanumber"],
+        vec!["demo", "../x"],
+        vec!["de/mo", "ok"],
+        vec!["demo", "ok", "--from", "missing"],
+        vec!["demo", "ok", "--from", "main@notanumber"],
+        vec!["fresh", "ok", "--from", "main"],
     ] {
         let out = cli(ws)
             .arg("branch")
@@ -120,15 +122,30 @@ fn branch_create_without_and_with_a_running_server() {
         assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
     assert!(!ws.join("demo").join("ok").exists());
+    assert!(!ws.join("fresh").exists());
+    // Nothing was registered either: the project of the failed fork can be created now.
+    let out = run_ok(cli(ws).args(["project", "create", "fresh"]));
+    assert_eq!(fields(&out)["PROJECT_ID"], "fresh");
 
     // With the server running the same command goes through its control socket.
     let port = free_port();
     let mut server = serve(ws, port);
-    let (status, other) = create(ws, &["other", "demo", "--from", "feature"]);
+    let (status, other) = create(ws, &["demo", "other", "--from", "feature"]);
     assert_eq!(status, "created");
     assert!(other.join("only-in-fork.txt").exists());
-    let (status, _) = create(ws, &["main", "demo"]);
+    let (status, _) = create(ws, &["demo", "main"]);
     assert_eq!(status, "reused");
+    let out = cli(ws)
+        .args(["branch", "create", "later", "ok", "--from", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("project_not_found"),
+        "{out:?}"
+    );
+    let out = run_ok(cli(ws).args(["project", "create", "later"]));
+    assert_eq!(fields(&out)["PROJECT_ID"], "later");
     let token = run_ok(cli(ws).args(["token", "create", "--name", "t"]))
         .trim()
         .to_string();
@@ -145,4 +162,27 @@ fn branch_create_without_and_with_a_running_server() {
         );
     }
     sigkill(&mut server);
+}
+
+#[test]
+fn token_list_shows_utc_times_and_says_when_there_are_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path();
+    let out = run_ok(cli(ws).args(["token", "list"]));
+    assert!(out.contains("no tokens"), "{out}");
+    run_ok(cli(ws).args(["token", "create", "--name", "laptop"]));
+    let out = run_ok(cli(ws).args(["token", "list"]));
+    let line = out
+        .lines()
+        .find(|l| l.ends_with("laptop"))
+        .unwrap_or_else(|| panic!("{out}"));
+    // `<id>  2026-12-04T20:56:32Z  laptop`
+    let created = line.split_whitespace().nth(1).unwrap();
+    assert_eq!(created.len(), 20, "{line}");
+    assert!(
+        created.ends_with('Z') && created.as_bytes()[10] == b'T',
+        "{line}"
+    );
+    let year: u32 = created[..4].parse().unwrap();
+    assert!(year >= 2024, "{line}");
 }

@@ -16,7 +16,7 @@ fn sigkill_during_an_append_burst_loses_nothing_acknowledged() {
     let ws = tmp.path();
     let port = free_port();
     let mut server = serve(ws, port);
-    let out = run_ok(cli(ws).args(["branch", "create", "b1", "p1"]));
+    let out = run_ok(cli(ws).args(["branch", "create", "p1", "b1"]));
     assert!(out.contains("STATUS=created"), "{out}");
 
     // Four producers append through the running server's control socket.
@@ -117,7 +117,7 @@ fn sigterm_stops_cleanly_with_open_streams() {
     let ws = tmp.path();
     let port = free_port();
     let mut server = serve(ws, port);
-    run_ok(cli(ws).args(["branch", "create", "b", "p"]));
+    run_ok(cli(ws).args(["branch", "create", "p", "b"]));
     run_ok(cli(ws).args(["events", "append", "p", "b", "--count", "3"]));
     let token = run_ok(cli(ws).args(["token", "create", "--name", "t"]))
         .trim()

@@ -3,25 +3,33 @@
 //! truncated bodies, oversized headers. Each gets a 4xx JSON error, nothing is created on disk
 //! outside the workspace, and the server stays healthy. New routes are covered as they are
 //! added, because the list comes from the server itself.
+//!
+//! Then good, unknown, conflicting and wrongly typed input, and the contract: every status a
+//! route answered anywhere in the sweep is one the document declares for that route.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const OPEN_ROUTES: [&str; 3] = ["/health", "/openapi.json", "/reference"];
 
-/// (method, path template) of every documented operation.
-async fn routes(s: &TestServer) -> Vec<(String, String)> {
-    let doc: Value = s
-        .http
+/// The OpenAPI document the server serves.
+async fn document(s: &TestServer) -> Value {
+    s.http
         .get(s.url("/openapi.json"))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// (method, path template) of every documented operation.
+fn routes(doc: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for method in ["get", "post", "put", "delete", "patch"] {
@@ -83,6 +91,65 @@ async fn send(
     req.send().await.unwrap()
 }
 
+/// The statuses each route (method, path template) answered during the sweep.
+#[derive(Default)]
+struct Answered(BTreeMap<(String, String), BTreeSet<u16>>);
+
+impl Answered {
+    fn note(&mut self, method: &str, template: &str, status: u16) -> u16 {
+        self.0
+            .entry((method.to_string(), template.to_string()))
+            .or_default()
+            .insert(status);
+        status
+    }
+
+    /// Send, and note the answer's status.
+    async fn send(
+        &mut self,
+        http: &reqwest::Client,
+        method: &str,
+        template: &str,
+        url: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let res = send(http, method, url, body).await;
+        let status = self.note(method, template, res.status().as_u16());
+        // An event stream does not end: its head is the answer.
+        let json = res
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+        if !json {
+            return (status, Value::Null);
+        }
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every answered status that the document does not declare for its route.
+    fn undeclared(&self, doc: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        for ((method, template), statuses) in &self.0 {
+            let responses = &doc["paths"][template][method]["responses"];
+            let declared: Vec<&String> = responses
+                .as_object()
+                .map(|r| r.keys().collect())
+                .unwrap_or_default();
+            for status in statuses {
+                if responses.get(status.to_string()).is_none() {
+                    out.push(format!(
+                        "{} {template} answered {status}, which the document does not declare \
+                         for it (it declares {declared:?})",
+                        method.to_uppercase()
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Status of a request sent byte for byte, without any client-side path normalisation.
 async fn raw_status(s: &TestServer, method: &str, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,14 +169,20 @@ async fn raw_status(s: &TestServer, method: &str, path: &str) -> u16 {
 
 async fn assert_json_4xx(res: reqwest::Response, what: &str) -> u16 {
     let status = res.status().as_u16();
+    assert_json_error(res, what).await;
     assert!(
         (400..500).contains(&status),
         "{what}: expected 4xx, got {status}"
     );
+    status
+}
+
+async fn assert_json_error(res: reqwest::Response, what: &str) {
+    let status = res.status().as_u16();
     let body: Value = res
         .json()
         .await
-        .unwrap_or_else(|e| panic!("{what}: JSON error body: {e}"));
+        .unwrap_or_else(|e| panic!("{what}: {status}: JSON error body: {e}"));
     assert!(
         body["error"]["code"]
             .as_str()
@@ -122,7 +195,6 @@ async fn assert_json_4xx(res: reqwest::Response, what: &str) -> u16 {
             .is_some_and(|m| !m.is_empty()),
         "{what}: {body}"
     );
-    status
 }
 
 /// Everything under the workspace, to prove bad requests wrote nothing.
@@ -150,15 +222,28 @@ fn tree(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// A replay transcript in `dir` whose workflow replies once, without a plan; its model name.
+fn reply_model(dir: &std::path::Path) -> String {
+    let path = dir.join("reply.json");
+    let turns = json!([[{ "type": "text", "text": "Nothing to change." }]]);
+    std::fs::write(&path, serde_json::to_vec(&turns).unwrap()).unwrap();
+    format!("replay:{}", path.display())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_route_refuses_bad_input_with_a_json_4xx() {
+async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     let tmp = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
-    let s = start(config(tmp.path())).await;
+    let replays = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.providers.replay_dir = Some(replays.path().to_path_buf());
+    // Low enough that the good-input phase runs into it (429).
+    cfg.trigger_rate_per_minute = 2;
+    let s = start(cfg).await;
     let created = s
         .http
         .post(s.url("/projects"))
-        .json(&serde_json::json!({ "projectId": "p" }))
+        .json(&json!({ "projectId": "p" }))
         .send()
         .await
         .unwrap();
@@ -166,7 +251,7 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
     let created = s
         .http
         .post(s.url("/projects/p/branches"))
-        .json(&serde_json::json!({ "branchId": "b" }))
+        .json(&json!({ "branchId": "b" }))
         .send()
         .await
         .unwrap();
@@ -187,7 +272,9 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
             .unwrap()
     };
     let anonymous = reqwest::Client::new();
-    let routes = routes(&s).await;
+    let doc = document(&s).await;
+    let routes = routes(&doc);
+    let mut answered = Answered::default();
 
     for (method, template) in &routes {
         let open = OPEN_ROUTES.contains(&template.as_str());
@@ -198,11 +285,10 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
         if !open {
             for client in [&anonymous, &client_with_token("not-a-token")] {
                 let body = takes_body.then(|| b"{}".to_vec());
-                let status = assert_json_4xx(
-                    send(client, method, &url, body).await,
-                    &format!("{method} {template} unauthenticated"),
-                )
-                .await;
+                let res = send(client, method, &url, body).await;
+                answered.note(method, template, res.status().as_u16());
+                let status =
+                    assert_json_4xx(res, &format!("{method} {template} unauthenticated")).await;
                 assert_eq!(status, 401, "{method} {template} unauthenticated");
             }
         }
@@ -218,7 +304,7 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
             // `..` goes raw over TCP: an HTTP client would resolve it before sending.
             for bad in ["..", "%2e%2e", "."] {
                 let path = fill(template, Some(param), bad);
-                let status = raw_status(&s, method, &path).await;
+                let status = answered.note(method, template, raw_status(&s, method, &path).await);
                 assert!(
                     (400..500).contains(&status),
                     "{method} {path} (raw): {status}"
@@ -228,6 +314,7 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
                 let path = fill(template, Some(param), bad);
                 let body = takes_body.then(|| b"{}".to_vec());
                 let res = send(&http, method, &s.url(&path), body).await;
+                answered.note(method, template, res.status().as_u16());
                 assert_json_4xx(res, &format!("{method} {path}")).await;
             }
         }
@@ -241,6 +328,7 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
                 .request(method.to_uppercase().parse().unwrap(), &url)
                 .header("content-type", "application/json");
             if let Ok(res) = req.body(huge).send().await {
+                answered.note(method, template, res.status().as_u16());
                 let status = assert_json_4xx(res, &format!("{method} {template} huge")).await;
                 assert_eq!(status, 413, "{method} {template} huge body");
             }
@@ -254,8 +342,19 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
                 b"\xff\xfe",
             ] {
                 let res = send(&http, method, &url, Some(body.to_vec())).await;
+                answered.note(method, template, res.status().as_u16());
                 assert_json_4xx(res, &format!("{method} {template} body {:?}", String::from_utf8_lossy(body))).await;
             }
+            // A body that is not JSON by its type (what a cross-site form sends).
+            let res = http
+                .request(method.to_uppercase().parse().unwrap(), &url)
+                .header("content-type", "text/plain")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            answered.note(method, template, res.status().as_u16());
+            assert_json_error(res, &format!("{method} {template} text/plain")).await;
         }
 
         // Oversized headers.
@@ -265,6 +364,7 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
             .send()
             .await;
         if let Ok(res) = res {
+            answered.note(method, template, res.status().as_u16());
             assert_eq!(res.status().as_u16(), 431, "{method} {template} big header");
         }
     }
@@ -285,4 +385,152 @@ async fn every_route_refuses_bad_input_with_a_json_4xx() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+
+    // Well-formed ids of things that do not exist: 404 (a good body where one is needed).
+    for (method, template) in &routes {
+        for param in params(template) {
+            let path = fill(template, Some(param), "nope");
+            let body = (method == "post").then(|| {
+                if template.ends_with("/versions") {
+                    json!({ "message": "m" })
+                } else if template.ends_with("/branches") {
+                    json!({ "branchId": "x" })
+                } else {
+                    json!({})
+                }
+            });
+            let (status, _) = answered
+                .send(&http, method, template, &s.url(&path), body)
+                .await;
+            assert!((400..500).contains(&status), "{method} {path}: {status}");
+        }
+    }
+
+    // Good input, then the same again (conflicts), route by route.
+    let model = reply_model(replays.path());
+    let mut call = async |method: &str, template: &str, path: &str, body: Option<Value>| {
+        answered
+            .send(&http, method, template, &s.url(path), body)
+            .await
+    };
+    call("get", "/health", "/health", None).await;
+    call("get", "/disk", "/disk", None).await;
+    call("get", "/projects", "/projects", None).await;
+    for _ in 0..2 {
+        call(
+            "post",
+            "/projects",
+            "/projects",
+            Some(json!({ "projectId": "q", "title": "Q" })),
+        )
+        .await;
+    }
+    call("get", "/projects/{projectId}", "/projects/p", None).await;
+    call(
+        "get",
+        "/projects/{projectId}/branches",
+        "/projects/p/branches",
+        None,
+    )
+    .await;
+    let create = "/projects/{projectId}/branches";
+    for body in [
+        json!({ "branchId": "c" }),
+        json!({ "branchId": "c" }),
+        json!({ "branchId": "d", "fromBranchId": "b" }),
+        json!({ "branchId": "e", "fromBranchId": "b", "fromVersionId": "99" }),
+        json!({ "branchId": "f", "fromVersionId": "1" }),
+    ] {
+        call("post", create, "/projects/p/branches", Some(body)).await;
+    }
+    let branch = "/projects/{projectId}/branches/{branchId}";
+    call("get", branch, "/projects/p/branches/b", None).await;
+    let versions = "/projects/{projectId}/branches/{branchId}/versions";
+    call("get", versions, "/projects/p/branches/b/versions", None).await;
+    let checkpoint = json!({ "message": "add a file" });
+    call(
+        "post",
+        versions,
+        "/projects/p/branches/b/versions",
+        Some(checkpoint.clone()),
+    )
+    .await;
+    std::fs::write(tmp.path().join("p/b/added.txt"), "added\n").unwrap();
+    for _ in 0..2 {
+        call(
+            "post",
+            versions,
+            "/projects/p/branches/b/versions",
+            Some(checkpoint.clone()),
+        )
+        .await;
+    }
+    let diff = "/projects/{projectId}/branches/{branchId}/versions/{versionId}/diff";
+    for v in ["1", "2", "99"] {
+        call(
+            "get",
+            diff,
+            &format!("/projects/p/branches/b/versions/{v}/diff"),
+            None,
+        )
+        .await;
+    }
+    for v in ["1", "99"] {
+        let body = json!({ "projectId": "p", "branchId": "b", "versionId": v });
+        call("post", "/revert", "/revert", Some(body)).await;
+    }
+    let sync = "/projects/{projectId}/branches/{branchId}/sync";
+    call("post", sync, "/projects/p/branches/b/sync", None).await;
+    call("post", sync, "/projects/p/branches/b/sync", Some(json!({}))).await;
+    // The stream answers its head at once; dropping the answer closes it.
+    call("get", "/stream/{projectId}/{branchId}", "/stream/p/b", None).await;
+    let mut workflows = Vec::new();
+    for text in ["hello", "again", "once more"] {
+        let body = json!({
+            "projectId": "p",
+            "branchId": "b",
+            "model": model,
+            "message": { "content": [{ "type": "text", "text": text }] },
+        });
+        let (status, answer) = call("post", "/trigger", "/trigger", Some(body)).await;
+        if status == 202 {
+            workflows.push(answer["workflowId"].as_str().unwrap().to_string());
+        }
+    }
+    let no_key = json!({
+        "projectId": "p",
+        "branchId": "b",
+        "model": "anthropic:claude-sonnet-4-5",
+        "message": { "content": [{ "type": "text", "text": "hi" }] },
+    });
+    call("post", "/trigger", "/trigger", Some(no_key)).await;
+    assert!(!workflows.is_empty(), "no workflow was started");
+    for wf in &workflows {
+        let path = format!("/workflows/{wf}");
+        call("get", "/workflows/{workflowId}", &path, None).await;
+        for _ in 0..2 {
+            let path = format!("/workflows/{wf}/cancel");
+            call("post", "/workflows/{workflowId}/cancel", &path, None).await;
+        }
+    }
+
+    // Every route answered a success somewhere above (a new route needs a good request here),
+    // and the sweep reached the statuses the contract is about.
+    for (method, template) in &routes {
+        let statuses = &answered.0[&(method.clone(), template.clone())];
+        assert!(
+            statuses.iter().any(|s| (200..300).contains(s)),
+            "{method} {template} never succeeded in the sweep ({statuses:?}): add a good request"
+        );
+    }
+    let all: BTreeSet<u16> = answered.0.values().flatten().copied().collect();
+    for status in [200, 201, 202, 400, 401, 404, 409, 413, 415, 429, 431] {
+        assert!(
+            all.contains(&status),
+            "the sweep never saw {status}: {all:?}"
+        );
+    }
+
+    let undeclared = answered.undeclared(&doc);
+    assert!(undeclared.is_empty(), "{}", undeclared.join("\n"));
 }

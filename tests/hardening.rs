@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use weldr_agent::control::{ControlRequest, execute};
+use weldr_agent::control::{ControlRequest, ControlResult, execute};
 
 /// Create project `p` and branch `b` over the API.
 async fn project_and_branch(s: &TestServer) {
@@ -61,7 +61,10 @@ async fn a_stream_ends_when_its_local_token_is_revoked() {
         )
         .await
         .unwrap();
-        assert_eq!(revoked["revoked"], 1);
+        assert!(
+            matches!(revoked, ControlResult::TokenRevoked { revoked: 1 }),
+            "{revoked:?}"
+        );
 
         // The stream ends on its own (well within this bound), with no further events.
         let ended = tokio::time::timeout(Duration::from_secs(60), async {
@@ -164,7 +167,7 @@ fn events_append_into_a_closed_pipe_exits_quietly() {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path();
     binary::run_ok(binary::cli(ws).args(["project", "create", "p"]));
-    binary::run_ok(binary::cli(ws).args(["branch", "create", "b", "p"]));
+    binary::run_ok(binary::cli(ws).args(["branch", "create", "p", "b"]));
     // `weldr-agent events append ... | head -1`
     let mut child = binary::cli(ws)
         .args(["events", "append", "p", "b", "--count", "5000"])

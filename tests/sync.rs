@@ -570,26 +570,26 @@ async fn cli_push_and_pull_print_the_original_lines() {
     ];
     let bucket = format!("BUCKET_NAME=project-{project}-branch-cli");
 
-    let (ok, out) = cli(&base, &envs, &["sync", "pull", "cli", &project]);
+    let (ok, out) = cli(&base, &envs, &["sync", "pull", &project, "cli"]);
     assert!(ok, "{out}");
     assert!(out.contains("SYNC_STATUS=skipped"), "{out}");
     assert!(out.contains("REASON=bucket_not_found"), "{out}");
     assert!(out.contains(&bucket), "{out}");
 
     // No branch directory: failed, non-zero.
-    let (ok, out) = cli(&base, &envs, &["sync", "push", "cli", &project]);
+    let (ok, out) = cli(&base, &envs, &["sync", "push", &project, "cli"]);
     assert!(!ok, "{out}");
     assert!(out.contains("SYNC_STATUS=failed"), "{out}");
 
     let dir = base.join(&project).join("cli");
     populate(&dir);
-    let (ok, out) = cli(&base, &envs, &["sync", "push", "cli", &project]);
+    let (ok, out) = cli(&base, &envs, &["sync", "push", &project, "cli"]);
     assert!(ok, "{out}");
     assert!(out.contains("SYNC_STATUS=success"), "{out}");
     assert!(out.contains(&bucket), "{out}");
     let want = tree(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
-    let (ok, out) = cli(&base, &envs, &["sync", "pull", "cli", &project]);
+    let (ok, out) = cli(&base, &envs, &["sync", "pull", &project, "cli"]);
     assert!(ok, "{out}");
     assert!(out.contains("SYNC_STATUS=success"), "{out}");
     assert_eq!(tree(&dir), want);
@@ -623,7 +623,7 @@ async fn cli_push_and_pull_print_the_original_lines() {
     let (ok, out) = cli(
         &base,
         &envs,
-        &["sync", "pull", "cli", &project, "--snapshot", "nope"],
+        &["sync", "pull", &project, "cli", "--snapshot", "nope"],
     );
     assert!(!ok, "{out}");
     assert!(out.contains("SYNC_STATUS=failed"), "{out}");
@@ -671,7 +671,7 @@ async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
             .env("S3_ENDPOINT", &s3.endpoint)
             .env("S3_ACCESS_KEY_ID", "test-key")
             .env("S3_SECRET_ACCESS_KEY", "test-secret")
-            .args(["sync", "push", "k", &project])
+            .args(["sync", "push", &project, "k"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

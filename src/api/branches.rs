@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::model::{self, BranchRecord, SyncStateRecord};
 
 use super::body::json_body;
+use super::schema::{Created, Id, VersionId};
 use super::{ApiError, principal, require_branch, require_project};
 use crate::branches::{BranchKey, ForkFrom};
 use crate::ids::{check_id, parse_version_id};
@@ -14,10 +15,13 @@ use crate::ids::{check_id, parse_version_id};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = CreateBranch))]
 pub struct CreateBranch {
+    #[salvo(schema(value_type = Id))]
     pub branch_id: String,
     /// Fork from this branch of the same project.
+    #[salvo(schema(value_type = Option<Id>))]
     pub from_branch_id: Option<String>,
     /// At this version of `fromBranchId` (default: its head).
+    #[salvo(schema(value_type = Option<VersionId>))]
     pub from_version_id: Option<String>,
 }
 
@@ -132,14 +136,14 @@ impl From<crate::sync::PushReport> for SyncReportView {
 #[endpoint(
     tags("branches"),
     request_body = CreateBranch,
-    parameters(("projectId" = String, Path, description = "Project id")),
-    status_codes(201, 400, 401, 404, 409)
+    parameters(("projectId" = Id, Path, description = "Project id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(201, 400, 401, 404, 409, 413, 415, 431, 500, 503, 507)
 )]
 pub async fn create_branch(
     req: &mut Request,
     depot: &mut Depot,
-    res: &mut Response,
-) -> Result<Json<BranchView>, ApiError> {
+) -> Result<Created<BranchView>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let project_id = check_id(
@@ -176,12 +180,16 @@ pub async fn create_branch(
             format!("branch {} already exists", body.branch_id),
         ));
     }
-    res.status_code(StatusCode::CREATED);
-    Ok(Json(created.branch.into()))
+    Ok(Created(created.branch.into()))
 }
 
 /// Branches of a project.
-#[endpoint(tags("branches"), parameters(("projectId" = String, Path, description = "Project id")))]
+#[endpoint(
+    tags("branches"),
+    parameters(("projectId" = Id, Path, description = "Project id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503)
+)]
 pub async fn list_branches(
     req: &mut Request,
     depot: &mut Depot,
@@ -204,7 +212,9 @@ pub async fn list_branches(
 /// One branch.
 #[endpoint(
     tags("branches"),
-    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
+    parameters(("projectId" = Id, Path, description = "Project id"), ("branchId" = Id, Path, description = "Branch id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503)
 )]
 pub async fn get_branch(
     req: &mut Request,
@@ -230,8 +240,9 @@ pub async fn get_branch(
 /// the branch runs, 409 `branch_evicted` when the branch is evicted (its snapshot is stored).
 #[endpoint(
     tags("branches"),
-    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id")),
-    status_codes(200, 400, 401, 404, 409, 502)
+    parameters(("projectId" = Id, Path, description = "Project id"), ("branchId" = Id, Path, description = "Branch id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 409, 413, 415, 431, 500, 502, 503)
 )]
 pub async fn sync_branch(
     req: &mut Request,

@@ -48,7 +48,11 @@ pub struct LruEntry {
 
 /// Disk usage of the workspace volume, the watermarks, and the LRU order of branches with what
 /// keeps each from eviction. The operator sees every branch; a user sees their projects'.
-#[endpoint(tags("disk"))]
+#[endpoint(
+    tags("disk"),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 401, 431, 500, 503)
+)]
 pub async fn disk(depot: &mut Depot) -> Result<Json<DiskView>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;

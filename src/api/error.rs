@@ -328,16 +328,68 @@ impl Writer for ApiError {
     }
 }
 
+/// Every error status an [`ApiError`] can take, with what it means. Each endpoint keeps the
+/// ones it can really answer (`status_codes(...)` in its `#[endpoint]`).
+pub const ERROR_STATUSES: [(&str, &str); 12] = [
+    (
+        "400",
+        "Invalid input; `error.code` says which: `invalid_id`, `invalid_version_id`, \
+         `invalid_json`, `invalid_body`, `invalid_cursor`, `invalid_fork`, `invalid_message`, \
+         `invalid_model`, `wrong_machine`, ...",
+    ),
+    (
+        "401",
+        "`unauthorized`: no credential, or one that does not hold (send a bearer token or the \
+         session cookie)",
+    ),
+    (
+        "404",
+        "`project_not_found`, `branch_not_found`, `version_not_found`, `workflow_not_found` \
+         (also for another user's), or `not_found` for a path that is no route",
+    ),
+    (
+        "409",
+        "Conflict with the current state: `project_exists`, `branch_exists`, `branch_busy` \
+         (`details.workflowId` holds the branch), `sync_running`, `branch_evicted`, \
+         `no_changes`, `workflow_finished`, `empty_branch`, `sync_failed`",
+    ),
+    (
+        "413",
+        "`payload_too_large`: the body is larger than MAX_BODY_BYTES",
+    ),
+    (
+        "415",
+        "`unsupported_media_type`: send the body as `Content-Type: application/json`",
+    ),
+    (
+        "429",
+        "`rate_limited` (retry after `Retry-After` seconds) or `too_many_streams`",
+    ),
+    (
+        "431",
+        "`headers_too_large`: the request headers are larger than 32 KiB",
+    ),
+    ("500", "`internal`: see the server log"),
+    (
+        "502",
+        "`sync_failed`: the object store failed or answered wrongly",
+    ),
+    (
+        "503",
+        "Retry shortly: `unavailable` (shutting down, or sessions cannot be verified now), \
+         `store_unwritable` (free disk space), `restore_failed`",
+    ),
+    (
+        "507",
+        "`disk_full`: not enough space on the workspace volume even after eviction \
+         (`details` holds the disk report)",
+    ),
+];
+
 impl EndpointOutRegister for ApiError {
     fn register(components: &mut Components, operation: &mut Operation) {
         let schema = ErrorBody::to_schema(components);
-        for (status, text) in [
-            ("400", "Malformed request"),
-            ("401", "Not signed in"),
-            ("404", "Not found"),
-            ("409", "Conflict"),
-            ("500", "Internal error"),
-        ] {
+        for (status, text) in ERROR_STATUSES {
             operation.responses.insert(
                 status,
                 oapi::Response::new(text).add_content("application/json", schema.clone()),

@@ -89,7 +89,8 @@ impl From<crate::sandbox::SandboxStatus> for HealthSandbox {
     responses(
         (status_code = 200, description = "Healthy", body = Health),
         (status_code = 503, description = "The store cannot write (see `store`)", body = Health),
-    )
+    ),
+    status_codes(200, 431, 500, 503)
 )]
 pub async fn health(depot: &mut Depot, res: &mut Response) -> Result<Json<Health>, ApiError> {
     let app = super::app(depot)?;

@@ -8,6 +8,7 @@ pub mod docs;
 pub mod error;
 pub mod health;
 pub mod projects;
+pub mod schema;
 pub mod stream;
 pub mod versions;
 pub mod workflows;
@@ -211,16 +212,19 @@ pub fn api_routes() -> Router {
         )
 }
 
-/// The OpenAPI 3.1 document of every route.
-pub fn openapi() -> OpenApi {
-    OpenApi::new("weldr-agent", env!("CARGO_PKG_VERSION")).merge_router(&api_routes())
+/// The OpenAPI 3.1 document of every route; the session cookie is named after
+/// `cookie_prefix` (`AUTH_COOKIE_PREFIX`).
+pub fn openapi(cookie_prefix: &str) -> OpenApi {
+    let doc = OpenApi::new("weldr-agent", env!("CARGO_PKG_VERSION")).merge_router(&api_routes());
+    schema::with_security_schemes(doc, cookie_prefix)
 }
 
 pub fn router(app: Arc<App>) -> Router {
+    let doc = openapi(&app.config.auth_cookie_prefix);
     Router::new()
         .hoop(InjectApp(app))
         .push(api_routes())
-        .push(openapi().into_router("/openapi.json"))
+        .push(doc.into_router("/openapi.json"))
         .push(Router::with_path("reference").get(docs::reference))
 }
 

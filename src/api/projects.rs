@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::model::{self, ProjectRecord};
 
 use super::body::json_body;
+use super::schema::{Created, Id};
 use super::{ApiError, principal, require_project};
 use crate::branches::registry;
 use crate::ids::check_id;
@@ -14,8 +15,10 @@ use crate::ids::check_id;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = CreateProject))]
 pub struct CreateProject {
-    /// `[A-Za-z0-9_-]{1,64}`
+    #[salvo(schema(value_type = Id))]
     pub project_id: String,
+    /// At most 200 printable characters.
+    #[salvo(schema(max_length = 200))]
     pub title: Option<String>,
 }
 
@@ -39,18 +42,22 @@ impl From<ProjectRecord> for ProjectView {
 }
 
 /// Register a project (owned by the caller).
-#[endpoint(tags("projects"), request_body = CreateProject, status_codes(201, 400, 401, 409))]
+#[endpoint(
+    tags("projects"),
+    request_body = CreateProject,
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(201, 400, 401, 409, 413, 415, 431, 500, 503)
+)]
 pub async fn create_project(
     req: &mut Request,
     depot: &mut Depot,
-    res: &mut Response,
-) -> Result<Json<ProjectView>, ApiError> {
+) -> Result<Created<ProjectView>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let body: CreateProject = json_body(req, app.config.max_body_bytes).await?;
     check_id("projectId", &body.project_id)?;
     if let Some(title) = &body.title
-        && (title.len() > 200 || title.chars().any(char::is_control))
+        && (title.chars().count() > 200 || title.chars().any(char::is_control))
     {
         return Err(ApiError::bad_request(
             "invalid_title",
@@ -61,12 +68,15 @@ pub async fn create_project(
     let project =
         registry::create_project(&app.store, &body.project_id, body.title, principal.owner())
             .await?;
-    res.status_code(StatusCode::CREATED);
-    Ok(Json(project.into()))
+    Ok(Created(project.into()))
 }
 
 /// Projects the caller may use.
-#[endpoint(tags("projects"))]
+#[endpoint(
+    tags("projects"),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 401, 431, 500, 503)
+)]
 pub async fn list_projects(depot: &mut Depot) -> Result<Json<Vec<ProjectView>>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
@@ -84,7 +94,12 @@ pub async fn list_projects(depot: &mut Depot) -> Result<Json<Vec<ProjectView>>, 
 }
 
 /// One project.
-#[endpoint(tags("projects"), parameters(("projectId" = String, Path, description = "Project id")))]
+#[endpoint(
+    tags("projects"),
+    parameters(("projectId" = Id, Path, description = "Project id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503)
+)]
 pub async fn get_project(
     req: &mut Request,
     depot: &mut Depot,

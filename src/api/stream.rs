@@ -101,12 +101,14 @@ async fn open(
 #[endpoint(
     tags("stream"),
     parameters(
-        ("projectId" = String, Path, description = "Project id"),
-        ("branchId" = String, Path, description = "Branch id"),
-        ("lastEventId" = Option<String>, Query, description = "Resume after this event id"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (wins over the query)"),
+        ("projectId" = crate::api::schema::Id, Path, description = "Project id"),
+        ("branchId" = crate::api::schema::Id, Path, description = "Branch id"),
+        ("lastEventId" = Option<String>, Query, pattern = "^[0-9]{1,20}$", description = "Resume after this event id"),
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,20}$", description = "Resume after this event id (wins over the query)"),
     ),
-    responses((status_code = 200, description = "Server-Sent Events", content_type = "text/event-stream"))
+    responses((status_code = 200, description = "Server-Sent Events", content_type = "text/event-stream")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 429, 431, 500, 503, 507)
 )]
 pub async fn stream(
     req: &mut Request,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::model::{self, ChangeKind, VersionKind, VersionRecord};
 
 use super::body::json_body;
+use super::schema::{Created, Id, VersionId};
 use super::{ApiError, principal, require_branch};
 use crate::branches::BranchKey;
 use crate::git::FileDiff;
@@ -72,7 +73,9 @@ impl From<VersionRecord> for VersionView {
 /// Versions of a branch, oldest first.
 #[endpoint(
     tags("versions"),
-    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id"))
+    parameters(("projectId" = Id, Path, description = "Project id"), ("branchId" = Id, Path, description = "Branch id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503, 507)
 )]
 pub async fn list_versions(
     req: &mut Request,
@@ -107,10 +110,12 @@ pub struct VersionDiff {
 #[endpoint(
     tags("versions"),
     parameters(
-        ("projectId" = String, Path, description = "Project id"),
-        ("branchId" = String, Path, description = "Branch id"),
-        ("versionId" = String, Path, description = "Version id")
-    )
+        ("projectId" = Id, Path, description = "Project id"),
+        ("branchId" = Id, Path, description = "Branch id"),
+        ("versionId" = VersionId, Path, description = "Version id")
+    ),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503, 507)
 )]
 pub async fn version_diff(
     req: &mut Request,
@@ -129,11 +134,19 @@ pub async fn version_diff(
     }))
 }
 
+/// Longest checkpoint message and description, in characters (the schema says the same).
+const MAX_MESSAGE_CHARS: usize = 2000;
+const MAX_DESCRIPTION_CHARS: usize = 20_000;
+
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = CreateVersion))]
 pub struct CreateVersion {
+    /// The commit message: 1-2000 characters, not only white space.
+    #[salvo(schema(min_length = 1, max_length = 2000, pattern = r"\S"))]
     pub message: String,
+    /// A longer description, kept with the version.
+    #[salvo(schema(max_length = 20000))]
     pub description: Option<String>,
 }
 
@@ -150,23 +163,33 @@ pub struct VersionCreated {
 #[endpoint(
     tags("versions"),
     request_body = CreateVersion,
-    parameters(("projectId" = String, Path, description = "Project id"), ("branchId" = String, Path, description = "Branch id")),
-    status_codes(201, 400, 401, 404, 409)
+    parameters(("projectId" = Id, Path, description = "Project id"), ("branchId" = Id, Path, description = "Branch id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(201, 400, 401, 404, 409, 413, 415, 431, 500, 503, 507)
 )]
 pub async fn create_version(
     req: &mut Request,
     depot: &mut Depot,
-    res: &mut Response,
-) -> Result<Json<VersionCreated>, ApiError> {
+) -> Result<Created<VersionCreated>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let key = super::path_key(req)?;
     let body: CreateVersion = json_body(req, app.config.max_body_bytes).await?;
     let message = body.message.trim();
-    if message.is_empty() || message.len() > 2000 {
+    if message.is_empty() || message.chars().count() > MAX_MESSAGE_CHARS {
         return Err(ApiError::bad_request(
             "invalid_message",
-            "message must be 1-2000 characters",
+            format!("message must be 1-{MAX_MESSAGE_CHARS} characters"),
+        ));
+    }
+    if body
+        .description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION_CHARS)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_description",
+            format!("description must be at most {MAX_DESCRIPTION_CHARS} characters"),
         ));
     }
     let branch = require_branch(&app, &principal, &key).await?;
@@ -184,8 +207,7 @@ pub async fn create_version(
         .ok_or_else(|| {
             ApiError::conflict("no_changes", "nothing changed since the last version")
         })?;
-    res.status_code(StatusCode::CREATED);
-    Ok(Json(VersionCreated {
+    Ok(Created(VersionCreated {
         version_id: version.seq.to_string(),
         commit_hash: version.commit_hash,
     }))
@@ -195,8 +217,11 @@ pub async fn create_version(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = RevertRequest))]
 pub struct RevertRequest {
+    #[salvo(schema(value_type = Id))]
     pub project_id: String,
+    #[salvo(schema(value_type = Id))]
     pub branch_id: String,
+    #[salvo(schema(value_type = VersionId))]
     pub version_id: String,
 }
 
@@ -212,7 +237,12 @@ pub struct RevertResponse {
 
 /// Make the branch's tree exactly that of an earlier (or, after a revert, later) version, as a
 /// new `revert` version; announced by a `version` event. 409 while a workflow is active.
-#[endpoint(tags("versions"), request_body = RevertRequest)]
+#[endpoint(
+    tags("versions"),
+    request_body = RevertRequest,
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 409, 413, 415, 431, 500, 503, 507)
+)]
 pub async fn revert(
     req: &mut Request,
     depot: &mut Depot,

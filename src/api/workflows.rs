@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::workflow::{self as wfs, WorkflowRecord};
 
 use super::body::json_body;
+use super::schema::{Accepted, Id};
 use super::{ApiError, principal, require_branch};
 use crate::auth::Principal;
 use crate::branches::BranchKey;
@@ -19,10 +20,18 @@ pub const MAX_MESSAGE_BYTES: usize = 100_000;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = Trigger))]
 pub struct TriggerBody {
+    #[salvo(schema(value_type = Id))]
     pub project_id: String,
+    #[salvo(schema(value_type = Id))]
     pub branch_id: String,
+    /// What to do. Required.
+    // An `Option` only so that a missing one gets its own error code (`message_required`)
+    // instead of serde's `invalid_json`; the schema says required.
+    #[salvo(schema(value_type = TriggerMessage, required = true))]
     pub message: Option<TriggerMessage>,
-    /// `provider:model`; default `WELDR_MODEL`.
+    /// `provider:model` (provider `anthropic`, `openai`, `ollama`, `gemini` or `replay`; the
+    /// model at most 200 bytes); default `WELDR_MODEL`. A provider without a key is refused.
+    #[salvo(schema(min_length = 3, max_length = 220, pattern = r"^\s*[a-z]+\s*:"))]
     pub model: Option<String>,
 }
 
@@ -30,7 +39,11 @@ pub struct TriggerBody {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[salvo(schema(name = TriggerMessage))]
 pub struct TriggerMessage {
+    /// The text parts, joined with newlines: at most 100,000 bytes in all, not only white space.
+    #[salvo(schema(min_items = 1))]
     pub content: Vec<ContentPart>,
+    /// Not supported yet: absent or empty.
+    #[salvo(schema(value_type = Option<Vec<Id>>))]
     pub attachment_ids: Option<Vec<String>>,
 }
 
@@ -40,7 +53,10 @@ pub struct TriggerMessage {
 pub struct ContentPart {
     /// `text`.
     #[serde(rename = "type")]
+    #[salvo(schema(pattern = "^text$"))]
     pub kind: String,
+    /// Required for a `text` part.
+    #[salvo(schema(max_length = 100000))]
     pub text: Option<String>,
 }
 
@@ -131,12 +147,16 @@ impl From<WorkflowRecord> for WorkflowView {
 }
 
 /// Start a workflow on a branch. Answers 202 at once; progress is on the branch stream.
-#[endpoint(tags("workflows"), request_body = TriggerBody, status_codes(202, 400, 401, 404, 409, 429))]
+#[endpoint(
+    tags("workflows"),
+    request_body = TriggerBody,
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(202, 400, 401, 404, 409, 413, 415, 429, 431, 500, 503, 507)
+)]
 pub async fn trigger(
     req: &mut Request,
     depot: &mut Depot,
-    res: &mut Response,
-) -> Result<Json<Triggered>, ApiError> {
+) -> Result<Accepted<Triggered>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let body: TriggerBody = json_body(req, app.config.max_body_bytes).await?;
@@ -209,8 +229,7 @@ pub async fn trigger(
     app.residency.ensure_present_from(branch).await?;
     let wf = crate::workflow::trigger(&app.workflows, &key.project_id, &key.branch_id, text, model)
         .await?;
-    res.status_code(StatusCode::ACCEPTED);
-    Ok(Json(Triggered {
+    Ok(Accepted(Triggered {
         stream_url: format!("/stream/{}/{}", wf.project_id, wf.branch_id),
         workflow_id: wf.workflow_id,
     }))
@@ -243,7 +262,9 @@ async fn visible(
 /// A workflow: status, plan, tasks, version, error and token usage.
 #[endpoint(
     tags("workflows"),
-    parameters(("workflowId" = String, Path, description = "Workflow id"))
+    parameters(("workflowId" = Id, Path, description = "Workflow id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(200, 400, 401, 404, 431, 500, 503)
 )]
 pub async fn get_workflow(
     req: &mut Request,
@@ -258,14 +279,14 @@ pub async fn get_workflow(
 /// Ask a workflow to stop at its next safe point; it ends `cancelled`.
 #[endpoint(
     tags("workflows"),
-    parameters(("workflowId" = String, Path, description = "Workflow id")),
-    status_codes(202, 400, 401, 404, 409)
+    parameters(("workflowId" = Id, Path, description = "Workflow id")),
+    security(("bearer" = []), ("sessionCookie" = [])),
+    status_codes(202, 400, 401, 404, 409, 413, 431, 500, 503)
 )]
 pub async fn cancel_workflow(
     req: &mut Request,
     depot: &mut Depot,
-    res: &mut Response,
-) -> Result<Json<WorkflowView>, ApiError> {
+) -> Result<Accepted<WorkflowView>, ApiError> {
     let app = super::app(depot)?;
     let principal = principal(depot)?;
     let id = req.param::<String>("workflowId").unwrap_or_default();
@@ -290,6 +311,5 @@ pub async fn cancel_workflow(
         ));
     }
     let wf = crate::workflow::request_cancel(&app.workflows, &id).await?;
-    res.status_code(StatusCode::ACCEPTED);
-    Ok(Json(wf.into()))
+    Ok(Accepted(wf.into()))
 }

@@ -71,7 +71,10 @@ async fn end_sandbox(child: &mut Child, group: Option<u32>) {
 
 /// SIGKILL to process group `pid` (ours, not reaped: a stale group gives ESRCH, ignored).
 fn kill_group(pid: u32) {
-    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
