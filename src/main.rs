@@ -529,6 +529,7 @@ fn progress_line(label: &'static str) -> Option<weldr_agent::sync::Progress> {
 /// `sync push|pull`: works on the branch directory and the object store directly, so it runs
 /// the same whether or not the server is up.
 async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
+    use weldr_agent::branches::BranchKey;
     use weldr_agent::sync::{self, PullReport};
     let (project_id, branch_id) = match &command {
         SyncCommand::Push {
@@ -556,8 +557,7 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
         match command {
             SyncCommand::Push { .. } => sync::push_with(
                 &config,
-                &project_id,
-                &branch_id,
+                &BranchKey::new(&project_id, &branch_id),
                 &sync::PushOptions {
                     progress: progress_line("push"),
                     ..Default::default()
@@ -576,8 +576,7 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
             .map_err(anyhow::Error::from),
             SyncCommand::Pull { snapshot, .. } => sync::pull_with(
                 &config,
-                &project_id,
-                &branch_id,
+                &BranchKey::new(&project_id, &branch_id),
                 snapshot.as_deref(),
                 &sync::PullOptions {
                     progress: progress_line("pull"),
