@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use weldr_agent::app::App;
-use weldr_agent::config::{Config, Mode, SETTINGS};
+use weldr_agent::config::{Config, Mode, settings_rows};
 use weldr_agent::control::{ControlClient, ControlRequest, execute};
 use weldr_storage::StorageError;
 
@@ -256,7 +256,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 config.data_dir.display(),
                 config.port
             );
-            for (var, default, meaning) in SETTINGS {
+            for (var, default, meaning) in settings_rows() {
                 println!("{var:<60} {default:<45} {meaning}");
             }
             Ok(())
