@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use weldr_agent::app::App;
+use weldr_agent::branches::BranchKey;
 use weldr_agent::config::Config;
 
 const BRANCHES: usize = 100;
@@ -141,7 +142,7 @@ async fn one_run(mnt: &Path, outside: &Path) -> Run {
             )
             .unwrap();
         }
-        weldr_agent::sync::push(&app.config, "p", &branch)
+        weldr_agent::sync::push(&app.config, &BranchKey::new("p", &branch))
             .await
             .unwrap();
     }

@@ -1,9 +1,14 @@
 //! Every setting, read from the environment in one place, with the seed's names and defaults.
 //! An invalid value stops startup with a message that names the variable.
+//!
+//! [`SETTINGS`] is the one table of settings: each names its variable, what it is when unset
+//! (written only there), the parser that reads and checks a value, and what it does.
+//! [`Config::from_lookup`] reads through it, `weldr-agent config` prints it, and
+//! `tests/config_table.rs` checks the README's table against it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,16 +73,9 @@ pub struct SandboxSettings {
 }
 
 impl Default for SandboxSettings {
+    /// The settings table's defaults.
     fn default() -> Self {
-        Self {
-            mode: SandboxMode::Bwrap,
-            network: true,
-            uid: 61000,
-            memory_mb: 4096,
-            max_processes: 1024,
-            tmp_mb: 512,
-            program: PathBuf::from("bwrap"),
-        }
+        sandbox_settings(&Env::empty()).expect("the table's sandbox defaults parse (tested)")
     }
 }
 
@@ -102,12 +100,9 @@ pub struct AuthTables {
 }
 
 impl Default for AuthTables {
+    /// The settings table's defaults.
     fn default() -> Self {
-        Self {
-            sessions: "sessions".into(),
-            users: "users".into(),
-            projects: "projects".into(),
-        }
+        auth_tables(&Env::empty()).expect("the table's auth table defaults parse (tested)")
     }
 }
 
@@ -212,227 +207,643 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// The table printed in the README: (variable, default, meaning).
-pub const SETTINGS: &[(&str, &str, &str)] = &[
-    (
-        "WELDR_MODE",
-        "local (cloud if NODE_ENV=production)",
-        "`local` or `cloud`",
-    ),
-    (
-        "HOST",
-        "127.0.0.1 local, 0.0.0.0 cloud",
-        "address to listen on",
-    ),
-    ("PORT", "8080", "HTTP port"),
-    (
-        "CORS_ORIGIN",
-        "http://localhost:3000",
-        "allowed origins, comma-separated",
-    ),
-    (
-        "WORKSPACE_BASE",
-        "~/.weldr local, /workspace cloud",
-        "branch directories live here",
-    ),
-    (
-        "WELDR_DATA_DIR",
-        "$WORKSPACE_BASE/.weldr-agent",
-        "redb store and control socket",
-    ),
-    (
-        "PROJECT_ID",
-        "-",
-        "the machine's project (required in cloud mode)",
-    ),
-    (
-        "WELDR_OBJECT_STORE_DIR",
-        "$WORKSPACE_BASE/.weldr-objects",
-        "fs object store (local mode, no S3_*)",
-    ),
-    (
-        "S3_ENDPOINT",
-        "https://t3.storage.dev local, https://fly.storage.tigris.dev cloud",
-        "S3 endpoint",
-    ),
-    ("S3_REGION", "auto", "S3 region"),
-    (
-        "S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY",
-        "-",
-        "S3 credentials (never read from ~/.aws)",
-    ),
-    (
-        "S3_BUCKET",
-        "-",
-        "one shared bucket; default is a bucket per branch",
-    ),
-    (
-        "DATABASE_URL",
-        "-",
-        "Postgres mirror and Better Auth sessions (optional)",
-    ),
-    ("REDIS_URL", "-", "Redis mirror (optional)"),
-    (
-        "BETTER_AUTH_SECRET",
-        "-",
-        "verifies Better Auth session cookies",
-    ),
-    (
-        "WELDR_MODEL",
-        "anthropic:claude-sonnet-4-5",
-        "default model, `provider:model`",
-    ),
-    (
-        "ANTHROPIC_API_KEY / OPENAI_API_KEY / GEMINI_API_KEY",
-        "-",
-        "provider keys",
-    ),
-    (
-        "ANTHROPIC_BASE_URL / OPENAI_BASE_URL / GEMINI_BASE_URL",
-        "provider default",
-        "provider endpoints",
-    ),
-    (
-        "OLLAMA_BASE_URL",
-        "http://127.0.0.1:11434/v1",
-        "OpenAI-compatible local server",
-    ),
-    (
-        "MAX_VOLUME_USAGE_PERCENT",
-        "85",
-        "eviction starts at this disk usage",
-    ),
-    (
-        "TARGET_VOLUME_USAGE_PERCENT",
-        "70",
-        "eviction stops at this disk usage",
-    ),
-    (
-        "EVICTION_GRACE_SECONDS",
-        "300",
-        "recently used branches are never evicted",
-    ),
-    (
-        "EVICTION_INTERVAL_SECONDS",
-        "30",
-        "how often the disk watermark loop runs (0: never; `weldr-agent cleanup` still works)",
-    ),
-    (
-        "SYNC_QUIET_SECONDS",
-        "30",
-        "a changed branch is pushed after this long without further changes (and after each version)",
-    ),
-    ("EVENT_RETENTION", "50000", "events kept per branch stream"),
-    (
-        "EVENT_CACHE_MB",
-        "32",
-        "memory for encoded blocks of older events that resuming clients share (0: off)",
-    ),
-    (
-        "APPEND_LOG",
-        "on",
-        "`on`: event appends are made durable by one sequential synced write to `state.redb.wal`, redb catches up at checkpoints; `off`: every write is a durable redb commit",
-    ),
-    (
-        "SHUTDOWN_TIMEOUT_SECONDS",
-        "20",
-        "graceful shutdown budget (Fly kill timeout is 30)",
-    ),
-    (
-        "LOG_LEVEL",
-        "info",
-        "tracing filter, e.g. `debug` or `weldr_agent=debug`",
-    ),
-    ("AUTH_COOKIE_PREFIX", "weldr", "Better Auth cookie prefix"),
-    (
-        "AUTH_SESSIONS_TABLE / AUTH_USERS_TABLE / AUTH_PROJECTS_TABLE",
-        "sessions / users / projects",
-        "Better Auth tables in Postgres",
-    ),
-    ("SSE_MAX_PER_USER", "32", "open SSE streams per user"),
-    (
-        "MAX_CONNECTIONS",
-        "3/4 of the file descriptor limit",
-        "open HTTP connections at once; more are refused at accept (a few more are kept for /health)",
-    ),
-    (
-        "REQUEST_HEAD_TIMEOUT_SECONDS",
-        "10",
-        "a connection that has not sent a complete request head within this is closed",
-    ),
-    (
-        "REPLAY_DIR",
-        "-",
-        "`replay:<path>` models play transcripts only from inside this directory; unset: refused",
-    ),
-    (
-        "TRIGGER_RATE_PER_MINUTE",
-        "20",
-        "`/trigger` calls per user per minute",
-    ),
-    ("MAX_BODY_BYTES", "1048576", "largest JSON request body"),
-    (
-        "FORK_MODE",
-        "layers",
-        "`layers`: forks at a head are copy-on-write overlayfs layers where the kernel lets us mount (root), else copies; `copy`: always copy",
-    ),
-    (
-        "WORKFLOW_CONCURRENCY",
-        "4",
-        "workflows running at once across branches (more queue)",
-    ),
-    (
-        "TLS_CERT_PATH / TLS_KEY_PATH",
-        "-",
-        "serve HTTPS with this PEM certificate chain and key",
-    ),
-    (
-        "OPENAI_API",
-        "responses",
-        "how `openai:` models are spoken to: `responses` (OpenAI's Responses API, reasoning kept between tool calls) or `chat` (Chat Completions, for gateways without `/responses`)",
-    ),
-    (
-        "WELDR_MAX_OUTPUT_TOKENS",
-        "per model",
-        "most output tokens of one model turn; a turn cut off at its limit is asked again with twice the limit up to this (default: the model's documented maximum, 8192 for unknown and local models)",
-    ),
-    (
-        "SANDBOX",
-        "bwrap",
-        "`bwrap`: the agent's commands (run_command, the build) run in a bubblewrap sandbox and fail with a clear message where it cannot run; `off`: unconfined, as the server (shown in `/health` and the startup log)",
-    ),
-    (
-        "SANDBOX_NETWORK",
-        "on",
-        "`on`: sandboxed commands reach the network (package registries); `off`: only their own loopback",
-    ),
-    (
-        "SANDBOX_UID",
-        "61000",
-        "uid and gid sandboxed commands run as when the server is root (the branch directories' files are handed to it)",
-    ),
-    (
-        "SANDBOX_MEMORY_MB",
-        "4096",
-        "most data memory one sandboxed process may map (RLIMIT_DATA)",
-    ),
-    (
-        "SANDBOX_MAX_PROCESSES",
-        "1024",
-        "most processes of the sandbox uid at once (RLIMIT_NPROC; when the server is root)",
-    ),
-    (
-        "SANDBOX_TMP_MB",
-        "512",
-        "size of a sandboxed command's private /tmp (memory)",
-    ),
+/// What a setting is when its variable is unset (or empty). Written only in the table below:
+/// `from_lookup`, `weldr-agent config` and the README check all read it from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenUnset {
+    /// No value: the feature is off (or, where the code says so, the setting is required).
+    Nothing,
+    /// This value, read by the setting's parser as if it had been set.
+    Value(&'static str),
+    /// A value per mode, read by the setting's parser.
+    ByMode {
+        local: &'static str,
+        cloud: &'static str,
+    },
+    /// `production` when `NODE_ENV=production`, else `otherwise` (how the seed picks the mode).
+    NodeEnv {
+        production: &'static str,
+        otherwise: &'static str,
+    },
+    /// This directory inside `WORKSPACE_BASE`.
+    InWorkspace(&'static str),
+    /// No value here: the code that uses the setting chooses (the text says how).
+    Elsewhere(&'static str),
+}
+
+impl WhenUnset {
+    /// As `weldr-agent config` prints it and the README's table shows it (without markup).
+    pub fn text(&self) -> String {
+        match *self {
+            WhenUnset::Nothing => "-".into(),
+            WhenUnset::Value(v) => v.into(),
+            WhenUnset::ByMode { local, cloud } => format!("{local} local, {cloud} cloud"),
+            WhenUnset::NodeEnv {
+                production,
+                otherwise,
+            } => format!("{otherwise} ({production} if NODE_ENV=production)"),
+            WhenUnset::InWorkspace(dir) => format!("$WORKSPACE_BASE/{dir}"),
+            WhenUnset::Elsewhere(text) => text.into(),
+        }
+    }
+
+    /// The values it can take that a parser reads.
+    fn values(&self) -> Vec<&'static str> {
+        match *self {
+            WhenUnset::Value(v) => vec![v],
+            WhenUnset::ByMode { local, cloud } => vec![local, cloud],
+            WhenUnset::NodeEnv {
+                production,
+                otherwise,
+            } => vec![production, otherwise],
+            WhenUnset::Nothing | WhenUnset::InWorkspace(_) | WhenUnset::Elsewhere(_) => vec![],
+        }
+    }
+}
+
+/// One setting: its variable, what it is when unset, how a value is read and checked, and
+/// what it does.
+struct Setting<T> {
+    var: &'static str,
+    unset: WhenUnset,
+    /// Reads a value (trimmed, never empty); the error says what was expected.
+    parse: fn(&str) -> Result<T, String>,
+    meaning: &'static str,
+}
+
+/// A setting of any type, as the table lists it.
+pub trait Listed: Sync {
+    fn var(&self) -> &'static str;
+    fn unset(&self) -> WhenUnset;
+    fn meaning(&self) -> &'static str;
+    /// Read every value the setting takes when unset as if it had been set (its parser
+    /// must accept them all).
+    fn check_unset(&self) -> Result<(), String>;
+}
+
+impl<T> Listed for Setting<T> {
+    fn var(&self) -> &'static str {
+        self.var
+    }
+
+    fn unset(&self) -> WhenUnset {
+        self.unset
+    }
+
+    fn meaning(&self) -> &'static str {
+        self.meaning
+    }
+
+    fn check_unset(&self) -> Result<(), String> {
+        for v in self.unset.values() {
+            (self.parse)(v).map_err(|e| format!("{}: default {v:?}: {e}", self.var))?;
+        }
+        Ok(())
+    }
+}
+
+// The parsers. Each gets the trimmed, non-empty value and says what it expected.
+
+fn text(v: &str) -> Result<String, String> {
+    Ok(v.to_string())
+}
+
+fn secret(v: &str) -> Result<Secret, String> {
+    Ok(Secret(v.to_string()))
+}
+
+/// A path; a leading `~` is the home directory.
+fn path(v: &str) -> Result<PathBuf, String> {
+    Ok(expand_home(v))
+}
+
+fn number<T: std::str::FromStr>(v: &str, what: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().map_err(|e| format!("expected {what} ({e})"))
+}
+
+fn seconds(v: &str) -> Result<Duration, String> {
+    number(v, "seconds").map(Duration::from_secs)
+}
+
+/// One of two words: true for `yes`, false for `no`.
+fn switch(v: &str, yes: &str, no: &str) -> Result<bool, String> {
+    match v {
+        _ if v == yes => Ok(true),
+        _ if v == no => Ok(false),
+        _ => Err(format!("expected `{yes}` or `{no}`")),
+    }
+}
+
+fn percent(v: &str) -> Result<u8, String> {
+    let p: u8 = number(v, "a whole percentage 1-100")?;
+    if !(1..=100).contains(&p) {
+        return Err("expected 1-100".into());
+    }
+    Ok(p)
+}
+
+fn sql_table(v: &str) -> Result<String, String> {
+    if !is_sql_identifier(v) {
+        return Err("expected a table name like `sessions` or `auth.sessions`".into());
+    }
+    Ok(v.to_string())
+}
+
+const WELDR_MODE: Setting<Mode> = Setting {
+    var: "WELDR_MODE",
+    unset: WhenUnset::NodeEnv {
+        production: "cloud",
+        otherwise: "local",
+    },
+    parse: |v| match v {
+        "local" => Ok(Mode::Local),
+        "cloud" => Ok(Mode::Cloud),
+        _ => Err("expected `local` or `cloud`".into()),
+    },
+    meaning: "`local` or `cloud`",
+};
+const HOST: Setting<IpAddr> = Setting {
+    var: "HOST",
+    unset: WhenUnset::ByMode {
+        local: "127.0.0.1",
+        cloud: "0.0.0.0",
+    },
+    parse: |v| number(v, "an IP address"),
+    meaning: "address to listen on",
+};
+const PORT: Setting<u16> = Setting {
+    var: "PORT",
+    unset: WhenUnset::Value("8080"),
+    parse: |v| number(v, "a TCP port 0-65535"),
+    meaning: "HTTP port",
+};
+const CORS_ORIGIN: Setting<Vec<String>> = Setting {
+    var: "CORS_ORIGIN",
+    unset: WhenUnset::Value("http://localhost:3000"),
+    parse: |v| {
+        Ok(v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect())
+    },
+    meaning: "allowed origins, comma-separated",
+};
+const WORKSPACE_BASE: Setting<PathBuf> = Setting {
+    var: "WORKSPACE_BASE",
+    unset: WhenUnset::ByMode {
+        local: "~/.weldr",
+        cloud: "/workspace",
+    },
+    parse: |v| {
+        let p = expand_home(v);
+        if !p.is_absolute() {
+            return Err("expected an absolute path".into());
+        }
+        Ok(p)
+    },
+    meaning: "branch directories live here",
+};
+const WELDR_DATA_DIR: Setting<PathBuf> = Setting {
+    var: "WELDR_DATA_DIR",
+    unset: WhenUnset::InWorkspace(".weldr-agent"),
+    parse: path,
+    meaning: "redb store and control socket",
+};
+const PROJECT_ID: Setting<String> = Setting {
+    var: "PROJECT_ID",
+    unset: WhenUnset::Nothing,
+    parse: |v| {
+        if !crate::ids::is_valid_id(v) {
+            return Err("expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'".into());
+        }
+        Ok(v.to_string())
+    },
+    meaning: "the machine's project (required in cloud mode)",
+};
+const WELDR_OBJECT_STORE_DIR: Setting<PathBuf> = Setting {
+    var: "WELDR_OBJECT_STORE_DIR",
+    unset: WhenUnset::InWorkspace(".weldr-objects"),
+    parse: path,
+    meaning: "fs object store (local mode, no S3_*)",
+};
+const S3_ENDPOINT: Setting<String> = Setting {
+    var: "S3_ENDPOINT",
+    unset: WhenUnset::ByMode {
+        local: "https://t3.storage.dev",
+        cloud: "https://fly.storage.tigris.dev",
+    },
+    parse: text,
+    meaning: "S3 endpoint",
+};
+const S3_REGION: Setting<String> = Setting {
+    var: "S3_REGION",
+    unset: WhenUnset::Value("auto"),
+    parse: text,
+    meaning: "S3 region",
+};
+const S3_CREDENTIALS: &str = "S3 credentials (never read from ~/.aws)";
+const S3_ACCESS_KEY_ID: Setting<Secret> = Setting {
+    var: "S3_ACCESS_KEY_ID",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: S3_CREDENTIALS,
+};
+const S3_SECRET_ACCESS_KEY: Setting<Secret> = Setting {
+    var: "S3_SECRET_ACCESS_KEY",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: S3_CREDENTIALS,
+};
+const S3_BUCKET: Setting<String> = Setting {
+    var: "S3_BUCKET",
+    unset: WhenUnset::Nothing,
+    parse: text,
+    meaning: "one shared bucket; default is a bucket per branch",
+};
+const DATABASE_URL: Setting<Secret> = Setting {
+    var: "DATABASE_URL",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: "Postgres mirror and Better Auth sessions (optional)",
+};
+const REDIS_URL: Setting<Secret> = Setting {
+    var: "REDIS_URL",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: "Redis mirror (optional)",
+};
+const BETTER_AUTH_SECRET: Setting<Secret> = Setting {
+    var: "BETTER_AUTH_SECRET",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: "verifies Better Auth session cookies",
+};
+const WELDR_MODEL: Setting<String> = Setting {
+    var: "WELDR_MODEL",
+    unset: WhenUnset::Value("anthropic:claude-sonnet-4-5"),
+    parse: |v| {
+        if !v.contains(':') {
+            return Err("expected `provider:model`, e.g. `openai:gpt-4.1`".into());
+        }
+        Ok(v.to_string())
+    },
+    meaning: "default model, `provider:model`",
+};
+const PROVIDER_KEYS: &str = "provider keys";
+const ANTHROPIC_API_KEY: Setting<Secret> = Setting {
+    var: "ANTHROPIC_API_KEY",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: PROVIDER_KEYS,
+};
+const OPENAI_API_KEY: Setting<Secret> = Setting {
+    var: "OPENAI_API_KEY",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: PROVIDER_KEYS,
+};
+const GEMINI_API_KEY: Setting<Secret> = Setting {
+    var: "GEMINI_API_KEY",
+    unset: WhenUnset::Nothing,
+    parse: secret,
+    meaning: PROVIDER_KEYS,
+};
+const PROVIDER_ENDPOINTS: &str = "provider endpoints";
+const PROVIDER_DEFAULT: WhenUnset = WhenUnset::Elsewhere("provider default");
+const ANTHROPIC_BASE_URL: Setting<String> = Setting {
+    var: "ANTHROPIC_BASE_URL",
+    unset: PROVIDER_DEFAULT,
+    parse: text,
+    meaning: PROVIDER_ENDPOINTS,
+};
+const OPENAI_BASE_URL: Setting<String> = Setting {
+    var: "OPENAI_BASE_URL",
+    unset: PROVIDER_DEFAULT,
+    parse: text,
+    meaning: PROVIDER_ENDPOINTS,
+};
+const GEMINI_BASE_URL: Setting<String> = Setting {
+    var: "GEMINI_BASE_URL",
+    unset: PROVIDER_DEFAULT,
+    parse: text,
+    meaning: PROVIDER_ENDPOINTS,
+};
+const OLLAMA_BASE_URL: Setting<String> = Setting {
+    var: "OLLAMA_BASE_URL",
+    unset: WhenUnset::Value("http://127.0.0.1:11434/v1"),
+    parse: text,
+    meaning: "OpenAI-compatible local server",
+};
+const MAX_VOLUME_USAGE_PERCENT: Setting<u8> = Setting {
+    var: "MAX_VOLUME_USAGE_PERCENT",
+    unset: WhenUnset::Value("85"),
+    parse: percent,
+    meaning: "eviction starts at this disk usage",
+};
+const TARGET_VOLUME_USAGE_PERCENT: Setting<u8> = Setting {
+    var: "TARGET_VOLUME_USAGE_PERCENT",
+    unset: WhenUnset::Value("70"),
+    parse: percent,
+    meaning: "eviction stops at this disk usage",
+};
+const EVICTION_GRACE_SECONDS: Setting<Duration> = Setting {
+    var: "EVICTION_GRACE_SECONDS",
+    unset: WhenUnset::Value("300"),
+    parse: seconds,
+    meaning: "recently used branches are never evicted",
+};
+const EVICTION_INTERVAL_SECONDS: Setting<Duration> = Setting {
+    var: "EVICTION_INTERVAL_SECONDS",
+    unset: WhenUnset::Value("30"),
+    parse: seconds,
+    meaning: "how often the disk watermark loop runs (0: never; `weldr-agent cleanup` still works)",
+};
+const SYNC_QUIET_SECONDS: Setting<Duration> = Setting {
+    var: "SYNC_QUIET_SECONDS",
+    unset: WhenUnset::Value("30"),
+    parse: |v| Ok(seconds(v)?.max(Duration::from_secs(1))),
+    meaning: "a changed branch is pushed after this long without further changes (and after each version)",
+};
+const EVENT_RETENTION: Setting<u64> = Setting {
+    var: "EVENT_RETENTION",
+    unset: WhenUnset::Value("50000"),
+    parse: |v| match number(v, "a positive number of events")? {
+        0 => Err("expected at least 1".into()),
+        n => Ok(n),
+    },
+    meaning: "events kept per branch stream",
+};
+const EVENT_CACHE_MB: Setting<usize> = Setting {
+    var: "EVENT_CACHE_MB",
+    unset: WhenUnset::Value("32"),
+    parse: |v| Ok((number::<u32>(v, "a number of MiB")? as usize).saturating_mul(1 << 20)),
+    meaning: "memory for encoded blocks of older events that resuming clients share (0: off)",
+};
+const APPEND_LOG: Setting<bool> = Setting {
+    var: "APPEND_LOG",
+    unset: WhenUnset::Value("on"),
+    parse: |v| switch(v, "on", "off"),
+    meaning: "`on`: event appends are made durable by one sequential synced write to `state.redb.wal`, redb catches up at checkpoints; `off`: every write is a durable redb commit",
+};
+const SHUTDOWN_TIMEOUT_SECONDS: Setting<Duration> = Setting {
+    var: "SHUTDOWN_TIMEOUT_SECONDS",
+    unset: WhenUnset::Value("20"),
+    parse: seconds,
+    meaning: "graceful shutdown budget (Fly kill timeout is 30)",
+};
+const LOG_LEVEL: Setting<String> = Setting {
+    var: "LOG_LEVEL",
+    unset: WhenUnset::Value("info"),
+    parse: text,
+    meaning: "tracing filter, e.g. `debug` or `weldr_agent=debug`",
+};
+const AUTH_COOKIE_PREFIX: Setting<String> = Setting {
+    var: "AUTH_COOKIE_PREFIX",
+    unset: WhenUnset::Value("weldr"),
+    parse: text,
+    meaning: "Better Auth cookie prefix",
+};
+const AUTH_TABLES: &str = "Better Auth tables in Postgres";
+const AUTH_SESSIONS_TABLE: Setting<String> = Setting {
+    var: "AUTH_SESSIONS_TABLE",
+    unset: WhenUnset::Value("sessions"),
+    parse: sql_table,
+    meaning: AUTH_TABLES,
+};
+const AUTH_USERS_TABLE: Setting<String> = Setting {
+    var: "AUTH_USERS_TABLE",
+    unset: WhenUnset::Value("users"),
+    parse: sql_table,
+    meaning: AUTH_TABLES,
+};
+const AUTH_PROJECTS_TABLE: Setting<String> = Setting {
+    var: "AUTH_PROJECTS_TABLE",
+    unset: WhenUnset::Value("projects"),
+    parse: sql_table,
+    meaning: AUTH_TABLES,
+};
+const SSE_MAX_PER_USER: Setting<usize> = Setting {
+    var: "SSE_MAX_PER_USER",
+    unset: WhenUnset::Value("32"),
+    parse: |v| Ok(number::<usize>(v, "a number of streams")?.max(1)),
+    meaning: "open SSE streams per user",
+};
+const MAX_CONNECTIONS: Setting<usize> = Setting {
+    var: "MAX_CONNECTIONS",
+    unset: WhenUnset::Elsewhere("3/4 of the file descriptor limit"),
+    parse: |v| Ok(number::<usize>(v, "a number of connections")?.max(1)),
+    meaning: "open HTTP connections at once; more are refused at accept (a few more are kept for /health)",
+};
+const REQUEST_HEAD_TIMEOUT_SECONDS: Setting<Duration> = Setting {
+    var: "REQUEST_HEAD_TIMEOUT_SECONDS",
+    unset: WhenUnset::Value("10"),
+    parse: |v| Ok(seconds(v)?.max(Duration::from_secs(1))),
+    meaning: "a connection that has not sent a complete request head within this is closed",
+};
+const REPLAY_DIR: Setting<PathBuf> = Setting {
+    var: "REPLAY_DIR",
+    unset: WhenUnset::Nothing,
+    parse: path,
+    meaning: "`replay:<path>` models play transcripts only from inside this directory; unset: refused",
+};
+const TRIGGER_RATE_PER_MINUTE: Setting<u32> = Setting {
+    var: "TRIGGER_RATE_PER_MINUTE",
+    unset: WhenUnset::Value("20"),
+    parse: |v| Ok(number::<u32>(v, "a number per minute")?.max(1)),
+    meaning: "`/trigger` calls per user per minute",
+};
+const MAX_BODY_BYTES: Setting<usize> = Setting {
+    var: "MAX_BODY_BYTES",
+    unset: WhenUnset::Value("1048576"),
+    parse: |v| Ok(number::<usize>(v, "a number of bytes")?.max(1024)),
+    meaning: "largest JSON request body",
+};
+const FORK_MODE: Setting<bool> = Setting {
+    var: "FORK_MODE",
+    unset: WhenUnset::Value("layers"),
+    parse: |v| switch(v, "layers", "copy"),
+    meaning: "`layers`: forks at a head are copy-on-write overlayfs layers where the kernel lets us mount (root), else copies; `copy`: always copy",
+};
+const WORKFLOW_CONCURRENCY: Setting<usize> = Setting {
+    var: "WORKFLOW_CONCURRENCY",
+    unset: WhenUnset::Value("4"),
+    parse: |v| Ok(number::<usize>(v, "a number of workflows")?.max(1)),
+    meaning: "workflows running at once across branches (more queue)",
+};
+const TLS_FILES: &str = "serve HTTPS with this PEM certificate chain and key";
+const TLS_CERT_PATH: Setting<PathBuf> = Setting {
+    var: "TLS_CERT_PATH",
+    unset: WhenUnset::Nothing,
+    parse: |v| Ok(PathBuf::from(v)),
+    meaning: TLS_FILES,
+};
+const TLS_KEY_PATH: Setting<PathBuf> = Setting {
+    var: "TLS_KEY_PATH",
+    unset: WhenUnset::Nothing,
+    parse: |v| Ok(PathBuf::from(v)),
+    meaning: TLS_FILES,
+};
+const OPENAI_API: Setting<bool> = Setting {
+    var: "OPENAI_API",
+    unset: WhenUnset::Value("responses"),
+    parse: |v| switch(v, "responses", "chat"),
+    meaning: "how `openai:` models are spoken to: `responses` (OpenAI's Responses API, reasoning kept between tool calls) or `chat` (Chat Completions, for gateways without `/responses`)",
+};
+const WELDR_MAX_OUTPUT_TOKENS: Setting<u32> = Setting {
+    var: "WELDR_MAX_OUTPUT_TOKENS",
+    unset: WhenUnset::Elsewhere("per model"),
+    parse: |v| Ok(number::<u32>(v, "a number of tokens")?.max(256)),
+    meaning: "most output tokens of one model turn; a turn cut off at its limit is asked again with twice the limit up to this (default: the model's documented maximum, 8192 for unknown and local models)",
+};
+const SANDBOX: Setting<SandboxMode> = Setting {
+    var: "SANDBOX",
+    unset: WhenUnset::Value("bwrap"),
+    parse: |v| match switch(v, "bwrap", "off")? {
+        true => Ok(SandboxMode::Bwrap),
+        false => Ok(SandboxMode::Off),
+    },
+    meaning: "`bwrap`: the agent's commands (run_command, the build) run in a bubblewrap sandbox and fail with a clear message where it cannot run; `off`: unconfined, as the server (shown in `/health` and the startup log)",
+};
+const SANDBOX_NETWORK: Setting<bool> = Setting {
+    var: "SANDBOX_NETWORK",
+    unset: WhenUnset::Value("on"),
+    parse: |v| switch(v, "on", "off"),
+    meaning: "`on`: sandboxed commands reach the network (package registries); `off`: only their own loopback",
+};
+const SANDBOX_UID: Setting<u32> = Setting {
+    var: "SANDBOX_UID",
+    unset: WhenUnset::Value("61000"),
+    parse: |v| match number(v, "a uid")? {
+        0 => Err("the sandbox must not run as root".into()),
+        uid => Ok(uid),
+    },
+    meaning: "uid and gid sandboxed commands run as when the server is root (the branch directories' files are handed to it)",
+};
+const SANDBOX_MEMORY_MB: Setting<u64> = Setting {
+    var: "SANDBOX_MEMORY_MB",
+    unset: WhenUnset::Value("4096"),
+    parse: |v| Ok(number::<u64>(v, "a number of MiB")?.max(64)),
+    meaning: "most data memory one sandboxed process may map (RLIMIT_DATA)",
+};
+const SANDBOX_MAX_PROCESSES: Setting<u64> = Setting {
+    var: "SANDBOX_MAX_PROCESSES",
+    unset: WhenUnset::Value("1024"),
+    parse: |v| Ok(number::<u64>(v, "a number of processes")?.max(16)),
+    meaning: "most processes of the sandbox uid at once (RLIMIT_NPROC; when the server is root)",
+};
+const SANDBOX_TMP_MB: Setting<u64> = Setting {
+    var: "SANDBOX_TMP_MB",
+    unset: WhenUnset::Value("512"),
+    parse: |v| Ok(number::<u64>(v, "a number of MiB")?.max(1)),
+    meaning: "size of a sandboxed command's private /tmp (memory)",
+};
+
+/// Every setting, in the order `weldr-agent config` prints them. The README's configuration
+/// table must name the same variables with the same defaults (`tests/config_table.rs`).
+pub const SETTINGS: &[&dyn Listed] = &[
+    &WELDR_MODE,
+    &HOST,
+    &PORT,
+    &CORS_ORIGIN,
+    &WORKSPACE_BASE,
+    &WELDR_DATA_DIR,
+    &PROJECT_ID,
+    &WELDR_OBJECT_STORE_DIR,
+    &S3_ENDPOINT,
+    &S3_REGION,
+    &S3_ACCESS_KEY_ID,
+    &S3_SECRET_ACCESS_KEY,
+    &S3_BUCKET,
+    &DATABASE_URL,
+    &REDIS_URL,
+    &BETTER_AUTH_SECRET,
+    &WELDR_MODEL,
+    &ANTHROPIC_API_KEY,
+    &OPENAI_API_KEY,
+    &GEMINI_API_KEY,
+    &ANTHROPIC_BASE_URL,
+    &OPENAI_BASE_URL,
+    &GEMINI_BASE_URL,
+    &OLLAMA_BASE_URL,
+    &MAX_VOLUME_USAGE_PERCENT,
+    &TARGET_VOLUME_USAGE_PERCENT,
+    &EVICTION_GRACE_SECONDS,
+    &EVICTION_INTERVAL_SECONDS,
+    &SYNC_QUIET_SECONDS,
+    &EVENT_RETENTION,
+    &EVENT_CACHE_MB,
+    &APPEND_LOG,
+    &SHUTDOWN_TIMEOUT_SECONDS,
+    &LOG_LEVEL,
+    &AUTH_COOKIE_PREFIX,
+    &AUTH_SESSIONS_TABLE,
+    &AUTH_USERS_TABLE,
+    &AUTH_PROJECTS_TABLE,
+    &SSE_MAX_PER_USER,
+    &MAX_CONNECTIONS,
+    &REQUEST_HEAD_TIMEOUT_SECONDS,
+    &REPLAY_DIR,
+    &TRIGGER_RATE_PER_MINUTE,
+    &MAX_BODY_BYTES,
+    &FORK_MODE,
+    &WORKFLOW_CONCURRENCY,
+    &TLS_CERT_PATH,
+    &TLS_KEY_PATH,
+    &OPENAI_API,
+    &WELDR_MAX_OUTPUT_TOKENS,
+    &SANDBOX,
+    &SANDBOX_NETWORK,
+    &SANDBOX_UID,
+    &SANDBOX_MEMORY_MB,
+    &SANDBOX_MAX_PROCESSES,
+    &SANDBOX_TMP_MB,
 ];
 
+/// The table as `weldr-agent config` prints it: (variables, default, meaning). Settings that
+/// follow each other with the same meaning share a row (`A / B`); their defaults are joined
+/// the same way unless they are all the same.
+pub fn settings_rows() -> Vec<(String, String, &'static str)> {
+    let mut rows: Vec<(Vec<&'static str>, Vec<String>, &'static str)> = Vec::new();
+    for s in SETTINGS {
+        match rows.last_mut() {
+            Some((vars, defaults, meaning)) if *meaning == s.meaning() => {
+                vars.push(s.var());
+                defaults.push(s.unset().text());
+            }
+            _ => rows.push((vec![s.var()], vec![s.unset().text()], s.meaning())),
+        }
+    }
+    rows.into_iter()
+        .map(|(vars, mut defaults, meaning)| {
+            defaults.dedup();
+            (vars.join(" / "), defaults.join(" / "), meaning)
+        })
+        .collect()
+}
+
+/// The environment as settings read it.
 struct Env<'a> {
     get: &'a dyn Fn(&str) -> Option<String>,
+    /// Picks [`WhenUnset::ByMode`] defaults.
+    mode: Mode,
+}
+
+fn nothing_set(_: &str) -> Option<String> {
+    None
 }
 
 impl Env<'_> {
+    /// An environment where nothing is set: every setting at its default.
+    fn empty() -> Env<'static> {
+        Env {
+            get: &nothing_set,
+            mode: Mode::Local,
+        }
+    }
+
     /// The variable's value; empty counts as unset.
     fn var(&self, name: &str) -> Option<String> {
         (self.get)(name)
@@ -440,107 +851,81 @@ impl Env<'_> {
             .filter(|v| !v.is_empty())
     }
 
-    fn secret(&self, name: &str) -> Option<Secret> {
-        self.var(name).map(Secret)
-    }
-
-    /// A setting that is one of two words: true for `yes`, false for `no`, `default` unset.
-    fn switch(
-        &self,
-        name: &'static str,
-        yes: &str,
-        no: &str,
-        default: bool,
-    ) -> Result<bool, ConfigError> {
-        match self.var(name) {
-            None => Ok(default),
-            Some(v) if v == yes => Ok(true),
-            Some(v) if v == no => Ok(false),
-            Some(other) => Err(ConfigError {
-                var: name,
-                value: other,
-                message: format!("expected `{yes}` or `{no}`"),
+    /// The setting as set, else what it is when unset, read by its parser; None when it has
+    /// no value.
+    fn optional<T>(&self, s: &Setting<T>) -> Result<Option<T>, ConfigError> {
+        let value = self
+            .var(s.var)
+            .or_else(|| self.when_unset(s.unset).map(str::to_string));
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        match (s.parse)(&value) {
+            Ok(v) => Ok(Some(v)),
+            Err(message) => Err(ConfigError {
+                var: s.var,
+                value,
+                message,
             }),
         }
     }
 
-    fn parse<T: std::str::FromStr>(
-        &self,
-        name: &'static str,
-        default: T,
-        what: &str,
-    ) -> Result<T, ConfigError>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.var(name) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|e| ConfigError {
-                var: name,
-                value: v.clone(),
-                message: format!("expected {what} ({e})"),
+    /// The value a setting takes when unset, if it is one a parser reads.
+    fn when_unset(&self, unset: WhenUnset) -> Option<&'static str> {
+        match unset {
+            WhenUnset::Value(v) => Some(v),
+            WhenUnset::ByMode { local, cloud } => Some(match self.mode {
+                Mode::Local => local,
+                Mode::Cloud => cloud,
             }),
+            WhenUnset::NodeEnv {
+                production,
+                otherwise,
+            } => match self.var("NODE_ENV").as_deref() {
+                Some("production") => Some(production),
+                _ => Some(otherwise),
+            },
+            WhenUnset::Nothing | WhenUnset::InWorkspace(_) | WhenUnset::Elsewhere(_) => None,
         }
     }
-}
 
-fn percent(env: &Env, name: &'static str, default: u8) -> Result<u8, ConfigError> {
-    let v: u8 = env.parse(name, default, "a whole percentage 1-100")?;
-    if !(1..=100).contains(&v) {
-        return Err(ConfigError {
-            var: name,
-            value: v.to_string(),
-            message: "expected 1-100".into(),
-        });
+    /// A setting that always has a value (its default is one).
+    fn value<T>(&self, s: &Setting<T>) -> Result<T, ConfigError> {
+        self.optional(s)?.ok_or_else(|| ConfigError {
+            var: s.var,
+            value: String::new(),
+            message: "required".into(),
+        })
     }
-    Ok(v)
+
+    /// A directory setting whose default is inside the workspace.
+    fn dir(&self, s: &Setting<PathBuf>, workspace_base: &Path) -> Result<PathBuf, ConfigError> {
+        match (self.optional(s)?, s.unset) {
+            (Some(dir), _) => Ok(dir),
+            (None, WhenUnset::InWorkspace(name)) => Ok(workspace_base.join(name)),
+            (None, _) => self.value(s),
+        }
+    }
 }
 
 fn sandbox_settings(env: &Env) -> Result<SandboxSettings, ConfigError> {
-    let d = SandboxSettings::default();
-    let uid: u32 = env.parse("SANDBOX_UID", d.uid, "a uid")?;
-    if uid == 0 {
-        return Err(ConfigError {
-            var: "SANDBOX_UID",
-            value: "0".into(),
-            message: "the sandbox must not run as root".into(),
-        });
-    }
     Ok(SandboxSettings {
-        mode: if env.switch("SANDBOX", "bwrap", "off", true)? {
-            SandboxMode::Bwrap
-        } else {
-            SandboxMode::Off
-        },
-        network: env.switch("SANDBOX_NETWORK", "on", "off", d.network)?,
-        uid,
-        memory_mb: env
-            .parse("SANDBOX_MEMORY_MB", d.memory_mb, "a number of MiB")?
-            .max(64),
-        max_processes: env
-            .parse(
-                "SANDBOX_MAX_PROCESSES",
-                d.max_processes,
-                "a number of processes",
-            )?
-            .max(16),
-        tmp_mb: env
-            .parse("SANDBOX_TMP_MB", d.tmp_mb, "a number of MiB")?
-            .max(1),
-        program: d.program,
+        uid: env.value(&SANDBOX_UID)?,
+        mode: env.value(&SANDBOX)?,
+        network: env.value(&SANDBOX_NETWORK)?,
+        memory_mb: env.value(&SANDBOX_MEMORY_MB)?,
+        max_processes: env.value(&SANDBOX_MAX_PROCESSES)?,
+        tmp_mb: env.value(&SANDBOX_TMP_MB)?,
+        program: PathBuf::from("bwrap"),
     })
 }
 
-fn sql_table(env: &Env, name: &'static str, default: &str) -> Result<String, ConfigError> {
-    let value = env.var(name).unwrap_or_else(|| default.to_string());
-    if !is_sql_identifier(&value) {
-        return Err(ConfigError {
-            var: name,
-            value,
-            message: "expected a table name like `sessions` or `auth.sessions`".into(),
-        });
-    }
-    Ok(value)
+fn auth_tables(env: &Env) -> Result<AuthTables, ConfigError> {
+    Ok(AuthTables {
+        sessions: env.value(&AUTH_SESSIONS_TABLE)?,
+        users: env.value(&AUTH_USERS_TABLE)?,
+        projects: env.value(&AUTH_PROJECTS_TABLE)?,
+    })
 }
 
 fn home_dir() -> PathBuf {
@@ -560,68 +945,22 @@ impl Config {
         Self::from_lookup(&|k| map.get(k).cloned())
     }
 
+    /// Every setting of [`SETTINGS`], then the rules between settings. The first invalid
+    /// value (in the order below) is the error.
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let env = Env { get };
-        let mode = match env.var("WELDR_MODE").as_deref() {
-            Some("local") => Mode::Local,
-            Some("cloud") => Mode::Cloud,
-            Some(other) => {
-                return Err(ConfigError {
-                    var: "WELDR_MODE",
-                    value: other.into(),
-                    message: "expected `local` or `cloud`".into(),
-                });
-            }
-            None => match env.var("NODE_ENV").as_deref() {
-                Some("production") => Mode::Cloud,
-                _ => Mode::Local,
-            },
+        let mut env = Env {
+            get,
+            mode: Mode::Local,
         };
-        let default_host: IpAddr = match mode {
-            Mode::Local => [127, 0, 0, 1].into(),
-            Mode::Cloud => [0, 0, 0, 0].into(),
-        };
-        let host = env.parse("HOST", default_host, "an IP address")?;
-        let port = env.parse("PORT", 8080u16, "a TCP port 0-65535")?;
-        let cors_origins = env
-            .var("CORS_ORIGIN")
-            .unwrap_or_else(|| "http://localhost:3000".into())
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let workspace_base = match env.var("WORKSPACE_BASE") {
-            Some(p) => expand_home(&p),
-            None => match mode {
-                Mode::Local => home_dir().join(".weldr"),
-                Mode::Cloud => PathBuf::from("/workspace"),
-            },
-        };
-        if !workspace_base.is_absolute() {
-            return Err(ConfigError {
-                var: "WORKSPACE_BASE",
-                value: workspace_base.display().to_string(),
-                message: "expected an absolute path".into(),
-            });
-        }
-        let data_dir = env
-            .var("WELDR_DATA_DIR")
-            .map(|p| expand_home(&p))
-            .unwrap_or_else(|| workspace_base.join(".weldr-agent"));
-        let object_store_dir = env
-            .var("WELDR_OBJECT_STORE_DIR")
-            .map(|p| expand_home(&p))
-            .unwrap_or_else(|| workspace_base.join(".weldr-objects"));
-        let project_id = env.var("PROJECT_ID");
-        if let Some(p) = &project_id
-            && !crate::ids::is_valid_id(p)
-        {
-            return Err(ConfigError {
-                var: "PROJECT_ID",
-                value: p.clone(),
-                message: "expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'".into(),
-            });
-        }
+        let mode = env.value(&WELDR_MODE)?;
+        env.mode = mode;
+        let host = env.value(&HOST)?;
+        let port = env.value(&PORT)?;
+        let cors_origins = env.value(&CORS_ORIGIN)?;
+        let workspace_base = env.value(&WORKSPACE_BASE)?;
+        let data_dir = env.dir(&WELDR_DATA_DIR, &workspace_base)?;
+        let object_store_dir = env.dir(&WELDR_OBJECT_STORE_DIR, &workspace_base)?;
+        let project_id = env.optional(&PROJECT_ID)?;
         if mode == Mode::Cloud && project_id.is_none() {
             return Err(ConfigError {
                 var: "PROJECT_ID",
@@ -630,17 +969,14 @@ impl Config {
             });
         }
         let s3 = S3Config {
-            endpoint: env.var("S3_ENDPOINT").unwrap_or_else(|| match mode {
-                Mode::Local => "https://t3.storage.dev".into(),
-                Mode::Cloud => "https://fly.storage.tigris.dev".into(),
-            }),
-            region: env.var("S3_REGION").unwrap_or_else(|| "auto".into()),
-            access_key_id: env.secret("S3_ACCESS_KEY_ID"),
-            secret_access_key: env.secret("S3_SECRET_ACCESS_KEY"),
-            bucket: env.var("S3_BUCKET"),
+            endpoint: env.value(&S3_ENDPOINT)?,
+            region: env.value(&S3_REGION)?,
+            access_key_id: env.optional(&S3_ACCESS_KEY_ID)?,
+            secret_access_key: env.optional(&S3_SECRET_ACCESS_KEY)?,
+            bucket: env.optional(&S3_BUCKET)?,
         };
-        let max = percent(&env, "MAX_VOLUME_USAGE_PERCENT", 85)?;
-        let target = percent(&env, "TARGET_VOLUME_USAGE_PERCENT", 70)?;
+        let max = env.value(&MAX_VOLUME_USAGE_PERCENT)?;
+        let target = env.value(&TARGET_VOLUME_USAGE_PERCENT)?;
         if target >= max {
             return Err(ConfigError {
                 var: "TARGET_VOLUME_USAGE_PERCENT",
@@ -648,25 +984,8 @@ impl Config {
                 message: format!("must be below MAX_VOLUME_USAGE_PERCENT ({max})"),
             });
         }
-        let event_retention: u64 =
-            env.parse("EVENT_RETENTION", 50_000, "a positive number of events")?;
-        if event_retention == 0 {
-            return Err(ConfigError {
-                var: "EVENT_RETENTION",
-                value: "0".into(),
-                message: "expected at least 1".into(),
-            });
-        }
-        let default_model = env
-            .var("WELDR_MODEL")
-            .unwrap_or_else(|| "anthropic:claude-sonnet-4-5".into());
-        if !default_model.contains(':') {
-            return Err(ConfigError {
-                var: "WELDR_MODEL",
-                value: default_model,
-                message: "expected `provider:model`, e.g. `openai:gpt-4.1`".into(),
-            });
-        }
+        let event_retention = env.value(&EVENT_RETENTION)?;
+        let default_model = env.value(&WELDR_MODEL)?;
         Ok(Config {
             mode,
             host,
@@ -677,92 +996,45 @@ impl Config {
             project_id,
             object_store_dir,
             s3,
-            database_url: env.secret("DATABASE_URL"),
-            redis_url: env.secret("REDIS_URL"),
-            better_auth_secret: env.secret("BETTER_AUTH_SECRET"),
+            database_url: env.optional(&DATABASE_URL)?,
+            redis_url: env.optional(&REDIS_URL)?,
+            better_auth_secret: env.optional(&BETTER_AUTH_SECRET)?,
             providers: ProviderKeys {
-                anthropic_api_key: env.secret("ANTHROPIC_API_KEY"),
-                openai_api_key: env.secret("OPENAI_API_KEY"),
-                gemini_api_key: env.secret("GEMINI_API_KEY"),
-                anthropic_base_url: env.var("ANTHROPIC_BASE_URL"),
-                openai_base_url: env.var("OPENAI_BASE_URL"),
-                gemini_base_url: env.var("GEMINI_BASE_URL"),
-                ollama_base_url: env
-                    .var("OLLAMA_BASE_URL")
-                    .unwrap_or_else(|| "http://127.0.0.1:11434/v1".into()),
+                anthropic_api_key: env.optional(&ANTHROPIC_API_KEY)?,
+                openai_api_key: env.optional(&OPENAI_API_KEY)?,
+                gemini_api_key: env.optional(&GEMINI_API_KEY)?,
+                anthropic_base_url: env.optional(&ANTHROPIC_BASE_URL)?,
+                openai_base_url: env.optional(&OPENAI_BASE_URL)?,
+                gemini_base_url: env.optional(&GEMINI_BASE_URL)?,
+                ollama_base_url: env.value(&OLLAMA_BASE_URL)?,
                 default_model,
-                openai_responses: env.switch("OPENAI_API", "responses", "chat", true)?,
-                replay_dir: env.var("REPLAY_DIR").map(|p| expand_home(&p)),
-                max_output_tokens: match env.var("WELDR_MAX_OUTPUT_TOKENS") {
-                    None => None,
-                    Some(_) => Some(
-                        env.parse("WELDR_MAX_OUTPUT_TOKENS", 0u32, "a number of tokens")?
-                            .max(256),
-                    ),
-                },
+                openai_responses: env.value(&OPENAI_API)?,
+                replay_dir: env.optional(&REPLAY_DIR)?,
+                max_output_tokens: env.optional(&WELDR_MAX_OUTPUT_TOKENS)?,
             },
             max_volume_usage_percent: max,
             target_volume_usage_percent: target,
-            eviction_grace: Duration::from_secs(env.parse(
-                "EVICTION_GRACE_SECONDS",
-                300u64,
-                "seconds",
-            )?),
-            eviction_interval: Duration::from_secs(env.parse(
-                "EVICTION_INTERVAL_SECONDS",
-                30u64,
-                "seconds",
-            )?),
-            sync_quiet: Duration::from_secs(
-                env.parse("SYNC_QUIET_SECONDS", 30u64, "seconds")?.max(1),
-            ),
-            log_level: env.var("LOG_LEVEL").unwrap_or_else(|| "info".into()),
+            eviction_grace: env.value(&EVICTION_GRACE_SECONDS)?,
+            eviction_interval: env.value(&EVICTION_INTERVAL_SECONDS)?,
+            sync_quiet: env.value(&SYNC_QUIET_SECONDS)?,
+            log_level: env.value(&LOG_LEVEL)?,
             event_retention,
-            event_cache_bytes: (env.parse::<u32>("EVENT_CACHE_MB", 32, "a number of MiB")?
-                as usize)
-                .saturating_mul(1 << 20),
-            append_log: env.switch("APPEND_LOG", "on", "off", true)?,
-            shutdown_timeout: Duration::from_secs(env.parse(
-                "SHUTDOWN_TIMEOUT_SECONDS",
-                20u64,
-                "seconds",
-            )?),
+            event_cache_bytes: env.value(&EVENT_CACHE_MB)?,
+            append_log: env.value(&APPEND_LOG)?,
+            shutdown_timeout: env.value(&SHUTDOWN_TIMEOUT_SECONDS)?,
             sse_heartbeat: Duration::from_secs(15),
-            auth_cookie_prefix: env
-                .var("AUTH_COOKIE_PREFIX")
-                .unwrap_or_else(|| "weldr".into()),
-            auth_tables: AuthTables {
-                sessions: sql_table(&env, "AUTH_SESSIONS_TABLE", "sessions")?,
-                users: sql_table(&env, "AUTH_USERS_TABLE", "users")?,
-                projects: sql_table(&env, "AUTH_PROJECTS_TABLE", "projects")?,
-            },
-            sse_max_per_user: env
-                .parse("SSE_MAX_PER_USER", 32usize, "a number of streams")?
-                .max(1),
-            trigger_rate_per_minute: env
-                .parse("TRIGGER_RATE_PER_MINUTE", 20u32, "a number per minute")?
-                .max(1),
-            max_body_bytes: env
-                .parse("MAX_BODY_BYTES", 1usize << 20, "a number of bytes")?
-                .max(1024),
-            workflow_concurrency: env
-                .parse("WORKFLOW_CONCURRENCY", 4usize, "a number of workflows")?
-                .max(1),
-            fork_layers: env.switch("FORK_MODE", "layers", "copy", true)?,
+            auth_cookie_prefix: env.value(&AUTH_COOKIE_PREFIX)?,
+            auth_tables: auth_tables(&env)?,
+            sse_max_per_user: env.value(&SSE_MAX_PER_USER)?,
+            trigger_rate_per_minute: env.value(&TRIGGER_RATE_PER_MINUTE)?,
+            max_body_bytes: env.value(&MAX_BODY_BYTES)?,
+            workflow_concurrency: env.value(&WORKFLOW_CONCURRENCY)?,
+            fork_layers: env.value(&FORK_MODE)?,
             sandbox: sandbox_settings(&env)?,
-            max_connections: match env.var("MAX_CONNECTIONS") {
-                None => None,
-                Some(_) => Some(
-                    env.parse("MAX_CONNECTIONS", 0usize, "a number of connections")?
-                        .max(1),
-                ),
-            },
-            request_head_timeout: Duration::from_secs(
-                env.parse("REQUEST_HEAD_TIMEOUT_SECONDS", 10u64, "seconds")?
-                    .max(1),
-            ),
-            tls: match (env.var("TLS_CERT_PATH"), env.var("TLS_KEY_PATH")) {
-                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+            max_connections: env.optional(&MAX_CONNECTIONS)?,
+            request_head_timeout: env.value(&REQUEST_HEAD_TIMEOUT_SECONDS)?,
+            tls: match (env.optional(&TLS_CERT_PATH)?, env.optional(&TLS_KEY_PATH)?) {
+                (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
                 (Some(_), None) => {
                     return Err(ConfigError {
@@ -815,20 +1087,55 @@ fn expand_home(p: &str) -> PathBuf {
 mod tests {
     use super::*;
 
-    /// The README's configuration table names every setting (it is the user's reference).
+    /// What a setting is when unset is read by its own parser: a default the parser refuses
+    /// would only show when a user leaves the variable unset.
     #[test]
-    fn the_readme_table_names_every_setting() {
-        let readme = include_str!("../README.md");
-        let table = &readme[readme.find("## Configuration").unwrap()..];
-        let table = &table[..table.find("\n## ").unwrap_or(table.len())];
-        for (vars, _, _) in SETTINGS {
-            for var in vars.split(" / ") {
-                assert!(
-                    table.contains(&format!("`{var}`")),
-                    "README's configuration table lacks {var}"
-                );
-            }
+    fn every_default_is_a_value_its_parser_accepts() {
+        for s in SETTINGS {
+            s.check_unset().unwrap();
         }
+        for mode in ["local", "cloud"] {
+            let c = cfg(&[("WELDR_MODE", mode), ("PROJECT_ID", "p")]).unwrap();
+            assert_eq!(c.sandbox.uid, SandboxSettings::default().uid);
+            assert_eq!(c.auth_tables.users, AuthTables::default().users);
+        }
+    }
+
+    /// `from_lookup` reads the table's variables and no others (NODE_ENV aside, which picks
+    /// the mode's default): a setting read but not listed would be missing from `weldr-agent
+    /// config` and the README.
+    #[test]
+    fn the_table_lists_exactly_what_is_read() {
+        let read = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        Config::from_lookup(&|k| {
+            read.lock().unwrap().insert(k.to_string());
+            None
+        })
+        .unwrap();
+        let mut read = read.into_inner().unwrap();
+        assert!(read.remove("NODE_ENV"));
+        let listed: std::collections::BTreeSet<String> =
+            SETTINGS.iter().map(|s| s.var().to_string()).collect();
+        assert_eq!(read, listed);
+        assert_eq!(listed.len(), SETTINGS.len(), "a variable is listed twice");
+    }
+
+    #[test]
+    fn settings_with_one_meaning_share_a_row() {
+        let rows = settings_rows();
+        let row = |var: &str| rows.iter().find(|(v, _, _)| v == var).cloned();
+        assert_eq!(
+            row("AUTH_SESSIONS_TABLE / AUTH_USERS_TABLE / AUTH_PROJECTS_TABLE").map(|r| r.1),
+            Some("sessions / users / projects".to_string())
+        );
+        assert_eq!(
+            row("S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY").map(|r| r.1),
+            Some("-".to_string())
+        );
+        assert_eq!(
+            row("HOST").map(|r| r.1),
+            Some("127.0.0.1 local, 0.0.0.0 cloud".to_string())
+        );
     }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use weldr_agent::app::App;
-use weldr_agent::config::{Config, Mode, SETTINGS};
+use weldr_agent::config::{Config, Mode, settings_rows};
 use weldr_agent::control::{ControlClient, ControlRequest, ControlResult, execute};
 use weldr_storage::StorageError;
 
@@ -278,7 +278,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
                 config.data_dir.display(),
                 config.port
             );
-            for (var, default, meaning) in SETTINGS {
+            for (var, default, meaning) in settings_rows() {
                 println!("{var:<60} {default:<45} {meaning}");
             }
             Ok(())
@@ -588,6 +588,7 @@ fn progress_line(label: &'static str) -> Option<weldr_agent::sync::Progress> {
 /// `sync push|pull`: works on the branch directory and the object store directly, so it runs
 /// the same whether or not the server is up.
 async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
+    use weldr_agent::branches::BranchKey;
     use weldr_agent::sync::{self, PullReport};
     let (project_id, branch_id) = match &command {
         SyncCommand::Push {
@@ -615,8 +616,7 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
         match command {
             SyncCommand::Push { .. } => sync::push_with(
                 &config,
-                &project_id,
-                &branch_id,
+                &BranchKey::new(&project_id, &branch_id),
                 &sync::PushOptions {
                     progress: progress_line("push"),
                     ..Default::default()
@@ -635,8 +635,7 @@ async fn sync_command(config: Config, command: SyncCommand) -> Result<()> {
             .map_err(anyhow::Error::from),
             SyncCommand::Pull { snapshot, .. } => sync::pull_with(
                 &config,
-                &project_id,
-                &branch_id,
+                &BranchKey::new(&project_id, &branch_id),
                 snapshot.as_deref(),
                 &sync::PullOptions {
                     progress: progress_line("pull"),

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
+use weldr_agent::branches::BranchKey;
 use weldr_storage::model;
 use weldr_storage::writer::now_ms;
 
@@ -409,7 +410,7 @@ async fn a_file_write_marks_the_branch_dirty_and_the_syncer_pushes_it() {
     std::fs::write(dir.join("deep/er/new.txt"), "hello").unwrap();
     wait_for(
         async || {
-            let m = weldr_agent::sync::manifest(&config, "p", "main", None).await;
+            let m = weldr_agent::sync::manifest(&config, &BranchKey::new("p", "main"), None).await;
             m.ok()
                 .flatten()
                 .is_some_and(|m| m.entries.iter().any(|e| e.path() == "deep/er/new.txt"))
@@ -507,13 +508,13 @@ async fn sigterm_pushes_dirty_branches_before_stopping() {
     )
     .await;
     assert!(
-        weldr_agent::sync::manifest(&config, "p", "b", None)
+        weldr_agent::sync::manifest(&config, &BranchKey::new("p", "b"), None)
             .await
             .unwrap()
             .is_none()
     );
     s.server.shutdown().await;
-    let m = weldr_agent::sync::manifest(&config, "p", "b", None)
+    let m = weldr_agent::sync::manifest(&config, &BranchKey::new("p", "b"), None)
         .await
         .unwrap()
         .expect("pushed on shutdown");

@@ -17,6 +17,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::json;
+use weldr_agent::branches::BranchKey;
 use weldr_agent::branches::layers::{Layers, is_mount_point};
 use weldr_agent::config::Config;
 
@@ -259,7 +260,9 @@ async fn layered_branches_come_back_after_a_restart_and_evict_and_restore() {
 
     // `weldr-agent sync push` before any server ran again mounts the branch first: it never
     // pushes the bare mount point as the branch.
-    let pushed = weldr_agent::sync::push(&cfg, "p", "feature").await.unwrap();
+    let pushed = weldr_agent::sync::push(&cfg, &BranchKey::new("p", "feature"))
+        .await
+        .unwrap();
     assert!(is_mount_point(&feature).unwrap());
     assert!(pushed.files > 10, "{pushed:?}");
     tree::assert_same(&work_tree(&feature), &feature_tree, "feature as pushed");

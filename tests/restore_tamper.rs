@@ -18,6 +18,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::json;
+use weldr_agent::branches::BranchKey;
 use weldr_agent::branches::layers::Layers;
 use weldr_agent::config::Config;
 use weldr_agent::sync::manifest::{self, Entry, Loc, Manifest};
@@ -190,7 +191,9 @@ async fn a_link_at_an_excluded_path_is_never_written_through() {
         &[Item::File("a.txt", 0o644, b"a\n"), Item::Link("x.log", out)],
     )
     .await;
-    sync::pull(&config, "p", "b", None).await.unwrap();
+    sync::pull(&config, &BranchKey::new("p", "b"), None)
+        .await
+        .unwrap();
     let meta = std::fs::symlink_metadata(dir.join("x.log")).unwrap();
     assert!(
         meta.is_file(),
@@ -214,7 +217,9 @@ async fn a_link_at_an_excluded_path_is_never_written_through() {
         ],
     )
     .await;
-    sync::pull(&config, "p", "b", None).await.unwrap();
+    sync::pull(&config, &BranchKey::new("p", "b"), None)
+        .await
+        .unwrap();
     assert_eq!(
         outside.state(),
         before,
@@ -272,7 +277,9 @@ async fn a_link_at_the_old_copy_fallback_name_in_a_layered_branch_is_not_followe
         ],
     )
     .await;
-    let report = sync::pull(&config, "p", "feature", None).await.unwrap();
+    let report = sync::pull(&config, &BranchKey::new("p", "feature"), None)
+        .await
+        .unwrap();
     assert!(matches!(report, PullReport::Restored { .. }), "{report:?}");
     assert_eq!(
         outside.state(),
@@ -313,10 +320,12 @@ async fn a_git_config_that_moves_the_work_tree_is_stripped_on_restore() {
     let dir = project_with_branch(&s, "main").await;
     std::fs::write(dir.join("a.txt"), "alpha\n").unwrap();
     let v1 = checkpoint(&s, "main", "v1").await;
-    sync::push(&config, "p", "main").await.unwrap();
+    sync::push(&config, &BranchKey::new("p", "main"))
+        .await
+        .unwrap();
 
     // Tamper: the same tree with a `.git/config` that redirects git.
-    let m = sync::manifest(&config, "p", "main", None)
+    let m = sync::manifest(&config, &BranchKey::new("p", "main"), None)
         .await
         .unwrap()
         .unwrap();
@@ -351,7 +360,9 @@ async fn a_git_config_that_moves_the_work_tree_is_stripped_on_restore() {
         .collect();
     write_manifest(&store, "tampered", entries).await;
     std::fs::write(dir.join("a.txt"), "changed\n").unwrap();
-    sync::pull(&config, "p", "main", None).await.unwrap();
+    sync::pull(&config, &BranchKey::new("p", "main"), None)
+        .await
+        .unwrap();
     let restored = std::fs::read_to_string(dir.join(".git/config")).unwrap();
     for gone in ["worktree", "hooksPath", "/dev/zero", "outside"] {
         assert!(!restored.contains(gone), "{gone} restored: {restored}");
@@ -496,7 +507,9 @@ async fn impossible_manifests_are_refused_and_the_branch_is_untouched() {
     ];
     for (i, (what, items)) in cases.iter().enumerate() {
         publish(&config, "p", "b", &format!("bad{i}"), items).await;
-        let err = sync::pull(&config, "p", "b", None).await.expect_err(what);
+        let err = sync::pull(&config, &BranchKey::new("p", "b"), None)
+            .await
+            .expect_err(what);
         assert!(matches!(err, SyncError::Corrupt(_)), "{what}: {err}");
         assert_eq!(listing(&dir), before, "{what}: the branch changed");
         assert_eq!(outside.state(), before_outside, "{what}");
@@ -553,7 +566,9 @@ async fn a_swap_that_fails_half_way_is_undone() {
         ],
     )
     .await;
-    let err = sync::pull(&config, "p", "b", None).await.unwrap_err();
+    let err = sync::pull(&config, &BranchKey::new("p", "b"), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SyncError::Io(_)), "{err}");
     assert!(err.to_string().contains("as it was"), "{err}");
     assert_eq!(listing(&dir), before, "a failed swap changed the branch");
@@ -575,7 +590,9 @@ async fn oversized_objects_are_refused() {
     publish(&config, "p", "b", "s1", &[Item::File("a.txt", 0o644, b"x")]).await;
     let store = Store::open(&config, "p", "b").unwrap();
     store.put("latest", vec![b'a'; 64 << 10]).await.unwrap();
-    let err = sync::pull(&config, "p", "b", None).await.unwrap_err();
+    let err = sync::pull(&config, &BranchKey::new("p", "b"), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SyncError::Corrupt(_)), "{err}");
     assert!(err.to_string().contains("bigger than"), "{err}");
     assert_eq!(listing(&dir), before);

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use weldr_agent::branches::BranchKey;
 use weldr_agent::config::{Config, Secret};
 use weldr_agent::sync::{self, PullReport, PushOptions, SyncError, manifest};
 
@@ -172,7 +173,7 @@ async fn push_change_push_pull_noop_and_corruption() {
 
     // Nothing pushed yet: skipped, as the original's bucket_not_found.
     let restore0 = tmp.path().join("restore0");
-    match sync::pull_into(&config, &project, branch, None, &restore0)
+    match sync::pull_into(&config, &BranchKey::new(&project, branch), None, &restore0)
         .await
         .unwrap()
     {
@@ -183,13 +184,17 @@ async fn push_change_push_pull_noop_and_corruption() {
     }
 
     populate(&dir);
-    let first = sync::push(&config, &project, branch).await.unwrap();
+    let first = sync::push(&config, &BranchKey::new(&project, branch))
+        .await
+        .unwrap();
     assert!(!first.unchanged);
     assert_eq!(first.bucket, format!("project-{project}-branch-main"));
     assert!(first.uploaded_objects >= 2, "{first:?}");
 
     change(&dir);
-    let second = sync::push(&config, &project, branch).await.unwrap();
+    let second = sync::push(&config, &BranchKey::new(&project, branch))
+        .await
+        .unwrap();
     assert!(!second.unchanged);
     assert_ne!(second.snapshot_id, first.snapshot_id);
     // The 9 MiB file did not change: only a pack with the changed small files (and the
@@ -198,7 +203,7 @@ async fn push_change_push_pull_noop_and_corruption() {
 
     // Pull into an empty directory: byte-identical (modes, links, empty dirs, .git).
     let restore = tmp.path().join("restore");
-    let report = sync::pull_into(&config, &project, branch, None, &restore)
+    let report = sync::pull_into(&config, &BranchKey::new(&project, branch), None, &restore)
         .await
         .unwrap();
     assert!(
@@ -220,8 +225,7 @@ async fn push_change_push_pull_noop_and_corruption() {
     let restore1 = tmp.path().join("restore1");
     sync::pull_into(
         &config,
-        &project,
-        branch,
+        &BranchKey::new(&project, branch),
         Some(&first.snapshot_id),
         &restore1,
     )
@@ -231,34 +235,46 @@ async fn push_change_push_pull_noop_and_corruption() {
     assert!(restore1.join("empty").is_dir());
 
     // A no-op push uploads nothing and costs at most two requests.
-    let third = sync::push(&config, &project, branch).await.unwrap();
+    let third = sync::push(&config, &BranchKey::new(&project, branch))
+        .await
+        .unwrap();
     assert!(third.unchanged, "{third:?}");
     assert_eq!(third.uploaded_objects, 0);
     assert!(third.requests <= 2, "{third:?}");
     assert_eq!(third.snapshot_id, second.snapshot_id);
     assert!(
-        sync::verify(&config, &project, branch, &second.snapshot_id)
-            .await
-            .unwrap()
+        sync::verify(
+            &config,
+            &BranchKey::new(&project, branch),
+            &second.snapshot_id
+        )
+        .await
+        .unwrap()
     );
     std::fs::write(dir.join("README.md"), "drift\n").unwrap();
     assert!(
-        !sync::verify(&config, &project, branch, &second.snapshot_id)
-            .await
-            .unwrap()
+        !sync::verify(
+            &config,
+            &BranchKey::new(&project, branch),
+            &second.snapshot_id
+        )
+        .await
+        .unwrap()
     );
 
     // Pulling into the branch directory puts it back and removes files not in the snapshot,
     // but keeps excluded ones.
     std::fs::write(dir.join("stray.txt"), "not in the snapshot").unwrap();
-    sync::pull(&config, &project, branch, None).await.unwrap();
+    sync::pull(&config, &BranchKey::new(&project, branch), None)
+        .await
+        .unwrap();
     // (`git status` above refreshed the restored copy's index, so compare with the tree as
     // restored.)
     assert_same(&tree(&dir), &restored);
     assert!(dir.join("node_modules/pkg/index.js").is_file());
 
     // Corrupt one pack (same length, different bytes) through the S3 API.
-    let m = sync::manifest(&config, &project, branch, None)
+    let m = sync::manifest(&config, &BranchKey::new(&project, branch), None)
         .await
         .unwrap()
         .unwrap();
@@ -283,7 +299,7 @@ async fn push_change_push_pull_noop_and_corruption() {
     }
     op.write(&manifest::pack_path(&pack), bad).await.unwrap();
     let restore2 = tmp.path().join("restore2");
-    let err = sync::pull_into(&config, &project, branch, None, &restore2)
+    let err = sync::pull_into(&config, &BranchKey::new(&project, branch), None, &restore2)
         .await
         .unwrap_err();
     assert!(matches!(err, SyncError::Corrupt(_)), "{err}");
@@ -291,7 +307,11 @@ async fn push_change_push_pull_noop_and_corruption() {
     // The branch directory is left as it was, not half-restored.
     std::fs::write(dir.join("README.md"), "local edit").unwrap();
     let before = tree(&dir);
-    assert!(sync::pull(&config, &project, branch, None).await.is_err());
+    assert!(
+        sync::pull(&config, &BranchKey::new(&project, branch), None)
+            .await
+            .is_err()
+    );
     assert_eq!(tree(&dir), before);
     // No staging directory is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
@@ -317,7 +337,7 @@ async fn push_change_push_pull_noop_and_corruption() {
         .unwrap();
     op.delete(&manifest::object_path(&big)).await.unwrap();
     let restore3 = tmp.path().join("restore3");
-    let err = sync::pull_into(&config, &project, branch, None, &restore3)
+    let err = sync::pull_into(&config, &BranchKey::new(&project, branch), None, &restore3)
         .await
         .unwrap_err();
     assert!(matches!(err, SyncError::Corrupt(_)), "{err}");
@@ -335,7 +355,9 @@ async fn interrupted_push_keeps_previous_snapshot_and_next_push_completes() {
         &weldr_agent::branches::BranchKey::new(&project, "b1"),
     );
     populate(&dir);
-    let first = sync::push(&config, &project, "b1").await.unwrap();
+    let first = sync::push(&config, &BranchKey::new(&project, "b1"))
+        .await
+        .unwrap();
     let first_tree = tree(&dir);
 
     change(&dir);
@@ -346,14 +368,14 @@ async fn interrupted_push_keeps_previous_snapshot_and_next_push_completes() {
         fail_after_uploads: Some(1),
         ..Default::default()
     };
-    let err = sync::push_with(&config, &project, "b1", &options)
+    let err = sync::push_with(&config, &BranchKey::new(&project, "b1"), &options)
         .await
         .unwrap_err();
     assert!(matches!(err, SyncError::Aborted(_)), "{err}");
 
     // Content went up, but no manifest: the previous snapshot is still the latest and whole.
     let restore = tmp.path().join("r1");
-    match sync::pull_into(&config, &project, "b1", None, &restore)
+    match sync::pull_into(&config, &BranchKey::new(&project, "b1"), None, &restore)
         .await
         .unwrap()
     {
@@ -363,10 +385,12 @@ async fn interrupted_push_keeps_previous_snapshot_and_next_push_completes() {
     assert_eq!(tree(&restore), first_tree);
 
     // The next push completes.
-    let next = sync::push(&config, &project, "b1").await.unwrap();
+    let next = sync::push(&config, &BranchKey::new(&project, "b1"))
+        .await
+        .unwrap();
     assert!(!next.unchanged);
     let restore2 = tmp.path().join("r2");
-    sync::pull_into(&config, &project, "b1", None, &restore2)
+    sync::pull_into(&config, &BranchKey::new(&project, "b1"), None, &restore2)
         .await
         .unwrap();
     assert_same_tree(&restore2, &dir);
@@ -394,10 +418,12 @@ async fn shared_bucket_with_prefixes() {
         &weldr_agent::branches::BranchKey::new(&project, "b"),
     );
     populate(&dir);
-    let report = sync::push(&config, &project, "b").await.unwrap();
+    let report = sync::push(&config, &BranchKey::new(&project, "b"))
+        .await
+        .unwrap();
     assert_eq!(report.bucket, shared);
     let restore = tmp.path().join("r");
-    sync::pull_into(&config, &project, "b", None, &restore)
+    sync::pull_into(&config, &BranchKey::new(&project, "b"), None, &restore)
         .await
         .unwrap();
     assert_same_tree(&restore, &dir);
@@ -445,7 +471,9 @@ async fn fs_backend_round_trip_in_local_mode() {
         &weldr_agent::branches::BranchKey::new("proj", "b"),
     );
     populate(&dir);
-    let first = sync::push(&config, "proj", "b").await.unwrap();
+    let first = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(
         config
             .object_store_dir
@@ -453,15 +481,19 @@ async fn fs_backend_round_trip_in_local_mode() {
             .is_file()
     );
     change(&dir);
-    let second = sync::push(&config, "proj", "b").await.unwrap();
+    let second = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert_ne!(first.snapshot_id, second.snapshot_id);
     let restore = tmp.path().join("restore");
-    sync::pull_into(&config, "proj", "b", None, &restore)
+    sync::pull_into(&config, &BranchKey::new("proj", "b"), None, &restore)
         .await
         .unwrap();
     assert_same_tree(&restore, &dir);
     git(&restore, &["fsck", "--full"]);
-    let again = sync::push(&config, "proj", "b").await.unwrap();
+    let again = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(again.unchanged && again.requests <= 2, "{again:?}");
 }
 
@@ -477,8 +509,12 @@ async fn local_index_is_only_a_cache() {
         &weldr_agent::branches::BranchKey::new("proj", "b"),
     );
     populate(&dir);
-    let first = sync::push(&config, "proj", "b").await.unwrap();
-    let noop = sync::push(&config, "proj", "b").await.unwrap();
+    let first = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
+    let noop = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(noop.unchanged && noop.requests == 1, "{noop:?}");
     assert_eq!(noop.snapshot_id, first.snapshot_id);
 
@@ -486,20 +522,26 @@ async fn local_index_is_only_a_cache() {
     // is whole afterwards.
     let index_dir = config.data_dir.join("sync/proj");
     std::fs::write(index_dir.join("b.idx"), b"\xa7\x01garbage").unwrap();
-    let relearn = sync::push(&config, "proj", "b").await.unwrap();
+    let relearn = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(
         relearn.unchanged && relearn.uploaded_objects == 0,
         "{relearn:?}"
     );
     assert_eq!(relearn.snapshot_id, first.snapshot_id);
-    let noop = sync::push(&config, "proj", "b").await.unwrap();
+    let noop = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(noop.unchanged && noop.requests == 1, "{noop:?}");
 
     // A missing manifest cache and a change: the push reads the manifest from the store and
     // still uploads only what changed (the 9 MiB file is not sent again).
     std::fs::remove_file(index_dir.join("b.manifest.json")).unwrap();
     std::fs::write(dir.join("README.md"), "# changed\n").unwrap();
-    let changed = sync::push(&config, "proj", "b").await.unwrap();
+    let changed = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(!changed.unchanged, "{changed:?}");
     assert!(changed.uploaded_bytes < 1 << 20, "{changed:?}");
 
@@ -511,25 +553,31 @@ async fn local_index_is_only_a_cache() {
         &other,
         &weldr_agent::branches::BranchKey::new("proj", "b"),
     );
-    sync::pull_into(&other, "proj", "b", None, &other_dir)
+    sync::pull_into(&other, &BranchKey::new("proj", "b"), None, &other_dir)
         .await
         .unwrap();
-    let noop = sync::push(&other, "proj", "b").await.unwrap();
+    let noop = sync::push(&other, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(
         noop.unchanged && noop.requests == 1,
         "a pull leaves a usable index: {noop:?}"
     );
     std::fs::write(other_dir.join("src/other.rs"), "// other\n").unwrap();
-    let theirs = sync::push(&other, "proj", "b").await.unwrap();
+    let theirs = sync::push(&other, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(!theirs.unchanged);
 
     // This machine's tree did not change since its own push, but the store moved on: pushing
     // makes the store hold this tree again.
-    let ours = sync::push(&config, "proj", "b").await.unwrap();
+    let ours = sync::push(&config, &BranchKey::new("proj", "b"))
+        .await
+        .unwrap();
     assert!(!ours.unchanged, "{ours:?}");
     assert_ne!(ours.snapshot_id, theirs.snapshot_id);
     let restore = tmp.path().join("restore");
-    sync::pull_into(&config, "proj", "b", None, &restore)
+    sync::pull_into(&config, &BranchKey::new("proj", "b"), None, &restore)
         .await
         .unwrap();
     assert_same_tree(&restore, &dir);
@@ -643,7 +691,7 @@ async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
         &weldr_agent::branches::BranchKey::new(&project, "k"),
     );
     populate(&dir);
-    let mut first = sync::push(&config, &project, "k")
+    let mut first = sync::push(&config, &BranchKey::new(&project, "k"))
         .await
         .unwrap()
         .snapshot_id;
@@ -700,15 +748,17 @@ async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
     assert!(op.list("objects/").await.unwrap().len() > objects_before);
 
     let restore = tmp.path().join("r1");
-    sync::pull_into(&config, &project, "k", None, &restore)
+    sync::pull_into(&config, &BranchKey::new(&project, "k"), None, &restore)
         .await
         .unwrap();
     assert_same(&tree(&restore), &first_tree);
 
-    let next = sync::push(&config, &project, "k").await.unwrap();
+    let next = sync::push(&config, &BranchKey::new(&project, "k"))
+        .await
+        .unwrap();
     assert!(!next.unchanged);
     let restore2 = tmp.path().join("r2");
-    sync::pull_into(&config, &project, "k", None, &restore2)
+    sync::pull_into(&config, &BranchKey::new(&project, "k"), None, &restore2)
         .await
         .unwrap();
     assert_same_tree(&restore2, &dir);

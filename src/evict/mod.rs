@@ -415,14 +415,9 @@ impl Evictor {
             .push_branch(key, Trigger::Eviction, true)
             .await
             .map_err(|e| NotEvicted::Failed(format!("push failed: {e}")))?;
-        let same = crate::sync::verify(
-            &self.base.config,
-            project_id,
-            branch_id,
-            &report.snapshot_id,
-        )
-        .await
-        .map_err(|e| failed("verifying the snapshot", &e))?;
+        let same = crate::sync::verify(&self.base.config, key, &report.snapshot_id)
+            .await
+            .map_err(|e| failed("verifying the snapshot", &e))?;
         if !same {
             return Err(NotEvicted::Failed(format!(
                 "the directory does not match snapshot {} (it changed after the push)",

@@ -230,13 +230,7 @@ impl Residency {
             reason: format!("cannot clear the evicted branch's layers: {e}"),
         })?;
         tracing::info!(branch = %key, snapshot = ?snapshot, "restoring an evicted branch");
-        let pulled = sync::pull(
-            &self.base.config,
-            &key.project_id,
-            &key.branch_id,
-            snapshot.as_deref(),
-        )
-        .await;
+        let pulled = sync::pull(&self.base.config, key, snapshot.as_deref()).await;
         let outcome = match pulled {
             Ok(PullReport::Restored {
                 snapshot_id,

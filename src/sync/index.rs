@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use weldr_storage::record::{self, Record};
 
 use super::manifest::{self, Manifest, StatCache};
+use crate::branches::layout::BranchKey;
 use crate::config::Config;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -40,11 +41,11 @@ pub(super) struct IndexFiles {
 }
 
 impl IndexFiles {
-    pub fn new(config: &Config, project_id: &str, branch_id: &str) -> Self {
-        let dir = config.data_dir.join("sync").join(project_id);
+    pub fn new(config: &Config, key: &BranchKey) -> Self {
+        let dir = config.data_dir.join("sync").join(&key.project_id);
         Self {
-            index: dir.join(format!("{branch_id}.idx")),
-            manifest: dir.join(format!("{branch_id}.manifest.json")),
+            index: dir.join(format!("{}.idx", key.branch_id)),
+            manifest: dir.join(format!("{}.manifest.json", key.branch_id)),
         }
     }
 

@@ -173,6 +173,11 @@ pub struct PullOptions {
     pub progress: Option<Progress>,
 }
 
+/// The object store of one branch (no request is made).
+fn open_store(config: &Config, key: &BranchKey) -> Result<Store, SyncError> {
+    Store::open(config, &key.project_id, &key.branch_id)
+}
+
 fn store_identity(config: &Config, store: &Store) -> String {
     match &config.s3.access_key_id {
         Some(_) => format!("s3:{}/{}", config.s3.endpoint, store.bucket),
@@ -245,40 +250,106 @@ async fn fetch_manifest(store: &Store, id: Option<&str>) -> Result<Option<Manife
 }
 
 /// Push the branch directory as a new snapshot (or nothing when it matches the latest one).
-pub async fn push(
-    config: &Config,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<PushReport, SyncError> {
-    push_with(config, project_id, branch_id, &PushOptions::default()).await
+pub async fn push(config: &Config, key: &BranchKey) -> Result<PushReport, SyncError> {
+    push_with(config, key, &PushOptions::default()).await
 }
 
+/// [`push`] with options. The phases, in order: read `latest`, walk the tree, stop early when
+/// the index or the latest manifest already has this tree, plan and run the uploads, write the
+/// manifest, move `latest` to it (last: a crash before leaves the previous snapshot whole) and
+/// record what was pushed in the local index.
 pub async fn push_with(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     options: &PushOptions,
 ) -> Result<PushReport, SyncError> {
     let started = Instant::now();
-    let dir = mounted_branch_dir(config, project_id, branch_id).await?;
+    let dir = existing_branch_dir(config, key).await?;
+    let store = open_store(config, key)?;
+    let files_at = IndexFiles::new(config, key);
+    let mut index = files_at.load(&store_identity(config, &store)).await;
+
+    let latest = read_latest(&store).await?;
+    let tree = scan_tree(&dir, &mut index).await?;
+    let totals = tree.totals;
+    let unchanged = |snapshot_id: String| push_report(&store, started, totals, snapshot_id, None);
+
+    // The tree is the one this machine last pushed or pulled, and that is still the latest
+    // snapshot: nothing to do, and nothing more to read.
+    let known_latest = matches!((&latest, &index.snapshot), (Some(l), Some((id, _))) if l == id);
+    let same_tree = matches!(&index.snapshot, Some((_, d)) if *d == tree.digest);
+    if known_latest && same_tree {
+        let id = latest.unwrap_or_default();
+        if !tree.stat_unchanged {
+            files_at.save(index, None).await;
+        }
+        return Ok(unchanged(id));
+    }
+
+    let previous = previous_manifest(&store, &files_at, latest.as_deref(), known_latest).await?;
+    if let Some(prev) = &previous
+        && manifest::matches(prev, &tree.scanned)
+    {
+        // Someone else pushed this very tree, or the index was lost: remember it now.
+        let id = prev.id.clone();
+        record(&files_at, index, id.clone(), tree.digest, previous).await;
+        return Ok(unchanged(id));
+    }
+
+    let plan = plan_uploads(tree.scanned, previous.as_ref());
+    let (entries, uploaded) = upload(&store, &dir, options, plan).await?;
+    let m = write_manifest(&store, entries).await?;
+    move_latest(&store, &m.id).await?;
+    let report = push_report(&store, started, totals, m.id.clone(), Some(uploaded));
+    record(&files_at, index, m.id.clone(), tree.digest, Some(m)).await;
+    Ok(report)
+}
+
+/// The branch directory (a layered branch's overlay mounted), or `NotFound` when there is
+/// none to push.
+async fn existing_branch_dir(config: &Config, key: &BranchKey) -> Result<PathBuf, SyncError> {
+    let dir = mounted_branch_dir(config, key).await?;
     if !dir.is_dir() {
         return Err(SyncError::NotFound(format!(
             "branch directory {} does not exist; create or pull the branch first",
             dir.display()
         )));
     }
-    let store = Store::open(config, project_id, branch_id)?;
-    let files_at = IndexFiles::new(config, project_id, branch_id);
-    let mut index = files_at.load(&store_identity(config, &store)).await;
+    Ok(dir)
+}
 
-    // 1 request: where is the store now?
-    let latest = store
+/// One request: the snapshot id `latest` names now (None: nothing pushed yet). Checked only
+/// where it is used to read a manifest.
+async fn read_latest(store: &Store) -> Result<Option<String>, SyncError> {
+    Ok(store
         .get_capped("latest", manifest::MAX_POINTER_BYTES)
         .await?
-        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string());
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string()))
+}
 
+/// Files and bytes of a walked tree.
+#[derive(Clone, Copy)]
+struct Totals {
+    files: u64,
+    bytes: u64,
+}
+
+/// A walked branch directory.
+struct Tree {
+    /// Every entry (the excludes aside), in manifest order, files hashed.
+    scanned: Vec<Scanned>,
+    /// Of the whole tree: equal digests mean equal trees ([`manifest::tree_digest`]).
+    digest: [u8; 32],
+    /// The walk found every file as the stat cache had it (the index needs no saving).
+    stat_unchanged: bool,
+    totals: Totals,
+}
+
+/// Walk and hash the tree off the runtime. A file is re-hashed unless its stat key is the
+/// one cached with its hash; afterwards `index.stat` holds this walk's cache.
+async fn scan_tree(dir: &Path, index: &mut LocalIndex) -> Result<Tree, SyncError> {
     let cache = std::mem::take(&mut index.stat);
-    let root = dir.clone();
+    let root = dir.to_path_buf();
     let (scanned, fresh, stat_unchanged, digest) = blocking(move || {
         let mut fresh = StatCache::new();
         let scanned = manifest::scan(&root, &cache, &mut fresh)?;
@@ -288,65 +359,66 @@ pub async fn push_with(
     })
     .await?;
     index.stat = fresh;
-
-    let files = scanned
-        .iter()
-        .filter(|s| matches!(s, Scanned::File { .. }))
-        .count() as u64;
-    let bytes: u64 = scanned
-        .iter()
-        .map(|s| match s {
-            Scanned::File { size, .. } => *size,
-            _ => 0,
-        })
-        .sum();
-    let unchanged = |snapshot_id: String| PushReport {
-        bucket: store.bucket.clone(),
-        snapshot_id,
-        unchanged: true,
-        files,
-        bytes,
-        uploaded_objects: 0,
-        uploaded_bytes: 0,
-        requests: store.requests(),
-        duration_ms: started.elapsed().as_millis() as u64,
+    let totals = Totals {
+        files: scanned
+            .iter()
+            .filter(|s| matches!(s, Scanned::File { .. }))
+            .count() as u64,
+        bytes: scanned
+            .iter()
+            .map(|s| match s {
+                Scanned::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum(),
     };
+    Ok(Tree {
+        scanned,
+        digest,
+        stat_unchanged,
+        totals,
+    })
+}
 
-    // The tree is the one this machine last pushed or pulled, and that is still the latest
-    // snapshot: nothing to do, and nothing more to read.
-    let known_latest = matches!((&latest, &index.snapshot), (Some(l), Some((id, _))) if l == id);
-    if known_latest && index.snapshot.as_ref().is_some_and(|(_, d)| *d == digest) {
-        let id = latest.unwrap_or_default();
-        if !stat_unchanged {
-            files_at.save(index, None).await;
-        }
-        return Ok(unchanged(id));
-    }
-
-    let previous = match &latest {
+/// The manifest `latest` names, from the local copy when the index says it is that snapshot
+/// (no request), else from the store. None: no snapshot yet, and the bucket now exists.
+async fn previous_manifest(
+    store: &Store,
+    files_at: &IndexFiles,
+    latest: Option<&str>,
+    known_latest: bool,
+) -> Result<Option<Manifest>, SyncError> {
+    match latest {
         None => {
             store.ensure_bucket().await?;
-            None
+            Ok(None)
         }
         Some(id) if known_latest => match files_at.load_manifest(id).await {
-            Some(m) => Some(m),
-            None => fetch_manifest(&store, Some(id)).await?,
+            Some(m) => Ok(Some(m)),
+            None => fetch_manifest(store, Some(id)).await,
         },
-        Some(id) => fetch_manifest(&store, Some(id)).await?,
-    };
-    if let Some(prev) = &previous
-        && manifest::matches(prev, &scanned)
-    {
-        // Someone else pushed this very tree, or the index was lost: remember it now.
-        let id = prev.id.clone();
-        index.snapshot = Some((id.clone(), digest));
-        files_at.save(index, previous).await;
-        return Ok(unchanged(id));
+        Some(id) => fetch_manifest(store, Some(id)).await,
     }
+}
 
+/// What a push must upload, and the new manifest's entries around it.
+struct UploadPlan {
+    /// In scan order. Content the store has keeps its location; content to upload has a
+    /// placeholder until its job (or, for a duplicate, the first copy's job) is done.
+    entries: Vec<Entry>,
+    jobs: Vec<Job>,
+    /// (entry, earlier entry with the same content planned for upload in this push).
+    dups: Vec<(usize, usize)>,
+    /// Bytes the jobs upload.
+    bytes: u64,
+}
+
+/// Plan the uploads: new small files grouped into packs, new big files as objects; content
+/// already stored (or planned) is referenced, not uploaded again.
+fn plan_uploads(scanned: Vec<Scanned>, previous: Option<&Manifest>) -> UploadPlan {
     // Content the store already has, by hash.
     let mut known: HashMap<String, Loc> = HashMap::new();
-    if let Some(prev) = &previous {
+    if let Some(prev) = previous {
         for e in &prev.entries {
             if let Entry::File { hash, loc, .. } = e {
                 known.insert(hash.clone(), loc.clone());
@@ -354,37 +426,37 @@ pub async fn push_with(
         }
     }
 
-    // Plan the uploads: new small files grouped into packs, new big files as objects; content
-    // already stored (or planned) is referenced, not uploaded again.
-    let mut entries: Vec<Entry> = Vec::with_capacity(scanned.len());
-    let mut jobs: Vec<Job> = Vec::new();
+    let mut plan = UploadPlan {
+        entries: Vec::with_capacity(scanned.len()),
+        jobs: Vec::new(),
+        dups: Vec::new(),
+        bytes: 0,
+    };
     let mut current: Vec<PackItem> = Vec::new();
     let mut current_bytes = 0u64;
     let mut planned: HashMap<String, usize> = HashMap::new();
-    let mut dups: Vec<(usize, usize)> = Vec::new();
-    let mut planned_bytes = 0u64;
     for s in scanned {
         match s {
-            Scanned::Dir { path, mode } => entries.push(Entry::Dir { path, mode }),
-            Scanned::Symlink { path, target } => entries.push(Entry::Symlink { path, target }),
+            Scanned::Dir { path, mode } => plan.entries.push(Entry::Dir { path, mode }),
+            Scanned::Symlink { path, target } => plan.entries.push(Entry::Symlink { path, target }),
             Scanned::File {
                 path,
                 mode,
                 size,
                 hash,
             } => {
-                let i = entries.len();
+                let i = plan.entries.len();
                 let loc = if let Some(loc) = known.get(&hash) {
                     loc.clone()
                 } else if let Some(&first) = planned.get(&hash) {
-                    // Same content as an earlier file of this push: filled in below.
-                    dups.push((i, first));
+                    // Same content as an earlier file of this push: filled in after the upload.
+                    plan.dups.push((i, first));
                     Loc::Object
                 } else {
                     planned.insert(hash.clone(), i);
-                    planned_bytes += size;
+                    plan.bytes += size;
                     if size >= SMALL_FILE_LIMIT {
-                        jobs.push(Job::Big {
+                        plan.jobs.push(Job::Big {
                             path: path.clone(),
                             hash: hash.clone(),
                         });
@@ -398,7 +470,7 @@ pub async fn push_with(
                         });
                         current_bytes += size;
                         if current_bytes >= PACK_TARGET as u64 {
-                            jobs.push(Job::Pack(std::mem::take(&mut current)));
+                            plan.jobs.push(Job::Pack(std::mem::take(&mut current)));
                             current_bytes = 0;
                         }
                         Loc::Pack {
@@ -407,7 +479,7 @@ pub async fn push_with(
                         }
                     }
                 };
-                entries.push(Entry::File {
+                plan.entries.push(Entry::File {
                     path,
                     mode,
                     size,
@@ -418,37 +490,60 @@ pub async fn push_with(
         }
     }
     if !current.is_empty() {
-        jobs.push(Job::Pack(current));
+        plan.jobs.push(Job::Pack(current));
     }
-    let meter = Meter::new(options.progress.as_ref(), planned_bytes);
+    plan
+}
 
-    // Upload concurrently; the first failure stops the push before any manifest is written.
+/// What the uploads of a push wrote.
+#[derive(Clone, Copy)]
+struct Uploaded {
+    objects: u64,
+    bytes: u64,
+}
+
+/// Run the planned uploads concurrently and return the entries with every location filled
+/// in. The first failure stops the push before any manifest is written.
+async fn upload(
+    store: &Store,
+    dir: &Path,
+    options: &PushOptions,
+    plan: UploadPlan,
+) -> Result<(Vec<Entry>, Uploaded), SyncError> {
+    let UploadPlan {
+        mut entries,
+        jobs,
+        dups,
+        bytes,
+    } = plan;
+    let meter = Meter::new(options.progress.as_ref(), bytes);
     let started_uploads = AtomicU64::new(0);
-    let (mut uploaded_objects, mut uploaded_bytes) = (0u64, 0u64);
-    {
-        let ctx = JobCtx {
-            store: &store,
-            dir: &dir,
-            options,
-            started: &started_uploads,
-            meter: &meter,
-        };
-        let mut results = futures_util::stream::iter(jobs)
-            .map(|job| run_job(&ctx, job))
-            .buffer_unordered(UPLOAD_CONCURRENCY);
-        while let Some(result) = results.next().await {
-            let (placed, len) = result?;
-            uploaded_objects += 1;
-            uploaded_bytes += len;
-            for (i, pack, off) in placed {
-                if let Entry::File {
-                    loc: Loc::Pack { pack: p, offset },
-                    ..
-                } = &mut entries[i]
-                {
-                    *p = pack;
-                    *offset = off;
-                }
+    let mut uploaded = Uploaded {
+        objects: 0,
+        bytes: 0,
+    };
+    let ctx = JobCtx {
+        store,
+        dir,
+        options,
+        started: &started_uploads,
+        meter: &meter,
+    };
+    let mut results = futures_util::stream::iter(jobs)
+        .map(|job| run_job(&ctx, job))
+        .buffer_unordered(UPLOAD_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        let (placed, len) = result?;
+        uploaded.objects += 1;
+        uploaded.bytes += len;
+        for (i, pack, off) in placed {
+            if let Entry::File {
+                loc: Loc::Pack { pack: p, offset },
+                ..
+            } = &mut entries[i]
+            {
+                *p = pack;
+                *offset = off;
             }
         }
     }
@@ -461,7 +556,12 @@ pub async fn push_with(
             *l = loc;
         }
     }
+    Ok((entries, uploaded))
+}
 
+/// Write the manifest of a new snapshot. Every object it names is in the store already;
+/// nothing points at it until [`move_latest`].
+async fn write_manifest(store: &Store, entries: Vec<Entry>) -> Result<Manifest, SyncError> {
     let id = new_snapshot_id();
     let m = Manifest {
         version: manifest::MANIFEST_VERSION,
@@ -472,21 +572,46 @@ pub async fn push_with(
     let body =
         serde_json::to_vec(&m).map_err(|e| SyncError::Io(format!("encode the manifest: {e}")))?;
     store.put(&manifest::manifest_path(&id), body).await?;
-    store.put("latest", id.clone().into_bytes()).await?;
-    let report = PushReport {
+    Ok(m)
+}
+
+/// Make `id` the latest snapshot: the one write that publishes a push.
+async fn move_latest(store: &Store, id: &str) -> Result<(), SyncError> {
+    store.put("latest", id.as_bytes().to_vec()).await
+}
+
+/// Remember in the local index that the tree with `digest` is snapshot `id` (and keep its
+/// manifest when given), so that the next push of the same tree reads nothing else.
+async fn record(
+    files_at: &IndexFiles,
+    mut index: LocalIndex,
+    id: String,
+    digest: [u8; 32],
+    manifest: Option<Manifest>,
+) {
+    index.snapshot = Some((id, digest));
+    files_at.save(index, manifest).await;
+}
+
+/// The answer of a push: `uploaded` None when nothing was written.
+fn push_report(
+    store: &Store,
+    started: Instant,
+    totals: Totals,
+    snapshot_id: String,
+    uploaded: Option<Uploaded>,
+) -> PushReport {
+    PushReport {
         bucket: store.bucket.clone(),
-        snapshot_id: id,
-        unchanged: false,
-        files,
-        bytes,
-        uploaded_objects,
-        uploaded_bytes,
+        snapshot_id,
+        unchanged: uploaded.is_none(),
+        files: totals.files,
+        bytes: totals.bytes,
+        uploaded_objects: uploaded.map_or(0, |u| u.objects),
+        uploaded_bytes: uploaded.map_or(0, |u| u.bytes),
         requests: store.requests(),
         duration_ms: started.elapsed().as_millis() as u64,
-    };
-    index.snapshot = Some((m.id.clone(), digest));
-    files_at.save(index, Some(m)).await;
-    Ok(report)
+    }
 }
 
 /// Uploads running at once (each holds at most one pack or one multipart chunk in memory).
@@ -648,43 +773,30 @@ fn changed_during_push(path: &Path) -> SyncError {
 /// Restore the latest snapshot (or `snapshot_id`) into the branch directory.
 pub async fn pull(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: Option<&str>,
 ) -> Result<PullReport, SyncError> {
-    pull_with(
-        config,
-        project_id,
-        branch_id,
-        snapshot_id,
-        &PullOptions::default(),
-    )
-    .await
+    pull_with(config, key, snapshot_id, &PullOptions::default()).await
 }
 
 /// [`pull`] with progress reports.
 pub async fn pull_with(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: Option<&str>,
     options: &PullOptions,
 ) -> Result<PullReport, SyncError> {
-    let dir = mounted_branch_dir(config, project_id, branch_id).await?;
-    pull_into_with(config, project_id, branch_id, snapshot_id, &dir, options).await
+    let dir = mounted_branch_dir(config, key).await?;
+    pull_into_with(config, key, snapshot_id, &dir, options).await
 }
 
 /// The branch's directory, with a layered branch's overlay mounted (the CLI may run after a
 /// reboot, before any server did): never push the bare mount point as the branch, nor restore
 /// into it, where the mount would hide the files.
-async fn mounted_branch_dir(
-    config: &Config,
-    project_id: &str,
-    branch_id: &str,
-) -> Result<PathBuf, SyncError> {
-    crate::branches::layers::mounted_dir(config, project_id, branch_id)
+async fn mounted_branch_dir(config: &Config, key: &BranchKey) -> Result<PathBuf, SyncError> {
+    crate::branches::layers::mounted_dir(config, &key.project_id, &key.branch_id)
         .await
-        .map_err(|e| SyncError::Io(format!("mounting branch {project_id}/{branch_id}: {e}")))
+        .map_err(|e| SyncError::Io(format!("mounting branch {key}: {e}")))
 }
 
 /// Restore into `target` (created when missing). Every file is downloaded, verified and put
@@ -693,25 +805,23 @@ async fn mounted_branch_dir(
 /// stay). On error `target` is left as it was (and removed if this call created it).
 pub async fn pull_into(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: Option<&str>,
     target: &Path,
 ) -> Result<PullReport, SyncError> {
     let options = PullOptions::default();
-    pull_into_with(config, project_id, branch_id, snapshot_id, target, &options).await
+    pull_into_with(config, key, snapshot_id, target, &options).await
 }
 
 pub async fn pull_into_with(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: Option<&str>,
     target: &Path,
     options: &PullOptions,
 ) -> Result<PullReport, SyncError> {
     let started = Instant::now();
-    let store = Store::open(config, project_id, branch_id)?;
+    let store = open_store(config, key)?;
     let Some(m) = fetch_manifest(&store, snapshot_id).await? else {
         return Ok(PullReport::Skipped {
             bucket: store.bucket.clone(),
@@ -781,7 +891,7 @@ pub async fn pull_into_with(
         requests: store.requests(),
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    if target == branch_dir(config, &BranchKey::new(project_id, branch_id)) {
+    if target == branch_dir(config, key) {
         let index = LocalIndex {
             store: store_identity(config, &store),
             snapshot: Some((
@@ -790,9 +900,7 @@ pub async fn pull_into_with(
             )),
             stat,
         };
-        IndexFiles::new(config, project_id, branch_id)
-            .save(index, Some(m))
-            .await;
+        IndexFiles::new(config, key).save(index, Some(m)).await;
     }
     Ok(report)
 }
@@ -1360,15 +1468,14 @@ fn swap_steps(
 /// Eviction calls this before deleting a directory.
 pub async fn verify(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: &str,
 ) -> Result<bool, SyncError> {
-    let store = Store::open(config, project_id, branch_id)?;
+    let store = open_store(config, key)?;
     let Some(m) = fetch_manifest(&store, Some(snapshot_id)).await? else {
         return Ok(false);
     };
-    let dir = branch_dir(config, &BranchKey::new(project_id, branch_id));
+    let dir = branch_dir(config, key);
     let scanned = blocking(move || {
         let mut fresh = StatCache::new();
         manifest::scan(&dir, &StatCache::new(), &mut fresh)
@@ -1381,10 +1488,9 @@ pub async fn verify(
 /// tests and tools to inspect a snapshot.
 pub async fn manifest(
     config: &Config,
-    project_id: &str,
-    branch_id: &str,
+    key: &BranchKey,
     snapshot_id: Option<&str>,
 ) -> Result<Option<Manifest>, SyncError> {
-    let store = Store::open(config, project_id, branch_id)?;
+    let store = open_store(config, key)?;
     fetch_manifest(&store, snapshot_id).await
 }

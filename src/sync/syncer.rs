@@ -371,13 +371,7 @@ impl Syncer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&k);
-        let result = super::push_with(
-            &self.base.config,
-            &key.project_id,
-            &key.branch_id,
-            &PushOptions::default(),
-        )
-        .await;
+        let result = super::push_with(&self.base.config, key, &PushOptions::default()).await;
         if result.is_err()
             && let Some(mut d) = taken
         {

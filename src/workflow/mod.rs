@@ -535,7 +535,9 @@ fn task_system() -> String {
         .into()
 }
 
-/// Run the conversation of `phase` until it ends (see [`Outcome`]).
+/// Run the conversation of `phase` until it ends (see [`Outcome`]): answer the tool calls of
+/// the last turn, then ask the model for the next turn, until a turn has no tool call, a tool
+/// call ends the phase, or the steps run out.
 async fn converse(
     engine: &Arc<Workflows>,
     id: &str,
@@ -544,11 +546,82 @@ async fn converse(
     phase: &str,
     opening: Message,
 ) -> Result<Outcome, Stop> {
+    let mut convo = resume(engine, id, phase, opening).await?;
+    let (system, specs) = toolset(ctx, mode);
+    let mut budget = TurnBudget {
+        max_tokens: crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit),
+        retries: 0,
+    };
+    loop {
+        let wf = load(engine, id).await?;
+        check(engine, &wf)?;
+        if let Some(last) = convo.last_turn() {
+            let calls: Vec<(String, String, Value)> = last
+                .tool_calls()
+                .map(|(i, n, v)| (i.to_string(), n.to_string(), v.clone()))
+                .collect();
+            if calls.is_empty() {
+                return Ok(Outcome::Reply(last.text()));
+            }
+            let (results, outcome) =
+                run_tool_calls(engine, id, ctx, mode, phase, calls, &mut convo.finished).await?;
+            if let Some(o) = outcome {
+                return Ok(o);
+            }
+            convo.messages.push(Message {
+                role: Role::User,
+                parts: results,
+            });
+        }
+        if convo.steps >= MAX_STEPS {
+            return Ok(Outcome::StepsExhausted);
+        }
+        let request = ChatRequest {
+            model: ctx.model.clone(),
+            system: system.clone(),
+            messages: convo.messages.clone(),
+            tools: specs.clone(),
+            max_tokens: budget.max_tokens,
+        };
+        let message = model_turn(engine, id, ctx, phase, wf, request, &mut budget).await?;
+        convo.messages.push(message);
+        convo.steps += 1;
+    }
+}
+
+/// A conversation rebuilt from the journal.
+struct Conversation {
+    messages: Vec<Message>,
+    /// Results of the phase's finished tool calls, by call id.
+    finished: HashMap<String, (String, bool)>,
+    /// Model turns the phase has taken.
+    steps: usize,
+}
+
+impl Conversation {
+    /// The phase's last model turn when it is the last message (its tool calls are answered
+    /// next); None when the model is to be asked.
+    fn last_turn(&self) -> Option<&Message> {
+        self.messages
+            .last()
+            .filter(|m| m.role == Role::Assistant && self.steps > 0)
+    }
+}
+
+/// The conversation of `phase` as journaled, ready to go on: a turn stopped between two of
+/// its tool calls loses its partial results (the finished ones stay in `finished` and are not
+/// run again), and a phase not started yet journals `opening` before it is used.
+async fn resume(
+    engine: &Arc<Workflows>,
+    id: &str,
+    phase: &str,
+    opening: Message,
+) -> Result<Conversation, Stop> {
     let journal = load_journal(engine, id).await?;
-    let (mut messages, mut finished, mut steps) = conversation(&journal, phase)?;
+    let (mut messages, finished, steps) = conversation(&journal, phase)?;
     let fresh = !journal.iter().any(|(_, e)| e.phase() == phase);
-    // Stopped between two tool calls of a turn: drop the partial results; the loop below
-    // takes the finished ones from the journal and runs only the others.
+    // Stopped between two tool calls of a turn: drop the partial results; the loop of
+    // `converse` takes the finished ones from the journal and runs only the others.
     let partial = messages.len() >= 2
         && steps > 0
         && messages[messages.len() - 1]
@@ -561,7 +634,29 @@ async fn converse(
     if partial {
         messages.pop();
     }
-    let (system, specs): (String, Vec<ToolSpec>) = match mode {
+    if fresh {
+        let wf = load(engine, id).await?;
+        let entry = JournalEntry::User {
+            phase: phase.into(),
+            message_json: serde_json::to_string(&opening).unwrap_or_default(),
+        };
+        persist(engine, &wf, vec![entry], vec![]).await?;
+        match messages.last_mut() {
+            Some(m) if m.role == Role::User => m.parts.extend(opening.parts),
+            _ => messages.push(opening),
+        }
+    }
+    Ok(Conversation {
+        messages,
+        finished,
+        steps,
+    })
+}
+
+/// The system prompt and the tools of a mode: planning sees the read-only tools and
+/// `submit_plan`, a task every tool and `done`.
+fn toolset(ctx: &Ctx, mode: Mode) -> (String, Vec<ToolSpec>) {
+    match mode {
         Mode::Plan => {
             let mut specs: Vec<ToolSpec> = ctx
                 .tools
@@ -577,155 +672,188 @@ async fn converse(
             specs.push(plan::done_spec());
             (task_system(), specs)
         }
-    };
-    if fresh {
-        let wf = load(engine, id).await?;
-        let entry = JournalEntry::User {
-            phase: phase.into(),
-            message_json: serde_json::to_string(&opening).unwrap_or_default(),
-        };
-        persist(engine, &wf, vec![entry], vec![]).await?;
-        match messages.last_mut() {
-            Some(m) if m.role == Role::User => m.parts.extend(opening.parts),
-            _ => messages.push(opening),
-        }
     }
-    let mut max_tokens = crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit);
-    let mut retries = 0;
-    loop {
+}
+
+/// Answer every tool call of a turn, in order, each result journaled (with its events) before
+/// the next call starts; a call with a journaled result is not run again. Returns the results
+/// and the outcome when a call ended the phase.
+async fn run_tool_calls(
+    engine: &Arc<Workflows>,
+    id: &str,
+    ctx: &Ctx,
+    mode: Mode,
+    phase: &str,
+    calls: Vec<(String, String, Value)>,
+    finished: &mut HashMap<String, (String, bool)>,
+) -> Result<(Vec<Part>, Option<Outcome>), Stop> {
+    let mut results = Vec::new();
+    let mut outcome = None;
+    for (call_id, name, input) in calls {
+        if let Some((content, is_error)) = finished.get(&call_id) {
+            results.push(Part::ToolResult {
+                id: call_id,
+                name,
+                content: content.clone(),
+                is_error: *is_error,
+            });
+            continue;
+        }
         let mut wf = load(engine, id).await?;
         check(engine, &wf)?;
-        // Tool calls of the last turn that have no journaled result yet.
-        if let Some(last) = messages
-            .last()
-            .filter(|m| m.role == Role::Assistant && steps > 0)
-        {
-            let calls: Vec<(String, String, Value)> = last
-                .tool_calls()
-                .map(|(i, n, v)| (i.to_string(), n.to_string(), v.clone()))
-                .collect();
-            if calls.is_empty() {
-                return Ok(Outcome::Reply(last.text()));
-            }
-            let mut results = Vec::new();
-            let mut outcome = None;
-            for (call_id, name, input) in calls {
-                if let Some((content, is_error)) = finished.get(&call_id) {
-                    results.push(Part::ToolResult {
-                        id: call_id,
-                        name,
-                        content: content.clone(),
-                        is_error: *is_error,
-                    });
-                    continue;
-                }
-                wf = load(engine, id).await?;
-                check(engine, &wf)?;
-                let mut extra = Vec::new();
-                let (content, is_error) = match (mode, name.as_str()) {
-                    // Every call of a turn gets a result (the APIs refuse a conversation
-                    // with an unanswered call), but nothing runs after the phase ended.
-                    _ if outcome.is_some() => (
-                        match mode {
-                            Mode::Plan => "not run: the plan was accepted by an earlier call",
-                            Mode::Task(_) => "not run: the task was marked done by an earlier call",
-                        }
-                        .to_string(),
-                        true,
-                    ),
-                    (Mode::Plan, "submit_plan") => match plan::parse_plan(&input) {
-                        Ok(p) => {
-                            wf.tasks = p
-                                .tasks
-                                .iter()
-                                .map(|t| TaskState {
-                                    id: t.id,
-                                    status: TaskStatus::Pending,
-                                    attempts: 0,
-                                })
-                                .collect();
-                            extra.push(event(&wf, "plan", plan_json(&p))?);
-                            wf.plan = Some(p);
-                            wf.status = WorkflowStatus::Coding;
-                            extra.push(status_event(&wf)?);
-                            outcome = Some(Outcome::PlanAccepted);
-                            ("plan accepted".to_string(), false)
-                        }
-                        Err(e) => (e, true),
-                    },
-                    (Mode::Task(task_id), "done") => {
-                        if let Some(t) = wf.tasks.iter_mut().find(|t| t.id == task_id) {
-                            t.status = TaskStatus::Completed;
-                        }
-                        extra.push(task_event(&wf, task_id)?);
-                        outcome = Some(Outcome::TaskDone);
-                        ("task marked done".to_string(), false)
-                    }
-                    (Mode::Plan, n) if !READ_ONLY.contains(&n) => (
-                        format!("`{n}` is not available while planning; submit a plan first"),
-                        true,
-                    ),
-                    (_, "submit_plan") => ("the plan is already accepted".to_string(), true),
-                    (Mode::Plan, "done") => ("`done` ends a task, not a plan".to_string(), true),
-                    _ => ctx.tools.execute(&ctx.dir, &name, &input).await,
-                };
-                let shown: String = content.chars().take(EVENT_RESULT_CHARS).collect();
-                let mut events = vec![event(
-                    &wf,
-                    "tool-result",
-                    json!({"callId": call_id, "name": name, "content": shown, "isError": is_error,
-                           "truncated": shown.len() < content.len()}),
-                )?];
-                events.extend(extra);
-                wf.updated_at_ms = now_ms();
-                let entry = JournalEntry::ToolResult {
-                    phase: phase.into(),
-                    call_id: call_id.clone(),
-                    name: name.clone(),
-                    input_json: input.to_string(),
-                    content: content.clone(),
-                    is_error,
-                };
-                persist(engine, &wf, vec![entry], events).await?;
-                finished.insert(call_id.clone(), (content.clone(), is_error));
-                results.push(Part::ToolResult {
-                    id: call_id,
-                    name,
-                    content,
-                    is_error,
-                });
-            }
-            if let Some(o) = outcome {
-                return Ok(o);
-            }
-            messages.push(Message {
-                role: Role::User,
-                parts: results,
-            });
-        }
-        if steps >= MAX_STEPS {
-            return Ok(Outcome::StepsExhausted);
-        }
-        let request = ChatRequest {
-            model: ctx.model.clone(),
-            system: system.clone(),
-            messages: messages.clone(),
-            tools: specs.clone(),
-            max_tokens,
+        let answer = answer_call(ctx, mode, &mut wf, &name, &input, outcome.is_some()).await?;
+        let (content, is_error) = (answer.content, answer.is_error);
+        let shown: String = content.chars().take(EVENT_RESULT_CHARS).collect();
+        let mut events = vec![event(
+            &wf,
+            "tool-result",
+            json!({"callId": call_id, "name": name, "content": shown, "isError": is_error,
+                   "truncated": shown.len() < content.len()}),
+        )?];
+        events.extend(answer.events);
+        wf.updated_at_ms = now_ms();
+        let entry = JournalEntry::ToolResult {
+            phase: phase.into(),
+            call_id: call_id.clone(),
+            name: name.clone(),
+            input_json: input.to_string(),
+            content: content.clone(),
+            is_error,
         };
+        persist(engine, &wf, vec![entry], events).await?;
+        if answer.outcome.is_some() {
+            outcome = answer.outcome;
+        }
+        finished.insert(call_id.clone(), (content.clone(), is_error));
+        results.push(Part::ToolResult {
+            id: call_id,
+            name,
+            content,
+            is_error,
+        });
+    }
+    Ok((results, outcome))
+}
+
+/// The answer to one tool call, and what it changes beyond its result.
+struct Answer {
+    content: String,
+    is_error: bool,
+    /// Events of what the call changed in the record (`plan`, `status`, `task`).
+    events: Vec<NewEvent>,
+    /// The call ended the phase.
+    outcome: Option<Outcome>,
+}
+
+/// Run one tool call, or answer it without running: the phase tools (`submit_plan`, `done`)
+/// change `wf` (persisted by the caller with the result), a tool the mode does not offer is
+/// refused, and nothing runs once an earlier call of the turn ended the phase.
+async fn answer_call(
+    ctx: &Ctx,
+    mode: Mode,
+    wf: &mut WorkflowRecord,
+    name: &str,
+    input: &Value,
+    phase_ended: bool,
+) -> Result<Answer, Stop> {
+    let mut events = Vec::new();
+    let mut outcome = None;
+    let (content, is_error) = match (mode, name) {
+        // Every call of a turn gets a result (the APIs refuse a conversation
+        // with an unanswered call), but nothing runs after the phase ended.
+        _ if phase_ended => (
+            match mode {
+                Mode::Plan => "not run: the plan was accepted by an earlier call",
+                Mode::Task(_) => "not run: the task was marked done by an earlier call",
+            }
+            .to_string(),
+            true,
+        ),
+        (Mode::Plan, "submit_plan") => match plan::parse_plan(input) {
+            Ok(p) => {
+                wf.tasks = p
+                    .tasks
+                    .iter()
+                    .map(|t| TaskState {
+                        id: t.id,
+                        status: TaskStatus::Pending,
+                        attempts: 0,
+                    })
+                    .collect();
+                events.push(event(wf, "plan", plan_json(&p))?);
+                wf.plan = Some(p);
+                wf.status = WorkflowStatus::Coding;
+                events.push(status_event(wf)?);
+                outcome = Some(Outcome::PlanAccepted);
+                ("plan accepted".to_string(), false)
+            }
+            Err(e) => (e, true),
+        },
+        (Mode::Task(task_id), "done") => {
+            if let Some(t) = wf.tasks.iter_mut().find(|t| t.id == task_id) {
+                t.status = TaskStatus::Completed;
+            }
+            events.push(task_event(wf, task_id)?);
+            outcome = Some(Outcome::TaskDone);
+            ("task marked done".to_string(), false)
+        }
+        (Mode::Plan, n) if !READ_ONLY.contains(&n) => (
+            format!("`{n}` is not available while planning; submit a plan first"),
+            true,
+        ),
+        (_, "submit_plan") => ("the plan is already accepted".to_string(), true),
+        (Mode::Plan, "done") => ("`done` ends a task, not a plan".to_string(), true),
+        _ => ctx.tools.execute(&ctx.dir, name, input).await,
+    };
+    Ok(Answer {
+        content,
+        is_error,
+        events,
+        outcome,
+    })
+}
+
+/// The output limit of the next model turn and the turns asked again so far in this
+/// conversation (see [`judge_turn`]).
+struct TurnBudget {
+    max_tokens: u32,
+    retries: u32,
+}
+
+/// One model turn, asked again as [`judge_turn`] says (a dropped turn's token usage is still
+/// counted). The turn taken is journaled with its `tool-call` events before it is returned.
+async fn model_turn(
+    engine: &Arc<Workflows>,
+    id: &str,
+    ctx: &Ctx,
+    phase: &str,
+    mut wf: WorkflowRecord,
+    mut request: ChatRequest,
+    budget: &mut TurnBudget,
+) -> Result<Message, Stop> {
+    loop {
         let response = chat(engine, &wf, ctx, &request).await?;
-        let mut wf = load(engine, id).await?;
+        wf = load(engine, id).await?;
         // What the model generated counts, also in a turn that is dropped below.
         wf.input_tokens += response.usage.input_tokens;
         wf.output_tokens += response.usage.output_tokens;
         wf.updated_at_ms = now_ms();
-        let judged = judge_turn(&response, max_tokens, ctx.output_limit, &mut retries);
+        let judged = judge_turn(
+            &response,
+            budget.max_tokens,
+            ctx.output_limit,
+            &mut budget.retries,
+        );
         if !matches!(judged, Ok(None)) {
             // The turn is dropped; its usage is kept.
             persist(engine, &wf, vec![], vec![]).await?;
         }
         if let Some(next) = judged? {
-            max_tokens = next;
+            budget.max_tokens = next;
+            request.max_tokens = next;
+            // As before every model call: stop here when cancelled or shutting down.
+            wf = load(engine, id).await?;
+            check(engine, &wf)?;
             continue;
         }
         let mut events = Vec::new();
@@ -741,8 +869,7 @@ async fn converse(
             message_json: serde_json::to_string(&response.message).unwrap_or_default(),
         };
         persist(engine, &wf, vec![entry], events).await?;
-        messages.push(response.message);
-        steps += 1;
+        return Ok(response.message);
     }
 }
 
