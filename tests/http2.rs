@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -225,42 +224,14 @@ async fn h2c_serves_several_streams_over_one_connection() {
     s.stop().await;
 }
 
-/// A self-signed certificate for 127.0.0.1 in `dir`: (certificate, key).
-fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is needed to make a test certificate");
-    assert!(status.success());
-    (cert, key)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_negotiates_h2_by_alpn_and_still_serves_http1() {
     let tmp = tempfile::tempdir().unwrap();
-    let certs = tempfile::tempdir().unwrap();
+    let cert_dir = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.host = "127.0.0.1".parse().unwrap();
     cfg.port = 0;
-    cfg.tls = Some(certificate(certs.path()));
+    cfg.tls = Some(certs::self_signed(cert_dir.path()));
     cfg.max_connections = Some(1);
     weldr_agent::install_crypto_provider();
     let app = App::open(cfg).expect("open store");

@@ -1,33 +1,16 @@
 //! HTTPS through rustls with one crypto provider: the real binary serves /health over TLS,
 //! with HTTP/2 for clients that offer it by ALPN.
 
+#[path = "common/certs.rs"]
+mod certs;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
 fn serves_https_when_a_certificate_is_configured() {
     let tmp = tempfile::tempdir().unwrap();
-    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is needed to make a test certificate");
-    assert!(status.success());
+    let (cert, key) = certs::self_signed(tmp.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -1,6 +1,7 @@
 //! Test helpers: a real server on 127.0.0.1:0 and a real SSE client.
 #![allow(dead_code)]
 
+pub mod certs;
 mod git;
 #[allow(unused_imports)]
 pub use git::git;
