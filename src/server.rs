@@ -119,7 +119,7 @@ pub fn raise_fd_limit() -> u64 {
         return u64::MAX;
     };
     if max.is_none_or(|max| current < max) {
-        let mut raised = limit.clone();
+        let mut raised = limit;
         raised.current = max;
         if setrlimit(Resource::Nofile, raised).is_ok() {
             return max.unwrap_or(u64::MAX);
