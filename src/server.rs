@@ -135,11 +135,7 @@ fn max_connections(app: &App) -> usize {
     let derived = usize::try_from(fds / 4 * 3).unwrap_or(usize::MAX).max(64);
     // An unlimited descriptor limit (or a huge setting) must not size a semaphore past what
     // it can hold: a million connections is far beyond one machine anyway.
-    let max = app
-        .config
-        .max_connections
-        .unwrap_or(derived)
-        .min(1 << 20);
+    let max = app.config.max_connections.unwrap_or(derived).min(1 << 20);
     let wanted = (max + HEALTH_RESERVE) as u64;
     if wanted.saturating_add(64) > fds {
         tracing::warn!(
