@@ -290,13 +290,7 @@ impl Authenticator {
     ) -> Result<BranchRecord, AuthError> {
         let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         let (project, branch) = store
-            .read(move |s| -> Result<_, StorageError> {
-                let rtx = s.begin_read()?;
-                Ok((
-                    model::get_project(&rtx, &p)?,
-                    model::get_branch(&rtx, &p, &b)?,
-                ))
-            })
+            .read(move |s| model::get_project_and_branch(&s.begin_read()?, &p, &b))
             .await?;
         self.check_owner(store, config, principal, &key.project_id, project)
             .await?;

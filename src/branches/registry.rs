@@ -71,26 +71,13 @@ pub async fn register_branch(
     })
 }
 
-/// A project and one of its branches, read in one transaction (one hop off the runtime).
-pub async fn project_and_branch(
-    store: &Store,
-    key: &BranchKey,
-) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), StorageError> {
-    let (p, b) = (key.project_id.clone(), key.branch_id.clone());
-    store
-        .read(move |s| -> Result<_, StorageError> {
-            let rtx = s.begin_read()?;
-            Ok((
-                model::get_project(&rtx, &p)?,
-                model::get_branch(&rtx, &p, &b)?,
-            ))
-        })
-        .await
-}
-
 /// The branch, or the error naming whichever of project and branch is missing.
 pub async fn require_branch(store: &Store, key: &BranchKey) -> Result<BranchRecord, BranchError> {
-    match project_and_branch(store, key).await? {
+    let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+    let found = store
+        .read(move |s| model::get_project_and_branch(&s.begin_read()?, &p, &b))
+        .await?;
+    match found {
         (None, _) => Err(BranchError::ProjectNotFound(key.project_id.clone())),
         (Some(_), None) => Err(BranchError::BranchNotFound(key.clone())),
         (Some(_), Some(branch)) => Ok(branch),

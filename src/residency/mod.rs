@@ -87,12 +87,7 @@ impl Residency {
         let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         let (project, existing) = self
             .base
-            .read(move |rtx| {
-                Ok((
-                    model::get_project(rtx, &p)?,
-                    model::get_branch(rtx, &p, &b)?,
-                ))
-            })
+            .read(move |rtx| model::get_project_and_branch(rtx, &p, &b))
             .await?;
         if project.is_none() {
             return Err(BranchError::ProjectNotFound(key.project_id.clone()).into());

@@ -86,6 +86,18 @@ pub fn get_branch(
         .transpose()
 }
 
+/// A project and one of its branches, from one read transaction.
+pub fn get_project_and_branch(
+    rtx: &ReadTransaction,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<(Option<ProjectRecord>, Option<BranchRecord>), StorageError> {
+    Ok((
+        get_project(rtx, project_id)?,
+        get_branch(rtx, project_id, branch_id)?,
+    ))
+}
+
 pub fn list_branches(
     rtx: &ReadTransaction,
     project_id: &str,
