@@ -8,6 +8,8 @@
 //! route answered anywhere in the sweep is one the document declares for that route.
 
 mod common;
+#[path = "common/fake_llm.rs"]
+mod fake_llm;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -237,6 +239,12 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     let replays = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.providers.replay_dir = Some(replays.path().to_path_buf());
+    // Anthropic answers and then stalls: its workflow is still running when the sweep cancels
+    // it (a replay workflow may already be over, and its cancel would only ever be 409).
+    let stalling = fake_llm::FakeLlm::start(vec![fake_llm::Reply::Stall]).await;
+    let fake_keys = stalling.keys();
+    cfg.providers.anthropic_api_key = fake_keys.anthropic_api_key;
+    cfg.providers.anthropic_base_url = fake_keys.anthropic_base_url;
     // Low enough that the good-input phase runs into it (429).
     cfg.trigger_rate_per_minute = 2;
     let s = start(cfg).await;
@@ -485,7 +493,8 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     // The stream answers its head at once; dropping the answer closes it.
     call("get", "/stream/{projectId}/{branchId}", "/stream/p/b", None).await;
     let mut workflows = Vec::new();
-    for text in ["hello", "again", "once more"] {
+    let stalled = "anthropic:claude-sonnet-4-5";
+    for (text, model) in [("hello", stalled), ("again", &model), ("once more", &model)] {
         let body = json!({
             "projectId": "p",
             "branchId": "b",
@@ -500,7 +509,7 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     let no_key = json!({
         "projectId": "p",
         "branchId": "b",
-        "model": "anthropic:claude-sonnet-4-5",
+        "model": "gemini:gemini-2.5-flash",
         "message": { "content": [{ "type": "text", "text": "hi" }] },
     });
     call("post", "/trigger", "/trigger", Some(no_key)).await;
