@@ -130,6 +130,9 @@ pub struct ProviderKeys {
     /// Most output tokens of one model turn, overriding the per-model table
     /// (`WELDR_MAX_OUTPUT_TOKENS`).
     pub max_output_tokens: Option<u32>,
+    /// The context window a request must fit in, overriding the per-model table
+    /// (`WELDR_CONTEXT_TOKENS`).
+    pub context_tokens: Option<u32>,
     /// `openai:` models go through the Responses API (`OPENAI_API=responses`), else Chat
     /// Completions (`chat`, for gateways without `/responses`).
     pub openai_responses: bool,
@@ -698,6 +701,12 @@ const WELDR_MAX_OUTPUT_TOKENS: Setting<u32> = Setting {
     parse: |v| Ok(number::<u32>(v, "a number of tokens")?.max(256)),
     meaning: "most output tokens of one model turn; a turn cut off at its limit is asked again with twice the limit up to this (default: the model's documented maximum, 8192 for unknown and local models)",
 };
+const WELDR_CONTEXT_TOKENS: Setting<u32> = Setting {
+    var: "WELDR_CONTEXT_TOKENS",
+    unset: WhenUnset::Elsewhere("per model"),
+    parse: |v| Ok(number::<u32>(v, "a number of tokens")?.max(2048)),
+    meaning: "the context window every model request is kept within: old tool results are shortened, then older turns summarized (default: the model's documented window, 32768 for unknown and local models)",
+};
 const SANDBOX: Setting<SandboxMode> = Setting {
     var: "SANDBOX",
     unset: WhenUnset::Value("bwrap"),
@@ -794,6 +803,7 @@ pub const SETTINGS: &[&dyn Listed] = &[
     &TLS_KEY_PATH,
     &OPENAI_API,
     &WELDR_MAX_OUTPUT_TOKENS,
+    &WELDR_CONTEXT_TOKENS,
     &SANDBOX,
     &SANDBOX_NETWORK,
     &SANDBOX_UID,
@@ -1011,6 +1021,7 @@ impl Config {
                 openai_responses: env.value(&OPENAI_API)?,
                 replay_dir: env.optional(&REPLAY_DIR)?,
                 max_output_tokens: env.optional(&WELDR_MAX_OUTPUT_TOKENS)?,
+                context_tokens: env.optional(&WELDR_CONTEXT_TOKENS)?,
             },
             max_volume_usage_percent: max,
             target_volume_usage_percent: target,

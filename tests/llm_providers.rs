@@ -69,6 +69,8 @@ fn request(messages: Vec<Message>) -> ChatRequest {
         messages,
         tools: vec![read_file_tool()],
         max_tokens: 1000,
+        stable_prefix: 0,
+        turn: Some(0),
     }
 }
 
@@ -133,7 +135,8 @@ async fn text_and_reasoning_stream_in_order_with_usage() {
             r.usage,
             Usage {
                 input_tokens: 123,
-                output_tokens: 45
+                output_tokens: 45,
+                ..Default::default()
             },
             "{kind:?}"
         );
@@ -722,7 +725,8 @@ async fn compatible_server_tool_call_without_id_gets_one() {
         r.usage,
         Usage {
             input_tokens: 5,
-            output_tokens: 2
+            output_tokens: 2,
+            ..Default::default()
         }
     );
 }

@@ -85,6 +85,8 @@ fn every_tool_schema_is_valid_for_every_provider() {
             messages: vec![Message::user_text("hi")],
             tools: vec![spec.clone()],
             max_tokens: 1000,
+            stable_prefix: 0,
+            turn: Some(0),
         };
         for (wire, body, model) in [
             (Wire::Anthropic, anthropic::request_body(&request), ""),
@@ -120,6 +122,8 @@ fn the_validators_refuse_what_the_apis_refuse() {
         messages: vec![Message::user_text("hi")],
         tools: vec![tool(schema)],
         max_tokens: 10,
+        stable_prefix: 0,
+        turn: Some(0),
     };
     // A schema as it was before: an array without items, and additionalProperties.
     let old = json!({"type": "object", "additionalProperties": false,

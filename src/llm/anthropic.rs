@@ -122,6 +122,10 @@ fn message(m: &Message) -> Value {
                 signature: Some(sig),
             } => Some(json!({"type": "thinking", "thinking": text, "signature": sig})),
             Part::Reasoning { .. } => None,
+            Part::Image { media_type, data } => Some(json!({
+                "type": "image",
+                "source": {"type": "base64", "media_type": media_type, "data": data},
+            })),
             Part::ToolCall { id, name, input } => Some(json!({
                 "type": "tool_use", "id": id, "name": name, "input": input,
             })),

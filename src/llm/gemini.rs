@@ -135,6 +135,9 @@ fn content(m: &Message) -> Value {
             }
             Part::Text { text } if text.is_empty() => continue,
             Part::Text { text } => json!({"text": text}),
+            Part::Image { media_type, data } => {
+                json!({"inlineData": {"mimeType": media_type, "data": data}})
+            }
             Part::ToolCall { name, input, .. } => {
                 json!({"functionCall": {"name": name, "args": input}})
             }
@@ -231,6 +234,7 @@ impl StreamParser for Parser {
             self.usage = Usage {
                 input_tokens: n("promptTokenCount"),
                 output_tokens: n("candidatesTokenCount") + n("thoughtsTokenCount"),
+                ..Default::default()
             };
         }
         let Some(candidate) = v

@@ -46,6 +46,63 @@ pub fn model_max_output_tokens(provider: &str, model: &str) -> u32 {
         .unwrap_or(8_192)
 }
 
+/// The context window of `model` of `provider`, in tokens (from each provider's model
+/// documentation); 32,768 for models the table does not know (local models are often
+/// configured for less: set `WELDR_CONTEXT_TOKENS`).
+pub fn model_context_tokens(provider: &str, model: &str) -> u32 {
+    /// (provider, model name prefixes, context window), first match wins.
+    const TABLE: &[(&str, &[&str], u32)] = &[
+        ("anthropic", &["claude-"], 200_000),
+        ("openai", &["gpt-5"], 400_000),
+        ("openai", &["gpt-4.1"], 1_047_576),
+        ("openai", &["o1", "o3", "o4"], 200_000),
+        ("openai", &["gpt-4o", "chatgpt-4o"], 128_000),
+        ("openai", &[""], 128_000),
+        ("gemini", &["gemini-"], 1_048_576),
+    ];
+    let m = model.to_ascii_lowercase();
+    let m = m.strip_prefix("models/").unwrap_or(&m);
+    TABLE
+        .iter()
+        .find(|(p, prefixes, _)| *p == provider && prefixes.iter().any(|x| m.starts_with(x)))
+        .map(|(_, _, n)| *n)
+        .unwrap_or(32_768)
+}
+
+/// The context window a request must fit in: the model's, or the operator's override.
+pub fn context_tokens(provider: &str, model: &str, configured: Option<u32>) -> u32 {
+    configured
+        .unwrap_or_else(|| model_context_tokens(provider, model))
+        .max(2048)
+}
+
+/// Does `model` of `provider` take images? Every Claude, GPT-4o/4.1/5, o-series and Gemini
+/// model does; of the local models only those known to (vision models): others get a clear
+/// refusal instead of a silently dropped image.
+pub fn accepts_images(provider: &str, model: &str) -> bool {
+    let m = model.to_ascii_lowercase();
+    match provider {
+        "anthropic" | "gemini" | "replay" => true,
+        "openai" => {
+            !m.starts_with("gpt-3.5") && !m.starts_with("o1-mini") && !m.starts_with("o3-mini")
+        }
+        "ollama" => [
+            "llava",
+            "vision",
+            "-vl",
+            "minicpm-v",
+            "moondream",
+            "bakllava",
+            "gemma3",
+            "llama4",
+            "mistral-small3",
+        ]
+        .iter()
+        .any(|x| m.contains(x)),
+        _ => false,
+    }
+}
+
 /// The output limit of a turn: the model's maximum, or the operator's override.
 pub fn max_output_tokens(provider: &str, model: &str, configured: Option<u32>) -> u32 {
     configured

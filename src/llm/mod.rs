@@ -53,6 +53,14 @@ pub enum Part {
         name: String,
         input: Value,
     },
+    /// An image in a user message: `data` is the base64 of the bytes (no `data:` prefix),
+    /// `media_type` one of `image/png`, `image/jpeg`, `image/gif`, `image/webp`. Each provider
+    /// sends it in its own wire format; the engine sends one only to a model that takes images
+    /// ([`limits::accepts_images`]).
+    Image {
+        media_type: String,
+        data: String,
+    },
     /// The result of a tool call, sent back in a user message.
     ToolResult {
         id: String,
@@ -113,6 +121,13 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub tools: Vec<ToolSpec>,
     pub max_tokens: u32,
+    /// How many leading `messages` the engine sends unchanged in its next request (the part
+    /// of the history a provider may cache). Anthropic marks its end with a `cache_control`
+    /// breakpoint (besides the system prompt, the tools and the last message).
+    pub stable_prefix: usize,
+    /// The model turns this workflow took before this request (summarized ones included):
+    /// a conversation turn. None for a side request (a summary of older turns).
+    pub turn: Option<usize>,
 }
 
 /// A streamed piece of the assistant's turn, forwarded to the branch stream as it arrives.
@@ -125,14 +140,23 @@ pub enum Delta {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
+    /// Every prompt token, the cached ones included.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Prompt tokens served from the provider's prompt cache.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache (Anthropic bills them apart).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
     pub fn add(&mut self, other: Usage) {
         self.input_tokens += other.input_tokens;
         self.output_tokens += other.output_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
     }
 }
 

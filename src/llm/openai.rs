@@ -261,6 +261,7 @@ impl StreamParser for Parser {
             self.usage = Usage {
                 input_tokens: n("prompt_tokens"),
                 output_tokens: n("completion_tokens"),
+                ..Default::default()
             };
         }
         let Some(choice) = v

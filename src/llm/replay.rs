@@ -222,6 +222,8 @@ mod tests {
             messages: vec![Message::user_text("hi")],
             tools: vec![],
             max_tokens: 100,
+            stable_prefix: 0,
+            turn: Some(0),
         };
         let seen = Mutex::new(Vec::new());
         let sink = |d: Delta| seen.lock().unwrap().push(d);

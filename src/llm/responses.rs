@@ -162,7 +162,7 @@ fn push_items(out: &mut Vec<Value>, m: &Message) {
                             out.push(item);
                         }
                     }
-                    Part::Reasoning { .. } | Part::ToolResult { .. } => {}
+                    Part::Reasoning { .. } | Part::ToolResult { .. } | Part::Image { .. } => {}
                     Part::Text { text } if text.is_empty() => {}
                     Part::Text { text } => out.push(json!({
                         "role": "assistant",
@@ -252,6 +252,7 @@ impl Parser {
             self.usage = Usage {
                 input_tokens: n("input_tokens"),
                 output_tokens: n("output_tokens"),
+                ..Default::default()
             };
         }
     }

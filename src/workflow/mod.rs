@@ -582,6 +582,8 @@ async fn converse(
             messages: convo.messages.clone(),
             tools: specs.clone(),
             max_tokens: budget.max_tokens,
+            stable_prefix: 0,
+            turn: Some(convo.steps),
         };
         let message = model_turn(engine, id, ctx, phase, wf, request, &mut budget).await?;
         convo.messages.push(message);

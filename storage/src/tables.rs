@@ -30,6 +30,11 @@ pub const INTEGRATION_QUEUE: TableDefinition<(&str, u64), &[u8]> =
 pub const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Local API tokens by token hash.
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// A branch's conversation: `("projectId/branchId", sequence)`.
+pub const CONVERSATIONS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("conversations");
+/// Idempotency keys of triggers: `("projectId/branchId", key)` → the workflow started.
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
 /// Object-storage sync state of a branch: `(projectId, branchId)`.
 pub const SYNC_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_state");
 
@@ -51,6 +56,8 @@ pub(crate) fn create_all(db: &Database) -> Result<(), StorageError> {
         tx.open_table(SESSIONS)?;
         tx.open_table(TOKENS)?;
         tx.open_table(SYNC_STATE)?;
+        tx.open_table(CONVERSATIONS)?;
+        tx.open_table(IDEMPOTENCY)?;
     }
     tx.commit()?;
     Ok(())

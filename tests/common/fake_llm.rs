@@ -213,6 +213,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
         ollama_base_url: format!("{base}/v1"),
         default_model: "anthropic:claude-test".into(),
         max_output_tokens: None,
+        context_tokens: None,
         openai_responses: true,
         replay_dir: None,
     }
