@@ -299,6 +299,11 @@ impl From<crate::workflow::WorkflowError> for ApiError {
             E::Busy { holder, .. } => Self::conflict("branch_busy", message)
                 .with_details(serde_json::json!({ "workflowId": holder })),
             E::NotFound(_) => Self::not_found("workflow_not_found", message),
+            E::IdempotencyReused(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                message,
+            ),
             E::Event(e) => e.into(),
             E::Storage(e) => e.into(),
         }

@@ -227,8 +227,20 @@ pub async fn trigger(
     let branch = require_branch(&app, &principal, &key).await?;
     app.trigger_limiter.check(&principal.user_id)?;
     app.residency.ensure_present_from(branch).await?;
-    let wf = crate::workflow::trigger(&app.workflows, &key.project_id, &key.branch_id, text, model)
-        .await?;
+    let input = crate::workflow::UserInput {
+        text,
+        attachments: Vec::new(),
+    };
+    let wf = crate::workflow::trigger(
+        &app.workflows,
+        &key.project_id,
+        &key.branch_id,
+        input,
+        model,
+        None,
+    )
+    .await?
+    .workflow;
     Ok(Accepted(Triggered {
         stream_url: format!("/stream/{}/{}", wf.project_id, wf.branch_id),
         workflow_id: wf.workflow_id,

@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use weldr_storage::conversation::{self as convs, AttachmentRef, ConversationEntry, EntryKind};
 use weldr_storage::model::VersionKind;
 use weldr_storage::workflow::{
     self as wfs, JournalEntry, TaskState, TaskStatus, WorkflowRecord, WorkflowStatus,
@@ -48,6 +49,9 @@ pub enum WorkflowError {
     Busy { holder: String, branch: String },
     #[error("workflow {0} not found")]
     NotFound(String),
+    /// An idempotency key sent again with a different request.
+    #[error("{0}")]
+    IdempotencyReused(String),
     #[error(transparent)]
     Event(#[from] EventError),
     #[error(transparent)]
@@ -213,15 +217,55 @@ async fn load_journal(engine: &Workflows, id: &str) -> Result<Vec<(u64, JournalE
     Ok(engine.base.read(move |rtx| wfs::journal(rtx, &id)).await?)
 }
 
-/// Create a workflow (claiming the branch) and start it. `Err(409 branch_busy)` when another
-/// workflow is active on the branch.
+/// What the user asked: the text, and the files attached to it (by content address).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserInput {
+    pub text: String,
+    pub attachments: Vec<AttachmentRef>,
+}
+
+/// A retried trigger's key (`Idempotency-Key`, or the body's `clientMessageId`) and a digest
+/// of what it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// A trigger's answer: the workflow, and whether an earlier trigger with the same
+/// idempotency key started it.
+#[derive(Debug, Clone)]
+pub struct Triggered {
+    pub workflow: WorkflowRecord,
+    pub replayed: bool,
+}
+
+/// The message ids of workflow `id`'s user message and of its outcome (the assistant's
+/// message, which its stream events carry as `messageId`).
+pub fn message_ids(workflow_id: &str) -> (String, String) {
+    let hex = workflow_id.strip_prefix("wf-").unwrap_or(workflow_id);
+    (format!("msg-{hex}-user"), format!("msg-{hex}-agent"))
+}
+
+/// What a trigger's transaction found.
+enum Claim {
+    New,
+    Replay(Box<WorkflowRecord>),
+    Reused(String),
+}
+
+/// Create a workflow (claiming the branch), add the user's message to the branch's
+/// conversation, and start it, all in one transaction. `Busy` when another workflow is
+/// active on the branch; with an idempotency key that started a workflow before, that
+/// workflow (`replayed`), whatever its state.
 pub async fn trigger(
     engine: &Arc<Workflows>,
     project_id: &str,
     branch_id: &str,
-    message: String,
+    input: UserInput,
     model: String,
-) -> Result<WorkflowRecord, WorkflowError> {
+    idempotency: Option<Idempotency>,
+) -> Result<Triggered, WorkflowError> {
     let now = now_ms();
     let wf = WorkflowRecord {
         workflow_id: new_workflow_id(),
@@ -229,7 +273,7 @@ pub async fn trigger(
         branch_id: branch_id.into(),
         status: WorkflowStatus::Pending,
         model,
-        user_message: message,
+        user_message: input.text.clone(),
         plan: None,
         tasks: vec![],
         version: None,
@@ -241,7 +285,15 @@ pub async fn trigger(
         created_at_ms: now,
         updated_at_ms: now,
     };
-    let status = status_event(&wf)?;
+    let (user_id, _) = message_ids(&wf.workflow_id);
+    let status = event(
+        &wf,
+        "status",
+        json!({"status": wf.status.as_str(), "userMessageId": user_id}),
+    )?;
+    let mut entry = ConversationEntry::new(user_id, EntryKind::User, input.text, now);
+    entry.workflow_id = Some(wf.workflow_id.clone());
+    entry.attachments = input.attachments;
     let key = StreamKey::new(project_id, branch_id);
     let record = wf.clone();
     let created = engine
@@ -249,23 +301,53 @@ pub async fn trigger(
         .store
         .writer()
         .write(move |ctx| {
+            if let Some(idem) = &idempotency
+                && let Some(first) = convs::get_idempotency_for_update(ctx, &key, &idem.key)?
+            {
+                if first.fingerprint != idem.fingerprint {
+                    return Ok(Claim::Reused(idem.key.clone()));
+                }
+                let wf =
+                    wfs::get_workflow_for_update(ctx, &first.workflow_id)?.ok_or_else(|| {
+                        StorageError::NotFound(format!("workflow {}", first.workflow_id))
+                    })?;
+                return Ok(Claim::Replay(Box::new(wf)));
+            }
             wfs::create_workflow(ctx, &record)?;
+            convs::append(ctx, &key, &entry)?;
+            if let Some(idem) = &idempotency {
+                let first = convs::IdempotencyRecord {
+                    workflow_id: record.workflow_id.clone(),
+                    fingerprint: idem.fingerprint.clone(),
+                    created_at_ms: record.created_at_ms,
+                };
+                convs::put_idempotency(ctx, &key, &idem.key, &first)?;
+            }
             ctx.append(&key, status.clone())?;
-            Ok(())
+            Ok(Claim::New)
         })
         .await;
     match created {
-        Ok(()) => {}
-        Err(StorageError::Conflict(holder)) => {
-            return Err(WorkflowError::Busy {
-                holder,
-                branch: branch_id.to_string(),
-            });
+        Ok(Claim::Replay(first)) => Ok(Triggered {
+            workflow: *first,
+            replayed: true,
+        }),
+        Ok(Claim::Reused(key)) => Err(WorkflowError::IdempotencyReused(format!(
+            "the idempotency key {key:?} was sent before with a different request"
+        ))),
+        Ok(Claim::New) => {
+            spawn(engine.clone(), wf.workflow_id.clone());
+            Ok(Triggered {
+                workflow: wf,
+                replayed: false,
+            })
         }
-        Err(e) => return Err(e.into()),
+        Err(StorageError::Conflict(holder)) => Err(WorkflowError::Busy {
+            holder,
+            branch: branch_id.to_string(),
+        }),
+        Err(e) => Err(e.into()),
     }
-    spawn(engine.clone(), wf.workflow_id.clone());
-    Ok(wf)
 }
 
 fn new_workflow_id() -> String {
