@@ -7,6 +7,7 @@ pub mod disk;
 pub mod docs;
 pub mod error;
 pub mod health;
+pub mod messages;
 pub mod projects;
 pub mod schema;
 pub mod stream;
@@ -195,6 +196,10 @@ pub fn api_routes() -> Router {
                                                 .push(
                                                     Router::with_path("sync")
                                                         .post(branches::sync_branch),
+                                                )
+                                                .push(
+                                                    Router::with_path("messages")
+                                                        .get(messages::list_messages),
                                                 )
                                                 .push(
                                                     Router::with_path("versions")

@@ -102,8 +102,13 @@ pub struct TaskView {
 #[serde(rename_all = "camelCase")]
 #[salvo(schema(name = Usage))]
 pub struct UsageView {
+    /// Prompt tokens, the cached ones included, as the providers reported them.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Prompt tokens served from the provider's prompt cache.
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache.
+    pub cache_write_tokens: u64,
 }
 
 impl From<WorkflowRecord> for WorkflowView {
@@ -139,6 +144,8 @@ impl From<WorkflowRecord> for WorkflowView {
             usage: UsageView {
                 input_tokens: w.input_tokens,
                 output_tokens: w.output_tokens,
+                cache_read_tokens: w.cache_read_tokens,
+                cache_write_tokens: w.cache_write_tokens,
             },
             created_at_ms: w.created_at_ms,
             updated_at_ms: w.updated_at_ms,

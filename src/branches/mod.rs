@@ -10,11 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::json;
-use weldr_storage::StorageError;
+use weldr_storage::conversation::{self, ForkPoint};
 use weldr_storage::model::{
     self, BranchRecord, BranchState, ChangeKind, FileChange, VersionKind, VersionRecord,
 };
 use weldr_storage::writer::now_ms;
+use weldr_storage::{StorageError, StreamKey};
 
 use crate::base::Base;
 use crate::config::{Config, Mode};
@@ -142,6 +143,18 @@ impl Branches {
             Some(fork) => self.fork_into(key, fork, &mut record).await?,
         };
         record.head_version = inherited.last().map(|v| v.seq);
+        // A fork starts with its parent's conversation up to the fork point.
+        let thread = from.as_ref().map(|fork| {
+            let point = match (fork.version, inherited.last()) {
+                (Some(_), Some(at)) => ForkPoint::Version {
+                    workflow_id: at.workflow_id.clone(),
+                    created_at_ms: at.created_at_ms,
+                },
+                _ => ForkPoint::Head,
+            };
+            (StreamKey::new(&key.project_id, &fork.branch_id), point)
+        });
+        let own_key = StreamKey::new(&key.project_id, &key.branch_id);
         let to_store = record.clone();
         let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         let stored = self
@@ -155,6 +168,9 @@ impl Branches {
                 model::put_branch(ctx, &to_store)?;
                 for v in &inherited {
                     model::put_version(ctx, &p, &b, v)?;
+                }
+                if let Some((parent, point)) = &thread {
+                    conversation::copy_for_fork(ctx, parent, &own_key, point)?;
                 }
                 Ok(())
             })

@@ -412,6 +412,21 @@ pub fn commit_all(dir: &Path, message: &str, author: &str) -> Result<Option<Comm
     }))
 }
 
+/// The paths (at most `max`) where the work tree differs from HEAD, ignored files aside.
+pub fn dirty_paths(dir: &Path, max: usize) -> Result<Vec<String>, GitError> {
+    let repo = open(dir)?;
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false);
+    let statuses = repo.statuses(Some(&mut opts))?;
+    Ok(statuses
+        .iter()
+        .filter_map(|s| s.path().ok().map(str::to_string))
+        .take(max)
+        .collect())
+}
+
 /// Whether the work tree differs from HEAD (ignored files aside).
 pub fn is_dirty(dir: &Path) -> Result<bool, GitError> {
     let repo = open(dir)?;

@@ -69,6 +69,17 @@ async fn end_sandbox(child: &mut Child, group: Option<u32>) {
     let _ = child.wait().await;
 }
 
+/// Kills its process group when dropped (a finished group is gone: ESRCH, ignored).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill_group(pid);
+        }
+    }
+}
+
 /// SIGKILL to process group `pid` (ours, not reaped: a stale group gives ESRCH, ignored).
 fn kill_group(pid: u32) {
     if let Some(pid) = i32::try_from(pid)
@@ -104,6 +115,9 @@ pub async fn run_command(ws: &Workspace, args: RunCommandInput) -> Result<Done, 
         .map_err(|e| ToolError::Failed(format!("could not start the command: {e}")))?;
     // Unconfined, the shell leads its own process group, the only handle on what it started.
     let pgid = ws.sandbox().is_off().then(|| child.id()).flatten();
+    // A call dropped before it ends (its workflow cancelled) kills what it started: the
+    // sandbox through `kill_on_drop`, an unconfined command's process group here.
+    let _group = GroupGuard(pgid);
     let out = Arc::new(Mutex::new(Output::default()));
     let mut readers = Vec::new();
     if let Some(so) = child.stdout.take() {

@@ -98,6 +98,32 @@ pub(crate) fn walker(dir: &Path) -> ignore::WalkBuilder {
     b
 }
 
+/// The files of the branch at `dir`, sorted, at most `max` (and how many more there are):
+/// what `.gitignore` and the snapshot excludes leave out is left out, as is `.git`.
+pub fn tree_listing(dir: &Path, max: usize) -> (Vec<String>, usize) {
+    let excludes = crate::excludes::Excludes::for_dir(dir);
+    let mut files = Vec::new();
+    let mut more = 0;
+    let mut walk = walker(dir);
+    walk.parents(false);
+    for entry in walk.build() {
+        let Ok(entry) = entry else { continue };
+        let Ok(rel) = entry.path().strip_prefix(dir) else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
+        if entry.depth() == 0 || is_dir || excludes.is_excluded(rel, false) {
+            continue;
+        }
+        if files.len() < max {
+            files.push(rel.to_string_lossy().replace('\\', "/"));
+        } else {
+            more += 1;
+        }
+    }
+    (files, more)
+}
+
 pub fn list_dir(ws: &Workspace, args: ListDirInput) -> Result<Done, ToolError> {
     let rel = args.path.unwrap_or_default();
     let dir = ws.resolve(&rel)?;

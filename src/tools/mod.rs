@@ -21,7 +21,9 @@ use crate::llm::schema::tool_schema;
 pub use command::{
     DEFAULT_TIMEOUT_SECS, ENV_ALLOWLIST, MAX_TIMEOUT_SECS, OUTPUT_CAP_BYTES, RunCommandInput,
 };
-pub use files::{DeleteFileInput, EditFileInput, ListDirInput, ReadFileInput, WriteFileInput};
+pub use files::{
+    DeleteFileInput, EditFileInput, ListDirInput, ReadFileInput, WriteFileInput, tree_listing,
+};
 pub use search::{FindInput, GrepInput};
 pub use workspace::Workspace;
 

@@ -7,6 +7,7 @@
 //! workflow and continues from its record and journal: the conversation is rebuilt from the
 //! journaled turns and results, and a tool call with a journaled result is never run again.
 
+pub mod context;
 pub mod plan;
 pub mod tools;
 
@@ -160,6 +161,7 @@ pub fn now_ms() -> u64 {
 fn event(wf: &WorkflowRecord, kind: &str, mut fields: Value) -> Result<NewEvent, EventError> {
     if let Value::Object(map) = &mut fields {
         map.insert("workflowId".into(), wf.workflow_id.clone().into());
+        map.insert("messageId".into(), message_ids(&wf.workflow_id).1.into());
     }
     new_event(kind, fields)
 }
@@ -178,6 +180,18 @@ async fn persist(
     wf: &WorkflowRecord,
     journal: Vec<JournalEntry>,
     events: Vec<NewEvent>,
+) -> Result<(), StorageError> {
+    persist_with(engine, wf, journal, events, None).await
+}
+
+/// [`persist`], and add `said` to the branch conversation in the same transaction (a
+/// workflow's outcome goes in with its terminal status).
+async fn persist_with(
+    engine: &Workflows,
+    wf: &WorkflowRecord,
+    journal: Vec<JournalEntry>,
+    events: Vec<NewEvent>,
+    said: Option<ConversationEntry>,
 ) -> Result<(), StorageError> {
     let wf = wf.clone();
     let key = StreamKey::new(&wf.project_id, &wf.branch_id);
@@ -198,9 +212,109 @@ async fn persist(
             for e in &events {
                 ctx.append(&key, e.clone())?;
             }
+            if let Some(entry) = &said {
+                convs::append(ctx, &key, entry)?;
+            }
             Ok(())
         })
         .await
+}
+
+/// The conversation entry of a workflow that ends as `wf` says: its reply, plan, version and
+/// the files it changed (for one that did not complete: the files it left changed and
+/// uncommitted), its failure, and its tool calls.
+async fn outcome_entry(engine: &Workflows, wf: &WorkflowRecord) -> ConversationEntry {
+    let (_, message_id) = message_ids(&wf.workflow_id);
+    let mut entry = ConversationEntry::new(
+        message_id,
+        EntryKind::Assistant,
+        wf.reply.clone().unwrap_or_default(),
+        now_ms(),
+    );
+    entry.workflow_id = Some(wf.workflow_id.clone());
+    entry.plan_json = wf.plan.as_ref().map(|p| plan_value(p).to_string());
+    entry.status = Some(wf.status.as_str().to_string());
+    entry.version = wf.version;
+    entry.error = wf.error.clone();
+    let journal = load_journal(engine, &wf.workflow_id)
+        .await
+        .unwrap_or_default();
+    entry.tool_calls = journal
+        .iter()
+        .filter_map(|(_, e)| match e {
+            JournalEntry::ToolResult {
+                name,
+                input_json,
+                is_error,
+                ..
+            } => Some(convs::ToolCallNote {
+                name: name.clone(),
+                target: call_target(input_json),
+                is_error: *is_error,
+            }),
+            _ => None,
+        })
+        .take(MAX_TOOL_NOTES)
+        .collect();
+    if entry.text.is_empty() {
+        // The model's last words, if it said any.
+        entry.text = journal
+            .iter()
+            .rev()
+            .find_map(|(_, e)| match e {
+                JournalEntry::Turn { message_json, .. } => {
+                    serde_json::from_str::<Message>(message_json)
+                        .ok()
+                        .map(|m| m.text())
+                        .filter(|t| !t.trim().is_empty())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+    }
+    let key = BranchKey::new(&wf.project_id, &wf.branch_id);
+    entry.files_changed = match wf.version {
+        Some(seq) => {
+            let (p, b) = (wf.project_id.clone(), wf.branch_id.clone());
+            engine
+                .base
+                .read(move |rtx| weldr_storage::model::get_version(rtx, &p, &b, seq))
+                .await
+                .ok()
+                .flatten()
+                .map(|v| v.changed.into_iter().map(|c| c.path).collect())
+                .unwrap_or_default()
+        }
+        None if wf.status != WorkflowStatus::Complete => {
+            let dir = engine.base.dir(&key);
+            tokio::task::spawn_blocking(move || crate::git::dirty_paths(&dir, MAX_TOOL_NOTES))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    if wf.status == WorkflowStatus::Cancelled && !entry.files_changed.is_empty() {
+        entry.text = format!(
+            "Cancelled. The changes made so far are left uncommitted in the working tree: {}.",
+            entry.files_changed.join(", ")
+        );
+    }
+    entry
+}
+
+/// Most tool calls (and files) an outcome entry lists.
+const MAX_TOOL_NOTES: usize = 200;
+
+/// What a tool call worked on: its path, pattern or command, shortened.
+fn call_target(input_json: &str) -> String {
+    let input: Value = serde_json::from_str(input_json).unwrap_or(Value::Null);
+    let target = ["filePath", "path", "pattern", "query", "command"]
+        .iter()
+        .find_map(|k| input[*k].as_str())
+        .unwrap_or("");
+    context::one_line(target, 120)
 }
 
 async fn load(engine: &Workflows, id: &str) -> Result<WorkflowRecord, Stop> {
@@ -281,6 +395,8 @@ pub async fn trigger(
         reply: None,
         input_tokens: 0,
         output_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cancel_requested: false,
         created_at_ms: now,
         updated_at_ms: now,
@@ -426,8 +542,14 @@ impl Worker for Recovery {
 fn spawn(engine: Arc<Workflows>, id: String) {
     tokio::spawn(async move {
         let permits = engine.permits.clone();
-        let Ok(_permit) = permits.acquire_owned().await else {
-            return;
+        // A workflow cancelled while it waits for a permit ends at once, without one.
+        let cancel = engine.cancel_signal(&id);
+        let _permit = tokio::select! {
+            p = permits.acquire_owned() => match p {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            },
+            _ = cancel.cancelled() => None,
         };
         let outcome = drive(&engine, &id).await;
         engine.forget_cancel_signal(&id);
@@ -466,7 +588,8 @@ async fn finish(
     events.extend(status_event(&wf).ok());
     events.extend(event(&wf, "end", json!({"status": status.as_str()})).ok());
     tracing::info!(workflow = %id, status = status.as_str(), error = ?error, "workflow ended");
-    persist(engine, &wf, vec![], events).await
+    let said = outcome_entry(engine, &wf).await;
+    persist_with(engine, &wf, vec![], events, Some(said)).await
 }
 
 async fn transition(
@@ -527,8 +650,19 @@ enum Mode {
     Task(u64),
 }
 
-/// Messages, finished tool results of the phase (by call id), model steps of the phase.
-type Rebuilt = (Vec<Message>, HashMap<String, (String, bool)>, usize);
+/// A workflow's conversation rebuilt from its journal.
+struct Rebuilt {
+    /// Every phase's messages, in order (a task sees what planning read).
+    messages: Vec<Message>,
+    /// Results of the phase's finished tool calls, by call id.
+    finished: HashMap<String, (String, bool)>,
+    /// Model turns the phase has taken.
+    steps: usize,
+    /// Model turns the workflow has taken (every phase).
+    turns: usize,
+    /// The newest summary of older messages: `messages[1..upto]` are replaced by `text`.
+    summary: Option<(usize, String)>,
+}
 
 /// The workflow's conversation as journaled (every phase, in order: a task sees what planning
 /// read), the results of the finished tool calls of `phase`, and the model steps of `phase`.
@@ -536,6 +670,8 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
     let mut messages: Vec<Message> = Vec::new();
     let mut finished = HashMap::new();
     let mut steps = 0;
+    let mut turns = 0;
+    let mut summary = None;
     let parse = |json: &str| -> Result<Message, Stop> {
         serde_json::from_str(json).map_err(|e| Stop::Fail(format!("corrupt journal entry: {e}")))
     };
@@ -545,8 +681,14 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
             JournalEntry::User { message_json, .. } => (Role::User, parse(message_json)?.parts),
             JournalEntry::Turn { message_json, .. } => {
                 steps += usize::from(here);
+                turns += 1;
                 (Role::Assistant, parse(message_json)?.parts)
             }
+            JournalEntry::Summary { upto, text } => {
+                summary = Some((usize::try_from(*upto).unwrap_or(usize::MAX), text.clone()));
+                continue;
+            }
+            JournalEntry::Context { .. } => continue,
             JournalEntry::ToolResult {
                 call_id,
                 name,
@@ -572,7 +714,13 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
             _ => messages.push(Message { role, parts }),
         }
     }
-    Ok((messages, finished, steps))
+    Ok(Rebuilt {
+        messages,
+        finished,
+        steps,
+        turns,
+        summary,
+    })
 }
 
 struct Ctx {
@@ -582,17 +730,35 @@ struct Ctx {
     output_limit: u32,
     dir: PathBuf,
     tools: Arc<dyn Tools>,
+    /// The project's instructions (file name, text), read when the workflow started.
+    instructions: Option<(String, String)>,
+    /// The branch conversation before this workflow, as messages.
+    thread: Vec<Message>,
+    /// The parts of the user's attachments, added to the workflow's opening message.
+    attachments: Vec<Part>,
+    /// The context budget, and the scale learned from the provider's usage reports.
+    budget: std::sync::Mutex<context::Budget>,
+    /// Tool results of the workflow's messages before this index are sent shortened. It only
+    /// moves forward, so the requests of a workflow share their prefix for as long as they fit.
+    shortened: std::sync::atomic::AtomicUsize,
 }
 
 fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
     let spec = ModelSpec::parse(&wf.model).map_err(|e| Stop::Fail(e.to_string()))?;
     let provider = provider_for(&engine.base.config.providers, &spec)
         .map_err(|e| Stop::Fail(e.to_string()))?;
+    let window = crate::llm::limits::context_tokens(
+        &spec.provider,
+        &spec.model,
+        engine.base.config.providers.context_tokens,
+    );
+    let budget = context::Budget::new(window);
     let output_limit = crate::llm::limits::max_output_tokens(
         &spec.provider,
         &spec.model,
         engine.base.config.providers.max_output_tokens,
-    );
+    )
+    .min(budget.output_cap());
     Ok(Ctx {
         provider,
         model: spec.model,
@@ -601,13 +767,260 @@ fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
             .base
             .dir(&BranchKey::new(&wf.project_id, &wf.branch_id)),
         tools: engine.tools(),
+        instructions: None,
+        thread: Vec::new(),
+        attachments: Vec::new(),
+        budget: std::sync::Mutex::new(budget),
+        shortened: Default::default(),
     })
 }
 
+/// The context a workflow started with (written to its journal when it starts, read back
+/// after a restart): the project's instructions, the thread (an older part of it summarized
+/// first when it takes more than its share of the budget), the user's attachments.
+async fn prepare(engine: &Arc<Workflows>, wf: &WorkflowRecord, ctx: &mut Ctx) -> Result<(), Stop> {
+    let journal = load_journal(engine, &wf.workflow_id).await?;
+    let key = StreamKey::new(&wf.project_id, &wf.branch_id);
+    let (user_id, _) = message_ids(&wf.workflow_id);
+    let k = key.clone();
+    let entries = engine.base.read(move |rtx| convs::all(rtx, &k)).await?;
+    let own = entries.iter().find(|(_, e)| e.message_id == user_id);
+    if let Some((_, e)) = own {
+        ctx.attachments = attachment_parts(engine, &wf.project_id, &e.attachments).await?;
+    }
+    let fixed = journal.iter().find_map(|(_, e)| match e {
+        JournalEntry::Context {
+            instructions,
+            thread_before,
+            summary,
+        } => Some((instructions.clone(), *thread_before, *summary)),
+        _ => None,
+    });
+    let (instructions, thread_before, summary) = match fixed {
+        Some(fixed) => fixed,
+        None => {
+            // A workflow from before conversations were kept has no user entry: no thread.
+            let before = own.map(|(seq, _)| *seq).unwrap_or(0);
+            let instructions = {
+                let dir = ctx.dir.clone();
+                tokio::task::spawn_blocking(move || context::read_instructions(&dir))
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let summary = summarize_thread(engine, wf, ctx, &entries, before).await?;
+            let entry = JournalEntry::Context {
+                instructions: instructions.clone(),
+                thread_before: before,
+                summary,
+            };
+            let current = load(engine, &wf.workflow_id).await?;
+            persist(engine, &current, vec![entry], vec![]).await?;
+            (instructions, before, summary)
+        }
+    };
+    ctx.instructions = instructions;
+    ctx.thread = thread_of(&entries, thread_before, summary);
+    Ok(())
+}
+
+/// The thread before entry `before`, from the summary at `summary` on.
+fn thread_of(
+    entries: &[(u64, ConversationEntry)],
+    before: u64,
+    summary: Option<u64>,
+) -> Vec<Message> {
+    let summary_entry = summary.and_then(|s| entries.iter().find(|(seq, _)| *seq == s));
+    let covered = summary_entry
+        .and_then(|(_, e)| e.covers_through)
+        .unwrap_or(0);
+    let kept: Vec<ConversationEntry> = entries
+        .iter()
+        .filter(|(seq, e)| *seq > covered && *seq < before && e.kind != EntryKind::Summary)
+        .map(|(_, e)| e.clone())
+        .collect();
+    context::thread_messages(summary_entry.map(|(_, e)| e), &kept)
+}
+
+/// When the thread before `before` takes more than its share of the budget, its older part
+/// is summarized by the model (the summary before it included) and the summary is added to
+/// the branch conversation, for this workflow and the ones after it. Returns the summary to
+/// start the thread from.
+async fn summarize_thread(
+    engine: &Arc<Workflows>,
+    wf: &WorkflowRecord,
+    ctx: &Ctx,
+    entries: &[(u64, ConversationEntry)],
+    before: u64,
+) -> Result<Option<u64>, Stop> {
+    let latest = entries
+        .iter()
+        .rev()
+        .find(|(seq, e)| *seq < before && e.kind == EntryKind::Summary)
+        .map(|(seq, _)| *seq);
+    let limit = {
+        let b = lock(&ctx.budget);
+        b.prompt_limit(ctx.output_limit) as f64
+    };
+    let thread = thread_of(entries, before, latest);
+    let size: u64 = thread.iter().map(context::message_tokens).sum();
+    if (size as f64) <= limit * context::THREAD_SHARE {
+        return Ok(latest);
+    }
+    // Keep the newest entries that fit in the smaller share whole; summarize the rest.
+    let covered = latest
+        .and_then(|s| entries.iter().find(|(seq, _)| *seq == s))
+        .and_then(|(_, e)| e.covers_through)
+        .unwrap_or(0);
+    let candidates: Vec<&(u64, ConversationEntry)> = entries
+        .iter()
+        .filter(|(seq, e)| *seq > covered && *seq < before && e.kind != EntryKind::Summary)
+        .collect();
+    let keep = limit * context::THREAD_KEEP_SHARE;
+    let mut tail = 0.0;
+    let mut cut = candidates.len();
+    while cut > 0 {
+        let e = &candidates[cut - 1].1;
+        let t = context::text_tokens(&match e.kind {
+            EntryKind::User => context::user_text(e),
+            _ => context::outcome_text(e),
+        }) as f64;
+        if tail + t > keep {
+            break;
+        }
+        tail += t;
+        cut -= 1;
+    }
+    if cut == 0 {
+        return Ok(latest);
+    }
+    let through = candidates[cut - 1].0;
+    let old = thread_of(entries, through + 1, latest);
+    let text = summarize(engine, wf, ctx, &old).await?;
+    let now = now_ms();
+    let mut entry = ConversationEntry::new(
+        format!("msg-summary-{through}"),
+        EntryKind::Summary,
+        text,
+        now,
+    );
+    entry.covers_through = Some(through);
+    let key = StreamKey::new(&wf.project_id, &wf.branch_id);
+    let seq = engine
+        .base
+        .store
+        .writer()
+        .write(move |c| convs::append(c, &key, &entry))
+        .await?;
+    Ok(Some(seq))
+}
+
+/// A summary of `messages` written by the model (a side request that is not a turn), or,
+/// when the model cannot write one, every user message's first line and the tool calls.
+async fn summarize(
+    engine: &Arc<Workflows>,
+    wf: &WorkflowRecord,
+    ctx: &Ctx,
+    messages: &[Message],
+) -> Result<String, Stop> {
+    let max_chars = {
+        let b = lock(&ctx.budget);
+        usize::try_from(b.prompt_limit(2048).saturating_mul(3) / 2).unwrap_or(usize::MAX)
+    };
+    let request = ChatRequest {
+        model: ctx.model.clone(),
+        system: context::SUMMARY_SYSTEM.into(),
+        messages: vec![Message::user_text(format!(
+            "Summarize this conversation:\n\n{}",
+            context::transcript(messages, max_chars)
+        ))],
+        tools: Vec::new(),
+        max_tokens: 2048.min(ctx.output_limit),
+        stable_prefix: 0,
+        turn: None,
+    };
+    let cancel = engine.cancel_signal(&wf.workflow_id);
+    let quiet = |_: Delta| {};
+    let answer = tokio::select! {
+        r = ctx.provider.chat(&request, &quiet) => r,
+        _ = cancel.cancelled() => return Err(Stop::Cancelled),
+        _ = engine.base.shutdown.cancelled() => return Err(Stop::Shutdown),
+    };
+    match answer {
+        Ok(r) if !r.message.text().trim().is_empty() => {
+            let mut current = load(engine, &wf.workflow_id).await?;
+            current.input_tokens += r.usage.input_tokens;
+            current.output_tokens += r.usage.output_tokens;
+            current.cache_read_tokens += r.usage.cache_read_tokens;
+            current.cache_write_tokens += r.usage.cache_write_tokens;
+            persist(engine, &current, vec![], vec![]).await?;
+            Ok(r.message.text())
+        }
+        Ok(_) => Ok(context::extractive_summary(messages)),
+        Err(e) => {
+            tracing::warn!(workflow = %wf.workflow_id, error = %e, "the model could not summarize; keeping the requests and tool calls instead");
+            Ok(context::extractive_summary(messages))
+        }
+    }
+}
+
+/// The model parts of the user's attachments: images as images (the API refused images to a
+/// model without image input), text files as text. An attachment that is gone is named.
+async fn attachment_parts(
+    engine: &Arc<Workflows>,
+    project_id: &str,
+    refs: &[AttachmentRef],
+) -> Result<Vec<Part>, Stop> {
+    let mut parts = Vec::new();
+    for a in refs {
+        let (p, id) = (project_id.to_string(), a.id.clone());
+        let bytes = engine
+            .base
+            .read(move |rtx| attachment_bytes(rtx, &p, &id))
+            .await?;
+        let name = a.filename.clone().unwrap_or_else(|| a.id.clone());
+        match bytes {
+            None => parts.push(Part::Text {
+                text: format!("[attachment {name} is no longer available]"),
+            }),
+            Some(bytes) if a.media_type.starts_with("image/") => {
+                use base64::Engine as _;
+                parts.push(Part::Image {
+                    media_type: a.media_type.clone(),
+                    data: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                });
+            }
+            Some(bytes) => parts.push(Part::Text {
+                text: format!(
+                    "<attached-file name={name:?} type={:?}>\n{}\n</attached-file>",
+                    a.media_type,
+                    String::from_utf8_lossy(&bytes)
+                ),
+            }),
+        }
+    }
+    Ok(parts)
+}
+
+// TODO(merge): weldr_storage::attachments once the attachments land.
+fn attachment_bytes(
+    _rtx: &weldr_storage::redb::ReadTransaction,
+    _project_id: &str,
+    _id: &str,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    Ok(None)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn plan_system() -> String {
-    "You are the planning step of a coding agent working in a project directory. Read the code \
-     with the read-only tools, then call `submit_plan` with acceptance criteria and ordered \
-     tasks. If the request is unclear, answer with a question instead of a plan."
+    "You are the planning step of a coding agent working in a project directory. The \
+     conversation so far is above the user's latest message; the latest message may answer a \
+     question you asked. Read the code with the read-only tools, then call `submit_plan` with \
+     acceptance criteria and ordered tasks. If the request is unclear, answer with a question \
+     instead of a plan."
         .into()
 }
 
@@ -634,6 +1047,7 @@ async fn converse(
         max_tokens: crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit),
         retries: 0,
     };
+    let mut previous_len = None;
     loop {
         let wf = load(engine, id).await?;
         check(engine, &wf)?;
@@ -645,50 +1059,184 @@ async fn converse(
             if calls.is_empty() {
                 return Ok(Outcome::Reply(last.text()));
             }
-            let (results, outcome) =
-                run_tool_calls(engine, id, ctx, mode, phase, calls, &mut convo.finished).await?;
+            let (results, outcome) = run_tool_calls(
+                engine,
+                id,
+                ctx,
+                mode,
+                phase,
+                calls,
+                &mut convo.rebuilt.finished,
+            )
+            .await?;
             if let Some(o) = outcome {
                 return Ok(o);
             }
-            convo.messages.push(Message {
+            convo.rebuilt.messages.push(Message {
                 role: Role::User,
                 parts: results,
             });
         }
-        if convo.steps >= MAX_STEPS {
+        if convo.rebuilt.steps >= MAX_STEPS {
             return Ok(Outcome::StepsExhausted);
         }
+        let (messages, stable_prefix) = fit_request(
+            engine,
+            &wf,
+            ctx,
+            &system,
+            &specs,
+            &mut convo,
+            budget.max_tokens,
+            previous_len,
+        )
+        .await?;
+        previous_len = Some(messages.len());
+        let estimate = context::fixed_tokens(&system, &specs)
+            + messages.iter().map(context::message_tokens).sum::<u64>();
         let request = ChatRequest {
             model: ctx.model.clone(),
             system: system.clone(),
-            messages: convo.messages.clone(),
+            messages,
             tools: specs.clone(),
             max_tokens: budget.max_tokens,
-            stable_prefix: 0,
-            turn: Some(convo.steps),
+            stable_prefix,
+            turn: Some(convo.rebuilt.turns),
         };
-        let message = model_turn(engine, id, ctx, phase, wf, request, &mut budget).await?;
-        convo.messages.push(message);
-        convo.steps += 1;
+        let message =
+            model_turn(engine, id, ctx, phase, wf, request, &mut budget, estimate).await?;
+        convo.rebuilt.messages.push(message);
+        convo.rebuilt.steps += 1;
+        convo.rebuilt.turns += 1;
     }
+}
+
+/// The messages of the next request, within the budget, and how many of them the request
+/// after it will send unchanged. The thread, then the workflow's messages: the opening with
+/// the attachments (and the summary of older turns, if any), the turns after the summary,
+/// tool results before the watermark shortened. Over the budget, the watermark moves on;
+/// when shortening every older result is not enough, the older turns are summarized (once:
+/// the summary is journaled) and the request is built again.
+#[allow(clippy::too_many_arguments)]
+async fn fit_request(
+    engine: &Arc<Workflows>,
+    wf: &WorkflowRecord,
+    ctx: &Ctx,
+    system: &str,
+    specs: &[ToolSpec],
+    convo: &mut Conversation,
+    max_tokens: u32,
+    previous_len: Option<usize>,
+) -> Result<(Vec<Message>, usize), Stop> {
+    use std::sync::atomic::Ordering;
+    let fixed = context::fixed_tokens(system, specs);
+    let (limit, scale) = {
+        let b = lock(&ctx.budget);
+        (b.prompt_limit(max_tokens), b.clone())
+    };
+    let thread_tokens: u64 = ctx.thread.iter().map(context::message_tokens).sum();
+    for _ in 0..3 {
+        let own = own_messages(ctx, &convo.rebuilt);
+        let before = ctx.shortened.load(Ordering::Relaxed);
+        let total = fixed + thread_tokens + own.iter().map(context::message_tokens).sum::<u64>();
+        let mut own = own;
+        let mut moved = false;
+        if scale.scaled(total) > limit || before > 0 {
+            let target = (limit as f64 * context::SHORTEN_TARGET) as u64;
+            let w = if scale.scaled(total) > limit {
+                context::shorten_watermark(&own, before, fixed + thread_tokens, target, |t| {
+                    scale.scaled(t)
+                })
+            } else {
+                before
+            };
+            moved = w != before;
+            ctx.shortened.store(w, Ordering::Relaxed);
+            context::shorten_results(&mut own, w);
+        }
+        let total = fixed + thread_tokens + own.iter().map(context::message_tokens).sum::<u64>();
+        if scale.scaled(total) <= limit {
+            let mut messages = ctx.thread.clone();
+            let thread_len = messages.len();
+            messages.extend(own);
+            // What the next request sends unchanged: all of this one (it appends), unless
+            // this one changed the prefix; then the thread.
+            let stable = match previous_len {
+                Some(_) if !moved => messages.len(),
+                _ => thread_len,
+            };
+            let stable = stable.min(messages.len());
+            return Ok((messages, stable));
+        }
+        // Still over: summarize the older turns of the workflow.
+        let keep = (limit as f64 * context::SUMMARY_KEEP_SHARE) as u64;
+        let start = convo.rebuilt.summary.as_ref().map(|(u, _)| *u).unwrap_or(1);
+        let Some(cut) = context::summary_cut(&convo.rebuilt.messages, start.max(1) - 1, keep)
+        else {
+            break;
+        };
+        if cut <= start {
+            break;
+        }
+        let mut old: Vec<Message> = Vec::new();
+        if let Some((_, text)) = &convo.rebuilt.summary {
+            old.push(Message::user_text(format!(
+                "[Summary of the earlier steps]\n{text}"
+            )));
+        }
+        old.extend(convo.rebuilt.messages[start..cut].iter().cloned());
+        let text = summarize(engine, wf, ctx, &old).await?;
+        let current = load(engine, &wf.workflow_id).await?;
+        let entry = JournalEntry::Summary {
+            upto: cut as u64,
+            text: text.clone(),
+        };
+        persist(engine, &current, vec![entry], vec![]).await?;
+        convo.rebuilt.summary = Some((cut, text));
+        ctx.shortened.store(0, Ordering::Relaxed);
+    }
+    Err(Stop::Fail(format!(
+        "the request does not fit in the model's context window of {} tokens even with older \
+         turns summarized; raise WELDR_CONTEXT_TOKENS or ask for smaller steps",
+        lock(&ctx.budget).window
+    )))
+}
+
+/// The workflow's own messages as sent: the opening (with the attachments and the summary),
+/// then the messages after the summary.
+fn own_messages(ctx: &Ctx, rebuilt: &Rebuilt) -> Vec<Message> {
+    let Some(first) = rebuilt.messages.first() else {
+        return Vec::new();
+    };
+    let mut opening = first.clone();
+    opening.parts.extend(ctx.attachments.iter().cloned());
+    let mut out = vec![opening];
+    let from = match &rebuilt.summary {
+        Some((upto, text)) if *upto > 1 && *upto < rebuilt.messages.len() => {
+            out[0].parts.push(Part::Text {
+                text: format!("[Summary of the steps taken so far]\n{text}"),
+            });
+            *upto
+        }
+        _ => 1,
+    };
+    out.extend(rebuilt.messages[from..].iter().cloned());
+    out
 }
 
 /// A conversation rebuilt from the journal.
 struct Conversation {
-    messages: Vec<Message>,
-    /// Results of the phase's finished tool calls, by call id.
-    finished: HashMap<String, (String, bool)>,
-    /// Model turns the phase has taken.
-    steps: usize,
+    rebuilt: Rebuilt,
 }
 
 impl Conversation {
     /// The phase's last model turn when it is the last message (its tool calls are answered
     /// next); None when the model is to be asked.
     fn last_turn(&self) -> Option<&Message> {
-        self.messages
+        self.rebuilt
+            .messages
             .last()
-            .filter(|m| m.role == Role::Assistant && self.steps > 0)
+            .filter(|m| m.role == Role::Assistant && self.rebuilt.steps > 0)
     }
 }
 
@@ -702,19 +1250,20 @@ async fn resume(
     opening: Message,
 ) -> Result<Conversation, Stop> {
     let journal = load_journal(engine, id).await?;
-    let (mut messages, finished, steps) = conversation(&journal, phase)?;
+    let mut rebuilt = conversation(&journal, phase)?;
     let fresh = !journal.iter().any(|(_, e)| e.phase() == phase);
+    let messages = &mut rebuilt.messages;
     // Stopped between two tool calls of a turn: drop the partial results; the loop of
     // `converse` takes the finished ones from the journal and runs only the others.
     let partial = messages.len() >= 2
-        && steps > 0
+        && rebuilt.steps > 0
         && messages[messages.len() - 1]
             .parts
             .iter()
             .all(|p| matches!(p, Part::ToolResult { .. }))
         && messages[messages.len() - 2]
             .tool_calls()
-            .any(|(call_id, _, _)| !finished.contains_key(call_id));
+            .any(|(call_id, _, _)| !rebuilt.finished.contains_key(call_id));
     if partial {
         messages.pop();
     }
@@ -730,11 +1279,7 @@ async fn resume(
             _ => messages.push(opening),
         }
     }
-    Ok(Conversation {
-        messages,
-        finished,
-        steps,
-    })
+    Ok(Conversation { rebuilt })
 }
 
 /// The system prompt and the tools of a mode: planning sees the read-only tools and
@@ -749,12 +1294,18 @@ fn toolset(ctx: &Ctx, mode: Mode) -> (String, Vec<ToolSpec>) {
                 .filter(|s| READ_ONLY.contains(&s.name.as_str()))
                 .collect();
             specs.push(plan::submit_plan_spec());
-            (plan_system(), specs)
+            (
+                context::system_prompt(&plan_system(), ctx.instructions.as_ref()),
+                specs,
+            )
         }
         Mode::Task(_) => {
             let mut specs = ctx.tools.specs();
             specs.push(plan::done_spec());
-            (task_system(), specs)
+            (
+                context::system_prompt(&task_system(), ctx.instructions.as_ref()),
+                specs,
+            )
         }
     }
 }
@@ -785,7 +1336,14 @@ async fn run_tool_calls(
         }
         let mut wf = load(engine, id).await?;
         check(engine, &wf)?;
-        let answer = answer_call(ctx, mode, &mut wf, &name, &input, outcome.is_some()).await?;
+        // A cancel or a shutdown ends a call in flight at once: its command's sandbox (or
+        // process group) is killed when the call is dropped, and no result is journaled.
+        let cancel = engine.cancel_signal(id);
+        let answer = tokio::select! {
+            a = answer_call(ctx, mode, &mut wf, &name, &input, outcome.is_some()) => a?,
+            _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            _ = engine.base.shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
         let (content, is_error) = (answer.content, answer.is_error);
         let shown: String = content.chars().take(EVENT_RESULT_CHARS).collect();
         let mut events = vec![event(
@@ -914,13 +1472,17 @@ async fn model_turn(
     mut wf: WorkflowRecord,
     mut request: ChatRequest,
     budget: &mut TurnBudget,
+    estimate: u64,
 ) -> Result<Message, Stop> {
     loop {
         let response = chat(engine, &wf, ctx, &request).await?;
+        lock(&ctx.budget).calibrate(estimate, response.usage.input_tokens);
         wf = load(engine, id).await?;
         // What the model generated counts, also in a turn that is dropped below.
         wf.input_tokens += response.usage.input_tokens;
         wf.output_tokens += response.usage.output_tokens;
+        wf.cache_read_tokens += response.usage.cache_read_tokens;
+        wf.cache_write_tokens += response.usage.cache_write_tokens;
         wf.updated_at_ms = now_ms();
         let judged = judge_turn(
             &response,
@@ -1104,7 +1666,8 @@ fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, EventError>
 }
 
 async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
-    let ctx = context(engine, &wf)?;
+    let mut ctx = context(engine, &wf)?;
+    prepare(engine, &wf, &mut ctx).await?;
     let opening = Message::user_text(wf.user_message.clone());
     match converse(engine, &wf.workflow_id, &ctx, Mode::Plan, "plan", opening).await? {
         Outcome::PlanAccepted => Ok(()),
@@ -1118,7 +1681,8 @@ async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Sto
                 status_event(&wf)?,
                 event(&wf, "end", json!({"status": "complete", "reply": text}))?,
             ];
-            persist(engine, &wf, vec![], events).await?;
+            let said = outcome_entry(engine, &wf).await;
+            persist_with(engine, &wf, vec![], events, Some(said)).await?;
             Ok(())
         }
         Outcome::TaskDone => Ok(()),
@@ -1129,7 +1693,8 @@ async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Sto
 }
 
 async fn coding(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
-    let ctx = context(engine, &wf)?;
+    let mut ctx = context(engine, &wf)?;
+    prepare(engine, &wf, &mut ctx).await?;
     let plan = wf
         .plan
         .clone()
@@ -1237,6 +1802,8 @@ async fn deploying(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), St
         let version = match existing {
             Some(seq) => Some(seq),
             None => {
+                // Nothing lands in git after a cancel.
+                check(engine, &load(engine, &wf.workflow_id).await?)?;
                 let message: String = wf
                     .user_message
                     .lines()
@@ -1270,7 +1837,12 @@ async fn deploying(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), St
         .dir(&BranchKey::new(&wf.project_id, &wf.branch_id));
     if let Some(build) = BuildConfig::read(&dir).map_err(Stop::Fail)? {
         check(engine, &wf)?;
-        let report = run_build(&engine.sandbox, &dir, &build).await;
+        let cancel = engine.cancel_signal(&wf.workflow_id);
+        let report = tokio::select! {
+            r = run_build(&engine.sandbox, &dir, &build) => r,
+            _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            _ = engine.base.shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
         let ok = report["exitCode"] == json!(0) && report["timedOut"] != json!(true);
         wf = load(engine, &wf.workflow_id).await?;
         let events = vec![event(&wf, "build", report.clone())?];
@@ -1313,7 +1885,8 @@ async fn deploying(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), St
         end["snapshotId"] = id.into();
     }
     let events = vec![status_event(&wf)?, event(&wf, "end", end)?];
-    persist(engine, &wf, vec![], events).await?;
+    let said = outcome_entry(engine, &wf).await;
+    persist_with(engine, &wf, vec![], events, Some(said)).await?;
     Ok(())
 }
 

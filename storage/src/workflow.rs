@@ -104,8 +104,13 @@ pub struct WorkflowRecord {
     pub error: Option<String>,
     /// The model's final reply when it answered without a plan.
     pub reply: Option<String>,
+    /// Prompt tokens, the cached ones included, as the providers reported them.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Prompt tokens served from the provider's cache.
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the provider's cache.
+    pub cache_write_tokens: u64,
     pub cancel_requested: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
@@ -113,7 +118,62 @@ pub struct WorkflowRecord {
 
 impl Record for WorkflowRecord {
     const KIND: &'static str = "workflow";
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
+
+    fn migrate(version: u8, body: &[u8]) -> Result<Self, StorageError> {
+        /// Version 1: no cache token counts.
+        #[derive(Deserialize)]
+        struct V1 {
+            workflow_id: String,
+            project_id: String,
+            branch_id: String,
+            status: WorkflowStatus,
+            model: String,
+            user_message: String,
+            plan: Option<Plan>,
+            tasks: Vec<TaskState>,
+            version: Option<u64>,
+            error: Option<String>,
+            reply: Option<String>,
+            input_tokens: u64,
+            output_tokens: u64,
+            cancel_requested: bool,
+            created_at_ms: u64,
+            updated_at_ms: u64,
+        }
+        match version {
+            1 => {
+                let v: V1 = postcard::from_bytes(body).map_err(|e| StorageError::Corrupt {
+                    kind: Self::KIND,
+                    message: e.to_string(),
+                })?;
+                Ok(Self {
+                    workflow_id: v.workflow_id,
+                    project_id: v.project_id,
+                    branch_id: v.branch_id,
+                    status: v.status,
+                    model: v.model,
+                    user_message: v.user_message,
+                    plan: v.plan,
+                    tasks: v.tasks,
+                    version: v.version,
+                    error: v.error,
+                    reply: v.reply,
+                    input_tokens: v.input_tokens,
+                    output_tokens: v.output_tokens,
+                    cache_read_tokens: 0,
+                    cache_write_tokens: 0,
+                    cancel_requested: v.cancel_requested,
+                    created_at_ms: v.created_at_ms,
+                    updated_at_ms: v.updated_at_ms,
+                })
+            }
+            v => Err(StorageError::UnknownVersion {
+                kind: Self::KIND,
+                version: v,
+            }),
+        }
+    }
 }
 
 /// One journal entry. `phase` names the conversation it belongs to (`plan`, or
@@ -133,14 +193,30 @@ pub enum JournalEntry {
         content: String,
         is_error: bool,
     },
+    /// What the workflow was given when it started, so that a recovered workflow continues
+    /// with the same context: the project's instructions (file name, text) and the branch
+    /// conversation it continues: the entries before `thread_before` (its own user message),
+    /// from the summary at `summary` on if there is one.
+    Context {
+        instructions: Option<(String, String)>,
+        thread_before: u64,
+        summary: Option<u64>,
+    },
+    /// A model-written summary that stands, in every later request, for the workflow's
+    /// conversation messages `1..upto` (the opening request stays whole).
+    Summary { upto: u64, text: String },
 }
 
 impl JournalEntry {
+    /// The conversation the entry belongs to (`context` and `summary` for the two that
+    /// belong to none).
     pub fn phase(&self) -> &str {
         match self {
             Self::User { phase, .. }
             | Self::Turn { phase, .. }
             | Self::ToolResult { phase, .. } => phase,
+            Self::Context { .. } => "context",
+            Self::Summary { .. } => "summary",
         }
     }
 }
