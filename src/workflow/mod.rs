@@ -1668,7 +1668,24 @@ fn task_event(wf: &WorkflowRecord, task_id: u64) -> Result<NewEvent, EventError>
 async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
     let mut ctx = context(engine, &wf)?;
     prepare(engine, &wf, &mut ctx).await?;
-    let opening = Message::user_text(wf.user_message.clone());
+    let (p, b) = (wf.project_id.clone(), wf.branch_id.clone());
+    let versions = engine
+        .base
+        .read(move |rtx| weldr_storage::model::list_versions(rtx, &p, &b))
+        .await?;
+    let dir = ctx.dir.clone();
+    let tree = tokio::task::spawn_blocking(move || context::tree_context(&dir, &versions))
+        .await
+        .map_err(|e| Stop::Fail(format!("listing the tree: {e}")))?;
+    let opening = Message {
+        role: Role::User,
+        parts: vec![
+            Part::Text { text: tree },
+            Part::Text {
+                text: wf.user_message.clone(),
+            },
+        ],
+    };
     match converse(engine, &wf.workflow_id, &ctx, Mode::Plan, "plan", opening).await? {
         Outcome::PlanAccepted => Ok(()),
         Outcome::Reply(text) => {
