@@ -71,11 +71,15 @@ impl Harness {
     }
 
     async fn trigger(&self) -> String {
+        self.trigger_with("say hello").await
+    }
+
+    async fn trigger_with(&self, text: &str) -> String {
         let res = self
             .http
             .post(self.url("/trigger"))
             .json(&json!({"projectId": "p", "branchId": "b",
-                          "message": {"content": [{"type": "text", "text": "say hello"}]},
+                          "message": {"content": [{"type": "text", "text": text}]},
                           "model": "ollama:test-model"}))
             .send()
             .await
@@ -238,6 +242,59 @@ async fn sigkill_during_planning() {
         std::fs::read_to_string(h.branch_dir().join("hello.txt")).unwrap(),
         "hello\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_a_follow_up_resumes_with_the_thread() {
+    let plan = plan_args();
+    let mut h = Harness::start(vec![
+        // The first workflow asks a question.
+        Reply::Turn(Turn::text(&["Should the greeting be formal?"])),
+        // The follow-up: the server is killed while its first model call waits.
+        Reply::Stall,
+        Reply::Turn(Turn::default().call("c1", "submit_plan", &[&plan])),
+        write_hello("c2"),
+        call("c3", "done", json!({"summary": "wrote hello.txt"})),
+    ])
+    .await;
+    let first = h.trigger_with("write a greeting file").await;
+    let frames = h.whole_stream(&first).await;
+    assert_eq!(frames.last().unwrap().data["status"], "complete");
+    let wf = h.trigger_with("no, casual").await;
+    wait_for("the stalled follow-up request", || h.fake.requests().len() >= 2).await;
+    h.crash_and_restart(|_| {});
+
+    let frames = h.whole_stream(&wf).await;
+    let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    assert_eq!(frames.last().unwrap().data["status"], "complete");
+    // The recovered workflow asked again with the same context: the thread, then the answer.
+    let requests = h.fake.requests();
+    let (stalled, resumed) = (requests[1].body.clone(), requests[2].body.clone());
+    assert_eq!(stalled["messages"], resumed["messages"], "the same conversation");
+    let text = resumed["messages"].to_string();
+    let (ask, question, answer) = (
+        text.find("write a greeting file").expect("the first request"),
+        text.find("Should the greeting be formal?").expect("the question"),
+        text.find("no, casual").expect("the answer"),
+    );
+    assert!(ask < question && question < answer, "{text}");
+    let page: Value = h
+        .http
+        .get(h.url("/projects/p/branches/b/messages"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["user", "assistant", "user", "assistant"], "{page:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
