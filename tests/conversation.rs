@@ -151,7 +151,11 @@ async fn a_question_and_its_answer_read_as_one_conversation() {
 
     let second = trigger(&s, "React, please").await;
     let frames = until_end(&mut sse, &second).await;
-    assert_eq!(frames.last().unwrap().data["status"], "complete", "{frames:#?}");
+    assert_eq!(
+        frames.last().unwrap().data["status"],
+        "complete",
+        "{frames:#?}"
+    );
 
     let requests = fake.requests();
     assert_eq!(requests.len(), 4);
@@ -182,10 +186,19 @@ async fn a_question_and_its_answer_read_as_one_conversation() {
         .iter()
         .map(|m| m["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["user", "assistant", "user", "assistant"], "{page:#}");
+    assert_eq!(
+        kinds,
+        ["user", "assistant", "user", "assistant"],
+        "{page:#}"
+    );
     assert_eq!(messages[0]["text"], "build a todo app");
     assert_eq!(messages[1]["messageId"], message_id.as_str());
-    assert!(messages[1]["text"].as_str().unwrap().contains("Which framework"));
+    assert!(
+        messages[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Which framework")
+    );
     assert_eq!(messages[3]["status"], "complete");
     assert_eq!(messages[3]["versionId"], "2");
     assert_eq!(messages[3]["filesChanged"], json!(["App.jsx"]));
@@ -252,7 +265,11 @@ async fn project_instructions_reach_the_system_prompt() {
         &s.app().config,
         &weldr_agent::branches::BranchKey::new("p", "b"),
     );
-    std::fs::write(dir.join("AGENTS.md"), "Always use tabs. Never touch vendor/.").unwrap();
+    std::fs::write(
+        dir.join("AGENTS.md"),
+        "Always use tabs. Never touch vendor/.",
+    )
+    .unwrap();
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = trigger(&s, "hello").await;
     until_end(&mut sse, &wf).await;
@@ -344,7 +361,10 @@ async fn a_cancel_kills_a_running_command_and_keeps_the_work_uncommitted() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(processes_with(&marker).is_empty(), "no process is left behind");
+    assert!(
+        processes_with(&marker).is_empty(),
+        "no process is left behind"
+    );
     // The work stays in the tree, not in git; the conversation says so.
     let (_, versions) = s.get_json("/projects/p/branches/b/versions").await;
     assert_eq!(versions.as_array().unwrap().len(), 1, "{versions:#}");
@@ -360,6 +380,9 @@ async fn a_cancel_kills_a_running_command_and_keeps_the_work_uncommitted() {
     let last = page["messages"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["status"], "cancelled", "{last:#}");
     assert_eq!(last["filesChanged"], json!(["draft.txt"]), "{last:#}");
-    assert!(last["text"].as_str().unwrap().contains("uncommitted"), "{last:#}");
+    assert!(
+        last["text"].as_str().unwrap().contains("uncommitted"),
+        "{last:#}"
+    );
     s.server.shutdown().await;
 }

@@ -261,7 +261,10 @@ async fn sigkill_in_a_follow_up_resumes_with_the_thread() {
     let frames = h.whole_stream(&first).await;
     assert_eq!(frames.last().unwrap().data["status"], "complete");
     let wf = h.trigger_with("no, casual").await;
-    wait_for("the stalled follow-up request", || h.fake.requests().len() >= 2).await;
+    wait_for("the stalled follow-up request", || {
+        h.fake.requests().len() >= 2
+    })
+    .await;
     h.crash_and_restart(|_| {});
 
     let frames = h.whole_stream(&wf).await;
@@ -271,11 +274,16 @@ async fn sigkill_in_a_follow_up_resumes_with_the_thread() {
     // The recovered workflow asked again with the same context: the thread, then the answer.
     let requests = h.fake.requests();
     let (stalled, resumed) = (requests[1].body.clone(), requests[2].body.clone());
-    assert_eq!(stalled["messages"], resumed["messages"], "the same conversation");
+    assert_eq!(
+        stalled["messages"], resumed["messages"],
+        "the same conversation"
+    );
     let text = resumed["messages"].to_string();
     let (ask, question, answer) = (
-        text.find("write a greeting file").expect("the first request"),
-        text.find("Should the greeting be formal?").expect("the question"),
+        text.find("write a greeting file")
+            .expect("the first request"),
+        text.find("Should the greeting be formal?")
+            .expect("the question"),
         text.find("no, casual").expect("the answer"),
     );
     assert!(ask < question && question < answer, "{text}");
@@ -294,7 +302,11 @@ async fn sigkill_in_a_follow_up_resumes_with_the_thread() {
         .iter()
         .map(|m| m["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["user", "assistant", "user", "assistant"], "{page:#}");
+    assert_eq!(
+        kinds,
+        ["user", "assistant", "user", "assistant"],
+        "{page:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -459,6 +459,92 @@ pub fn summary_cut(messages: &[Message], first: usize, keep: u64) -> Option<usiz
     })
 }
 
+/// A workflow's own messages as sent: the opening with the attachments (and the summary of
+/// older turns, if any), then the messages the summary does not stand for.
+pub fn own_messages(
+    messages: &[Message],
+    summary: Option<&(usize, String)>,
+    phase_opening: Option<&(usize, Vec<Part>)>,
+    attachments: &[Part],
+) -> Vec<Message> {
+    let Some(first) = messages.first() else {
+        return Vec::new();
+    };
+    let mut opening = first.clone();
+    opening.parts.extend(attachments.iter().cloned());
+    let mut out = vec![opening];
+    let from = match summary {
+        Some((upto, text)) if *upto > 1 && *upto < messages.len() => {
+            out[0].parts.push(Part::Text {
+                text: format!("[Summary of the steps taken so far]\n{text}"),
+            });
+            // The current phase's instructions stay whole.
+            if let Some((index, parts)) = phase_opening
+                && *index > 0
+                && *index < *upto
+            {
+                out[0].parts.extend(parts.iter().cloned());
+            }
+            *upto
+        }
+        _ => 1,
+    };
+    out.extend(messages[from..].iter().cloned());
+    out
+}
+
+/// A request's messages within the budget, and how many the next request sends unchanged.
+pub struct Fitted {
+    pub messages: Vec<Message>,
+    pub stable_prefix: usize,
+}
+
+/// The thread then `own` (the workflow's messages), within `limit` prompt tokens (with
+/// `fixed` for the system prompt and tools): tool results before `watermark` are shortened,
+/// and when the request is over the limit the watermark moves on (see
+/// [`shorten_watermark`]). None when even that is not enough: older turns must be
+/// summarized. `continued`: a request of this conversation was sent before.
+pub fn fit(
+    thread: &[Message],
+    mut own: Vec<Message>,
+    fixed: u64,
+    limit: u64,
+    budget: &Budget,
+    watermark: &mut usize,
+    continued: bool,
+) -> Option<Fitted> {
+    let thread_tokens: u64 = thread.iter().map(message_tokens).sum();
+    let before = *watermark;
+    let total = fixed + thread_tokens + own.iter().map(message_tokens).sum::<u64>();
+    if budget.scaled(total) > limit {
+        let target = (limit as f64 * SHORTEN_TARGET) as u64;
+        *watermark = shorten_watermark(&own, before, fixed + thread_tokens, target, |t| {
+            budget.scaled(t)
+        });
+    }
+    if *watermark > 0 {
+        shorten_results(&mut own, *watermark);
+    }
+    let total = fixed + thread_tokens + own.iter().map(message_tokens).sum::<u64>();
+    if budget.scaled(total) > limit {
+        return None;
+    }
+    let mut messages = Vec::with_capacity(thread.len() + own.len());
+    messages.extend_from_slice(thread);
+    messages.extend(own);
+    // The next request appends to this one, unless this one changed the prefix of the one
+    // before: then only the thread is known to stay.
+    let stable_prefix = if continued && *watermark == before {
+        messages.len()
+    } else {
+        thread.len()
+    };
+    Some(Fitted {
+        messages,
+        stable_prefix,
+    })
+}
+
 /// The transcript a summary is written from: each message as text, tool results shortened.
 pub fn transcript(messages: &[Message], max_chars: usize) -> String {
     let mut out = String::new();
@@ -574,7 +660,7 @@ mod tests {
             msgs.push(turn(&format!("c{i}")));
             msgs.push(result(&format!("c{i}"), 8000));
         }
-        let w = shorten_watermark(&msgs, 0, 0, 5000, |t| t);
+        let w = shorten_watermark(&msgs, 0, 0, 1000, |t| t);
         // Never the last message.
         assert_eq!(w, msgs.len() - 1);
         let w2 = shorten_watermark(&msgs, 0, 0, 15_000, |t| t);

@@ -662,6 +662,9 @@ struct Rebuilt {
     turns: usize,
     /// The newest summary of older messages: `messages[1..upto]` are replaced by `text`.
     summary: Option<(usize, String)>,
+    /// The message the phase's opening (a task's instructions) went into, and its parts: a
+    /// summary that stands for that message must not lose them.
+    phase_opening: Option<(usize, Vec<Part>)>,
 }
 
 /// The workflow's conversation as journaled (every phase, in order: a task sees what planning
@@ -672,13 +675,24 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
     let mut steps = 0;
     let mut turns = 0;
     let mut summary = None;
+    let mut phase_opening = None;
     let parse = |json: &str| -> Result<Message, Stop> {
         serde_json::from_str(json).map_err(|e| Stop::Fail(format!("corrupt journal entry: {e}")))
     };
     for (_, entry) in journal {
         let here = entry.phase() == phase;
         let (role, parts) = match entry {
-            JournalEntry::User { message_json, .. } => (Role::User, parse(message_json)?.parts),
+            JournalEntry::User { message_json, .. } => {
+                let parts = parse(message_json)?.parts;
+                if here {
+                    let index = match messages.last() {
+                        Some(m) if m.role == Role::User => messages.len() - 1,
+                        _ => messages.len(),
+                    };
+                    phase_opening = Some((index, parts.clone()));
+                }
+                (Role::User, parts)
+            }
             JournalEntry::Turn { message_json, .. } => {
                 steps += usize::from(here);
                 turns += 1;
@@ -720,6 +734,7 @@ fn conversation(journal: &[(u64, JournalEntry)], phase: &str) -> Result<Rebuilt,
         steps,
         turns,
         summary,
+        phase_opening,
     })
 }
 
@@ -1047,7 +1062,7 @@ async fn converse(
         max_tokens: crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit),
         retries: 0,
     };
-    let mut previous_len = None;
+    let mut continued = false;
     loop {
         let wf = load(engine, id).await?;
         check(engine, &wf)?;
@@ -1088,10 +1103,10 @@ async fn converse(
             &specs,
             &mut convo,
             budget.max_tokens,
-            previous_len,
+            continued,
         )
         .await?;
-        previous_len = Some(messages.len());
+        continued = true;
         let estimate = context::fixed_tokens(&system, &specs)
             + messages.iter().map(context::message_tokens).sum::<u64>();
         let request = ChatRequest {
@@ -1126,7 +1141,7 @@ async fn fit_request(
     specs: &[ToolSpec],
     convo: &mut Conversation,
     max_tokens: u32,
-    previous_len: Option<usize>,
+    continued: bool,
 ) -> Result<(Vec<Message>, usize), Stop> {
     use std::sync::atomic::Ordering;
     let fixed = context::fixed_tokens(system, specs);
@@ -1134,39 +1149,26 @@ async fn fit_request(
         let b = lock(&ctx.budget);
         (b.prompt_limit(max_tokens), b.clone())
     };
-    let thread_tokens: u64 = ctx.thread.iter().map(context::message_tokens).sum();
     for _ in 0..3 {
-        let own = own_messages(ctx, &convo.rebuilt);
-        let before = ctx.shortened.load(Ordering::Relaxed);
-        let total = fixed + thread_tokens + own.iter().map(context::message_tokens).sum::<u64>();
-        let mut own = own;
-        let mut moved = false;
-        if scale.scaled(total) > limit || before > 0 {
-            let target = (limit as f64 * context::SHORTEN_TARGET) as u64;
-            let w = if scale.scaled(total) > limit {
-                context::shorten_watermark(&own, before, fixed + thread_tokens, target, |t| {
-                    scale.scaled(t)
-                })
-            } else {
-                before
-            };
-            moved = w != before;
-            ctx.shortened.store(w, Ordering::Relaxed);
-            context::shorten_results(&mut own, w);
-        }
-        let total = fixed + thread_tokens + own.iter().map(context::message_tokens).sum::<u64>();
-        if scale.scaled(total) <= limit {
-            let mut messages = ctx.thread.clone();
-            let thread_len = messages.len();
-            messages.extend(own);
-            // What the next request sends unchanged: all of this one (it appends), unless
-            // this one changed the prefix; then the thread.
-            let stable = match previous_len {
-                Some(_) if !moved => messages.len(),
-                _ => thread_len,
-            };
-            let stable = stable.min(messages.len());
-            return Ok((messages, stable));
+        let own = context::own_messages(
+            &convo.rebuilt.messages,
+            convo.rebuilt.summary.as_ref(),
+            convo.rebuilt.phase_opening.as_ref(),
+            &ctx.attachments,
+        );
+        let mut watermark = ctx.shortened.load(Ordering::Relaxed);
+        let fitted = context::fit(
+            &ctx.thread,
+            own,
+            fixed,
+            limit,
+            &scale,
+            &mut watermark,
+            continued,
+        );
+        ctx.shortened.store(watermark, Ordering::Relaxed);
+        if let Some(fitted) = fitted {
+            return Ok((fitted.messages, fitted.stable_prefix));
         }
         // Still over: summarize the older turns of the workflow.
         let keep = (limit as f64 * context::SUMMARY_KEEP_SHARE) as u64;
@@ -1200,28 +1202,6 @@ async fn fit_request(
          turns summarized; raise WELDR_CONTEXT_TOKENS or ask for smaller steps",
         lock(&ctx.budget).window
     )))
-}
-
-/// The workflow's own messages as sent: the opening (with the attachments and the summary),
-/// then the messages after the summary.
-fn own_messages(ctx: &Ctx, rebuilt: &Rebuilt) -> Vec<Message> {
-    let Some(first) = rebuilt.messages.first() else {
-        return Vec::new();
-    };
-    let mut opening = first.clone();
-    opening.parts.extend(ctx.attachments.iter().cloned());
-    let mut out = vec![opening];
-    let from = match &rebuilt.summary {
-        Some((upto, text)) if *upto > 1 && *upto < rebuilt.messages.len() => {
-            out[0].parts.push(Part::Text {
-                text: format!("[Summary of the steps taken so far]\n{text}"),
-            });
-            *upto
-        }
-        _ => 1,
-    };
-    out.extend(rebuilt.messages[from..].iter().cloned());
-    out
 }
 
 /// A conversation rebuilt from the journal.
@@ -1274,10 +1254,18 @@ async fn resume(
             message_json: serde_json::to_string(&opening).unwrap_or_default(),
         };
         persist(engine, &wf, vec![entry], vec![]).await?;
-        match messages.last_mut() {
-            Some(m) if m.role == Role::User => m.parts.extend(opening.parts),
-            _ => messages.push(opening),
-        }
+        let parts = opening.parts.clone();
+        let index = match messages.last_mut() {
+            Some(m) if m.role == Role::User => {
+                m.parts.extend(opening.parts);
+                messages.len() - 1
+            }
+            _ => {
+                messages.push(opening);
+                messages.len() - 1
+            }
+        };
+        rebuilt.phase_opening = Some((index, parts));
     }
     Ok(Conversation { rebuilt })
 }
