@@ -218,25 +218,41 @@ pub fn outcome_text(e: &ConversationEntry) -> String {
         }
     }
     if !e.tool_calls.is_empty() {
-        out.push_str("Tool calls: ");
-        let shown: Vec<String> = e
-            .tool_calls
+        // Per tool: how many calls, the first few targets.
+        let mut tools: Vec<(&str, usize, Vec<&str>, usize)> = Vec::new();
+        for c in &e.tool_calls {
+            let i = match tools.iter().position(|t| t.0 == c.name) {
+                Some(i) => i,
+                None => {
+                    tools.push((c.name.as_str(), 0, Vec::new(), 0));
+                    tools.len() - 1
+                }
+            };
+            let t = &mut tools[i];
+            t.1 += 1;
+            t.3 += usize::from(c.is_error);
+            if t.2.len() < 4 && !c.target.is_empty() {
+                t.2.push(c.target.as_str());
+            }
+        }
+        let shown: Vec<String> = tools
             .iter()
-            .take(40)
-            .map(|c| {
-                format!(
-                    "{}({}){}",
-                    c.name,
-                    c.target,
-                    if c.is_error { " failed" } else { "" }
-                )
+            .map(|(name, n, targets, failed)| {
+                let mut s = format!("{name} ×{n}");
+                if !targets.is_empty() {
+                    s.push_str(&format!(
+                        " ({}{})",
+                        targets.join(", "),
+                        if *n > targets.len() { ", …" } else { "" }
+                    ));
+                }
+                if *failed > 0 {
+                    s.push_str(&format!(", {failed} failed"));
+                }
+                s
             })
             .collect();
-        out.push_str(&shown.join(", "));
-        if e.tool_calls.len() > shown.len() {
-            out.push_str(&format!(", and {} more", e.tool_calls.len() - shown.len()));
-        }
-        out.push('\n');
+        out.push_str(&format!("Tool calls: {}\n", shown.join("; ")));
     }
     match e.status.as_deref() {
         Some("complete") => match e.version {
@@ -543,6 +559,31 @@ pub fn fit(
         messages,
         stable_prefix,
     })
+}
+
+/// What to summarize when a request does not fit even with every older result shortened:
+/// the messages from the end of the current summary (if any) to a cut that leaves the newer
+/// turns within [`SUMMARY_KEEP_SHARE`] of `limit`, led by the current summary's text; and the
+/// cut (the new summary's `upto`). None when there is nothing older left to summarize.
+pub fn to_summarize(
+    messages: &[Message],
+    summary: Option<&(usize, String)>,
+    limit: u64,
+) -> Option<(usize, Vec<Message>)> {
+    let keep = (limit as f64 * SUMMARY_KEEP_SHARE) as u64;
+    let start = summary.map(|(u, _)| *u).unwrap_or(1).max(1);
+    let cut = summary_cut(messages, start - 1, keep)?;
+    if cut <= start {
+        return None;
+    }
+    let mut old = Vec::new();
+    if let Some((_, text)) = summary {
+        old.push(Message::user_text(format!(
+            "[Summary of the earlier steps]\n{text}"
+        )));
+    }
+    old.extend(messages[start..cut].iter().cloned());
+    Some((cut, old))
 }
 
 /// The transcript a summary is written from: each message as text, tool results shortened.

@@ -1171,22 +1171,13 @@ async fn fit_request(
             return Ok((fitted.messages, fitted.stable_prefix));
         }
         // Still over: summarize the older turns of the workflow.
-        let keep = (limit as f64 * context::SUMMARY_KEEP_SHARE) as u64;
-        let start = convo.rebuilt.summary.as_ref().map(|(u, _)| *u).unwrap_or(1);
-        let Some(cut) = context::summary_cut(&convo.rebuilt.messages, start.max(1) - 1, keep)
-        else {
+        let Some((cut, old)) = context::to_summarize(
+            &convo.rebuilt.messages,
+            convo.rebuilt.summary.as_ref(),
+            limit,
+        ) else {
             break;
         };
-        if cut <= start {
-            break;
-        }
-        let mut old: Vec<Message> = Vec::new();
-        if let Some((_, text)) = &convo.rebuilt.summary {
-            old.push(Message::user_text(format!(
-                "[Summary of the earlier steps]\n{text}"
-            )));
-        }
-        old.extend(convo.rebuilt.messages[start..cut].iter().cloned());
         let text = summarize(engine, wf, ctx, &old).await?;
         let current = load(engine, &wf.workflow_id).await?;
         let entry = JournalEntry::Summary {

@@ -1,0 +1,262 @@
+//! The context budget over a replayed session: 12 follow-ups of 5 model turns each (60 turns)
+//! with 5 tool calls per turn (300 tool calls), each result a few kilobytes as `read_file` and
+//! `grep` give.
+//!
+//! 1. Request building, in process: for every model call of the session, the engine's own
+//!    work to build the request — the thread of earlier workflows, the workflow's messages,
+//!    tool results shortened to the budget — timed (median, p99 and max; the target is under
+//!    1 ms p99 at turn 60), with prompt tokens per call (median, max) with the budget
+//!    (`WELDR_CONTEXT_TOKENS`, default here 16,384, a local model's usual window) and without (every result whole: what the
+//!    requests would be with no budget).
+//! 2. The whole session through the server against the fake Anthropic server (which counts
+//!    tokens and simulates Anthropic's prompt cache from the `cache_control` breakpoints): the
+//!    prompt tokens it received per call (median, max) and the share served from the cache.
+//!
+//! Run: `cargo bench --bench conversation` (or `scripts/bench.sh conversation`). Prints
+//! Markdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use weldr_agent::llm::{Message, Part, Role};
+use weldr_agent::workflow::context::{self, Budget};
+use weldr_storage::conversation::{ConversationEntry, EntryKind, ToolCallNote};
+
+const WORKFLOWS: usize = 12;
+const TURNS: usize = 5;
+const CALLS: usize = 5;
+const RESULT_BYTES: usize = 3_000;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A tool result like a source file: numbered lines of code.
+fn result_text(seed: usize) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while out.len() < RESULT_BYTES {
+        out.push_str(&format!(
+            "{:>4}: export function handler{seed}_{i}(req: Request) {{ return respond(req, {i}); }}\n",
+            i + 1
+        ));
+        i += 1;
+    }
+    out
+}
+
+fn turn(w: usize, t: usize) -> Message {
+    Message {
+        role: Role::Assistant,
+        parts: (0..CALLS)
+            .map(|c| Part::ToolCall {
+                id: format!("w{w}t{t}c{c}"),
+                name: "read_file".into(),
+                input: json!({"filePath": format!("src/module{w}_{t}_{c}.ts")}),
+            })
+            .collect(),
+    }
+}
+
+fn results(w: usize, t: usize) -> Message {
+    Message {
+        role: Role::User,
+        parts: (0..CALLS)
+            .map(|c| Part::ToolResult {
+                id: format!("w{w}t{t}c{c}"),
+                name: "read_file".into(),
+                content: result_text(w * 100 + t * 10 + c),
+                is_error: false,
+            })
+            .collect(),
+    }
+}
+
+/// The conversation entries of workflows `0..w` (a user message and an outcome each).
+fn thread_entries(w: usize) -> Vec<ConversationEntry> {
+    let mut out = Vec::new();
+    for i in 0..w {
+        out.push(ConversationEntry::new(
+            format!("u{i}"),
+            EntryKind::User,
+            format!("Follow-up {i}: change the handlers in module {i} to validate their input"),
+            0,
+        ));
+        let mut a = ConversationEntry::new(format!("a{i}"), EntryKind::Assistant, String::new(), 0);
+        a.status = Some("complete".into());
+        a.version = Some(i as u64 + 2);
+        a.files_changed = vec![format!("src/module{i}_0_0.ts")];
+        a.tool_calls = (0..TURNS * CALLS)
+            .map(|c| ToolCallNote {
+                name: "read_file".into(),
+                target: format!("src/module{i}_{}_{}.ts", c / CALLS, c % CALLS),
+                is_error: false,
+            })
+            .collect();
+        out.push(a);
+    }
+    out
+}
+
+/// The thread as the engine gives it: when it takes more than its share of the budget, the
+/// older entries are summarized (here by the summary the engine falls back to).
+fn thread_within_share(entries: &[ConversationEntry], limit: u64) -> Vec<Message> {
+    let whole = context::thread_messages(None, entries);
+    let size: u64 = whole.iter().map(context::message_tokens).sum();
+    if (size as f64) <= limit as f64 * context::THREAD_SHARE {
+        return whole;
+    }
+    let keep = limit as f64 * context::THREAD_KEEP_SHARE;
+    let mut tail = 0.0;
+    let mut cut = entries.len();
+    while cut > 0 {
+        let e = &entries[cut - 1];
+        let t = context::text_tokens(&match e.kind {
+            EntryKind::User => context::user_text(e),
+            _ => context::outcome_text(e),
+        }) as f64;
+        if tail + t > keep {
+            break;
+        }
+        tail += t;
+        cut -= 1;
+    }
+    let old = context::thread_messages(None, &entries[..cut]);
+    let summary = ConversationEntry::new(
+        "s".into(),
+        EntryKind::Summary,
+        context::extractive_summary(&old),
+        0,
+    );
+    context::thread_messages(Some(&summary), &entries[cut..])
+}
+
+struct Series {
+    summaries: usize,
+    build: Vec<Duration>,
+    build_last: Vec<Duration>,
+    tokens: Vec<f64>,
+}
+
+/// Every model call of the session built as the engine builds it, within `window`.
+fn session(window: u32, system: &str) -> Series {
+    let budget = Budget::new(window);
+    let max_tokens = 16_384.min(budget.output_cap());
+    let limit = budget.prompt_limit(max_tokens);
+    let fixed = context::fixed_tokens(system, &weldr_agent::tools::specs());
+    let mut series = Series {
+        summaries: 0,
+        build: Vec::new(),
+        build_last: Vec::new(),
+        tokens: Vec::new(),
+    };
+    for w in 0..WORKFLOWS {
+        let entries = thread_entries(w);
+        let thread = thread_within_share(&entries, limit);
+        let mut messages = vec![Message::user_text(format!(
+            "The project's files now:\nsrc/index.ts\n\nFollow-up {w}: change the handlers"
+        ))];
+        let mut watermark = 0;
+        let mut summary: Option<(usize, String)> = None;
+        for t in 0..TURNS {
+            let started = Instant::now();
+            let mut elapsed = Duration::ZERO;
+            let fitted = loop {
+                let own = context::own_messages(&messages, summary.as_ref(), None, &[]);
+                let fitted =
+                    context::fit(&thread, own, fixed, limit, &budget, &mut watermark, t > 0);
+                elapsed += started.elapsed();
+                if let Some(f) = fitted {
+                    break f;
+                }
+                // Over even with older results shortened: the engine has the model summarize
+                // the older turns (once; its latency is the model's, not counted here). The
+                // summary that stands in is the one it writes when the model cannot.
+                let (cut, old) = context::to_summarize(&messages, summary.as_ref(), limit)
+                    .expect("something to summarize");
+                summary = Some((cut, context::extractive_summary(&old)));
+                watermark = 0;
+                series.summaries += 1;
+            };
+            let tokens = fixed
+                + fitted
+                    .messages
+                    .iter()
+                    .map(context::message_tokens)
+                    .sum::<u64>();
+            series.build.push(elapsed);
+            if w == WORKFLOWS - 1 {
+                series.build_last.push(elapsed);
+            }
+            series.tokens.push(tokens as f64);
+            messages.push(turn(w, t));
+            messages.push(results(w, t));
+        }
+    }
+    series
+}
+
+fn main() {
+    let window = env_num("WELDR_CONTEXT_TOKENS", 16_384) as u32;
+    let repeats = env_num("BENCH_REPEATS", 20).max(1) as usize;
+    let system = "You are a coding agent working in a project directory. Carry out the task \
+                  with the tools, then call `done`.";
+    // Warm up, then repeat the whole session: the build times of every repeat together.
+    let _ = session(window, system);
+    let mut with = Vec::new();
+    let mut last = Vec::new();
+    let mut tokens_with = Vec::new();
+    let mut summaries = 0;
+    for _ in 0..repeats {
+        let s = session(window, system);
+        with.extend(s.build);
+        last.extend(s.build_last);
+        tokens_with = s.tokens;
+        summaries = s.summaries;
+    }
+    let without = session(u32::MAX / 2, system);
+    with.sort();
+    last.sort();
+    let calls = WORKFLOWS * TURNS;
+    println!(
+        "### Context budget: a {calls}-turn session, {} tool calls ({} runs)\n",
+        calls * CALLS,
+        repeats
+    );
+    println!("| | prompt tokens per call, median | max |");
+    println!("|---|---:|---:|");
+    println!(
+        "| with the budget ({window} tokens) | {:.0} | {:.0} |",
+        median(&tokens_with),
+        tokens_with.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "| without (every result whole) | {:.0} | {:.0} |",
+        median(&without.tokens),
+        without.tokens.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "\nOlder turns summarized {} times in the session (a summary is written once and kept).\n",
+        summaries
+    );
+    println!("| request building | median | p99 | max |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| every call | {:.3} ms | {:.3} ms | {:.3} ms |",
+        ms(percentile(&with, 0.5)),
+        ms(percentile(&with, 0.99)),
+        ms(*with.last().unwrap())
+    );
+    println!(
+        "| the last workflow (turns 56–60) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        ms(percentile(&last, 0.5)),
+        ms(percentile(&last, 0.99)),
+        ms(*last.last().unwrap())
+    );
+}
