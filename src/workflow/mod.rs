@@ -1061,6 +1061,7 @@ async fn converse(
     let mut budget = TurnBudget {
         max_tokens: crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit),
         retries: 0,
+        estimate: 0,
     };
     let mut continued = false;
     loop {
@@ -1107,7 +1108,7 @@ async fn converse(
         )
         .await?;
         continued = true;
-        let estimate = context::fixed_tokens(&system, &specs)
+        budget.estimate = context::fixed_tokens(&system, &specs)
             + messages.iter().map(context::message_tokens).sum::<u64>();
         let request = ChatRequest {
             model: ctx.model.clone(),
@@ -1118,8 +1119,7 @@ async fn converse(
             stable_prefix,
             turn: Some(convo.rebuilt.turns),
         };
-        let message =
-            model_turn(engine, id, ctx, phase, wf, request, &mut budget, estimate).await?;
+        let message = model_turn(engine, id, ctx, phase, wf, request, &mut budget).await?;
         convo.rebuilt.messages.push(message);
         convo.rebuilt.steps += 1;
         convo.rebuilt.turns += 1;
@@ -1439,6 +1439,9 @@ async fn answer_call(
 struct TurnBudget {
     max_tokens: u32,
     retries: u32,
+    /// The engine's estimate of the request's prompt tokens (checked against the provider's
+    /// count to calibrate the context budget).
+    estimate: u64,
 }
 
 /// One model turn, asked again as [`judge_turn`] says (a dropped turn's token usage is still
@@ -1451,11 +1454,10 @@ async fn model_turn(
     mut wf: WorkflowRecord,
     mut request: ChatRequest,
     budget: &mut TurnBudget,
-    estimate: u64,
 ) -> Result<Message, Stop> {
     loop {
         let response = chat(engine, &wf, ctx, &request).await?;
-        lock(&ctx.budget).calibrate(estimate, response.usage.input_tokens);
+        lock(&ctx.budget).calibrate(budget.estimate, response.usage.input_tokens);
         wf = load(engine, id).await?;
         // What the model generated counts, also in a turn that is dropped below.
         wf.input_tokens += response.usage.input_tokens;
