@@ -131,12 +131,17 @@ async fn text_and_reasoning_stream_in_order_with_usage() {
             },
             "{kind:?}"
         );
+        // The scripted prompt size; Anthropic's first request writes its prefix to the cache
+        // (the fake's estimate of it).
+        let written = fake.requests()[0].cache_write_tokens;
+        assert_eq!(written > 0, kind == Kind::Anthropic, "{kind:?}");
         assert_eq!(
             r.usage,
             Usage {
                 input_tokens: 123,
                 output_tokens: 45,
-                ..Default::default()
+                cache_read_tokens: 0,
+                cache_write_tokens: written,
             },
             "{kind:?}"
         );
@@ -154,10 +159,13 @@ async fn text_and_reasoning_stream_in_order_with_usage() {
                 assert_eq!(got.body["stream"], json!(true));
                 assert_eq!(got.body["model"], json!("m-1"));
                 assert_eq!(got.body["max_tokens"], json!(1000));
-                assert_eq!(got.body["system"], json!("be brief"));
+                assert_eq!(
+                    got.body["system"],
+                    json!([{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}])
+                );
                 assert_eq!(
                     got.body["messages"],
-                    json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+                    json!([{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}])
                 );
             }
             Kind::OpenAi | Kind::Ollama => {
@@ -309,13 +317,13 @@ async fn conversation_with_tool_result_is_serialised() {
                         ]},
                         {"role": "user", "content": [
                             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "fn main() {}", "is_error": false},
-                            {"type": "text", "text": "and be quick"},
+                            {"type": "text", "text": "and be quick", "cache_control": {"type": "ephemeral"}},
                         ]},
                     ])
                 );
                 assert_eq!(
                     body["tools"],
-                    json!([{"name": "read_file", "description": "Read a file", "input_schema": read_file_tool().input_schema}])
+                    json!([{"name": "read_file", "description": "Read a file", "input_schema": read_file_tool().input_schema, "cache_control": {"type": "ephemeral"}}])
                 );
             }
             Kind::OpenAi | Kind::Ollama => {
