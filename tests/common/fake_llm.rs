@@ -1546,9 +1546,7 @@ const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/gif", "image/we
 fn validate_anthropic_content(body: &Value) -> Option<String> {
     let mut marks = 0;
     let mut check_mark = |v: &Value, at: &str| -> Option<String> {
-        let Some(cc) = v.get("cache_control") else {
-            return None;
-        };
+        let cc = v.get("cache_control")?;
         marks += 1;
         if cc["type"] != "ephemeral" {
             return Some(format!(
