@@ -7,13 +7,15 @@ mod fake_llm;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fake_llm::{FakeLlm, Reply, TEST_KEY, Turn, keys_for};
+use fake_llm::{FakeLlm, Reply, TEST_KEY, Turn, Wire, keys_for, validate};
 use serde_json::{Value, json};
 use weldr_agent::config::ProviderKeys;
 use weldr_agent::llm::anthropic::Anthropic;
 use weldr_agent::llm::gemini::Gemini;
-use weldr_agent::llm::http::Retry;
+use weldr_agent::llm::http::{Retry, is_context_overflow};
 use weldr_agent::llm::openai::OpenAi;
+use weldr_agent::llm::replay::Replay;
+use weldr_agent::llm::responses::Responses;
 use weldr_agent::llm::{
     ChatRequest, ChatResponse, Delta, LlmError, LlmProvider, Message, ModelSpec, Part, Role,
     StopReason, ToolSpec, Usage, provider_for,
@@ -131,12 +133,17 @@ async fn text_and_reasoning_stream_in_order_with_usage() {
             },
             "{kind:?}"
         );
+        // The scripted prompt size; Anthropic's first request writes its prefix to the cache
+        // (the fake's estimate of it).
+        let written = fake.requests()[0].cache_write_tokens;
+        assert_eq!(written > 0, kind == Kind::Anthropic, "{kind:?}");
         assert_eq!(
             r.usage,
             Usage {
                 input_tokens: 123,
                 output_tokens: 45,
-                ..Default::default()
+                cache_read_tokens: 0,
+                cache_write_tokens: written,
             },
             "{kind:?}"
         );
@@ -154,10 +161,13 @@ async fn text_and_reasoning_stream_in_order_with_usage() {
                 assert_eq!(got.body["stream"], json!(true));
                 assert_eq!(got.body["model"], json!("m-1"));
                 assert_eq!(got.body["max_tokens"], json!(1000));
-                assert_eq!(got.body["system"], json!("be brief"));
+                assert_eq!(
+                    got.body["system"],
+                    json!([{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}])
+                );
                 assert_eq!(
                     got.body["messages"],
-                    json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+                    json!([{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}])
                 );
             }
             Kind::OpenAi | Kind::Ollama => {
@@ -309,13 +319,13 @@ async fn conversation_with_tool_result_is_serialised() {
                         ]},
                         {"role": "user", "content": [
                             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "fn main() {}", "is_error": false},
-                            {"type": "text", "text": "and be quick"},
+                            {"type": "text", "text": "and be quick", "cache_control": {"type": "ephemeral"}},
                         ]},
                     ])
                 );
                 assert_eq!(
                     body["tools"],
-                    json!([{"name": "read_file", "description": "Read a file", "input_schema": read_file_tool().input_schema}])
+                    json!([{"name": "read_file", "description": "Read a file", "input_schema": read_file_tool().input_schema, "cache_control": {"type": "ephemeral"}}])
                 );
             }
             Kind::OpenAi | Kind::Ollama => {
@@ -729,4 +739,629 @@ async fn compatible_server_tool_call_without_id_gets_one() {
             ..Default::default()
         }
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Images, prompt caching, context windows, replay turns
+// ---------------------------------------------------------------------------------------
+
+/// Every wire: the four chat kinds and OpenAI's Responses API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnyWire {
+    Chat(Kind),
+    Responses,
+}
+
+const EVERY_WIRE: [AnyWire; 5] = [
+    AnyWire::Chat(Kind::Anthropic),
+    AnyWire::Chat(Kind::OpenAi),
+    AnyWire::Chat(Kind::Ollama),
+    AnyWire::Chat(Kind::Gemini),
+    AnyWire::Responses,
+];
+
+fn any_provider(wire: AnyWire, keys: &ProviderKeys) -> Box<dyn LlmProvider> {
+    match wire {
+        AnyWire::Chat(kind) => provider(kind, keys).unwrap(),
+        AnyWire::Responses => Box::new(Responses::new(keys).unwrap().with_retry(fast())),
+    }
+}
+
+fn png() -> Part {
+    Part::Image {
+        media_type: "image/png".into(),
+        data: fake_llm::PNG_1X1_BASE64.into(),
+    }
+}
+
+fn cache_mark() -> Value {
+    json!({"type": "ephemeral"})
+}
+
+#[tokio::test]
+async fn an_image_reaches_each_provider_in_its_format() {
+    let url = format!("data:image/png;base64,{}", fake_llm::PNG_1X1_BASE64);
+    for wire in EVERY_WIRE {
+        let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["a cat"]))]).await;
+        let p = any_provider(wire, &fake.keys());
+        let message = Message {
+            role: Role::User,
+            parts: vec![
+                Part::Text {
+                    text: "what is this?".into(),
+                },
+                png(),
+                Part::Text {
+                    text: "be short".into(),
+                },
+            ],
+        };
+        let (r, _) = chat(p.as_ref(), &request(vec![message])).await;
+        assert_eq!(r.unwrap().message.text(), "a cat", "{wire:?}");
+        let body = &fake.requests()[0].body;
+        match wire {
+            AnyWire::Chat(Kind::Anthropic) => assert_eq!(
+                body["messages"][0]["content"],
+                json!([
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": fake_llm::PNG_1X1_BASE64}},
+                    {"type": "text", "text": "be short", "cache_control": cache_mark()},
+                ]),
+            ),
+            AnyWire::Chat(Kind::OpenAi | Kind::Ollama) => assert_eq!(
+                body["messages"][1],
+                json!({"role": "user", "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "be short"},
+                ]}),
+                "{wire:?}"
+            ),
+            AnyWire::Chat(Kind::Gemini) => assert_eq!(
+                body["contents"][0],
+                json!({"role": "user", "parts": [
+                    {"text": "what is this?"},
+                    {"inlineData": {"mimeType": "image/png", "data": fake_llm::PNG_1X1_BASE64}},
+                    {"text": "be short"},
+                ]}),
+            ),
+            AnyWire::Responses => assert_eq!(
+                body["input"][0],
+                json!({"role": "user", "content": [
+                    {"type": "input_text", "text": "what is this?"},
+                    {"type": "input_image", "image_url": url, "detail": "auto"},
+                    {"type": "input_text", "text": "be short"},
+                ]}),
+            ),
+        }
+        // Text-only user messages stay plain strings on Chat Completions.
+        if wire == AnyWire::Chat(Kind::OpenAi) {
+            let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["ok"]))]).await;
+            let p = any_provider(wire, &fake.keys());
+            chat(p.as_ref(), &request(vec![Message::user_text("hi")]))
+                .await
+                .0
+                .unwrap();
+            assert_eq!(
+                fake.requests()[0].body["messages"][1]["content"],
+                json!("hi")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_image_is_refused_by_every_fake_as_by_the_service() {
+    let bad = [
+        // Not a supported type anywhere.
+        Part::Image {
+            media_type: "image/bmp".into(),
+            data: fake_llm::PNG_1X1_BASE64.into(),
+        },
+        // Not base64.
+        Part::Image {
+            media_type: "image/png".into(),
+            data: "not base64 at all!".into(),
+        },
+        // Base64, but not an image.
+        Part::Image {
+            media_type: "image/png".into(),
+            data: "aGVsbG8gd29ybGQ=".into(),
+        },
+    ];
+    for wire in EVERY_WIRE {
+        for part in &bad {
+            let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["never"]))]).await;
+            let p = any_provider(wire, &fake.keys());
+            let message = Message {
+                role: Role::User,
+                parts: vec![Part::Text { text: "see".into() }, part.clone()],
+            };
+            let (r, _) = chat(p.as_ref(), &request(vec![message])).await;
+            assert!(
+                matches!(&r, Err(LlmError::Refused(m)) if m.starts_with("HTTP 400")),
+                "{wire:?} {part:?}: {r:?}"
+            );
+            assert_eq!(fake.requests().len(), 1, "a refusal is not retried");
+        }
+    }
+    // Anthropic checks the bytes against the stated type; Gemini takes no GIF.
+    let png_as_jpeg = Part::Image {
+        media_type: "image/jpeg".into(),
+        data: fake_llm::PNG_1X1_BASE64.into(),
+    };
+    let gif = Part::Image {
+        media_type: "image/gif".into(),
+        data: "R0lGODlhAQABAAAAACw=".into(),
+    };
+    for (kind, part, expected) in [
+        (
+            Kind::Anthropic,
+            png_as_jpeg,
+            "appears to be a image/png image",
+        ),
+        (Kind::Gemini, gif, "Unsupported MIME type: image/gif"),
+    ] {
+        let fake = FakeLlm::start(vec![]).await;
+        let p = provider(kind, &fake.keys()).unwrap();
+        let message = Message {
+            role: Role::User,
+            parts: vec![part],
+        };
+        let (r, _) = chat(p.as_ref(), &request(vec![message])).await;
+        assert!(
+            matches!(&r, Err(LlmError::Refused(m)) if m.contains(expected)),
+            "{kind:?}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn the_fakes_refuse_images_outside_user_messages() {
+    let url = format!("data:image/png;base64,{}", fake_llm::PNG_1X1_BASE64);
+    let anthropic = json!({"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": fake_llm::PNG_1X1_BASE64}}]},
+    ]});
+    let openai = json!({"model": "m", "messages": [
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+    ]});
+    let responses = json!({"model": "m", "input": [
+        {"role": "assistant", "content": [{"type": "input_image", "image_url": url}]},
+    ]});
+    for (wire, body) in [
+        (Wire::Anthropic, anthropic),
+        (Wire::OpenAi, openai),
+        (Wire::Responses, responses),
+    ] {
+        assert!(validate(wire, &body, "").is_some(), "{wire:?}");
+    }
+    // An https URL is fine for OpenAI; a plain http one is not.
+    for (url, ok) in [
+        ("https://example.com/cat.png", true),
+        ("http://example.com/cat.png", false),
+    ] {
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+        ]});
+        assert_eq!(validate(Wire::OpenAi, &body, "").is_none(), ok, "{url}");
+    }
+}
+
+/// The blocks of an Anthropic body that carry `cache_control`, as paths.
+fn cache_marks(body: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, t) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        if t.get("cache_control").is_some() {
+            out.push(format!("tools.{i}"));
+        }
+    }
+    for (i, b) in body["system"].as_array().into_iter().flatten().enumerate() {
+        if b.get("cache_control").is_some() {
+            out.push(format!("system.{i}"));
+        }
+    }
+    for (i, m) in body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        for (k, b) in m["content"].as_array().into_iter().flatten().enumerate() {
+            if b.get("cache_control").is_some() {
+                assert_eq!(b["cache_control"], cache_mark());
+                out.push(format!("messages.{i}.{k}"));
+            }
+        }
+    }
+    out
+}
+
+fn history() -> Vec<Message> {
+    vec![
+        Message::user_text("read main"),
+        Message {
+            role: Role::Assistant,
+            parts: vec![
+                Part::Reasoning {
+                    text: "hmm".into(),
+                    signature: Some("sig".into()),
+                },
+                Part::Text {
+                    text: "Let me look.".into(),
+                },
+                Part::ToolCall {
+                    id: "toolu_1".into(),
+                    name: "read_file".into(),
+                    input: json!({"path": "src/main.rs"}),
+                },
+            ],
+        },
+        Message {
+            role: Role::User,
+            parts: vec![Part::ToolResult {
+                id: "toolu_1".into(),
+                name: "read_file".into(),
+                content: "fn main() {}".into(),
+                is_error: false,
+            }],
+        },
+        Message {
+            role: Role::Assistant,
+            parts: vec![Part::Reasoning {
+                text: "thinking only".into(),
+                signature: Some("sig2".into()),
+            }],
+        },
+        Message::user_text("go on"),
+    ]
+}
+
+#[tokio::test]
+async fn anthropic_cache_breakpoints_by_stable_prefix() {
+    let n = history().len();
+    for (stable, expected) in [
+        // Tools, system and the last message only.
+        (0, vec!["tools.1", "system.0", "messages.4.0"]),
+        (
+            1,
+            vec!["tools.1", "system.0", "messages.0.0", "messages.4.0"],
+        ),
+        (
+            2,
+            vec!["tools.1", "system.0", "messages.1.2", "messages.4.0"],
+        ),
+        // Message 3 holds only a thinking block: the block before it takes the mark.
+        (
+            4,
+            vec!["tools.1", "system.0", "messages.2.0", "messages.4.0"],
+        ),
+        (n, vec!["tools.1", "system.0", "messages.4.0"]),
+        (n + 3, vec!["tools.1", "system.0", "messages.4.0"]),
+    ] {
+        let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["ok"]))]).await;
+        let p = provider(Kind::Anthropic, &fake.keys()).unwrap();
+        let mut req = request(history());
+        req.tools.push(ToolSpec {
+            name: "list_dir".into(),
+            description: "List a directory".into(),
+            input_schema: json!({"type": "object", "properties": {}}),
+        });
+        req.stable_prefix = stable;
+        let (r, _) = chat(p.as_ref(), &req).await;
+        r.unwrap_or_else(|e| panic!("stable {stable}: {e}"));
+        let marks = cache_marks(&fake.requests()[0].body);
+        assert!(marks.len() <= 4);
+        assert_eq!(marks, expected, "stable {stable}");
+    }
+    // No tools, no system prompt: only the history's marks.
+    let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["ok"]))]).await;
+    let p = provider(Kind::Anthropic, &fake.keys()).unwrap();
+    let mut req = request(history());
+    req.tools.clear();
+    req.system.clear();
+    req.stable_prefix = 1;
+    chat(p.as_ref(), &req).await.0.unwrap();
+    let body = &fake.requests()[0].body;
+    assert_eq!(cache_marks(body), vec!["messages.0.0", "messages.4.0"]);
+    assert!(body.get("system").is_none());
+}
+
+#[test]
+fn the_anthropic_fake_refuses_bad_cache_marks() {
+    let text = |cc: bool| {
+        let mut b = json!({"type": "text", "text": "x"});
+        if cc {
+            b["cache_control"] = cache_mark();
+        }
+        b
+    };
+    let body = |content: Vec<Value>| json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": content}]});
+    let refused = |b: &Value| {
+        validate(Wire::Anthropic, b, "")
+            .map(|e| e["error"]["message"].as_str().unwrap().to_string())
+    };
+    assert_eq!(refused(&body(vec![text(true); 4])), None);
+    assert_eq!(
+        refused(&body(vec![text(true); 5])).as_deref(),
+        Some("A maximum of 4 blocks with cache_control may be provided. Found 5.")
+    );
+    let mut ttl = text(false);
+    ttl["cache_control"] = json!({"type": "persistent"});
+    assert!(refused(&body(vec![ttl])).unwrap().contains("'ephemeral'"));
+    let empty = json!({"type": "text", "text": "", "cache_control": cache_mark()});
+    assert_eq!(
+        refused(&body(vec![text(false), empty])).as_deref(),
+        Some("messages.0.content.1.text: cache_control cannot be set for empty text blocks")
+    );
+    let thinking = json!({"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": [text(false)]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s", "cache_control": cache_mark()}]},
+    ]});
+    assert!(
+        refused(&thinking)
+            .unwrap()
+            .contains("thinking.cache_control")
+    );
+    // Marks on tools and the system prompt count too.
+    let mut five = body(vec![text(true); 3]);
+    five["system"] = json!([{"type": "text", "text": "s", "cache_control": cache_mark()}]);
+    five["tools"] =
+        json!([{"name": "t", "input_schema": {"type": "object"}, "cache_control": cache_mark()}]);
+    assert!(refused(&five).unwrap().contains("Found 5"));
+}
+
+#[tokio::test]
+async fn a_repeated_prefix_is_read_from_the_anthropic_cache() {
+    let fake = FakeLlm::start(vec![
+        Reply::Turn(Turn::text(&["first answer"])),
+        Reply::Turn(Turn::text(&["second answer"])),
+    ])
+    .await;
+    let p = provider(Kind::Anthropic, &fake.keys()).unwrap();
+    let mut req = request(vec![Message::user_text(
+        "a long first question ".repeat(50),
+    )]);
+    req.stable_prefix = 1;
+    let (first, _) = chat(p.as_ref(), &req).await;
+    let first = first.unwrap();
+    let prompt = fake.prompt_tokens();
+    // Everything up to the last mark (the whole prompt here) was written.
+    assert_eq!(first.usage.cache_read_tokens, 0);
+    assert_eq!(first.usage.input_tokens, prompt[0]);
+    assert_eq!(first.usage.cache_write_tokens, prompt[0]);
+
+    req.messages.push(first.message);
+    req.messages.push(Message::user_text("and a follow-up"));
+    req.stable_prefix = 3;
+    let (second, _) = chat(p.as_ref(), &req).await;
+    let second = second.unwrap();
+    let prompt = fake.prompt_tokens();
+    assert_eq!(second.usage.input_tokens, prompt[1], "the whole prompt");
+    assert_eq!(
+        second.usage.cache_read_tokens, first.usage.cache_write_tokens,
+        "the first request's prefix"
+    );
+    assert_eq!(
+        second.usage.cache_write_tokens,
+        prompt[1] - prompt[0],
+        "the rest up to the last mark"
+    );
+    let recorded = &fake.requests()[1];
+    assert_eq!(recorded.cache_read_tokens, second.usage.cache_read_tokens);
+    assert_eq!(recorded.cache_write_tokens, second.usage.cache_write_tokens);
+
+    // A changed system prompt changes every prefix: nothing is read.
+    let fake2 = FakeLlm::start(vec![Reply::Turn(Turn::text(&["x"]))]).await;
+    let p2 = provider(Kind::Anthropic, &fake2.keys()).unwrap();
+    chat(p2.as_ref(), &req).await.0.unwrap();
+    assert_eq!(fake2.requests()[0].cache_read_tokens, 0);
+}
+
+#[tokio::test]
+async fn the_minimum_cacheable_prefix_is_respected() {
+    let fake = FakeLlm::start(vec![
+        Reply::Turn(Turn::text(&["a"])),
+        Reply::Turn(Turn::text(&["b"])),
+    ])
+    .await
+    .with_min_cache_tokens(1_000_000);
+    let p = provider(Kind::Anthropic, &fake.keys()).unwrap();
+    let req = request(vec![Message::user_text("hi")]);
+    for _ in 0..2 {
+        let r = chat(p.as_ref(), &req).await.0.unwrap();
+        assert_eq!(
+            (r.usage.cache_read_tokens, r.usage.cache_write_tokens),
+            (0, 0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn cache_reads_are_reported_by_every_provider() {
+    for wire in EVERY_WIRE {
+        let fake = FakeLlm::start(vec![
+            Reply::Turn(Turn::text(&["one"])),
+            Reply::Turn(Turn::text(&["two"])),
+        ])
+        .await;
+        let p = any_provider(wire, &fake.keys());
+        let mut req = request(vec![Message::user_text("a question ".repeat(40))]);
+        req.stable_prefix = 1;
+        let first = chat(p.as_ref(), &req).await.0.unwrap();
+        req.messages.push(first.message);
+        req.messages.push(Message::user_text("more"));
+        req.stable_prefix = 3;
+        let second = chat(p.as_ref(), &req).await.0.unwrap();
+        let recorded = fake.requests();
+        assert!(recorded[1].cache_read_tokens > 0, "{wire:?}");
+        assert_eq!(
+            second.usage.cache_read_tokens, recorded[1].cache_read_tokens,
+            "{wire:?}"
+        );
+        assert_eq!(
+            second.usage.input_tokens, recorded[1].prompt_tokens,
+            "{wire:?}"
+        );
+        if wire != AnyWire::Chat(Kind::Anthropic) {
+            // Caching by prefix: the second request starts with the first one's bytes.
+            assert_eq!(second.usage.cache_write_tokens, 0, "{wire:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn cache_counts_are_parsed_from_each_wire() {
+    let anthropic = vec![
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"cache_read_input_tokens\":100,\"cache_creation_input_tokens\":20,\"output_tokens\":1}}}\n\n".to_string(),
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":9}}\n\n".to_string(),
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string(),
+    ];
+    let openai = vec![
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"},\"finish_reason\":\"stop\"}]}\n\n".to_string(),
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":125,\"completion_tokens\":9,\"prompt_tokens_details\":{\"cached_tokens\":100}}}\n\n".to_string(),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let gemini = vec![
+        "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"x\"}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":125,\"cachedContentTokenCount\":100,\"candidatesTokenCount\":9}}\n\n".to_string(),
+    ];
+    let responses = vec![
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"usage\":{\"input_tokens\":125,\"input_tokens_details\":{\"cached_tokens\":100},\"output_tokens\":9}}}\n\n".to_string(),
+    ];
+    for (wire, events, written) in [
+        (AnyWire::Chat(Kind::Anthropic), anthropic, 20),
+        (AnyWire::Chat(Kind::OpenAi), openai, 0),
+        (AnyWire::Chat(Kind::Gemini), gemini, 0),
+        (AnyWire::Responses, responses, 0),
+    ] {
+        let fake = FakeLlm::start(vec![Reply::Raw(events)]).await;
+        let p = any_provider(wire, &fake.keys());
+        let r = chat(p.as_ref(), &request(vec![Message::user_text("hi")]))
+            .await
+            .0
+            .unwrap_or_else(|e| panic!("{wire:?}: {e}"));
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 125,
+                output_tokens: 9,
+                cache_read_tokens: 100,
+                cache_write_tokens: written,
+            },
+            "{wire:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_with_the_same_history_are_byte_identical() {
+    use weldr_agent::llm::{anthropic, gemini, openai, responses};
+    let mut req = request(history());
+    req.stable_prefix = 2;
+    let bodies = |r: &ChatRequest| {
+        [
+            anthropic::request_body(r).to_string(),
+            openai::request_body(r, true).to_string(),
+            openai::request_body(r, false).to_string(),
+            responses::request_body(r).to_string(),
+            gemini::request_body(r).to_string(),
+        ]
+    };
+    let again = request(history());
+    assert_eq!(
+        bodies(&req),
+        bodies(&ChatRequest {
+            stable_prefix: 2,
+            ..again
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_prompt_over_the_context_window_is_refused_as_by_the_service() {
+    for wire in EVERY_WIRE {
+        let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["fits"]))])
+            .await
+            .with_context_window(2_000);
+        let p = any_provider(wire, &fake.keys());
+        let mut req = request(vec![Message::user_text("word ".repeat(2_000))]);
+        req.max_tokens = 500;
+        let (r, _) = chat(p.as_ref(), &req).await;
+        let err = r.expect_err("over the window");
+        assert!(matches!(err, LlmError::Refused(_)), "{wire:?}: {err:?}");
+        assert!(is_context_overflow(&err), "{wire:?}: {err}");
+        assert_eq!(fake.requests().len(), 1, "{wire:?}: not retried");
+        assert!(fake.prompt_tokens()[0] > 2_000);
+        // A request that fits gets the scripted reply, which the refusal left in place.
+        let req = request(vec![Message::user_text("short")]);
+        let r = chat(p.as_ref(), &req).await.0.unwrap();
+        assert_eq!(r.message.text(), "fits", "{wire:?}");
+    }
+    // Anthropic and OpenAI count the output limit in; Gemini only the input.
+    for (wire, refused) in [
+        (AnyWire::Chat(Kind::Anthropic), true),
+        (AnyWire::Chat(Kind::OpenAi), true),
+        (AnyWire::Responses, true),
+        (AnyWire::Chat(Kind::Gemini), false),
+    ] {
+        let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["ok"]))])
+            .await
+            .with_context_window(1_000);
+        let p = any_provider(wire, &fake.keys());
+        let mut req = request(vec![Message::user_text("small")]);
+        req.max_tokens = 999;
+        let (r, _) = chat(p.as_ref(), &req).await;
+        assert_eq!(r.is_err(), refused, "{wire:?}: {r:?}");
+    }
+}
+
+#[test]
+fn fake_tokens_counts_text_and_images() {
+    let text =
+        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefgh"}]}]});
+    assert_eq!(fake_llm::fake_tokens(&text), 2);
+    let image = json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "abcd"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x".repeat(10_000)}},
+    ]}]});
+    assert_eq!(
+        fake_llm::fake_tokens(&image),
+        1 + fake_llm::FAKE_IMAGE_TOKENS
+    );
+    assert_eq!(
+        fake_llm::fake_tokens(&json!({"model": "a-long-model-name"})),
+        0
+    );
+}
+
+#[tokio::test]
+async fn replay_picks_the_turn_by_number_and_summarizes_side_requests() {
+    let replay = Replay::from_turns(vec![
+        Message {
+            role: Role::Assistant,
+            parts: vec![Part::Text {
+                text: "zero".into(),
+            }],
+        },
+        Message {
+            role: Role::Assistant,
+            parts: vec![Part::Text { text: "one".into() }],
+        },
+    ]);
+    let mut req = request(history());
+    req.turn = Some(1);
+    assert_eq!(chat(&replay, &req).await.0.unwrap().message.text(), "one");
+    req.turn = Some(0);
+    assert_eq!(chat(&replay, &req).await.0.unwrap().message.text(), "zero");
+    req.turn = None;
+    let summary = chat(&replay, &req).await.0.unwrap().message.text();
+    assert_eq!(
+        summary,
+        "Summary of the earlier conversation:\n- user: read main\n- called: read_file src/main.rs\n- user: go on"
+    );
+    req.turn = Some(2);
+    assert!(matches!(
+        chat(&replay, &req).await.0,
+        Err(LlmError::Protocol(_))
+    ));
 }

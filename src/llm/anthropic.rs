@@ -1,4 +1,8 @@
 //! Anthropic Messages API, streamed (`POST {base}/v1/messages` with `stream: true`).
+//!
+//! Usage: Anthropic's `input_tokens` leaves out the prompt tokens read from the cache
+//! (`cache_read_input_tokens`) and written to it (`cache_creation_input_tokens`); our
+//! [`Usage::input_tokens`] is the whole prompt, the sum of the three.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -73,13 +77,29 @@ impl LlmProvider for Anthropic {
 }
 
 /// The Messages API body for `request`.
+///
+/// Prompt caching: `cache_control` breakpoints (at most four, the API's limit) on the last
+/// tool definition, on the system prompt, on the last block of the history the engine will
+/// send unchanged next time (`stable_prefix`), and on the last block of the last message, so
+/// the next request reads everything up to there from the cache. A breakpoint never sits on
+/// a thinking block or an empty text (the API refuses that): the block before it takes it.
 pub fn request_body(request: &ChatRequest) -> Value {
-    let messages: Vec<Value> = request
+    // (index in `request.messages`, wire message); messages without content are left out.
+    let mut kept: Vec<(usize, Value)> = request
         .messages
         .iter()
-        .map(message)
-        .filter(|m| m["content"].as_array().is_some_and(|c| !c.is_empty()))
+        .enumerate()
+        .map(|(i, m)| (i, message(m)))
+        .filter(|(_, m)| m["content"].as_array().is_some_and(|c| !c.is_empty()))
         .collect();
+    let last = kept.len();
+    mark_last_cacheable(&mut kept, last);
+    let stable = request.stable_prefix;
+    if stable > 0 && stable < request.messages.len() {
+        let upto = kept.iter().take_while(|(i, _)| *i < stable).count();
+        mark_last_cacheable(&mut kept, upto);
+    }
+    let messages: Vec<Value> = kept.into_iter().map(|(_, m)| m).collect();
     let mut body = json!({
         "model": request.model,
         "max_tokens": request.max_tokens,
@@ -87,22 +107,64 @@ pub fn request_body(request: &ChatRequest) -> Value {
         "messages": messages,
     });
     if !request.system.is_empty() {
-        body["system"] = json!(request.system);
+        body["system"] = json!([{
+            "type": "text",
+            "text": request.system,
+            "cache_control": ephemeral(),
+        }]);
     }
     if !request.tools.is_empty() {
+        let n = request.tools.len();
         body["tools"] = request
             .tools
             .iter()
-            .map(|t| {
-                json!({
+            .enumerate()
+            .map(|(i, t)| {
+                let mut tool = json!({
                     "name": t.name,
                     "description": t.description,
                     "input_schema": t.input_schema,
-                })
+                });
+                if i + 1 == n {
+                    tool["cache_control"] = ephemeral();
+                }
+                tool
             })
             .collect();
     }
     body
+}
+
+fn ephemeral() -> Value {
+    json!({"type": "ephemeral"})
+}
+
+/// Can a block carry `cache_control`? Not a thinking block, nor an empty text.
+fn cacheable(block: &Value) -> bool {
+    match block["type"].as_str() {
+        Some("thinking" | "redacted_thinking") | None => false,
+        Some("text") => block["text"].as_str().is_some_and(|t| !t.is_empty()),
+        Some(_) => true,
+    }
+}
+
+/// Puts a breakpoint on the last cacheable block of `messages[..upto]` (searching back
+/// through earlier messages when a message has none); nothing when that block has one.
+fn mark_last_cacheable(messages: &mut [(usize, Value)], upto: usize) {
+    let upto = upto.min(messages.len());
+    let blocks = messages[..upto]
+        .iter_mut()
+        .rev()
+        .filter_map(|(_, m)| m["content"].as_array_mut())
+        .flat_map(|c| c.iter_mut().rev());
+    for block in blocks {
+        if cacheable(block) {
+            if block.get("cache_control").is_none() {
+                block["cache_control"] = ephemeral();
+            }
+            return;
+        }
+    }
 }
 
 fn message(m: &Message) -> Value {
@@ -122,6 +184,8 @@ fn message(m: &Message) -> Value {
                 signature: Some(sig),
             } => Some(json!({"type": "thinking", "thinking": text, "signature": sig})),
             Part::Reasoning { .. } => None,
+            // Only a user message takes an image (the API refuses one from the assistant).
+            Part::Image { .. } if m.role == Role::Assistant => None,
             Part::Image { media_type, data } => Some(json!({
                 "type": "image",
                 "source": {"type": "base64", "media_type": media_type, "data": data},
@@ -156,10 +220,37 @@ enum Block {
     Other,
 }
 
+/// The prompt's token counts as Anthropic reports them: `input_tokens` counts only the tokens
+/// after the last cache breakpoint, apart from those read from and written to the cache.
+#[derive(Default)]
+struct PromptTokens {
+    uncached: u64,
+    cache_read: u64,
+    cache_write: u64,
+}
+
+impl PromptTokens {
+    /// Takes the counts a `usage` object carries.
+    fn update(&mut self, usage: &Value) {
+        let n = |k: &str| usage.get(k).and_then(Value::as_u64);
+        if let Some(n) = n("input_tokens") {
+            self.uncached = n;
+        }
+        if let Some(n) = n("cache_read_input_tokens") {
+            self.cache_read = n;
+        }
+        if let Some(n) = n("cache_creation_input_tokens") {
+            self.cache_write = n;
+        }
+    }
+}
+
 #[derive(Default)]
 struct Parser {
     blocks: BTreeMap<u64, Block>,
+    /// Output tokens; the prompt's come from `prompt` at the end.
     usage: Usage,
+    prompt: PromptTokens,
     stop: Option<String>,
     started: bool,
 }
@@ -186,12 +277,10 @@ impl StreamParser for Parser {
         match kind.as_str() {
             "message_start" => {
                 self.started = true;
-                let u = &v["message"]["usage"];
-                let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-                self.usage.input_tokens = n("input_tokens")
-                    + n("cache_creation_input_tokens")
-                    + n("cache_read_input_tokens");
-                self.usage.output_tokens = n("output_tokens");
+                self.prompt.update(&v["message"]["usage"]);
+                if let Some(n) = v["message"]["usage"]["output_tokens"].as_u64() {
+                    self.usage.output_tokens = n;
+                }
             }
             "content_block_start" => {
                 let i = index(&v)?;
@@ -269,11 +358,8 @@ impl StreamParser for Parser {
                 if let Some(n) = v["usage"].get("output_tokens").and_then(Value::as_u64) {
                     self.usage.output_tokens = n;
                 }
-                if let Some(n) = v["usage"].get("input_tokens").and_then(Value::as_u64)
-                    && n > self.usage.input_tokens
-                {
-                    self.usage.input_tokens = n;
-                }
+                // Newer API versions repeat the (cumulative) prompt counts here.
+                self.prompt.update(&v["usage"]);
             }
             "message_stop" => return Ok(true),
             "error" => {
@@ -348,7 +434,16 @@ impl StreamParser for Parser {
                 role: Role::Assistant,
                 parts,
             },
-            usage: self.usage,
+            // Our `input_tokens` is the whole prompt: Anthropic's `input_tokens` (the part
+            // after the last breakpoint) plus the tokens read from and written to the cache.
+            usage: Usage {
+                input_tokens: self.prompt.uncached
+                    + self.prompt.cache_read
+                    + self.prompt.cache_write,
+                cache_read_tokens: self.prompt.cache_read,
+                cache_write_tokens: self.prompt.cache_write,
+                ..self.usage
+            },
             stop,
         })
     }

@@ -135,6 +135,8 @@ fn content(m: &Message) -> Value {
             }
             Part::Text { text } if text.is_empty() => continue,
             Part::Text { text } => json!({"text": text}),
+            // Only a user turn takes an image.
+            Part::Image { .. } if m.role == Role::Assistant => continue,
             Part::Image { media_type, data } => {
                 json!({"inlineData": {"mimeType": media_type, "data": data}})
             }
@@ -231,10 +233,12 @@ impl StreamParser for Parser {
         }
         if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
             let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+            // `promptTokenCount` includes the cached tokens (implicit caching by prefix).
             self.usage = Usage {
                 input_tokens: n("promptTokenCount"),
                 output_tokens: n("candidatesTokenCount") + n("thoughtsTokenCount"),
-                ..Default::default()
+                cache_read_tokens: n("cachedContentTokenCount"),
+                cache_write_tokens: 0,
             };
         }
         let Some(candidate) = v

@@ -422,6 +422,29 @@ pub fn error_message(body: &str) -> String {
     t.chars().take(500).collect()
 }
 
+/// Did the provider refuse the request because the prompt does not fit the model's context
+/// window? The engine can then shorten the history and ask again. Recognizes the refusals of
+/// Anthropic (`prompt is too long`, `input length and max_tokens exceed context limit`),
+/// OpenAI and vLLM (`maximum context length`, `context window`), Gemini (`input token count
+/// ... exceeds the maximum`) and llama.cpp (`exceeds the available context size`).
+pub fn is_context_overflow(e: &LlmError) -> bool {
+    let LlmError::Refused(message) = e else {
+        return false;
+    };
+    let m = message.to_ascii_lowercase();
+    [
+        "prompt is too long",
+        "exceed context limit",
+        "maximum context length",
+        "context_length_exceeded",
+        "exceeds the context window",
+        "exceeds the maximum number of tokens",
+        "exceeds the available context size",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
 /// The delay a Google API error body asks for: `error.details[]` of type `RetryInfo` with a
 /// protobuf duration such as `"37s"` or `"1.5s"`.
 pub fn retry_delay_in_body(body: &str) -> Option<Duration> {
@@ -601,6 +624,25 @@ mod tests {
         assert_eq!(error_message(r#"[{"error":{"message":"g"}}]"#), "g");
         assert_eq!(error_message(""), "(no body)");
         assert_eq!(error_message("plain"), "plain");
+    }
+
+    #[test]
+    fn context_overflows_are_recognized() {
+        for m in [
+            "HTTP 400: prompt is too long: 210000 tokens > 200000 maximum",
+            "HTTP 400: input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or `max_tokens` and try again",
+            "HTTP 400: This model's maximum context length is 128000 tokens. However, you requested 130000 tokens.",
+            "HTTP 400: The input token count (1200293) exceeds the maximum number of tokens allowed (1048576).",
+            "HTTP 400: the request exceeds the available context size, try increasing it",
+        ] {
+            assert!(is_context_overflow(&LlmError::Refused(m.into())), "{m}");
+        }
+        assert!(!is_context_overflow(&LlmError::Refused(
+            "HTTP 400: bad tool".into()
+        )));
+        assert!(!is_context_overflow(&LlmError::Protocol(
+            "prompt is too long".into()
+        )));
     }
 
     #[test]

@@ -103,6 +103,16 @@ pub fn accepts_images(provider: &str, model: &str) -> bool {
     }
 }
 
+/// Does `provider` take images of `media_type` (one of the four [`super::Part::Image`]
+/// allows)? Gemini takes no GIF (it answers `Unsupported MIME type: image/gif`); the others
+/// take all four.
+pub fn accepts_image_type(provider: &str, media_type: &str) -> bool {
+    match provider {
+        "gemini" => ["image/png", "image/jpeg", "image/webp"].contains(&media_type),
+        _ => ["image/png", "image/jpeg", "image/gif", "image/webp"].contains(&media_type),
+    }
+}
+
 /// The output limit of a turn: the model's maximum, or the operator's override.
 pub fn max_output_tokens(provider: &str, model: &str, configured: Option<u32>) -> u32 {
     configured
@@ -135,5 +145,9 @@ mod tests {
         assert_eq!(raised(16_384, 64_000), Some(32_768));
         assert_eq!(raised(32_768, 64_000), Some(64_000));
         assert_eq!(raised(64_000, 64_000), None);
+        assert!(accepts_image_type("anthropic", "image/gif"));
+        assert!(!accepts_image_type("gemini", "image/gif"));
+        assert!(accepts_image_type("gemini", "image/webp"));
+        assert!(!accepts_image_type("openai", "image/bmp"));
     }
 }

@@ -198,12 +198,37 @@ fn push_message(out: &mut Vec<Value>, m: &Message, reasoning_back: bool) {
                     out.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
                 }
             }
-            let text = m.text();
-            if !text.is_empty() {
-                out.push(json!({"role": "user", "content": text}));
+            let has_image = m.parts.iter().any(|p| matches!(p, Part::Image { .. }));
+            if has_image {
+                // Text and images as content parts, in the message's order.
+                let content: Vec<Value> = m
+                    .parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Part::Text { text } if !text.is_empty() => {
+                            Some(json!({"type": "text", "text": text}))
+                        }
+                        Part::Image { media_type, data } => Some(json!({
+                            "type": "image_url",
+                            "image_url": {"url": data_url(media_type, data)},
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                out.push(json!({"role": "user", "content": content}));
+            } else {
+                let text = m.text();
+                if !text.is_empty() {
+                    out.push(json!({"role": "user", "content": text}));
+                }
             }
         }
     }
+}
+
+/// An image as a `data:` URL, how OpenAI's APIs take inline images.
+pub(super) fn data_url(media_type: &str, data: &str) -> String {
+    format!("data:{media_type};base64,{data}")
 }
 
 #[derive(Default)]
@@ -258,10 +283,15 @@ impl StreamParser for Parser {
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+            // `prompt_tokens` includes the cached ones; OpenAI caches by prefix on its own and
+            // bills no cache writes.
             self.usage = Usage {
                 input_tokens: n("prompt_tokens"),
                 output_tokens: n("completion_tokens"),
-                ..Default::default()
+                cache_read_tokens: u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0),
+                cache_write_tokens: 0,
             };
         }
         let Some(choice) = v

@@ -3,8 +3,16 @@
 //! A transcript is a JSON list of assistant turns. Each turn is either a list of parts (the
 //! serde form of [`Part`]: `{"type":"text","text":...}`, `{"type":"reasoning","text":...}`,
 //! `{"type":"tool_call","id","name","input"}`) or an object `{"parts": [...], "usage":
-//! {"inputTokens", "outputTokens"}}`. The turn played is chosen by counting the assistant
-//! messages already in the request, so a replay is deterministic across restarts and recovery.
+//! {"inputTokens", "outputTokens"}}`. The turn played is the request's [`ChatRequest::turn`]
+//! (the model turns the workflow took before it, summarized ones included), so a replay is
+//! deterministic across restarts, recovery and a history the engine compacted.
+//!
+//! A side request (`turn` None: the engine asks for a summary of older turns) takes no turn
+//! from the transcript. It is answered with a deterministic extractive summary: the line
+//! `Summary of the earlier conversation:` and then, in the order of the request, `- user: `
+//! with the first non-empty line (at most 200 characters) of each user text, and `- called: ` with the
+//! name of each tool call and its target (the first of its `path`, `filePath`, `command`,
+//! `pattern`, `query`, `url` inputs that is a string, its first line), if any.
 //!
 //! A `replay:<path>` model names a file, and a request may name the model: so a transcript is
 //! read only from inside the operator's `REPLAY_DIR` ([`allowed_path`]), and not at all while
@@ -113,6 +121,43 @@ impl Replay {
     }
 }
 
+/// Longest user line a summary keeps, in characters.
+const SUMMARY_LINE_CHARS: usize = 200;
+
+/// The extractive summary a side request gets (see the module doc).
+fn summary(request: &ChatRequest) -> String {
+    let mut out = String::from("Summary of the earlier conversation:");
+    for m in &request.messages {
+        for part in &m.parts {
+            match (m.role, part) {
+                (Role::User, Part::Text { text }) => {
+                    let line = text.lines().map(str::trim).find(|l| !l.is_empty());
+                    if let Some(line) = line {
+                        let line: String = line.chars().take(SUMMARY_LINE_CHARS).collect();
+                        out.push_str("\n- user: ");
+                        out.push_str(&line);
+                    }
+                }
+                (Role::Assistant, Part::ToolCall { name, input, .. }) => {
+                    out.push_str("\n- called: ");
+                    out.push_str(name);
+                    let target = ["path", "filePath", "command", "pattern", "query", "url"]
+                        .iter()
+                        .find_map(|k| input.get(*k).and_then(|v| v.as_str()));
+                    if let Some(target) = target {
+                        let target = target.lines().next().unwrap_or_default();
+                        let target: String = target.chars().take(SUMMARY_LINE_CHARS).collect();
+                        out.push(' ');
+                        out.push_str(&target);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 fn stream_chunks(text: &str, on_delta: DeltaSink<'_>, make: fn(String) -> Delta) {
     let chars: Vec<char> = text.chars().collect();
     for chunk in chars.chunks(CHUNK_CHARS) {
@@ -131,11 +176,18 @@ impl LlmProvider for Replay {
         request: &ChatRequest,
         on_delta: DeltaSink<'_>,
     ) -> Result<ChatResponse, LlmError> {
-        let index = request
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::Assistant)
-            .count();
+        let Some(index) = request.turn else {
+            let text = summary(request);
+            stream_chunks(&text, on_delta, Delta::Text);
+            return Ok(ChatResponse {
+                message: Message {
+                    role: Role::Assistant,
+                    parts: vec![Part::Text { text }],
+                },
+                usage: Usage::default(),
+                stop: StopReason::EndTurn,
+            });
+        };
         let (message, usage) = self.turns.get(index).cloned().ok_or_else(|| {
             LlmError::Protocol(format!(
                 "the replay transcript has {} turns; turn {} was requested",
@@ -204,7 +256,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn plays_turns_by_assistant_count_and_streams_deltas() {
+    async fn plays_turns_by_number_and_streams_deltas() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.json");
         std::fs::write(
@@ -240,10 +292,12 @@ mod tests {
             .collect();
         assert_eq!(text, "Hello there, this is a long reply.");
         request.messages.push(first.message);
+        request.turn = Some(1);
         let second = replay.chat(&request, &sink).await.unwrap();
         assert_eq!(second.stop, StopReason::ToolUse);
         assert_eq!(second.usage.output_tokens, 4);
         request.messages.push(second.message);
+        request.turn = Some(2);
         assert!(matches!(
             replay.chat(&request, &sink).await,
             Err(LlmError::Protocol(_))
@@ -252,5 +306,115 @@ mod tests {
             Replay::from_path(&dir.path().join("missing.json")),
             Err(LlmError::Config(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_turn_number_not_the_history_picks_the_turn() {
+        let replay = Replay::from_turns(vec![
+            Message {
+                role: Role::Assistant,
+                parts: vec![Part::Text { text: "one".into() }],
+            },
+            Message {
+                role: Role::Assistant,
+                parts: vec![Part::Text { text: "two".into() }],
+            },
+        ]);
+        // A compacted history: one message, yet the workflow is at its second turn.
+        let request = ChatRequest {
+            model: "x".into(),
+            system: String::new(),
+            messages: vec![Message::user_text(
+                "Summary of the earlier conversation: ...",
+            )],
+            tools: vec![],
+            max_tokens: 100,
+            stable_prefix: 0,
+            turn: Some(1),
+        };
+        let r = replay.chat(&request, &|_| {}).await.unwrap();
+        assert_eq!(r.message.text(), "two");
+    }
+
+    #[tokio::test]
+    async fn a_side_request_gets_an_extractive_summary_and_takes_no_turn() {
+        let replay = Replay::from_turns(vec![Message {
+            role: Role::Assistant,
+            parts: vec![Part::Text {
+                text: "only".into(),
+            }],
+        }]);
+        let long = "x".repeat(300);
+        let request = ChatRequest {
+            model: "x".into(),
+            system: "summarize".into(),
+            messages: vec![
+                Message::user_text("\nbuild a todo app\nwith a blue button"),
+                Message {
+                    role: Role::Assistant,
+                    parts: vec![
+                        Part::Text { text: "ok".into() },
+                        Part::ToolCall {
+                            id: "c1".into(),
+                            name: "write_file".into(),
+                            input: serde_json::json!({"filePath": "index.html", "content": "<p>"}),
+                        },
+                        Part::ToolCall {
+                            id: "c2".into(),
+                            name: "run_command".into(),
+                            input: serde_json::json!({"command": "npm test\nnpm run lint"}),
+                        },
+                        Part::ToolCall {
+                            id: "c3".into(),
+                            name: "done".into(),
+                            input: serde_json::json!({}),
+                        },
+                    ],
+                },
+                Message {
+                    role: Role::User,
+                    parts: vec![
+                        Part::ToolResult {
+                            id: "c1".into(),
+                            name: "write_file".into(),
+                            content: "written".into(),
+                            is_error: false,
+                        },
+                        Part::Text { text: long.clone() },
+                    ],
+                },
+            ],
+            tools: vec![],
+            max_tokens: 100,
+            stable_prefix: 0,
+            turn: None,
+        };
+        let seen = Mutex::new(String::new());
+        let sink = |d: Delta| {
+            if let Delta::Text(t) = d {
+                seen.lock().unwrap().push_str(&t);
+            }
+        };
+        let r = replay.chat(&request, &sink).await.unwrap();
+        let expected = format!(
+            "Summary of the earlier conversation:\n- user: build a todo app\n- called: write_file index.html\n- called: run_command npm test\n- called: done\n- user: {}",
+            "x".repeat(200)
+        );
+        assert_eq!(r.message.text(), expected);
+        assert_eq!(*seen.lock().unwrap(), expected);
+        assert_eq!(r.stop, StopReason::EndTurn);
+        // The same request again: the same answer, and the transcript's turn is still there.
+        assert_eq!(
+            replay.chat(&request, &|_| {}).await.unwrap().message.text(),
+            expected
+        );
+        let turn = ChatRequest {
+            turn: Some(0),
+            ..request
+        };
+        assert_eq!(
+            replay.chat(&turn, &|_| {}).await.unwrap().message.text(),
+            "only"
+        );
     }
 }

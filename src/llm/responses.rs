@@ -140,11 +140,24 @@ fn push_items(out: &mut Vec<Value>, m: &Message) {
                     );
                 }
             }
-            let text = m.text();
-            if !text.is_empty() {
-                out.push(
-                    json!({"role": "user", "content": [{"type": "input_text", "text": text}]}),
-                );
+            // Text and images, in the message's order.
+            let content: Vec<Value> = m
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Text { text } if !text.is_empty() => {
+                        Some(json!({"type": "input_text", "text": text}))
+                    }
+                    Part::Image { media_type, data } => Some(json!({
+                        "type": "input_image",
+                        "image_url": super::openai::data_url(media_type, data),
+                        "detail": "auto",
+                    })),
+                    _ => None,
+                })
+                .collect();
+            if !content.is_empty() {
+                out.push(json!({"role": "user", "content": content}));
             }
         }
         Role::Assistant => {
@@ -248,11 +261,15 @@ impl Parser {
     fn usage(&mut self, response: &Value) {
         if let Some(u) = response.get("usage").filter(|u| u.is_object()) {
             let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-            // Output tokens include the reasoning tokens.
+            // Output tokens include the reasoning tokens; input tokens the cached ones
+            // (OpenAI caches by prefix on its own and bills no cache writes).
             self.usage = Usage {
                 input_tokens: n("input_tokens"),
                 output_tokens: n("output_tokens"),
-                ..Default::default()
+                cache_read_tokens: u["input_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0),
+                cache_write_tokens: 0,
             };
         }
     }

@@ -1,12 +1,31 @@
 //! A fake LLM provider server on 127.0.0.1:0 that speaks the real streaming wire formats of
-//! Anthropic Messages, OpenAI Chat Completions and Gemini `streamGenerateContent` (chosen by
-//! the request path), plays a script of replies in order, and records every request.
+//! Anthropic Messages, OpenAI Chat Completions, OpenAI Responses and Gemini
+//! `streamGenerateContent` (chosen by the request path), plays a script of replies in order,
+//! and records every request.
+//!
+//! Like the real services it refuses, before taking a reply off the script, requests that
+//! break their rules (see [`validate`]), and those that do not fit the context window set
+//! with [`FakeLlm::with_context_window`]. It counts prompt tokens with one estimate,
+//! [`fake_tokens`], and reports usage with it (unless a turn scripts its own).
+//!
+//! Prompt caching is simulated. Anthropic: at each `cache_control` breakpoint the prefix up
+//! to it (tools, system, messages up to that block; canonical JSON without the
+//! `cache_control` fields) is remembered; a later request whose prefix, at a breakpoint or up
+//! to 20 blocks before one, matches a remembered one reads the longest such prefix from the
+//! cache (`cache_read_input_tokens`), writes the rest up to its last breakpoint
+//! (`cache_creation_input_tokens`), and `input_tokens` is the remainder, as the real API
+//! reports them. OpenAI (both APIs) and Gemini cache by prefix on their own: the longest
+//! prefix (at message boundaries) an earlier request of the same wire sent is reported as
+//! cached (`cached_tokens`, `cachedContentTokenCount`). Prefixes shorter than
+//! [`FakeLlm::with_min_cache_tokens`] (default 0; the real services' minimum is about 1,024)
+//! are not cached.
 //!
 //! Use it from a test with `#[path = "common/fake_llm.rs"] mod fake_llm;` and point providers
 //! at it with [`FakeLlm::keys`].
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -34,7 +53,8 @@ pub struct Turn {
     pub signature: Option<String>,
     pub text: Vec<String>,
     pub calls: Vec<ScriptCall>,
-    pub input_tokens: u64,
+    /// The prompt tokens to report; None: the fake's estimate ([`fake_tokens`]).
+    pub input_tokens: Option<u64>,
     pub output_tokens: u64,
     /// `max_tokens` instead of the natural stop reason.
     pub max_tokens: bool,
@@ -48,7 +68,6 @@ impl Turn {
     pub fn text(chunks: &[&str]) -> Self {
         Self {
             text: chunks.iter().map(|s| s.to_string()).collect(),
-            input_tokens: 11,
             output_tokens: 7,
             ..Self::default()
         }
@@ -76,8 +95,9 @@ impl Turn {
         self
     }
 
+    /// Reports `input` prompt tokens (all of them, cached ones included) and `output` tokens.
     pub fn usage(mut self, input: u64, output: u64) -> Self {
-        self.input_tokens = input;
+        self.input_tokens = Some(input);
         self.output_tokens = output;
         self
     }
@@ -121,6 +141,11 @@ pub struct Recorded {
     /// Lower-case names.
     pub headers: Vec<(String, String)>,
     pub body: Value,
+    /// The prompt's tokens by the fake's estimate ([`fake_tokens`] of the body).
+    pub prompt_tokens: u64,
+    /// What the simulated prompt cache served and took in (0 for a refused request).
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
 }
 
 impl Recorded {
@@ -141,6 +166,15 @@ struct State {
     issued: std::collections::HashMap<String, (String, String)>,
     /// Responses API: numbers for item ids.
     next_item: u64,
+    /// Requests whose estimated prompt (plus output limit, where the service counts it) is
+    /// larger are refused.
+    context_window: Option<u64>,
+    /// Prefixes shorter than this are not cached.
+    min_cache_tokens: u64,
+    /// Anthropic: prefixes written at a breakpoint, by hash, with their tokens.
+    anthropic_cache: HashMap<u64, u64>,
+    /// OpenAI, Responses, Gemini: every prefix sent, by wire and hash.
+    prefix_cache: HashSet<(Wire, u64)>,
 }
 
 pub struct FakeLlm {
@@ -183,6 +217,30 @@ impl FakeLlm {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// The estimated prompt tokens of every request so far, in order.
+    pub fn prompt_tokens(&self) -> Vec<u64> {
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|r| r.prompt_tokens)
+            .collect()
+    }
+
+    /// Refuses, as the real service does, a request whose estimated prompt tokens (plus its
+    /// output limit, for Anthropic and OpenAI) exceed `tokens`.
+    pub fn with_context_window(self, tokens: u64) -> Self {
+        self.state.lock().unwrap().context_window = Some(tokens);
+        self
+    }
+
+    /// Caches no prefix shorter than `tokens` (the real services' minimum is about 1,024).
+    pub fn with_min_cache_tokens(self, tokens: u64) -> Self {
+        self.state.lock().unwrap().min_cache_tokens = tokens;
+        self
+    }
+
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -219,7 +277,7 @@ pub fn keys_for(base: &str) -> ProviderKeys {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Wire {
     Anthropic,
     OpenAi,
@@ -288,15 +346,31 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         refusal = validate_reasoning_round_trip(&body, &st.issued);
     }
     let item_base;
+    let prompt_tokens = fake_tokens(&body);
+    let mut prompt = Prompt {
+        total: prompt_tokens,
+        ..Prompt::default()
+    };
     let reply = {
         let mut st = state.lock().unwrap();
         item_base = st.next_item;
         st.next_item += 100;
+        if refusal.is_none() {
+            refusal = st
+                .context_window
+                .and_then(|window| context_refusal(wire, &body, prompt_tokens, window));
+        }
+        if refusal.is_none() {
+            (prompt.cache_read, prompt.cache_write) = st.cache(wire, &body);
+        }
         st.requests.push(Recorded {
             method,
             path,
             headers,
             body,
+            prompt_tokens,
+            cache_read_tokens: prompt.cache_read,
+            cache_write_tokens: prompt.cache_write,
         });
         match &refusal {
             Some(_) => None,
@@ -309,7 +383,8 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
     };
     let reply = match (reply, refusal) {
         (Some(Reply::Turn(turn)), _) if wire == Wire::Responses => {
-            let (events, issued) = responses(&turn, item_base);
+            let prompt = prompt.scripted(turn.input_tokens);
+            let (events, issued) = responses(&turn, &prompt, item_base);
             state.lock().unwrap().issued.extend(issued);
             start_stream(&mut sock).await?;
             for e in events {
@@ -359,11 +434,12 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
         Reply::Truncated => {
             start_stream(&mut sock).await?;
+            let partial = Turn::text(&["partial"]);
             let events = match wire {
-                Wire::Anthropic => anthropic(&Turn::text(&["partial"])),
-                Wire::OpenAi => openai(&Turn::text(&["partial"])),
-                Wire::Responses => responses(&Turn::text(&["partial"]), 0).0,
-                Wire::Gemini => gemini(&Turn::text(&["partial"])),
+                Wire::Anthropic => anthropic(&partial, &prompt),
+                Wire::OpenAi => openai(&partial, &prompt),
+                Wire::Responses => responses(&partial, &prompt, 0).0,
+                Wire::Gemini => gemini(&partial, &prompt),
             };
             // Up to and including the first text delta.
             let keep = match wire {
@@ -392,11 +468,12 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
         Reply::Turn(turn) => {
             start_stream(&mut sock).await?;
+            let prompt = prompt.scripted(turn.input_tokens);
             let events = match wire {
-                Wire::Anthropic => anthropic(&turn),
-                Wire::OpenAi => openai(&turn),
-                Wire::Responses => responses(&turn, item_base).0,
-                Wire::Gemini => gemini(&turn),
+                Wire::Anthropic => anthropic(&turn, &prompt),
+                Wire::OpenAi => openai(&turn, &prompt),
+                Wire::Responses => responses(&turn, &prompt, item_base).0,
+                Wire::Gemini => gemini(&turn, &prompt),
             };
             for e in events {
                 chunk(&mut sock, &e).await?;
@@ -466,6 +543,9 @@ fn validate_openai(body: &Value) -> Option<(String, Value)> {
             Value::Null,
         ));
     };
+    if let Some(e) = validate_openai_content(messages) {
+        return Some(e);
+    }
     let thinking_server = body["model"]
         .as_str()
         .is_some_and(|m| m.starts_with("deepseek"));
@@ -544,6 +624,9 @@ fn validate_responses(body: &Value) -> Option<(String, Value)> {
     let Some(input) = body["input"].as_array() else {
         return Some(("Missing required parameter: 'input'.".into(), Value::Null));
     };
+    if let Some(e) = validate_responses_content(input) {
+        return Some(e);
+    }
     let mut calls: Vec<&str> = Vec::new();
     let mut answered: Vec<&str> = Vec::new();
     for item in input {
@@ -658,6 +741,9 @@ fn validate_gemini(body: &Value, model: &str) -> Option<String> {
         }
     }
     let contents = body["contents"].as_array()?;
+    if let Some(m) = validate_gemini_content(contents) {
+        return Some(m);
+    }
     let mut calls_before = 0usize;
     for (i, c) in contents.iter().enumerate() {
         let parts = c["parts"].as_array().cloned().unwrap_or_default();
@@ -797,6 +883,9 @@ fn validate_anthropic(body: &Value) -> Option<String> {
             ));
         }
     }
+    if let Some(m) = validate_anthropic_content(body) {
+        return Some(m);
+    }
     let messages = body["messages"].as_array()?;
     for (i, m) in messages.iter().enumerate() {
         if m["role"] != "assistant" {
@@ -853,13 +942,21 @@ fn sse(event: Option<&str>, data: &Value) -> String {
     }
 }
 
-/// Anthropic Messages stream events for `turn`.
-pub fn anthropic(turn: &Turn) -> Vec<String> {
+/// Anthropic Messages stream events for `turn`, reporting `prompt` as the API does:
+/// `input_tokens` without the tokens read from or written to the cache.
+pub fn anthropic(turn: &Turn, prompt: &Prompt) -> Vec<String> {
     let mut out = Vec::new();
     let ev = |t: &str, v: Value| sse(Some(t), &v);
+    let prompt_usage = json!({
+        "input_tokens": prompt.total - prompt.cache_read - prompt.cache_write,
+        "cache_creation_input_tokens": prompt.cache_write,
+        "cache_read_input_tokens": prompt.cache_read,
+    });
+    let mut start_usage = prompt_usage.clone();
+    start_usage["output_tokens"] = json!(1);
     out.push(ev(
         "message_start",
-        json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "content": [], "model": "fake", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": turn.input_tokens, "output_tokens": 1}}}),
+        json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "content": [], "model": "fake", "stop_reason": null, "stop_sequence": null, "usage": start_usage}}),
     ));
     let mut index = 0;
     if !turn.reasoning.is_empty() {
@@ -929,16 +1026,19 @@ pub fn anthropic(turn: &Turn) -> Vec<String> {
     } else {
         "tool_use"
     };
+    // The final usage is cumulative: the prompt's counts again, and the output tokens.
+    let mut end_usage = prompt_usage;
+    end_usage["output_tokens"] = json!(turn.output_tokens);
     out.push(ev(
         "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": turn.output_tokens}}),
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": end_usage}),
     ));
     out.push(ev("message_stop", json!({"type": "message_stop"})));
     out
 }
 
 /// OpenAI Chat Completions stream chunks for `turn`.
-pub fn openai(turn: &Turn) -> Vec<String> {
+pub fn openai(turn: &Turn, prompt: &Prompt) -> Vec<String> {
     let chunk = |delta: Value, finish: Value| {
         sse(
             None,
@@ -985,14 +1085,15 @@ pub fn openai(turn: &Turn) -> Vec<String> {
     out.push(sse(
         None,
         &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake", "choices": [],
-            "usage": {"prompt_tokens": turn.input_tokens, "completion_tokens": turn.output_tokens, "total_tokens": turn.input_tokens + turn.output_tokens}}),
+            "usage": {"prompt_tokens": prompt.total, "completion_tokens": turn.output_tokens, "total_tokens": prompt.total + turn.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": prompt.cache_read, "audio_tokens": 0}}}),
     ));
     out.push("data: [DONE]\n\n".to_string());
     out
 }
 
 /// Gemini `streamGenerateContent?alt=sse` chunks for `turn`.
-pub fn gemini(turn: &Turn) -> Vec<String> {
+pub fn gemini(turn: &Turn, prompt: &Prompt) -> Vec<String> {
     let chunk = |parts: Value, finish: Option<&str>, usage: Option<Value>| {
         let mut cand = json!({"content": {"role": "model", "parts": parts}, "index": 0});
         if let Some(f) = finish {
@@ -1004,7 +1105,14 @@ pub fn gemini(turn: &Turn) -> Vec<String> {
         }
         sse(None, &v)
     };
-    let usage = |out: u64| json!({"promptTokenCount": turn.input_tokens, "candidatesTokenCount": out, "totalTokenCount": turn.input_tokens + out});
+    let usage = |out: u64| {
+        let mut u = json!({"promptTokenCount": prompt.total, "candidatesTokenCount": out, "totalTokenCount": prompt.total + out});
+        // Gemini leaves the field out when nothing came from the cache.
+        if prompt.cache_read > 0 {
+            u["cachedContentTokenCount"] = json!(prompt.cache_read);
+        }
+        u
+    };
     let mut out = Vec::new();
     for r in &turn.reasoning {
         out.push(chunk(json!([{"text": r, "thought": true}]), None, None));
@@ -1052,7 +1160,7 @@ pub fn gemini(turn: &Turn) -> Vec<String> {
 /// call_id → (reasoning item id, encrypted content).
 pub type Issued = Vec<(String, (String, String))>;
 
-pub fn responses(turn: &Turn, base: u64) -> (Vec<String>, Issued) {
+pub fn responses(turn: &Turn, prompt: &Prompt, base: u64) -> (Vec<String>, Issued) {
     let ev = |v: Value| sse(v["type"].as_str(), &v);
     let mut out = vec![ev(
         json!({"type": "response.created", "response": {"id": format!("resp_{base}"), "status": "in_progress"}}),
@@ -1102,7 +1210,9 @@ pub fn responses(turn: &Turn, base: u64) -> (Vec<String>, Issued) {
         }
         index += 1;
     }
-    let usage = json!({"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens, "output_tokens_details": {"reasoning_tokens": 0}});
+    let usage = json!({"input_tokens": prompt.total, "input_tokens_details": {"cached_tokens": prompt.cache_read},
+        "output_tokens": turn.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt.total + turn.output_tokens});
     let incomplete = if turn.max_tokens {
         Some("max_output_tokens")
     } else {
@@ -1113,4 +1223,626 @@ pub fn responses(turn: &Turn, base: u64) -> (Vec<String>, Issued) {
         None => ev(json!({"type": "response.completed", "response": {"status": "completed", "usage": usage}})),
     });
     (out, issued)
+}
+
+// ---------------------------------------------------------------------------------------
+// Token estimate, prompt caching, context window
+// ---------------------------------------------------------------------------------------
+
+/// A 1×1 PNG, base64: an image every fake accepts.
+pub const PNG_1X1_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+/// What one image counts in [`fake_tokens`].
+pub const FAKE_IMAGE_TOKENS: u64 = 1_600;
+
+/// The prompt tokens a fake reports: its total (cached ones included) and what the simulated
+/// cache served and took in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prompt {
+    pub total: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+impl Prompt {
+    /// With a turn's scripted total instead of the estimate (the cache counts cut to fit).
+    fn scripted(self, total: Option<u64>) -> Self {
+        let Some(total) = total else {
+            return self;
+        };
+        let cache_read = self.cache_read.min(total);
+        Self {
+            total,
+            cache_read,
+            cache_write: self.cache_write.min(total - cache_read),
+        }
+    }
+}
+
+/// Keys whose values are not prompt text: the model name, roles, block types, cache marks.
+const NOT_TEXT: &[&str] = &["model", "role", "type", "cache_control"];
+
+/// The fakes' token estimate for a request body or any part of one: a quarter of the
+/// characters of its strings (rounded up; not the values of `model`, `role`, `type`,
+/// `cache_control`), and [`FAKE_IMAGE_TOKENS`] per image (an Anthropic `image` block, an
+/// OpenAI `image_url` or `input_image` part, a Gemini `inlineData` part).
+pub fn fake_tokens(v: &Value) -> u64 {
+    let (chars, images) = text_size(v);
+    tokens_of(chars, images)
+}
+
+fn tokens_of(chars: u64, images: u64) -> u64 {
+    chars.div_ceil(4) + images * FAKE_IMAGE_TOKENS
+}
+
+/// (characters of text, images) in `v`.
+fn text_size(v: &Value) -> (u64, u64) {
+    match v {
+        Value::String(s) => (s.chars().count() as u64, 0),
+        Value::Array(a) => a.iter().map(text_size).fold((0, 0), add),
+        Value::Object(o) => {
+            let image = matches!(
+                o.get("type").and_then(Value::as_str),
+                Some("image" | "image_url" | "input_image")
+            ) || o.contains_key("inlineData")
+                || o.contains_key("inline_data");
+            if image {
+                return (0, 1);
+            }
+            o.iter()
+                .filter(|(k, _)| !NOT_TEXT.contains(&k.as_str()))
+                .map(|(_, v)| text_size(v))
+                .fold((0, 0), add)
+        }
+        _ => (0, 0),
+    }
+}
+
+fn add(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0 + b.0, a.1 + b.1)
+}
+
+/// `v` as JSON with sorted keys and without `cache_control` fields.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().filter(|k| *k != "cache_control").collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&o[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// One unit of a prompt prefix: a tool, a system block, a message block (Anthropic) or a
+/// whole message (the others).
+struct Item {
+    canonical: String,
+    chars: u64,
+    images: u64,
+    breakpoint: bool,
+}
+
+fn item(v: Value, breakpoint: bool) -> Item {
+    let (chars, images) = text_size(&v);
+    Item {
+        canonical: canonical(&v),
+        chars,
+        images,
+        breakpoint,
+    }
+}
+
+/// The prompt of `body` as the cache sees it, in the order the service reads it.
+fn items(wire: Wire, body: &Value) -> Vec<Item> {
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    match wire {
+        Wire::Anthropic => {
+            for t in list(&body["tools"]) {
+                let bp = t.get("cache_control").is_some();
+                out.push(item(t, bp));
+            }
+            match &body["system"] {
+                Value::String(s) => out.push(item(json!({"text": s}), false)),
+                Value::Array(blocks) => {
+                    for b in blocks {
+                        out.push(item(b.clone(), b.get("cache_control").is_some()));
+                    }
+                }
+                _ => {}
+            }
+            for (i, m) in list(&body["messages"]).into_iter().enumerate() {
+                let blocks = match &m["content"] {
+                    Value::String(s) => vec![json!({"type": "text", "text": s})],
+                    other => list(other),
+                };
+                for b in blocks {
+                    let bp = b.get("cache_control").is_some();
+                    out.push(item(
+                        json!({"message": i, "role": m["role"], "block": b}),
+                        bp,
+                    ));
+                }
+            }
+        }
+        Wire::OpenAi => {
+            for t in list(&body["tools"]) {
+                out.push(item(t, false));
+            }
+            for m in list(&body["messages"]) {
+                out.push(item(m, false));
+            }
+        }
+        Wire::Responses => {
+            out.push(item(json!({"instructions": body["instructions"]}), false));
+            for t in list(&body["tools"]) {
+                out.push(item(t, false));
+            }
+            for m in list(&body["input"]) {
+                out.push(item(m, false));
+            }
+        }
+        Wire::Gemini => {
+            out.push(item(json!({"system": body["systemInstruction"]}), false));
+            out.push(item(json!({"tools": body["tools"]}), false));
+            for c in list(&body["contents"]) {
+                out.push(item(c, false));
+            }
+        }
+    }
+    out
+}
+
+/// The hash and the tokens of every prefix of `items` (prefix `p` ends with item `p`).
+fn prefixes(items: &[Item]) -> (Vec<u64>, Vec<u64>) {
+    let mut hashes = Vec::with_capacity(items.len());
+    let mut tokens = Vec::with_capacity(items.len());
+    let (mut hash, mut chars, mut images) = (0u64, 0u64, 0u64);
+    for it in items {
+        let mut h = DefaultHasher::new();
+        hash.hash(&mut h);
+        it.canonical.hash(&mut h);
+        hash = h.finish();
+        chars += it.chars;
+        images += it.images;
+        hashes.push(hash);
+        tokens.push(tokens_of(chars, images));
+    }
+    (hashes, tokens)
+}
+
+/// How many blocks before a breakpoint Anthropic looks for an earlier cache entry.
+const LOOKBACK_BLOCKS: usize = 20;
+
+impl State {
+    /// (tokens read from the cache, tokens written to it) for an accepted request.
+    fn cache(&mut self, wire: Wire, body: &Value) -> (u64, u64) {
+        let items = items(wire, body);
+        let (hashes, tokens) = prefixes(&items);
+        let min = self.min_cache_tokens;
+        if wire == Wire::Anthropic {
+            let breakpoints: Vec<usize> =
+                (0..items.len()).filter(|&p| items[p].breakpoint).collect();
+            let Some(&last) = breakpoints.last() else {
+                return (0, 0);
+            };
+            let read = breakpoints
+                .iter()
+                .flat_map(|&b| b.saturating_sub(LOOKBACK_BLOCKS - 1)..=b)
+                .filter_map(|p| self.anthropic_cache.get(&hashes[p]).copied())
+                .max()
+                .unwrap_or(0);
+            let write = if tokens[last] >= min {
+                tokens[last] - read
+            } else {
+                0
+            };
+            for &b in &breakpoints {
+                if tokens[b] >= min {
+                    self.anthropic_cache.insert(hashes[b], tokens[b]);
+                }
+            }
+            return (read, write);
+        }
+        let read = (0..items.len())
+            .rev()
+            .find(|&p| self.prefix_cache.contains(&(wire, hashes[p])))
+            .map(|p| tokens[p])
+            .filter(|&t| t >= min)
+            .unwrap_or(0);
+        self.prefix_cache.extend(hashes.iter().map(|&h| (wire, h)));
+        (read.min(fake_tokens(body)), 0)
+    }
+}
+
+/// The output limit a request asks for, in its wire's field.
+fn max_output(wire: Wire, body: &Value) -> u64 {
+    let n = match wire {
+        Wire::Anthropic => &body["max_tokens"],
+        Wire::OpenAi if body.get("max_completion_tokens").is_some() => {
+            &body["max_completion_tokens"]
+        }
+        Wire::OpenAi => &body["max_tokens"],
+        Wire::Responses => &body["max_output_tokens"],
+        Wire::Gemini => &body["generationConfig"]["maxOutputTokens"],
+    };
+    n.as_u64().unwrap_or(0)
+}
+
+/// The service's refusal of a prompt of `prompt` tokens that does not fit `window`: Anthropic
+/// and OpenAI count the output limit in, Gemini only the input.
+pub fn context_refusal(wire: Wire, body: &Value, prompt: u64, window: u64) -> Option<Value> {
+    let out = max_output(wire, body);
+    match wire {
+        Wire::Anthropic if prompt > window => Some(format!(
+            "prompt is too long: {prompt} tokens > {window} maximum"
+        )),
+        Wire::Anthropic if prompt + out > window => Some(format!(
+            "input length and `max_tokens` exceed context limit: {prompt} + {out} > {window}, decrease input length or `max_tokens` and try again"
+        )),
+        Wire::OpenAi | Wire::Responses if prompt + out > window => Some(format!(
+            "This model's maximum context length is {window} tokens. However, you requested {} tokens ({prompt} in the messages, {out} in the completion). Please reduce the length of the messages or completion.",
+            prompt + out
+        )),
+        Wire::Gemini if prompt > window => Some(format!(
+            "The input token count ({prompt}) exceeds the maximum number of tokens allowed ({window})."
+        )),
+        _ => None,
+    }
+    .map(|m| match wire {
+        Wire::Anthropic => {
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": m}})
+        }
+        Wire::OpenAi => {
+            json!({"error": {"message": m, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+        }
+        Wire::Responses => {
+            json!({"error": {"message": m, "type": "invalid_request_error", "param": "input", "code": "context_length_exceeded"}})
+        }
+        Wire::Gemini => json!({"error": {"code": 400, "message": m, "status": "INVALID_ARGUMENT"}}),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Images and cache marks
+// ---------------------------------------------------------------------------------------
+
+/// The image format the bytes start with.
+fn sniff_image(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else {
+        None
+    }
+}
+
+fn decode_base64(data: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(data).ok()
+}
+
+/// The formats Anthropic and OpenAI take.
+const IMAGE_TYPES: &[&str] = &["image/jpeg", "image/png", "image/gif", "image/webp"];
+
+/// Anthropic: at most four `cache_control` marks, each `{"type": "ephemeral"}` (with an
+/// optional `ttl` of `5m` or `1h`), never on a thinking block or an empty text; no empty
+/// text blocks; images only in user messages, from a base64 source of a supported type whose
+/// bytes are that type (at most 5 MB) or from an https URL.
+fn validate_anthropic_content(body: &Value) -> Option<String> {
+    let mut marks = 0;
+    let mut check_mark = |v: &Value, at: &str| -> Option<String> {
+        let cc = v.get("cache_control")?;
+        marks += 1;
+        if cc["type"] != "ephemeral" {
+            return Some(format!(
+                "{at}.cache_control.type: Input should be 'ephemeral'"
+            ));
+        }
+        if let Some(ttl) = cc.get("ttl")
+            && ttl != "5m"
+            && ttl != "1h"
+        {
+            return Some(format!(
+                "{at}.cache_control.ttl: Input should be '5m' or '1h'"
+            ));
+        }
+        None
+    };
+    for (i, t) in body["tools"].as_array().into_iter().flatten().enumerate() {
+        if let Some(m) = check_mark(t, &format!("tools.{i}")) {
+            return Some(m);
+        }
+    }
+    if let Some(blocks) = body["system"].as_array() {
+        for (i, b) in blocks.iter().enumerate() {
+            if b["type"] != "text" {
+                return Some(format!("system.{i}.type: Input should be 'text'"));
+            }
+            if b["text"].as_str().is_none_or(str::is_empty) {
+                if b.get("cache_control").is_some() {
+                    return Some(format!(
+                        "system.{i}.text: cache_control cannot be set for empty text blocks"
+                    ));
+                }
+                return Some("system: text content blocks must be non-empty".into());
+            }
+            if let Some(m) = check_mark(b, &format!("system.{i}")) {
+                return Some(m);
+            }
+        }
+    }
+    for (i, m) in body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let role = m["role"].as_str().unwrap_or_default();
+        for (k, b) in m["content"].as_array().into_iter().flatten().enumerate() {
+            let at = format!("messages.{i}.content.{k}");
+            let kind = b["type"].as_str().unwrap_or_default();
+            match kind {
+                "text" if b["text"].as_str().is_none_or(str::is_empty) => {
+                    if b.get("cache_control").is_some() {
+                        return Some(format!(
+                            "{at}.text: cache_control cannot be set for empty text blocks"
+                        ));
+                    }
+                    return Some("messages: text content blocks must be non-empty".into());
+                }
+                "thinking" | "redacted_thinking" if b.get("cache_control").is_some() => {
+                    return Some(format!(
+                        "{at}.{kind}.cache_control: Extra inputs are not permitted"
+                    ));
+                }
+                "image" => {
+                    if role != "user" {
+                        return Some(format!(
+                            "{at}: image content blocks are only allowed in user messages"
+                        ));
+                    }
+                    if let Some(e) = anthropic_image(&b["source"], &format!("{at}.image.source")) {
+                        return Some(e);
+                    }
+                }
+                _ => {}
+            }
+            if let Some(e) = check_mark(b, &format!("{at}.{kind}")) {
+                return Some(e);
+            }
+        }
+    }
+    if marks > 4 {
+        return Some(format!(
+            "A maximum of 4 blocks with cache_control may be provided. Found {marks}."
+        ));
+    }
+    None
+}
+
+fn anthropic_image(source: &Value, at: &str) -> Option<String> {
+    match source["type"].as_str() {
+        Some("base64") => {
+            let media_type = source["media_type"].as_str().unwrap_or_default();
+            if !IMAGE_TYPES.contains(&media_type) {
+                return Some(format!(
+                    "{at}.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+                ));
+            }
+            let Some(bytes) = source["data"].as_str().and_then(decode_base64) else {
+                return Some(format!("{at}.base64.data: invalid base64 data"));
+            };
+            if bytes.len() > 5 * 1024 * 1024 {
+                return Some(format!(
+                    "{at}.base64.data: image exceeds 5 MB maximum: {} bytes > 5242880 bytes",
+                    bytes.len()
+                ));
+            }
+            match sniff_image(&bytes) {
+                Some(actual) if actual == media_type => None,
+                Some(actual) => Some(format!(
+                    "{at}.base64.data: The image was specified using the {media_type} media type, but the image appears to be a {actual} image"
+                )),
+                None => Some(format!("{at}.base64.data: Could not process image")),
+            }
+        }
+        Some("url")
+            if source["url"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("https://")) =>
+        {
+            None
+        }
+        Some("url") => Some(format!("{at}.url.url: the URL must be an https URL")),
+        other => Some(format!(
+            "{at}: Input tag '{}' found using 'type' does not match any of the expected tags: 'base64', 'file', 'url'",
+            other.unwrap_or_default()
+        )),
+    }
+}
+
+/// OpenAI (both APIs): an image URL is an https URL or a `data:` URL of a supported image
+/// type with base64 bytes of that type. Returns (message, code).
+fn openai_image_url(url: &str, at: &str) -> Option<(String, Value)> {
+    if url.starts_with("https://") {
+        return None;
+    }
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Some((
+            format!(
+                "Invalid '{at}'. Expected a base64-encoded data URL with an image MIME type (e.g. 'data:image/png;base64,aW1nIGJ5dGVzIGhlcmU='), but got a value without the 'data:' prefix."
+            ),
+            json!("invalid_value"),
+        ));
+    };
+    let Some((media_type, data)) = rest.split_once(";base64,") else {
+        return Some((
+            format!("Invalid '{at}'. Expected a base64-encoded data URL."),
+            json!("invalid_value"),
+        ));
+    };
+    if !IMAGE_TYPES.contains(&media_type) {
+        return Some((
+            format!(
+                "Invalid '{at}'. Expected a base64-encoded data URL with an image MIME type (e.g. 'data:image/png;base64,aW1nIGJ5dGVzIGhlcmU='), but got unsupported MIME type '{media_type}'."
+            ),
+            json!("invalid_value"),
+        ));
+    }
+    match decode_base64(data).as_deref().and_then(sniff_image) {
+        Some(_) => None,
+        None => Some((
+            "You uploaded an unsupported image. Please make sure your image is valid.".into(),
+            json!("invalid_image"),
+        )),
+    }
+}
+
+/// OpenAI Chat Completions: content parts (`text`, `image_url`), images only from the user.
+fn validate_openai_content(messages: &[Value]) -> Option<(String, Value)> {
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        let Some(parts) = m["content"].as_array() else {
+            continue;
+        };
+        for (k, p) in parts.iter().enumerate() {
+            match p["type"].as_str() {
+                Some("text") if p["text"].is_string() => {}
+                Some("image_url") => {
+                    if role != "user" {
+                        return Some((
+                            format!(
+                                "Invalid 'messages[{i}]'. Image URLs are only allowed for messages with role 'user', but this message with role '{role}' contains an image URL."
+                            ),
+                            json!("invalid_value"),
+                        ));
+                    }
+                    let url = p["image_url"]["url"].as_str().unwrap_or_default();
+                    let at = format!("messages[{i}].content[{k}].image_url.url");
+                    if let Some(e) = openai_image_url(url, &at) {
+                        return Some(e);
+                    }
+                }
+                _ => {
+                    return Some((
+                        format!("Invalid value: 'messages[{i}].content[{k}]'."),
+                        json!("invalid_value"),
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// OpenAI Responses: user content parts (`input_text`, `input_image` with a valid
+/// `image_url` and `detail`), assistant content of `output_text`.
+fn validate_responses_content(input: &[Value]) -> Option<(String, Value)> {
+    for (i, item) in input.iter().enumerate() {
+        let Some(parts) = item["content"].as_array() else {
+            continue;
+        };
+        let role = item["role"].as_str().unwrap_or_default();
+        for (k, p) in parts.iter().enumerate() {
+            let at = format!("input[{i}].content[{k}]");
+            match (role, p["type"].as_str().unwrap_or_default()) {
+                ("user" | "system" | "developer", "input_text") if p["text"].is_string() => {}
+                ("user" | "system" | "developer", "input_image") => {
+                    if let Some(d) = p.get("detail")
+                        && !["low", "high", "auto"].iter().any(|x| d == x)
+                    {
+                        return Some((
+                            format!(
+                                "Invalid value: '{d}'. Supported values are: 'low', 'high', and 'auto'."
+                            ),
+                            json!("invalid_value"),
+                        ));
+                    }
+                    let url = p["image_url"].as_str().unwrap_or_default();
+                    if let Some(e) = openai_image_url(url, &format!("{at}.image_url")) {
+                        return Some(e);
+                    }
+                }
+                ("assistant", "output_text" | "refusal") => {}
+                (_, kind) => {
+                    return Some((
+                        format!(
+                            "Invalid value: '{kind}'. Supported values for role '{role}' differ ('{at}')."
+                        ),
+                        json!("invalid_value"),
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Gemini: an `inlineData` part has a supported `mimeType` (images: png, jpeg, webp, heic,
+/// heif; no gif) and base64 `data`; image bytes must be an image.
+fn validate_gemini_content(contents: &[Value]) -> Option<String> {
+    const TYPES: &[&str] = &[
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+        "image/heic",
+        "image/heif",
+        "application/pdf",
+        "text/plain",
+    ];
+    for (i, c) in contents.iter().enumerate() {
+        for (k, p) in c["parts"].as_array().into_iter().flatten().enumerate() {
+            let Some(inline) = p.get("inlineData").or_else(|| p.get("inline_data")) else {
+                continue;
+            };
+            let Some(mime) = inline
+                .get("mimeType")
+                .or_else(|| inline.get("mime_type"))
+                .and_then(Value::as_str)
+            else {
+                return Some(format!(
+                    "* GenerateContentRequest.contents[{i}].parts[{k}].inline_data.mime_type: mime_type is required"
+                ));
+            };
+            let known =
+                TYPES.contains(&mime) || mime.starts_with("audio/") || mime.starts_with("video/");
+            if !known {
+                return Some(format!("Unsupported MIME type: {mime}"));
+            }
+            let data = inline["data"].as_str().unwrap_or_default();
+            let bytes = decode_base64(data).or_else(|| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE.decode(data).ok()
+            });
+            let Some(bytes) = bytes else {
+                let start: String = data.chars().take(20).collect();
+                return Some(format!(
+                    "Invalid value at 'contents[{i}].parts[{k}].inline_data.data' (TYPE_BYTES), Base64 decoding failed for \"{start}\""
+                ));
+            };
+            if ["image/png", "image/jpeg", "image/webp"].contains(&mime)
+                && sniff_image(&bytes).is_none()
+            {
+                return Some(
+                    "Unable to process input image. Please retry or report in https://developers.generativeai.google/guide/troubleshooting".into(),
+                );
+            }
+        }
+    }
+    None
 }
