@@ -381,7 +381,18 @@ impl Budget {
             .saturating_sub(margin)
     }
 
-    /// The most output tokens a turn may ask for in this window: a quarter of it.
+    /// The output tokens a request of `prompt` estimated tokens leaves room for (at least
+    /// 256: a request that leaves less is refused by the provider with a clear message).
+    pub fn output_room(&self, prompt: u64) -> u32 {
+        let margin = (self.window / 20).max(256);
+        let room = self
+            .window
+            .saturating_sub(margin)
+            .saturating_sub(self.scaled(prompt));
+        u32::try_from(room).unwrap_or(u32::MAX).max(256)
+    }
+
+    /// The output tokens a request's prompt is planned with: a quarter of the window.
     pub fn output_cap(&self) -> u32 {
         u32::try_from(self.window / 4).unwrap_or(u32::MAX).max(256)
     }

@@ -772,8 +772,7 @@ fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
         &spec.provider,
         &spec.model,
         engine.base.config.providers.max_output_tokens,
-    )
-    .min(budget.output_cap());
+    );
     Ok(Ctx {
         provider,
         model: spec.model,
@@ -1096,6 +1095,9 @@ async fn converse(
         if convo.rebuilt.steps >= MAX_STEPS {
             return Ok(Outcome::StepsExhausted);
         }
+        // The prompt is planned with at most a quarter of the window kept for the output; a
+        // turn may ask for more when the prompt leaves room.
+        let reserve = budget.max_tokens.min(lock(&ctx.budget).output_cap());
         let (messages, stable_prefix) = fit_request(
             engine,
             &wf,
@@ -1103,19 +1105,20 @@ async fn converse(
             &system,
             &specs,
             &mut convo,
-            budget.max_tokens,
+            reserve,
             continued,
         )
         .await?;
         continued = true;
         budget.estimate = context::fixed_tokens(&system, &specs)
             + messages.iter().map(context::message_tokens).sum::<u64>();
+        let room = lock(&ctx.budget).output_room(budget.estimate);
         let request = ChatRequest {
             model: ctx.model.clone(),
             system: system.clone(),
             messages,
             tools: specs.clone(),
-            max_tokens: budget.max_tokens,
+            max_tokens: budget.max_tokens.min(room),
             stable_prefix,
             turn: Some(convo.rebuilt.turns),
         };
@@ -1477,7 +1480,8 @@ async fn model_turn(
         }
         if let Some(next) = judged? {
             budget.max_tokens = next;
-            request.max_tokens = next;
+            let room = lock(&ctx.budget).output_room(budget.estimate);
+            request.max_tokens = next.min(room);
             // As before every model call: stop here when cancelled or shutting down.
             wf = load(engine, id).await?;
             check(engine, &wf)?;
