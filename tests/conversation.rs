@@ -386,3 +386,140 @@ async fn a_cancel_kills_a_running_command_and_keeps_the_work_uncommitted() {
     );
     s.server.shutdown().await;
 }
+
+/// 12 follow-ups of 5 turns each (60 turns), 5 tool calls per turn (300 calls), each result a
+/// 3 KB file, in a 12,000-token window: the fake refuses, as Anthropic does, any request whose
+/// prompt and output limit exceed it, so every workflow completing means every request fitted;
+/// and every request still carries every earlier user message, or a summary that does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_session_stays_within_the_budget_and_keeps_every_request() {
+    const WINDOW: u64 = 12_000;
+    const WORKFLOWS: usize = 12;
+    let read = |w: usize, t: usize, c: usize| {
+        (
+            format!("r{w}_{t}_{c}"),
+            json!({"filePath": format!("src/f{}.ts", (w + t + c) % 10)}).to_string(),
+        )
+    };
+    let mut script = Vec::new();
+    for w in 0..WORKFLOWS {
+        for t in 0..5 {
+            let mut turn = Turn::default().usage(0, 20);
+            turn.input_tokens = None;
+            let reads = if t == 1 || t == 4 { 4 } else { 5 };
+            for c in 0..reads {
+                let (id, args) = read(w, t, c);
+                turn = turn.call(&id, "read_file", &[&args]);
+            }
+            if t == 1 {
+                let plan = json!({"acceptanceCriteria": ["done"], "tasks": [{"id": 1,
+                    "summary": "change it", "description": "change it",
+                    "acceptanceCriteria": ["ok"], "dependencies": []}]});
+                turn = turn.call(&format!("p{w}"), "submit_plan", &[&plan.to_string()]);
+            }
+            if t == 4 {
+                turn = turn.call(&format!("d{w}"), "done", &["{}"]);
+            }
+            script.push(Reply::Turn(turn));
+        }
+    }
+    let fake = FakeLlm::start(script)
+        .await
+        .with_context_window(WINDOW)
+        .with_auto_summaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = server_with(&fake, tmp.path(), |c| {
+        c.providers.context_tokens = Some(WINDOW as u32);
+    })
+    .await;
+    let dir = weldr_agent::branches::branch_dir(
+        &s.app().config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    for f in 0..10 {
+        let body: String = (0..60)
+            .map(|i| format!("export const value{f}_{i} = compute({i}, \"{f}\"); // line {i}\n"))
+            .collect();
+        assert!(body.len() > 2_500);
+        std::fs::write(dir.join(format!("src/f{f}.ts")), body).unwrap();
+    }
+    let mut sse = s.sse("/stream/p/b", Some("0")).await;
+    for w in 0..WORKFLOWS {
+        let wf = trigger(&s, &format!("request {w}: make marker-{w} happen")).await;
+        let frames = until_end(&mut sse, &wf).await;
+        let end = frames.last().unwrap();
+        assert_eq!(
+            end.data["status"],
+            "complete",
+            "workflow {w}: {:#}",
+            s.workflow(&wf).await
+        );
+    }
+    let requests = fake.requests();
+    let turns: Vec<_> = requests
+        .iter()
+        .filter(|r| fake_llm::tool_count(&r.body) > 0)
+        .collect();
+    assert_eq!(turns.len(), WORKFLOWS * 5);
+    let summaries = requests.len() - turns.len();
+    assert!(summaries > 0, "the session needed summaries");
+    let mut shortened = 0;
+    let mut w = 0;
+    for (i, r) in turns.iter().enumerate() {
+        let limit = r.body["max_tokens"].as_u64().unwrap();
+        assert!(
+            r.prompt_tokens + limit <= WINDOW,
+            "request {i}: {} + {limit} tokens",
+            r.prompt_tokens
+        );
+        let text = r.body.to_string();
+        w = i / 5;
+        for earlier in 0..=w {
+            assert!(
+                text.contains(&format!("marker-{earlier}")),
+                "request {i} (workflow {w}) lost request {earlier}"
+            );
+        }
+        shortened += usize::from(text.contains("left out to save context"));
+    }
+    assert_eq!(w, WORKFLOWS - 1);
+    assert!(shortened > 0, "old tool results were shortened");
+    // The thread's summary is in the conversation.
+    let (_, page) = s
+        .get_json("/projects/p/branches/b/messages?limit=200")
+        .await;
+    assert!(
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["kind"] == "summary"),
+        "{page:#}"
+    );
+    // Anthropic served part of every later prompt from its cache.
+    let read: u64 = turns.iter().map(|r| r.cache_read_tokens).sum();
+    let total: u64 = turns.iter().map(|r| r.prompt_tokens).sum();
+    // Cache reads, and the workflows' usage records them. (This window is so tight that
+    // nearly every call must cut the results of the one before, which changes the prefix;
+    // `benches/conversation.rs` measures the share in a roomier one.)
+    let read: u64 = turns.iter().map(|r| r.cache_read_tokens).sum();
+    assert!(read > 0);
+    assert!(
+        turns
+            .iter()
+            .all(|r| r.body.to_string().contains("cache_control"))
+    );
+    let (_, last) = s.get_json("/projects/p/branches/b/messages?limit=1").await;
+    let wf = last["messages"][0]["workflowId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let usage = &s.workflow(&wf).await["usage"];
+    assert!(usage["cacheReadTokens"].as_u64().unwrap() > 0, "{usage}");
+    assert!(
+        usage["inputTokens"].as_u64().unwrap() > usage["cacheReadTokens"].as_u64().unwrap(),
+        "{usage}"
+    );
+    s.server.shutdown().await;
+}

@@ -530,7 +530,7 @@ pub struct Fitted {
 /// `fixed` for the system prompt and tools): tool results before `watermark` are shortened,
 /// and when the request is over the limit the watermark moves on (see
 /// [`shorten_watermark`]). None when even that is not enough: older turns must be
-/// summarized. `continued`: a request of this conversation was sent before.
+/// summarized.
 pub fn fit(
     thread: &[Message],
     mut own: Vec<Message>,
@@ -538,7 +538,6 @@ pub fn fit(
     limit: u64,
     budget: &Budget,
     watermark: &mut usize,
-    continued: bool,
 ) -> Option<Fitted> {
     let thread_tokens: u64 = thread.iter().map(message_tokens).sum();
     let before = *watermark;
@@ -559,13 +558,11 @@ pub fn fit(
     let mut messages = Vec::with_capacity(thread.len() + own.len());
     messages.extend_from_slice(thread);
     messages.extend(own);
-    // The next request appends to this one, unless this one changed the prefix of the one
-    // before: then only the thread is known to stay.
-    let stable_prefix = if continued && *watermark == before {
-        messages.len()
-    } else {
-        thread.len()
-    };
+    // The stable part of the history: everything but the newest message. The newest tool
+    // results are what the next request shortens first when it must (older ones are cut
+    // already); the rest usually stays, and when the newest stays too, Anthropic's breakpoint
+    // on the last message lets the next request read all of it from the cache.
+    let stable_prefix = (messages.len() - 1).max(thread.len());
     Some(Fitted {
         messages,
         stable_prefix,

@@ -1062,7 +1062,6 @@ async fn converse(
         retries: 0,
         estimate: 0,
     };
-    let mut continued = false;
     loop {
         let wf = load(engine, id).await?;
         check(engine, &wf)?;
@@ -1098,18 +1097,8 @@ async fn converse(
         // The prompt is planned with at most a quarter of the window kept for the output; a
         // turn may ask for more when the prompt leaves room.
         let reserve = budget.max_tokens.min(lock(&ctx.budget).output_cap());
-        let (messages, stable_prefix) = fit_request(
-            engine,
-            &wf,
-            ctx,
-            &system,
-            &specs,
-            &mut convo,
-            reserve,
-            continued,
-        )
-        .await?;
-        continued = true;
+        let (messages, stable_prefix) =
+            fit_request(engine, &wf, ctx, &system, &specs, &mut convo, reserve).await?;
         budget.estimate = context::fixed_tokens(&system, &specs)
             + messages.iter().map(context::message_tokens).sum::<u64>();
         let room = lock(&ctx.budget).output_room(budget.estimate);
@@ -1144,7 +1133,6 @@ async fn fit_request(
     specs: &[ToolSpec],
     convo: &mut Conversation,
     max_tokens: u32,
-    continued: bool,
 ) -> Result<(Vec<Message>, usize), Stop> {
     use std::sync::atomic::Ordering;
     let fixed = context::fixed_tokens(system, specs);
@@ -1160,15 +1148,7 @@ async fn fit_request(
             &ctx.attachments,
         );
         let mut watermark = ctx.shortened.load(Ordering::Relaxed);
-        let fitted = context::fit(
-            &ctx.thread,
-            own,
-            fixed,
-            limit,
-            &scale,
-            &mut watermark,
-            continued,
-        );
+        let fitted = context::fit(&ctx.thread, own, fixed, limit, &scale, &mut watermark);
         ctx.shortened.store(watermark, Ordering::Relaxed);
         if let Some(fitted) = fitted {
             return Ok((fitted.messages, fitted.stable_prefix));

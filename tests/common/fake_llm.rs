@@ -171,6 +171,9 @@ struct State {
     context_window: Option<u64>,
     /// Prefixes shorter than this are not cached.
     min_cache_tokens: u64,
+    /// A request that offers no tools (a summary the engine asks for) is answered with a
+    /// summary of its text, off the script.
+    auto_summaries: bool,
     /// Anthropic: prefixes written at a breakpoint, by hash, with their tokens.
     anthropic_cache: HashMap<u64, u64>,
     /// OpenAI, Responses, Gemini: every prefix sent, by wire and hash.
@@ -232,6 +235,14 @@ impl FakeLlm {
     /// output limit, for Anthropic and OpenAI) exceed `tokens`.
     pub fn with_context_window(self, tokens: u64) -> Self {
         self.state.lock().unwrap().context_window = Some(tokens);
+        self
+    }
+
+    /// Answers every request without tools (the engine's summaries of older turns) with an
+    /// extractive summary — each `USER:` line of the transcript it was given, and the tool
+    /// calls — without taking a reply off the script.
+    pub fn with_auto_summaries(self) -> Self {
+        self.state.lock().unwrap().auto_summaries = true;
         self
     }
 
@@ -372,8 +383,21 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             cache_read_tokens: prompt.cache_read,
             cache_write_tokens: prompt.cache_write,
         });
+        let offers_tools = st
+            .requests
+            .last()
+            .map(|r| tool_count(&r.body) > 0)
+            .unwrap_or(true);
         match &refusal {
             Some(_) => None,
+            None if st.auto_summaries && !offers_tools => {
+                let text = st
+                    .requests
+                    .last()
+                    .map(|r| summary_of(&r.body))
+                    .unwrap_or_default();
+                Some(Reply::Turn(Turn::text(&[&text])))
+            }
             None => Some(
                 st.script
                     .pop_front()
@@ -486,6 +510,37 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
 
 /// The request rules each real API enforces (from the providers' API references), as the
 /// error body it answers with; None when the request is valid.
+/// How many tools a request offers, in any wire format.
+pub fn tool_count(body: &Value) -> usize {
+    let direct = body["tools"].as_array().map_or(0, Vec::len);
+    let gemini: usize = body["tools"]
+        .as_array()
+        .map(|tools| {
+            tools
+                .iter()
+                .map(|t| t["functionDeclarations"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    direct.max(gemini)
+}
+
+/// An extractive summary of a summary request: its `USER:` lines and calls, as a model would
+/// keep them.
+fn summary_of(body: &Value) -> String {
+    let text = body.to_string();
+    let text = text.replace("\\n", "\n");
+    let mut out = String::from("Summary:\n");
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("USER:") || line.starts_with("ASSISTANT calls") {
+            out.push_str(&line.chars().take(300).collect::<String>());
+            out.push('\n');
+        }
+    }
+    out
+}
+
 pub fn validate(wire: Wire, body: &Value, path_model: &str) -> Option<Value> {
     match wire {
         Wire::Anthropic => validate_anthropic(body).map(|m| {
