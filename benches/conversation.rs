@@ -16,6 +16,9 @@
 //! Markdown.
 
 mod common;
+#[path = "../tests/common/fake_llm.rs"]
+#[allow(dead_code)]
+mod fake_llm;
 
 use std::time::{Duration, Instant};
 
@@ -170,7 +173,7 @@ fn session(window: u32, system: &str) -> Series {
             let fitted = loop {
                 let own = context::own_messages(&messages, summary.as_ref(), None, &[]);
                 let fitted =
-                    context::fit(&thread, own, fixed, limit, &budget, &mut watermark, t > 0);
+                    context::fit(&thread, own, fixed, limit, &budget, &mut watermark);
                 elapsed += started.elapsed();
                 if let Some(f) = fitted {
                     break f;
@@ -200,6 +203,125 @@ fn session(window: u32, system: &str) -> Series {
         }
     }
     series
+}
+
+/// What the fake Anthropic server received over the whole session.
+struct Served {
+    prompt: Vec<f64>,
+    cache_read: u64,
+    total: u64,
+    summaries: usize,
+}
+
+/// The session through the server (in process) against the fake Anthropic server, with the
+/// context window `window` (None: the model's, 200,000 for Claude).
+async fn served_session(window: Option<u32>) -> Served {
+    use fake_llm::{FakeLlm, Reply, Turn};
+    let mut script = Vec::new();
+    for w in 0..WORKFLOWS {
+        for t in 0..TURNS {
+            let mut turn = Turn::default().usage(0, 20);
+            turn.input_tokens = None;
+            let reads = if t == 1 || t == TURNS - 1 { CALLS - 1 } else { CALLS };
+            for c in 0..reads {
+                turn = turn.call(
+                    &format!("r{w}_{t}_{c}"),
+                    "read_file",
+                    &[&json!({"filePath": format!("src/f{}.ts", (w + t + c) % 10)}).to_string()],
+                );
+            }
+            if t == 1 {
+                let plan = json!({"acceptanceCriteria": ["done"], "tasks": [{"id": 1,
+                    "summary": "change it", "description": "change it",
+                    "acceptanceCriteria": ["ok"], "dependencies": []}]});
+                turn = turn.call(&format!("p{w}"), "submit_plan", &[&plan.to_string()]);
+            }
+            if t == TURNS - 1 {
+                turn = turn.call(&format!("d{w}"), "done", &["{}"]);
+            }
+            script.push(Reply::Turn(turn));
+        }
+    }
+    let mut fake = FakeLlm::start(script).await.with_auto_summaries();
+    if let Some(w) = window {
+        fake = fake.with_context_window(u64::from(w));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = weldr_agent::config::Config::for_workspace(tmp.path());
+    config.providers = fake.keys();
+    config.providers.context_tokens = window;
+    weldr_agent::install_crypto_provider();
+    let app = weldr_agent::App::open(config).unwrap();
+    weldr_agent::app::prepare(&app).await.unwrap();
+    let token = weldr_agent::auth::tokens::create(&app.store, "bench")
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = weldr_agent::server::start_on(app, listener).unwrap();
+    let base = server.url();
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    post("/projects", json!({"projectId": "p"})).await.unwrap();
+    post("/projects/p/branches", json!({"branchId": "b"}))
+        .await
+        .unwrap();
+    let dir = weldr_agent::branches::branch_dir(
+        &server.app.config,
+        &weldr_agent::branches::BranchKey::new("p", "b"),
+    );
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    for f in 0..10 {
+        let body: String = (0..60)
+            .map(|i| format!("export const value{f}_{i} = compute({i}, \"{f}\"); // line {i}\n"))
+            .collect();
+        std::fs::write(dir.join(format!("src/f{f}.ts")), body).unwrap();
+    }
+    for w in 0..WORKFLOWS {
+        let res: serde_json::Value = post(
+            "/trigger",
+            json!({"projectId": "p", "branchId": "b", "model": "anthropic:claude-sonnet-4-5",
+                   "message": {"content": [{"type": "text", "text": format!("request {w}")}]}}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        let wf = res["workflowId"].as_str().expect("triggered").to_string();
+        loop {
+            let w: serde_json::Value = http
+                .get(format!("{base}/workflows/{wf}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match w["status"].as_str() {
+                Some("complete") => break,
+                Some("failed" | "cancelled") => panic!("workflow failed: {w}"),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    server.shutdown().await;
+    let requests = fake.requests();
+    let turns: Vec<_> = requests
+        .iter()
+        .filter(|r| fake_llm::tool_count(&r.body) > 0)
+        .collect();
+    Served {
+        prompt: turns.iter().map(|r| r.prompt_tokens as f64).collect(),
+        cache_read: turns.iter().map(|r| r.cache_read_tokens).sum(),
+        total: turns.iter().map(|r| r.prompt_tokens).sum(),
+        summaries: requests.len() - turns.len(),
+    }
 }
 
 fn main() {
@@ -245,6 +367,28 @@ fn main() {
         "\nOlder turns summarized {} times in the session (a summary is written once and kept).\n",
         summaries
     );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "Through the server, against the fake Anthropic server (its token counts; its cache \
+         simulates Anthropic's breakpoints and 20-block lookback):\n"
+    );
+    println!("| window | prompt tokens per call, median | max | served from the cache | summaries |");
+    println!("|---|---:|---:|---:|---:|");
+    for window in [Some(window), Some(65_536), None] {
+        let s = rt.block_on(served_session(window));
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0}% | {} |",
+            window.map_or("200,000 (the model's; no cut needed)".to_string(), |w| w.to_string()),
+            median(&s.prompt),
+            s.prompt.iter().cloned().fold(0.0, f64::max),
+            100.0 * s.cache_read as f64 / s.total.max(1) as f64,
+            s.summaries
+        );
+    }
+    println!();
     println!("| request building | median | p99 | max |");
     println!("|---|---:|---:|---:|");
     println!(
