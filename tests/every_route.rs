@@ -352,7 +352,10 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
                     ("text/plain", b"\xff\xfe"),
                     ("application/octet-stream", b"{}"),
                     ("image/png", b"not a png"),
-                    ("multipart/form-data; boundary=x", b"--x\r\n\r\nno file\r\n--x--\r\n"),
+                    (
+                        "multipart/form-data; boundary=x",
+                        b"--x\r\n\r\nno file\r\n--x--\r\n",
+                    ),
                 ] {
                     let res = http
                         .request(method.to_uppercase().parse().unwrap(), &url)

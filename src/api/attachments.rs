@@ -140,7 +140,9 @@ pub fn check_content(media_type: &str, bytes: &[u8], max: usize) -> Result<(), A
 pub fn check_filename(name: &str) -> Result<String, ApiError> {
     if name.is_empty()
         || name.len() > MAX_FILENAME_BYTES
-        || name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+        || name
+            .chars()
+            .any(|c| c.is_control() || c == '/' || c == '\\')
     {
         return Err(ApiError::bad_request(
             "invalid_filename",
@@ -164,13 +166,16 @@ pub fn decode_inline(
 ) -> Result<(String, Vec<u8>), ApiError> {
     let invalid = |message: String| ApiError::bad_request("invalid_message", message);
     let declared = declared
-        .map(|d| essence(d).ok_or_else(|| invalid(format!("{field}: mediaType {d:?} is not a media type"))))
+        .map(|d| {
+            essence(d)
+                .ok_or_else(|| invalid(format!("{field}: mediaType {d:?} is not a media type")))
+        })
         .transpose()?;
     let (from_url, data) = match value.get(..5) {
         Some(scheme) if scheme.eq_ignore_ascii_case("data:") => {
-            let (head, data) = value[5..]
-                .split_once(',')
-                .ok_or_else(|| invalid(format!("{field}: a data URL needs a `,` before its data")))?;
+            let (head, data) = value[5..].split_once(',').ok_or_else(|| {
+                invalid(format!("{field}: a data URL needs a `,` before its data"))
+            })?;
             let mut params = head.split(';');
             let media = params.next().unwrap_or_default();
             if !params.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
@@ -198,15 +203,13 @@ pub fn decode_inline(
             )));
         }
     };
-    let compact: Vec<u8> = data
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     // Refused before decoding: the decoded size is within 2 bytes of 3/4 of the text's.
     if compact.len() / 4 * 3 > max.saturating_add(3) {
         return Err(too_large(max));
     }
-    let lenient = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let lenient =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     let bytes = GeneralPurpose::new(&base64::alphabet::STANDARD, lenient)
         .decode(&compact)
         .or_else(|_| GeneralPurpose::new(&base64::alphabet::URL_SAFE, lenient).decode(&compact))
@@ -216,10 +219,7 @@ pub fn decode_inline(
 
 /// Store an attachment of `project_id` (whose access the caller checked) after
 /// [`check_content`]; answers the record and whether it is new.
-pub async fn store(
-    app: &App,
-    new: NewAttachment,
-) -> Result<(AttachmentRecord, bool), ApiError> {
+pub async fn store(app: &App, new: NewAttachment) -> Result<(AttachmentRecord, bool), ApiError> {
     check_content(&new.media_type, &new.bytes, app.config.attachment_max_bytes)?;
     let project = new.project_id.clone();
     app.store
@@ -227,10 +227,9 @@ pub async fn store(
         .write(move |ctx| atts::put(ctx, &new, weldr_storage::writer::now_ms()))
         .await
         .map_err(|e| match e {
-            weldr_storage::StorageError::NotFound(_) => ApiError::not_found(
-                "project_not_found",
-                format!("project {project} not found"),
-            ),
+            weldr_storage::StorageError::NotFound(_) => {
+                ApiError::not_found("project_not_found", format!("project {project} not found"))
+            }
             other => other.into(),
         })
 }
@@ -360,7 +359,8 @@ impl<'ex> salvo::extract::Extractible<'ex> for UploadBody {
 impl EndpointArgRegister for UploadBody {
     fn register(_components: &mut Components, operation: &mut Operation, _arg: &str) {
         let binary = || {
-            Object::with_type(BasicType::String).format(SchemaFormat::KnownFormat(KnownFormat::Binary))
+            Object::with_type(BasicType::String)
+                .format(SchemaFormat::KnownFormat(KnownFormat::Binary))
         };
         let form = Object::new()
             .property("file", binary())
@@ -570,8 +570,8 @@ fn content_disposition(image: bool, filename: Option<&str>) -> String {
 
 impl EndpointOutRegister for AttachmentBytes {
     fn register(_components: &mut Components, operation: &mut Operation) {
-        let binary =
-            Object::with_type(BasicType::String).format(SchemaFormat::KnownFormat(KnownFormat::Binary));
+        let binary = Object::with_type(BasicType::String)
+            .format(SchemaFormat::KnownFormat(KnownFormat::Binary));
         let mut response = oapi::Response::new(
             "The bytes, with their media type, `X-Content-Type-Options: nosniff`, and \
              `Content-Disposition: attachment` unless an image",
@@ -641,24 +641,35 @@ mod tests {
         let png = b"\x89PNG\r\n\x1a\n rest";
         assert!(check_content("image/png", png, 100).is_ok());
         let e = check_content("image/jpeg", png, 100).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (400, "attachment_type_mismatch"));
+        assert_eq!(
+            (e.status.as_u16(), e.code),
+            (400, "attachment_type_mismatch")
+        );
         assert!(check_content("image/webp", b"RIFF\0\0\0\0WEBPVP8 ", 100).is_ok());
         assert!(check_content("image/gif", b"GIF89a...", 100).is_ok());
         assert!(check_content("text/markdown", "# hé".as_bytes(), 100).is_ok());
         assert_eq!(
-            check_content("application/json", b"\xff\xfe", 100).unwrap_err().code,
+            check_content("application/json", b"\xff\xfe", 100)
+                .unwrap_err()
+                .code,
             "attachment_not_utf8"
         );
         let e = check_content("application/pdf", b"%PDF", 100).unwrap_err();
         assert_eq!(e.status.as_u16(), 415);
-        assert_eq!(check_content("text/plain", b"", 100).unwrap_err().code, "empty_attachment");
+        assert_eq!(
+            check_content("text/plain", b"", 100).unwrap_err().code,
+            "empty_attachment"
+        );
         let e = check_content("text/plain", b"12345", 4).unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (413, "attachment_too_large"));
     }
 
     #[test]
     fn essences_are_lowercase_without_parameters() {
-        assert_eq!(essence("Text/Plain; charset=utf-8").as_deref(), Some("text/plain"));
+        assert_eq!(
+            essence("Text/Plain; charset=utf-8").as_deref(),
+            Some("text/plain")
+        );
         assert_eq!(essence("image/png").as_deref(), Some("image/png"));
         for bad in ["", "text", "/x", "text/", "a b/c", "text/plain\r\nx: y"] {
             assert_eq!(essence(bad), None, "{bad:?}");
@@ -683,7 +694,9 @@ mod tests {
         }
         let big = "A".repeat(400);
         assert_eq!(
-            decode_inline("p", &big, Some("text/plain"), 100).unwrap_err().code,
+            decode_inline("p", &big, Some("text/plain"), 100)
+                .unwrap_err()
+                .code,
             "attachment_too_large"
         );
     }

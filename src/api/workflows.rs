@@ -366,7 +366,12 @@ pub async fn trigger(
     }
 
     let idempotency = header_key.or(client_key).map(|k| Idempotency {
-        fingerprint: fingerprint(&key, &text, all.iter().map(|(id, _, _)| id.as_str()), &model),
+        fingerprint: fingerprint(
+            &key,
+            &text,
+            all.iter().map(|(id, _, _)| id.as_str()),
+            &model,
+        ),
         key: k,
     });
     if let Some(idem) = &idempotency

@@ -76,7 +76,10 @@ pub fn put(
     now_ms: u64,
 ) -> Result<(AttachmentRecord, bool), StorageError> {
     if !project_exists_for_update(ctx, &new.project_id)? {
-        return Err(StorageError::NotFound(format!("project {}", new.project_id)));
+        return Err(StorageError::NotFound(format!(
+            "project {}",
+            new.project_id
+        )));
     }
     let id = content_id(&new.bytes);
     let key = (new.project_id.as_str(), id.as_str());
