@@ -86,6 +86,16 @@ fn unsupported(media_type: &str) -> ApiError {
     )
 }
 
+fn untyped(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!(
+            "{what} has no Content-Type; send the file's media type (image/png, text/plain, ...)"
+        ),
+    )
+}
+
 pub fn too_large(max: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -416,7 +426,7 @@ pub async fn upload(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .and_then(essence)
-        .ok_or_else(|| unsupported("none"))?;
+        .ok_or_else(|| untyped("the request"))?;
     let multipart = content_type == "multipart/form-data";
     let cap = if multipart {
         max + MULTIPART_OVERHEAD
@@ -495,7 +505,7 @@ async fn from_form(
     let media_type = part
         .content_type()
         .and_then(|m| essence(m.as_ref()))
-        .ok_or_else(|| unsupported("none"))?;
+        .ok_or_else(|| untyped("the file part"))?;
     if part.size() > max as u64 {
         return Err(too_large(max));
     }
