@@ -185,6 +185,8 @@ pub struct Config {
     pub trigger_rate_per_minute: u32,
     /// Largest JSON request body.
     pub max_body_bytes: usize,
+    /// Largest attachment; a message's attachments together take at most twice this.
+    pub attachment_max_bytes: usize,
     /// Workflows running at once across branches; more queue.
     pub workflow_concurrency: usize,
     /// TLS certificate chain and key (PEM); both or neither.
@@ -664,6 +666,12 @@ const MAX_BODY_BYTES: Setting<usize> = Setting {
     parse: |v| Ok(number::<usize>(v, "a number of bytes")?.max(1024)),
     meaning: "largest JSON request body",
 };
+const ATTACHMENT_MAX_BYTES: Setting<usize> = Setting {
+    var: "ATTACHMENT_MAX_BYTES",
+    unset: WhenUnset::Value("20971520"),
+    parse: |v| Ok(number::<usize>(v, "a number of bytes")?.max(1024)),
+    meaning: "largest attachment (uploaded, or inline in a `/trigger` message); a message's attachments together at most twice this",
+};
 const FORK_MODE: Setting<bool> = Setting {
     var: "FORK_MODE",
     unset: WhenUnset::Value("layers"),
@@ -797,6 +805,7 @@ pub const SETTINGS: &[&dyn Listed] = &[
     &REPLAY_DIR,
     &TRIGGER_RATE_PER_MINUTE,
     &MAX_BODY_BYTES,
+    &ATTACHMENT_MAX_BYTES,
     &FORK_MODE,
     &WORKFLOW_CONCURRENCY,
     &TLS_CERT_PATH,
@@ -1039,6 +1048,7 @@ impl Config {
             sse_max_per_user: env.value(&SSE_MAX_PER_USER)?,
             trigger_rate_per_minute: env.value(&TRIGGER_RATE_PER_MINUTE)?,
             max_body_bytes: env.value(&MAX_BODY_BYTES)?,
+            attachment_max_bytes: env.value(&ATTACHMENT_MAX_BYTES)?,
             workflow_concurrency: env.value(&WORKFLOW_CONCURRENCY)?,
             fork_layers: env.value(&FORK_MODE)?,
             sandbox: sandbox_settings(&env)?,

@@ -247,6 +247,9 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     cfg.providers.anthropic_base_url = fake_keys.anthropic_base_url;
     // Low enough that the good-input phase runs into it (429).
     cfg.trigger_rate_per_minute = 2;
+    // Small enough that the sweep's 2 MiB body is too large for the upload route and for
+    // /trigger (whose limit grows with it).
+    cfg.attachment_max_bytes = 256 * 1024;
     let s = start(cfg).await;
     let created = s
         .http
@@ -288,6 +291,8 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
         let open = OPEN_ROUTES.contains(&template.as_str());
         let url = s.url(&fill(template, None, ""));
         let takes_body = method == "post" || method == "put" || method == "patch";
+        // A body of any type (an upload), not a JSON one.
+        let raw_body = takes_body && template.ends_with("/attachments");
 
         // No credentials, or a garbage bearer: 401 everywhere but the open routes.
         if !open {
@@ -340,6 +345,30 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
                 let status = assert_json_4xx(res, &format!("{method} {template} huge")).await;
                 assert_eq!(status, 413, "{method} {template} huge body");
             }
+            if raw_body {
+                // Routes that take any bytes (uploads): bodies that are no acceptable file.
+                for (content_type, body) in [
+                    ("text/plain", &b""[..]),
+                    ("text/plain", b"\xff\xfe"),
+                    ("application/octet-stream", b"{}"),
+                    ("image/png", b"not a png"),
+                    (
+                        "multipart/form-data; boundary=x",
+                        b"--x\r\n\r\nno file\r\n--x--\r\n",
+                    ),
+                ] {
+                    let res = http
+                        .request(method.to_uppercase().parse().unwrap(), &url)
+                        .header("content-type", content_type)
+                        .body(body.to_vec())
+                        .send()
+                        .await
+                        .unwrap();
+                    answered.note(method, template, res.status().as_u16());
+                    let what = format!("{method} {template} {content_type} {body:?}");
+                    assert_json_4xx(res, &what).await;
+                }
+            }
             for body in [
                 &b"{\"projectId\": \"p\", \"bran"[..],
                 b"",
@@ -348,12 +377,16 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
                 b"{\"projectId\": 7, \"branchId\": [], \"versionId\": {}}",
                 b"{\"projectId\":\"..\",\"branchId\":\"../../etc\",\"versionId\":\"1\",\"message\":\"m\"}",
                 b"\xff\xfe",
-            ] {
+            ]
+            .into_iter()
+            .filter(|_| !raw_body)
+            {
                 let res = send(&http, method, &url, Some(body.to_vec())).await;
                 answered.note(method, template, res.status().as_u16());
                 assert_json_4xx(res, &format!("{method} {template} body {:?}", String::from_utf8_lossy(body))).await;
             }
-            // A body that is not JSON by its type (what a cross-site form sends).
+            // A body that is not JSON by its type (what a cross-site form sends; an upload
+            // takes it).
             let res = http
                 .request(method.to_uppercase().parse().unwrap(), &url)
                 .header("content-type", "text/plain")
@@ -362,7 +395,9 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
                 .await
                 .unwrap();
             answered.note(method, template, res.status().as_u16());
-            assert_json_error(res, &format!("{method} {template} text/plain")).await;
+            if !raw_body {
+                assert_json_error(res, &format!("{method} {template} text/plain")).await;
+            }
         }
 
         // Oversized headers.
@@ -490,6 +525,18 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     let sync = "/projects/{projectId}/branches/{branchId}/sync";
     call("post", sync, "/projects/p/branches/b/sync", None).await;
     call("post", sync, "/projects/p/branches/b/sync", Some(json!({}))).await;
+    // A JSON body is a JSON attachment; the same bytes again are the same attachment (200).
+    let upload = "/projects/{projectId}/attachments";
+    let mut uploaded = Value::Null;
+    for _ in 0..2 {
+        let body = Some(json!({ "notes": "n" }));
+        (_, uploaded) = call("post", upload, "/projects/p/attachments", body).await;
+    }
+    let attachment = uploaded["attachmentId"].as_str().unwrap_or_default();
+    let read = "/projects/{projectId}/attachments/{attachmentId}";
+    for id in [attachment, &"0".repeat(64)] {
+        call("get", read, &format!("/projects/p/attachments/{id}"), None).await;
+    }
     // The stream answers its head at once; dropping the answer closes it.
     call("get", "/stream/{projectId}/{branchId}", "/stream/p/b", None).await;
     let mut workflows = Vec::new();

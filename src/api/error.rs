@@ -335,12 +335,14 @@ impl Writer for ApiError {
 
 /// Every error status an [`ApiError`] can take, with what it means. Each endpoint keeps the
 /// ones it can really answer (`status_codes(...)` in its `#[endpoint]`).
-pub const ERROR_STATUSES: [(&str, &str); 12] = [
+pub const ERROR_STATUSES: [(&str, &str); 13] = [
     (
         "400",
         "Invalid input; `error.code` says which: `invalid_id`, `invalid_version_id`, \
          `invalid_json`, `invalid_body`, `invalid_cursor`, `invalid_fork`, `invalid_message`, \
-         `invalid_model`, `wrong_machine`, ...",
+         `invalid_model`, `wrong_machine`, `attachment_not_found`, `attachment_type_mismatch`, \
+         `attachment_not_utf8`, `images_unsupported`, `too_many_attachments`, \
+         `invalid_idempotency_key`, ...",
     ),
     (
         "401",
@@ -349,8 +351,9 @@ pub const ERROR_STATUSES: [(&str, &str); 12] = [
     ),
     (
         "404",
-        "`project_not_found`, `branch_not_found`, `version_not_found`, `workflow_not_found` \
-         (also for another user's), or `not_found` for a path that is no route",
+        "`project_not_found`, `branch_not_found`, `version_not_found`, `workflow_not_found`, \
+         `attachment_not_found` (also for another user's), or `not_found` for a path that is \
+         no route",
     ),
     (
         "409",
@@ -360,11 +363,19 @@ pub const ERROR_STATUSES: [(&str, &str); 12] = [
     ),
     (
         "413",
-        "`payload_too_large`: the body is larger than MAX_BODY_BYTES",
+        "`payload_too_large`: the body is larger than MAX_BODY_BYTES; `attachment_too_large`: \
+         an attachment is larger than ATTACHMENT_MAX_BYTES; `attachments_too_large`: a \
+         message's attachments together are larger than twice that",
     ),
     (
         "415",
-        "`unsupported_media_type`: send the body as `Content-Type: application/json`",
+        "`unsupported_media_type`: send the body as `Content-Type: application/json` (an \
+         attachment: an image or a UTF-8 text type)",
+    ),
+    (
+        "422",
+        "`idempotency_key_reused`: the idempotency key (`Idempotency-Key`, `clientMessageId`) \
+         was sent before with a different request",
     ),
     (
         "429",

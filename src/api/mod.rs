@@ -1,5 +1,6 @@
 //! HTTP routes (one file per resource) and the OpenAPI document generated from them.
 
+pub mod attachments;
 pub mod body;
 pub mod branches;
 pub mod connections;
@@ -187,6 +188,14 @@ pub fn api_routes() -> Router {
                             Router::with_path("{projectId}")
                                 .get(projects::get_project)
                                 .push(
+                                    Router::with_path("attachments")
+                                        .post(attachments::upload)
+                                        .push(
+                                            Router::with_path("{attachmentId}")
+                                                .get(attachments::get_attachment),
+                                        ),
+                                )
+                                .push(
                                     Router::with_path("branches")
                                         .get(branches::list_branches)
                                         .post(branches::create_branch)
@@ -250,7 +259,12 @@ pub fn service(app: Arc<App>) -> Service {
             Method::DELETE,
             Method::OPTIONS,
         ])
-        .allow_headers(vec!["content-type", "authorization", "last-event-id"])
+        .allow_headers(vec![
+            "content-type",
+            "authorization",
+            "last-event-id",
+            "idempotency-key",
+        ])
         .max_age(600)
         .into_handler();
     Service::new(router(app))

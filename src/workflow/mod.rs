@@ -990,7 +990,7 @@ async fn attachment_parts(
         let (p, id) = (project_id.to_string(), a.id.clone());
         let bytes = engine
             .base
-            .read(move |rtx| attachment_bytes(rtx, &p, &id))
+            .read(move |rtx| weldr_storage::attachments::get_bytes(rtx, &p, &id))
             .await?;
         let name = a.filename.clone().unwrap_or_else(|| a.id.clone());
         match bytes {
@@ -1014,15 +1014,6 @@ async fn attachment_parts(
         }
     }
     Ok(parts)
-}
-
-// TODO(merge): weldr_storage::attachments once the attachments land.
-fn attachment_bytes(
-    _rtx: &weldr_storage::redb::ReadTransaction,
-    _project_id: &str,
-    _id: &str,
-) -> Result<Option<Vec<u8>>, StorageError> {
-    Ok(None)
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

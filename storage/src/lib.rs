@@ -8,6 +8,7 @@
 //! sequential write to the append log, see [`wal`]); reads open their own MVCC snapshot and
 //! never wait for it.
 
+pub mod attachments;
 pub mod conversation;
 pub mod error;
 pub mod events;

@@ -1,4 +1,5 @@
-//! Table definitions. Values are always [`crate::record`] envelopes (`&[u8]`).
+//! Table definitions. Values are [`crate::record`] envelopes (`&[u8]`), except the raw bytes
+//! of attachments (`ATTACHMENT_BYTES`).
 //!
 //! Keys: a branch is `(projectId, branchId)`; an event stream key is `"projectId/branchId"`
 //! (ids never contain `/`), with the u64 event id as the second key part so a stream is one
@@ -35,6 +36,11 @@ pub const CONVERSATIONS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("conversations");
 /// Idempotency keys of triggers: `("projectId/branchId", key)` → the workflow started.
 pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
+/// A project's attachments, content-addressed: `(projectId, sha-256 hex)` → the record.
+pub const ATTACHMENTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("attachments");
+/// The bytes of each attachment, raw (no record envelope): `(projectId, sha-256 hex)`.
+pub const ATTACHMENT_BYTES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("attachment_bytes");
 /// Object-storage sync state of a branch: `(projectId, branchId)`.
 pub const SYNC_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sync_state");
 
@@ -58,6 +64,8 @@ pub(crate) fn create_all(db: &Database) -> Result<(), StorageError> {
         tx.open_table(SYNC_STATE)?;
         tx.open_table(CONVERSATIONS)?;
         tx.open_table(IDEMPOTENCY)?;
+        tx.open_table(ATTACHMENTS)?;
+        tx.open_table(ATTACHMENT_BYTES)?;
     }
     tx.commit()?;
     Ok(())
