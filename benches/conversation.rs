@@ -172,8 +172,7 @@ fn session(window: u32, system: &str) -> Series {
             let mut elapsed = Duration::ZERO;
             let fitted = loop {
                 let own = context::own_messages(&messages, summary.as_ref(), None, &[]);
-                let fitted =
-                    context::fit(&thread, own, fixed, limit, &budget, &mut watermark);
+                let fitted = context::fit(&thread, own, fixed, limit, &budget, &mut watermark);
                 elapsed += started.elapsed();
                 if let Some(f) = fitted {
                     break f;
@@ -222,7 +221,11 @@ async fn served_session(window: Option<u32>) -> Served {
         for t in 0..TURNS {
             let mut turn = Turn::default().usage(0, 20);
             turn.input_tokens = None;
-            let reads = if t == 1 || t == TURNS - 1 { CALLS - 1 } else { CALLS };
+            let reads = if t == 1 || t == TURNS - 1 {
+                CALLS - 1
+            } else {
+                CALLS
+            };
             for c in 0..reads {
                 turn = turn.call(
                     &format!("r{w}_{t}_{c}"),
@@ -375,13 +378,16 @@ fn main() {
         "Through the server, against the fake Anthropic server (its token counts; its cache \
          simulates Anthropic's breakpoints and 20-block lookback):\n"
     );
-    println!("| window | prompt tokens per call, median | max | served from the cache | summaries |");
+    println!(
+        "| window | prompt tokens per call, median | max | served from the cache | summaries |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for window in [Some(window), Some(65_536), None] {
         let s = rt.block_on(served_session(window));
         println!(
             "| {} | {:.0} | {:.0} | {:.0}% | {} |",
-            window.map_or("200,000 (the model's; no cut needed)".to_string(), |w| w.to_string()),
+            window.map_or("200,000 (the model's; no cut needed)".to_string(), |w| w
+                .to_string()),
             median(&s.prompt),
             s.prompt.iter().cloned().fold(0.0, f64::max),
             100.0 * s.cache_read as f64 / s.total.max(1) as f64,

@@ -520,3 +520,43 @@ async fn a_long_session_stays_within_the_budget_and_keeps_every_request() {
     );
     s.server.shutdown().await;
 }
+
+/// An image attached to a trigger reaches each provider in its own wire format, in the
+/// workflow's first message (the journal and the conversation keep only its id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_image_reaches_each_provider_in_its_format() {
+    for (model, needle) in [
+        ("anthropic:claude-sonnet-4-5", r#""type":"image""#),
+        ("openai:gpt-4.1", r#""type":"input_image""#),
+        ("ollama:llava:13b", r#""type":"image_url""#),
+        ("gemini:gemini-2.5-pro", r#""inlineData""#),
+    ] {
+        let fake = FakeLlm::start(vec![Reply::Turn(Turn::text(&["a red pixel"]))]).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let s = server(&fake, tmp.path()).await;
+        let mut sse = s.sse("/stream/p/b", Some("0")).await;
+        let (status, body) = s
+            .post_json(
+                "/trigger",
+                json!({"projectId": "p", "branchId": "b", "model": model,
+                "message": {"content": [
+                    {"type": "text", "text": "what is in this picture?"},
+                    {"type": "image", "image": fake_llm::PNG_1X1_BASE64, "mediaType": "image/png"}
+                ]}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{model}: {body}");
+        let wf = body["workflowId"].as_str().unwrap().to_string();
+        let frames = until_end(&mut sse, &wf).await;
+        assert_eq!(frames.last().unwrap().data["status"], "complete", "{model}");
+        let request = fake.requests()[0].body.to_string();
+        assert!(request.contains(needle), "{model}: {request}");
+        assert!(request.contains(fake_llm::PNG_1X1_BASE64), "{model}");
+        // The conversation keeps the reference, not the bytes.
+        let (_, page) = s.get_json("/projects/p/branches/b/messages").await;
+        let user = &page["messages"][0];
+        assert_eq!(user["attachments"][0]["mediaType"], "image/png", "{page:#}");
+        assert!(!page.to_string().contains(fake_llm::PNG_1X1_BASE64));
+        s.server.shutdown().await;
+    }
+}
