@@ -17,7 +17,6 @@
 
 mod common;
 #[path = "../tests/common/fake_llm.rs"]
-#[allow(dead_code)]
 mod fake_llm;
 
 use std::time::{Duration, Instant};

@@ -359,6 +359,18 @@ pub async fn trigger(
             ),
         ));
     }
+    if let Some((_, media, _)) = all.iter().find(|(_, media, _)| {
+        attachments::is_image(media)
+            && !crate::llm::limits::accepts_image_type(&spec.provider, media)
+    }) {
+        return Err(ApiError::bad_request(
+            "images_unsupported",
+            format!(
+                "{} does not take {media} images; convert the image to PNG or JPEG",
+                spec.provider
+            ),
+        ));
+    }
     let total: u64 = all.iter().map(|(_, _, size)| size).sum();
     if total > 2 * max as u64 {
         return Err(ApiError::new(

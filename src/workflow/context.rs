@@ -402,6 +402,11 @@ impl Budget {
         (estimate as f64 * self.scale).ceil() as u64
     }
 
+    /// Count a quarter more per token: the provider found a request longer than estimated.
+    pub fn grow(&mut self) {
+        self.scale = (self.scale * 1.25).min(4.0);
+    }
+
     /// Learn from a provider's report: the request estimated at `estimate` took `reported`
     /// prompt tokens. The scale only grows (an overestimate is safe) and is capped.
     pub fn calibrate(&mut self, estimate: u64, reported: u64) {

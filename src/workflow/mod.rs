@@ -128,6 +128,9 @@ enum Stop {
     Shutdown,
     Cancelled,
     Fail(String),
+    /// The provider refused the request as longer than the model's context: the engine's
+    /// estimate was low for this model's tokenizer.
+    Overflow(String),
 }
 
 impl From<StorageError> for Stop {
@@ -556,7 +559,9 @@ fn spawn(engine: Arc<Workflows>, id: String) {
         let end = match outcome {
             Ok(()) | Err(Stop::Shutdown) => return,
             Err(Stop::Cancelled) => (WorkflowStatus::Cancelled, None),
-            Err(Stop::Fail(message)) => (WorkflowStatus::Failed, Some(message)),
+            Err(Stop::Fail(message) | Stop::Overflow(message)) => {
+                (WorkflowStatus::Failed, Some(message))
+            }
         };
         if let Err(e) = finish(&engine, &id, end.0, end.1).await {
             tracing::warn!(workflow = %id, error = %e, "could not record the end of a workflow");
@@ -1053,6 +1058,7 @@ async fn converse(
         retries: 0,
         estimate: 0,
     };
+    let mut overflows = 0;
     loop {
         let wf = load(engine, id).await?;
         check(engine, &wf)?;
@@ -1102,7 +1108,20 @@ async fn converse(
             stable_prefix,
             turn: Some(convo.rebuilt.turns),
         };
-        let message = model_turn(engine, id, ctx, phase, wf, request, &mut budget).await?;
+        let message = match model_turn(engine, id, ctx, phase, wf, request, &mut budget).await {
+            Err(Stop::Overflow(message)) => {
+                // Count tokens more generously and fit the request again, a few times.
+                overflows += 1;
+                if overflows > MAX_TURN_RETRIES {
+                    return Err(Stop::Fail(message));
+                }
+                tracing::info!(workflow = %id, "the provider found the request too long; fitting it again");
+                lock(&ctx.budget).grow();
+                ctx.shortened.store(0, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            other => other?,
+        };
         convo.rebuilt.messages.push(message);
         convo.rebuilt.steps += 1;
         convo.rebuilt.turns += 1;
@@ -1579,7 +1598,13 @@ async fn chat(
     };
     let cancel = engine.cancel_signal(&wf.workflow_id);
     let result = tokio::select! {
-        r = ctx.provider.chat(request, &sink) => r.map_err(|e| Stop::Fail(e.to_string())),
+        r = ctx.provider.chat(request, &sink) => r.map_err(|e| {
+            if crate::llm::http::is_context_overflow(&e) {
+                Stop::Overflow(e.to_string())
+            } else {
+                Stop::Fail(e.to_string())
+            }
+        }),
         _ = cancel.cancelled() => Err(Stop::Cancelled),
         _ = engine.base.shutdown.cancelled() => Err(Stop::Shutdown),
     };

@@ -22,6 +22,8 @@ fn wf(id: &str) -> WorkflowRecord {
         reply: None,
         input_tokens: 0,
         output_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cancel_requested: false,
         created_at_ms: 1,
         updated_at_ms: 1,
