@@ -508,6 +508,22 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
         )
         .await;
     }
+    let messages = "/projects/{projectId}/branches/{branchId}/messages";
+    call("get", messages, "/projects/p/branches/b/messages", None).await;
+    call(
+        "get",
+        messages,
+        "/projects/p/branches/b/messages?limit=2&before=9",
+        None,
+    )
+    .await;
+    call(
+        "get",
+        messages,
+        "/projects/p/branches/b/messages?limit=0",
+        None,
+    )
+    .await;
     let diff = "/projects/{projectId}/branches/{branchId}/versions/{versionId}/diff";
     for v in ["1", "2", "99"] {
         call(
