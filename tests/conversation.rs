@@ -446,7 +446,12 @@ async fn a_long_session_stays_within_the_budget_and_keeps_every_request() {
     }
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     for w in 0..WORKFLOWS {
-        let wf = trigger(&s, &format!("request {w}: make marker-{w} happen")).await;
+        // Long requests: the thread outgrows its share and is summarized.
+        let text = format!(
+            "request {w}: make marker-{w} happen. {}",
+            "Keep the style consistent with the rest of the module. ".repeat(25)
+        );
+        let wf = trigger(&s, &text).await;
         let frames = until_end(&mut sse, &wf).await;
         let end = frames.last().unwrap();
         assert_eq!(

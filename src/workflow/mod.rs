@@ -879,7 +879,7 @@ async fn summarize_thread(
         .map(|(seq, _)| *seq);
     let limit = {
         let b = lock(&ctx.budget);
-        b.prompt_limit(ctx.output_limit) as f64
+        b.prompt_limit(ctx.output_limit.min(b.output_cap())) as f64
     };
     let thread = thread_of(entries, before, latest);
     let size: u64 = thread.iter().map(context::message_tokens).sum();
@@ -1025,19 +1025,17 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn plan_system() -> String {
-    "You are the planning step of a coding agent working in a project directory. The \
-     conversation so far is above the user's latest message; the latest message may answer a \
-     question you asked. Read the code with the read-only tools, then call `submit_plan` with \
-     acceptance criteria and ordered tasks. If the request is unclear, answer with a question \
-     instead of a plan."
-        .into()
-}
-
-fn task_system() -> String {
-    "You are a coding agent working in a project directory. Carry out the task with the tools, \
-     then call `done`."
-        .into()
+fn system_base() -> String {
+    format!(
+        "You are a coding agent working in a project directory, in two phases. Planning: read \
+         the code with the read-only tools ({}), then call `submit_plan` with acceptance \
+         criteria and ordered tasks; if the request is unclear, answer with a question instead \
+         of a plan (tools that change anything are refused while planning). Coding: you are \
+         given one task at a time; carry it out with the tools, then call `done`. The \
+         conversation with the user so far comes before their latest message, which may answer \
+         a question you asked.",
+        READ_ONLY.join(", ")
+    )
 }
 
 /// Run the conversation of `phase` until it ends (see [`Outcome`]): answer the tool calls of
@@ -1052,7 +1050,7 @@ async fn converse(
     opening: Message,
 ) -> Result<Outcome, Stop> {
     let mut convo = resume(engine, id, phase, opening).await?;
-    let (system, specs) = toolset(ctx, mode);
+    let (system, specs) = toolset(ctx);
     let mut budget = TurnBudget {
         max_tokens: crate::llm::limits::START_OUTPUT_TOKENS.min(ctx.output_limit),
         retries: 0,
@@ -1181,6 +1179,28 @@ async fn fit_request(
         convo.rebuilt.summary = Some((cut, text));
         ctx.shortened.store(0, Ordering::Relaxed);
     }
+    // Last resort: the newest results shortened too (the model can read again what it needs).
+    let mut own = context::own_messages(
+        &convo.rebuilt.messages,
+        convo.rebuilt.summary.as_ref(),
+        convo.rebuilt.phase_opening.as_ref(),
+        &ctx.attachments,
+    );
+    let all = own.len();
+    context::shorten_results(&mut own, all);
+    let total = fixed
+        + ctx
+            .thread
+            .iter()
+            .chain(own.iter())
+            .map(context::message_tokens)
+            .sum::<u64>();
+    if scale.scaled(total) <= limit {
+        let mut messages = ctx.thread.clone();
+        let stable = messages.len();
+        messages.extend(own);
+        return Ok((messages, stable));
+    }
     Err(Stop::Fail(format!(
         "the request does not fit in the model's context window of {} tokens even with older \
          turns summarized; raise WELDR_CONTEXT_TOKENS or ask for smaller steps",
@@ -1254,32 +1274,18 @@ async fn resume(
     Ok(Conversation { rebuilt })
 }
 
-/// The system prompt and the tools of a mode: planning sees the read-only tools and
-/// `submit_plan`, a task every tool and `done`.
-fn toolset(ctx: &Ctx, mode: Mode) -> (String, Vec<ToolSpec>) {
-    match mode {
-        Mode::Plan => {
-            let mut specs: Vec<ToolSpec> = ctx
-                .tools
-                .specs()
-                .into_iter()
-                .filter(|s| READ_ONLY.contains(&s.name.as_str()))
-                .collect();
-            specs.push(plan::submit_plan_spec());
-            (
-                context::system_prompt(&plan_system(), ctx.instructions.as_ref()),
-                specs,
-            )
-        }
-        Mode::Task(_) => {
-            let mut specs = ctx.tools.specs();
-            specs.push(plan::done_spec());
-            (
-                context::system_prompt(&task_system(), ctx.instructions.as_ref()),
-                specs,
-            )
-        }
-    }
+/// The system prompt and the tools, the same in every phase and every workflow of a branch
+/// (the providers cache the prompt by its prefix, tools and system prompt first): planning may
+/// call only the read-only tools and `submit_plan` (others are refused as tool errors), a task
+/// every tool and `done`.
+fn toolset(ctx: &Ctx) -> (String, Vec<ToolSpec>) {
+    let mut specs = ctx.tools.specs();
+    specs.push(plan::submit_plan_spec());
+    specs.push(plan::done_spec());
+    (
+        context::system_prompt(&system_base(), ctx.instructions.as_ref()),
+        specs,
+    )
 }
 
 /// Answer every tool call of a turn, in order, each result journaled (with its events) before
@@ -1663,7 +1669,7 @@ async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Sto
         parts: vec![
             Part::Text { text: tree },
             Part::Text {
-                text: wf.user_message.clone(),
+                text: format!("Plan this request:\n{}", wf.user_message),
             },
         ],
     };
