@@ -84,6 +84,7 @@ async fn write_manifest(store: &Store, id: &str, entries: Vec<Entry>) {
         version: manifest::MANIFEST_VERSION,
         id: id.to_string(),
         created_at_ms: 0,
+        head: None,
         entries,
     };
     store

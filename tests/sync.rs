@@ -763,3 +763,62 @@ async fn sigkilled_cli_push_leaves_previous_snapshot_whole() {
         .unwrap();
     assert_same_tree(&restore2, &dir);
 }
+
+/// A push never moves `latest` to a tree whose history does not contain the snapshot it would
+/// replace: a fresh machine's empty branch of the same id (or a stale copy) is refused, with
+/// nothing written, and both stay; a tree restored from the snapshot, or one that built on it,
+/// pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_never_hides_work_its_history_does_not_contain() {
+    let s3 = s3();
+    let project = project_id();
+    let key = BranchKey::new(&project, "main");
+    let (a_base, b_base) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        s3_config(a_base.path(), &s3.endpoint),
+        s3_config(b_base.path(), &s3.endpoint),
+    );
+    let a_dir = weldr_agent::branches::branch_dir(&a, &key);
+    populate(&a_dir);
+    let first = sync::push(&a, &key).await.unwrap();
+
+    // Machine B lost everything and started the branch again, empty.
+    let b_dir = weldr_agent::branches::branch_dir(&b, &key);
+    weldr_agent::git::init_branch(&b_dir, "test").unwrap();
+    std::fs::write(b_dir.join("fresh.txt"), "fresh start\n").unwrap();
+    weldr_agent::git::commit_all(&b_dir, "fresh", "test").unwrap();
+    let refused = sync::push(&b, &key).await.unwrap_err();
+    assert!(matches!(refused, SyncError::Diverged(_)), "{refused}");
+    assert!(
+        refused.to_string().contains(&first.snapshot_id),
+        "{refused}"
+    );
+    // Nothing moved: A's snapshot is still the latest, and A's next push is a no-op.
+    let again = sync::push(&a, &key).await.unwrap();
+    assert!(again.unchanged, "{again:?}");
+    assert_eq!(again.snapshot_id, first.snapshot_id);
+
+    // B restores from the snapshot, builds on it and pushes: that descends, so it goes.
+    std::fs::remove_dir_all(&b_dir).unwrap();
+    sync::pull_into(&b, &key, None, &b_dir).await.unwrap();
+    std::fs::write(b_dir.join("from-b.txt"), "b's work\n").unwrap();
+    weldr_agent::git::commit_all(&b_dir, "b's work", "test").unwrap();
+    let theirs = sync::push(&b, &key).await.unwrap();
+    assert!(!theirs.unchanged);
+
+    // A has not seen B's commit; its own new commit does not contain it: refused, B's work
+    // stays the latest.
+    std::fs::write(a_dir.join("from-a.txt"), "a's work\n").unwrap();
+    weldr_agent::git::commit_all(&a_dir, "a's work", "test").unwrap();
+    let refused = sync::push(&a, &key).await.unwrap_err();
+    assert!(matches!(refused, SyncError::Diverged(_)), "{refused}");
+    let restore = a_base.path().join("check");
+    sync::pull_into(&a, &key, None, &restore).await.unwrap();
+    assert!(restore.join("from-b.txt").exists());
+    assert!(!restore.join("from-a.txt").exists());
+    let log = git(&restore, &["log", "--format=%s"]);
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["b's work", "first", "Initial commit"]
+    );
+}

@@ -247,6 +247,9 @@ impl From<crate::evict::EvictError> for ApiError {
 impl From<crate::sync::SyncError> for ApiError {
     fn from(e: crate::sync::SyncError) -> Self {
         use crate::sync::SyncError as E;
+        if let E::Diverged(_) = &e {
+            return Self::conflict("snapshot_diverged", e.to_string());
+        }
         let status = match &e {
             E::NotFound(_) => StatusCode::CONFLICT,
             E::Config(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -629,6 +629,22 @@ pub fn fork(src: &Path, dst: &Path, hash: &str, include_worktree: bool) -> Resul
     result
 }
 
+/// Whether the history at commit `head` contains commit `ancestor` (itself included); false
+/// when either is unknown to the repository.
+pub fn contains(dir: &Path, head: &str, ancestor: &str) -> bool {
+    let (Ok(repo), Ok(head), Ok(ancestor)) = (
+        open(dir),
+        git2::Oid::from_str(head),
+        git2::Oid::from_str(ancestor),
+    ) else {
+        return false;
+    };
+    if repo.find_commit(ancestor).is_err() {
+        return false;
+    }
+    head == ancestor || repo.graph_descendant_of(head, ancestor).unwrap_or(false)
+}
+
 /// The id of HEAD.
 pub fn head(dir: &Path) -> Result<String, GitError> {
     Ok(head_commit(&open(dir)?)?.id().to_string())

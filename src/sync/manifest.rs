@@ -35,6 +35,11 @@ pub struct Manifest {
     pub version: u32,
     pub id: String,
     pub created_at_ms: u64,
+    /// The branch's git HEAD commit when it was pushed: a later push from a tree whose
+    /// history does not contain it is refused (it would hide this snapshot's work). Absent in
+    /// snapshots of older versions and of directories that are not repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
     /// Sorted by path; every directory is listed (so empty ones travel).
     pub entries: Vec<Entry>,
 }
@@ -538,6 +543,7 @@ mod tests {
             version: MANIFEST_VERSION,
             id: "s".into(),
             created_at_ms: 0,
+            head: None,
             entries,
         }
     }

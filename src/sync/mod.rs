@@ -78,6 +78,10 @@ pub enum SyncError {
     NotFound(String),
     #[error("push aborted: {0}")]
     Aborted(String),
+    /// The latest snapshot holds work this tree's history does not contain: pushing would hide
+    /// it. Nothing was written; both stay.
+    #[error("push refused: {0}")]
+    Diverged(String),
 }
 
 impl SyncError {
@@ -287,6 +291,24 @@ pub async fn push_with(
     }
 
     let previous = previous_manifest(&store, &files_at, latest.as_deref(), known_latest).await?;
+    // A `latest` this machine did not push or pull (another machine's, or this branch's from
+    // before its store was lost): the tree must descend from it, or the push would hide it.
+    let head = local_head(&dir).await;
+    if !known_latest
+        && let Some(prev) = &previous
+        && let Some(theirs) = &prev.head
+        && !descends(&dir, head.as_deref(), theirs).await
+    {
+        return Err(SyncError::Diverged(format!(
+            "the latest snapshot {} of {}/{} is at commit {theirs}, which this branch's history \
+             (at {}) does not contain; pushing would hide that work. Restore the branch from \
+             the snapshot (`weldr-agent pull`), or move the newer work onto it, then push",
+            prev.id,
+            key.project_id,
+            key.branch_id,
+            head.as_deref().unwrap_or("no commit")
+        )));
+    }
     if let Some(prev) = &previous
         && manifest::matches(prev, &tree.scanned)
     {
@@ -298,7 +320,7 @@ pub async fn push_with(
 
     let plan = plan_uploads(tree.scanned, previous.as_ref());
     let (entries, uploaded) = upload(&store, &dir, options, plan).await?;
-    let m = write_manifest(&store, entries).await?;
+    let m = write_manifest(&store, entries, head).await?;
     move_latest(&store, &m.id).await?;
     let report = push_report(&store, started, totals, m.id.clone(), Some(uploaded));
     record(&files_at, index, m.id.clone(), tree.digest, Some(m)).await;
@@ -561,18 +583,43 @@ async fn upload(
 
 /// Write the manifest of a new snapshot. Every object it names is in the store already;
 /// nothing points at it until [`move_latest`].
-async fn write_manifest(store: &Store, entries: Vec<Entry>) -> Result<Manifest, SyncError> {
+async fn write_manifest(
+    store: &Store,
+    entries: Vec<Entry>,
+    head: Option<String>,
+) -> Result<Manifest, SyncError> {
     let id = new_snapshot_id();
     let m = Manifest {
         version: manifest::MANIFEST_VERSION,
         id: id.clone(),
         created_at_ms: now_ms(),
+        head,
         entries,
     };
     let body =
         serde_json::to_vec(&m).map_err(|e| SyncError::Io(format!("encode the manifest: {e}")))?;
     store.put(&manifest::manifest_path(&id), body).await?;
     Ok(m)
+}
+
+/// The branch's git HEAD commit (None when the directory is not a repository).
+async fn local_head(dir: &Path) -> Option<String> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::git::head(&dir).ok())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Does the history at `head` contain commit `ancestor`?
+async fn descends(dir: &Path, head: Option<&str>, ancestor: &str) -> bool {
+    let Some(head) = head.map(str::to_string) else {
+        return false;
+    };
+    let (dir, ancestor) = (dir.to_path_buf(), ancestor.to_string());
+    tokio::task::spawn_blocking(move || crate::git::contains(&dir, &head, &ancestor))
+        .await
+        .unwrap_or(false)
 }
 
 /// Make `id` the latest snapshot: the one write that publishes a push.
