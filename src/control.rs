@@ -150,6 +150,8 @@ impl From<crate::worker::WorkerInfo> for WorkerStatus {
 #[serde(rename_all = "snake_case")]
 pub enum BranchCreateStatus {
     Created,
+    /// Not on this machine, restored from object storage with its history.
+    Restored,
     Reused,
 }
 
@@ -158,6 +160,7 @@ impl BranchCreateStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
+            Self::Restored => "restored",
             Self::Reused => "reused",
         }
     }
@@ -317,6 +320,8 @@ pub async fn execute(app: &App, request: ControlRequest) -> Result<ControlResult
             Ok(ControlResult::BranchCreated(BranchCreated {
                 status: if created.created {
                     BranchCreateStatus::Created
+                } else if created.adopted {
+                    BranchCreateStatus::Restored
                 } else {
                     BranchCreateStatus::Reused
                 },

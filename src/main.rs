@@ -131,8 +131,8 @@ enum ProjectCommand {
 #[derive(Subcommand)]
 enum BranchCommand {
     /// Create or reuse a branch directory (a git repository with an initial commit; its
-    /// project is registered too when missing); prints STATUS=created|reused and
-    /// BRANCH_DIR=<path>.
+    /// project is registered too when missing; a branch object storage holds is restored with
+    /// its history); prints STATUS=created|restored|reused and BRANCH_DIR=<path>.
     Create {
         /// The project, as in `/projects/{projectId}`: 1-64 characters of A-Z, a-z, 0-9, `_`
         /// or `-`.

@@ -822,3 +822,75 @@ async fn a_push_never_hides_work_its_history_does_not_contain() {
         ["b's work", "first", "Initial commit"]
     );
 }
+
+/// A machine whose store does not know a branch that object storage holds (it lost its
+/// volume) restores it on `branch create` instead of starting it empty: the files, the whole
+/// git history, and versions rebuilt from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_machine_restores_a_branch_object_storage_holds() {
+    use weldr_storage::model::{self, VersionKind};
+    let s3 = s3();
+    let project = project_id();
+    let key = BranchKey::new(&project, "feat");
+    let (a_base, b_base) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    let a = weldr_agent::App::open(s3_config(a_base.path(), &s3.endpoint)).unwrap();
+    weldr_agent::branches::registry::create_project(&a.store, &project, None, None)
+        .await
+        .unwrap();
+    let made = a.residency.create_branch(&key, None).await.unwrap();
+    assert!(made.created);
+    for (file, message) in [("a.txt", "add a"), ("b.txt", "add b")] {
+        std::fs::write(made.dir.join(file), file).unwrap();
+        a.branches
+            .commit_version(&key, message, None, VersionKind::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    sync::push(&a.config, &key).await.unwrap();
+    a.store.close();
+
+    // Machine B: an empty volume, the same bucket.
+    let b = weldr_agent::App::open(s3_config(b_base.path(), &s3.endpoint)).unwrap();
+    weldr_agent::branches::registry::create_project(&b.store, &project, None, None)
+        .await
+        .unwrap();
+    let back = b.residency.create_branch(&key, None).await.unwrap();
+    assert!(!back.created && back.adopted);
+    assert_eq!(
+        std::fs::read_to_string(back.dir.join("b.txt")).unwrap(),
+        "b.txt"
+    );
+    let log = git(&back.dir, &["log", "--format=%s"]);
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["add b", "add a", "Initial commit"]
+    );
+    let (p, br) = (project.clone(), "feat".to_string());
+    let (branch, versions) = b
+        .base
+        .read(move |rtx| {
+            Ok((
+                model::get_branch(rtx, &p, &br)?.unwrap(),
+                model::list_versions(rtx, &p, &br)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(branch.state, model::BranchState::Active);
+    assert_eq!(branch.head_version, Some(3));
+    let messages: Vec<&str> = versions.iter().map(|v| v.message.as_str()).collect();
+    assert_eq!(messages, ["Initial commit", "add a", "add b"]);
+    assert_eq!(versions[2].changed[0].path, "b.txt");
+    // A second create finds it here.
+    let again = b.residency.create_branch(&key, None).await.unwrap();
+    assert!(!again.created && !again.adopted);
+    // A branch object storage does not hold starts empty, as before.
+    let new = b
+        .residency
+        .create_branch(&BranchKey::new(&project, "other"), None)
+        .await
+        .unwrap();
+    assert!(new.created);
+}

@@ -174,7 +174,8 @@ pub async fn create_branch(
         .residency
         .create_branch(&BranchKey::new(&project_id, &body.branch_id), from)
         .await?;
-    if !created.created {
+    // Made here, or restored from object storage (this machine had lost it): 201 either way.
+    if !created.created && !created.adopted {
         return Err(ApiError::conflict(
             "branch_exists",
             format!("branch {} already exists", body.branch_id),

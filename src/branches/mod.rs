@@ -60,6 +60,9 @@ pub struct ForkFrom {
 pub struct Created {
     pub branch: BranchRecord,
     pub created: bool,
+    /// The store did not know the branch but object storage did: it was restored from its
+    /// latest snapshot (a machine that lost its volume).
+    pub adopted: bool,
     pub dir: PathBuf,
 }
 
@@ -185,6 +188,7 @@ impl Branches {
         Ok(Created {
             branch: record,
             created: true,
+            adopted: false,
             dir,
         })
     }
@@ -503,6 +507,87 @@ impl Branches {
     }
 
     /// Set a branch's residency state (and record the use).
+    /// Record branch `key`, which the store does not know but object storage holds, as
+    /// evicted (the caller holds its lock and restores it next). False when the store knows
+    /// it after all.
+    pub async fn adopt_locked(&self, key: &BranchKey) -> Result<bool, BranchError> {
+        let now = now_ms();
+        let record = BranchRecord {
+            project_id: key.project_id.clone(),
+            branch_id: key.branch_id.clone(),
+            parent_branch_id: None,
+            fork_version: None,
+            created_at_ms: now,
+            last_access_ms: now,
+            size_bytes: 0,
+            state: BranchState::Evicted,
+            head_version: None,
+        };
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let adopted = self
+            .base
+            .store
+            .writer()
+            .write(move |ctx| {
+                if model::get_branch_for_update(ctx, &p, &b)?.is_some() {
+                    return Ok(false);
+                }
+                model::put_branch(ctx, &record)?;
+                Ok(true)
+            })
+            .await?;
+        Ok(adopted)
+    }
+
+    /// Versions for a branch whose records were lost but whose repository came back: one per
+    /// commit along HEAD's first parents, oldest first (their messages and times; the files
+    /// each changed). Nothing when the branch has versions.
+    pub async fn rebuild_versions(&self, key: &BranchKey) -> Result<usize, BranchError> {
+        let dir = self.base.dir(key);
+        let history = blocking(move || {
+            let log = git::log(&dir, usize::MAX)?;
+            let mut out = Vec::new();
+            for (hash, message, secs) in log.into_iter().rev() {
+                let changed = git::commit_changes(&dir, &hash).unwrap_or_default();
+                out.push((hash, message, secs, changed));
+            }
+            Ok(out)
+        })
+        .await?;
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let count = history.len();
+        self.base
+            .store
+            .writer()
+            .write(move |ctx| {
+                if !model::list_versions_for_update(ctx, &p, &b)?.is_empty() {
+                    return Ok(());
+                }
+                for (i, (hash, message, secs, changed)) in history.iter().enumerate() {
+                    let v = VersionRecord {
+                        seq: i as u64 + 1,
+                        commit_hash: hash.clone(),
+                        message: message.clone(),
+                        description: None,
+                        kind: VersionKind::Checkpoint,
+                        changed: to_changes(changed),
+                        author: AGENT_AUTHOR.into(),
+                        created_at_ms: u64::try_from(*secs).unwrap_or(0).saturating_mul(1000),
+                        restores: None,
+                        workflow_id: None,
+                    };
+                    model::put_version(ctx, &p, &b, &v)?;
+                }
+                if let Some(mut branch) = model::get_branch_for_update(ctx, &p, &b)? {
+                    branch.head_version = (!history.is_empty()).then_some(history.len() as u64);
+                    model::put_branch(ctx, &branch)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(count)
+    }
+
     pub async fn set_state(&self, key: &BranchKey, state: BranchState) -> Result<(), BranchError> {
         let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         self.base

@@ -645,6 +645,14 @@ pub fn contains(dir: &Path, head: &str, ancestor: &str) -> bool {
     head == ancestor || repo.graph_descendant_of(head, ancestor).unwrap_or(false)
 }
 
+/// The files commit `hash` changed against its first parent (everything, for a root commit).
+pub fn commit_changes(dir: &Path, hash: &str) -> Result<Vec<FileChange>, GitError> {
+    let repo = open(dir)?;
+    let commit = repo.find_commit(git2::Oid::from_str(hash)?)?;
+    let parent = commit.parents().next().map(|p| p.tree()).transpose()?;
+    changes(&repo, parent.as_ref(), &commit.tree()?)
+}
+
 /// The id of HEAD.
 pub fn head(dir: &Path) -> Result<String, GitError> {
     Ok(head_commit(&open(dir)?)?.id().to_string())

@@ -93,6 +93,18 @@ impl Residency {
             return Err(BranchError::ProjectNotFound(key.project_id.clone()).into());
         }
         let Some(branch) = existing else {
+            // A branch object storage holds (this machine lost its volume, or another machine
+            // pushed it) comes back with its history instead of starting empty.
+            if from.is_none()
+                && let Some(branch) = self.adopt_locked(key).await?
+            {
+                return Ok(Created {
+                    branch,
+                    created: false,
+                    adopted: true,
+                    dir: self.base.dir(key),
+                });
+            }
             return Ok(self.branches.create_locked(key, from).await?);
         };
         if from.is_some() {
@@ -108,8 +120,34 @@ impl Residency {
         Ok(Created {
             branch,
             created: false,
+            adopted: false,
             dir: self.base.dir(key),
         })
+    }
+
+    /// A branch the store does not know, restored from object storage when a snapshot of it
+    /// is there (recorded as evicted first: a failed restore leaves it so, to be restored on
+    /// its next use), with versions rebuilt from its git history. None when object storage has
+    /// none, or cannot be asked (then the branch starts empty; a push from it never replaces
+    /// a snapshot its history does not contain).
+    async fn adopt_locked(&self, key: &BranchKey) -> Result<Option<BranchRecord>, ResidencyError> {
+        match sync::latest_snapshot(&self.base.config, key).await {
+            Ok(Some(snapshot)) => {
+                tracing::info!(branch = %key, snapshot = %snapshot, "the branch is in object storage: restoring it");
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(branch = %key, error = %e, "cannot ask object storage for the branch; starting it empty");
+                return Ok(None);
+            }
+        }
+        if !self.branches.adopt_locked(key).await? {
+            return Ok(None);
+        }
+        self.restore_locked(key).await?;
+        let versions = self.branches.rebuild_versions(key).await?;
+        tracing::info!(branch = %key, versions, "restored a branch from object storage");
+        Ok(Some(self.read_branch(key).await?))
     }
 
     /// Make sure a branch's directory is here before it is used: an evicted branch is restored

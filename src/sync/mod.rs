@@ -340,6 +340,15 @@ async fn existing_branch_dir(config: &Config, key: &BranchKey) -> Result<PathBuf
     Ok(dir)
 }
 
+/// The snapshot id `latest` names in `key`'s store (None: nothing pushed, or no bucket).
+pub async fn latest_snapshot(
+    config: &Config,
+    key: &BranchKey,
+) -> Result<Option<String>, SyncError> {
+    let store = open_store(config, key)?;
+    read_latest(&store).await
+}
+
 /// One request: the snapshot id `latest` names now (None: nothing pushed yet). Checked only
 /// where it is used to read a manifest.
 async fn read_latest(store: &Store) -> Result<Option<String>, SyncError> {

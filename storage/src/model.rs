@@ -232,6 +232,20 @@ pub fn list_versions(
     Ok(out)
 }
 
+/// [`list_versions`] inside a write transaction.
+pub fn list_versions_for_update(
+    ctx: &mut WriteCtx<'_>,
+    project_id: &str,
+    branch_id: &str,
+) -> Result<Vec<VersionRecord>, StorageError> {
+    let t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    let mut out = Vec::new();
+    for entry in t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))? {
+        out.push(decode(entry?.1.value())?);
+    }
+    Ok(out)
+}
+
 pub fn get_version(
     rtx: &ReadTransaction,
     project_id: &str,
