@@ -345,6 +345,16 @@ pub async fn latest_snapshot(
     config: &Config,
     key: &BranchKey,
 ) -> Result<Option<String>, SyncError> {
+    let s3 = &config.s3;
+    if s3.access_key_id.is_none() || s3.secret_access_key.is_none() {
+        // The fs store: opening it would make its directory; a look is enough.
+        let root = config
+            .object_store_dir
+            .join(store::bucket_name(&key.project_id, &key.branch_id));
+        if !std::fs::symlink_metadata(root.join("latest")).is_ok_and(|m| m.is_file()) {
+            return Ok(None);
+        }
+    }
     let store = open_store(config, key)?;
     read_latest(&store).await
 }
