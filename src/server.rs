@@ -196,6 +196,7 @@ fn spawn_server<A: Acceptor + Send + 'static>(
 fn start_workers(app: &Arc<App>) -> DirtyWatcher {
     let workers = &app.workers;
     workers.spawn(crate::workflow::Recovery::new(app.workflows.clone()));
+    workers.spawn(crate::residency::Discover::new(app.residency.clone()));
     let syncer = app.syncer.clone();
     tokio::task::spawn_blocking(move || syncer.mark_all_dirty());
     workers.spawn(SyncWorker::new(app.syncer.clone()));

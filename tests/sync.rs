@@ -894,3 +894,100 @@ async fn a_fresh_machine_restores_a_branch_object_storage_holds() {
         .unwrap();
     assert!(new.created);
 }
+
+/// A fresh machine finds the branches object storage holds: recorded as evicted (listed, the
+/// project registered), restored with their history and versions on first use. Per-branch
+/// buckets on S3, and the fs store of local mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_machine_finds_every_branch_in_object_storage() {
+    use weldr_storage::model::{self, BranchState, VersionKind};
+    let s3 = s3();
+    let fs_objects = tempfile::tempdir().unwrap();
+    for on_s3 in [true, false] {
+        let project = project_id();
+        let (a_base, b_base) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let config = |base: &Path| {
+            if on_s3 {
+                s3_config(base, &s3.endpoint)
+            } else {
+                let mut c = Config::for_workspace(base);
+                c.object_store_dir = fs_objects.path().to_path_buf();
+                c
+            }
+        };
+        let a = weldr_agent::App::open(config(a_base.path())).unwrap();
+        weldr_agent::branches::registry::create_project(&a.store, &project, None, None)
+            .await
+            .unwrap();
+        for b in ["d1", "d2"] {
+            let key = BranchKey::new(&project, b);
+            let made = a.residency.create_branch(&key, None).await.unwrap();
+            std::fs::write(made.dir.join("f.txt"), b).unwrap();
+            a.branches
+                .commit_version(
+                    &key,
+                    &format!("work on {b}"),
+                    None,
+                    VersionKind::Checkpoint,
+                    None,
+                )
+                .await
+                .unwrap();
+            sync::push(&a.config, &key).await.unwrap();
+        }
+        a.store.close();
+
+        let b = weldr_agent::App::open(config(b_base.path())).unwrap();
+        let added = b.residency.adopt_discovered().await.unwrap();
+        assert!(added >= 2, "s3 {on_s3}: {added}");
+        let p = project.clone();
+        let listed = b
+            .base
+            .read(move |rtx| model::list_branches(rtx, &p))
+            .await
+            .unwrap();
+        let names: Vec<(&str, BranchState)> = listed
+            .iter()
+            .map(|r| (r.branch_id.as_str(), r.state))
+            .collect();
+        assert_eq!(
+            names,
+            [("d1", BranchState::Evicted), ("d2", BranchState::Evicted)],
+            "s3 {on_s3}"
+        );
+        let back = b
+            .residency
+            .ensure_present(&BranchKey::new(&project, "d2"))
+            .await
+            .unwrap();
+        assert_eq!(back.state, BranchState::Active);
+        assert_eq!(back.head_version, Some(2));
+        let dir = weldr_agent::branches::branch_dir(&b.config, &BranchKey::new(&project, "d2"));
+        assert_eq!(std::fs::read_to_string(dir.join("f.txt")).unwrap(), "d2");
+        let (p, br) = (project.clone(), "d2".to_string());
+        let versions = b
+            .base
+            .read(move |rtx| model::list_versions(rtx, &p, &br))
+            .await
+            .unwrap();
+        let messages: Vec<&str> = versions.iter().map(|v| v.message.as_str()).collect();
+        assert_eq!(messages, ["Initial commit", "work on d2"]);
+        // Nothing new the second time.
+        let p = project.clone();
+        let before = b
+            .base
+            .read(move |rtx| model::list_branches(rtx, &p))
+            .await
+            .unwrap()
+            .len();
+        b.residency.adopt_discovered().await.unwrap();
+        let p = project.clone();
+        let after = b
+            .base
+            .read(move |rtx| model::list_branches(rtx, &p))
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(before, after);
+    }
+}

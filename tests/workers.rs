@@ -14,19 +14,20 @@ async fn workers_show_in_health_and_are_joined_at_shutdown() {
     config.eviction_interval = Duration::from_secs(3600);
     let s = start(config).await;
 
-    // Recovery has nothing to resume: it runs once and is done.
+    // Recovery has nothing to resume and discovery nothing to find: each runs once and is done.
     let mut health = serde_json::Value::Null;
     for _ in 0..100 {
         let (status, h) = s.get_json("/health").await;
         assert_eq!(status, 200, "{h}");
         health = h;
-        let recovery = health["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["name"] == "recovery")
-            .cloned();
-        if recovery.is_some_and(|r| r["state"] == "done") {
+        let done = |name: &str| {
+            health["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["name"] == name && w["state"] == "done")
+        };
+        if done("recovery") && done("discover") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -39,6 +40,9 @@ async fn workers_show_in_health_and_are_joined_at_shutdown() {
             .unwrap_or_else(|| panic!("no {name} worker in {health}"))
     };
     assert_eq!(by_name("recovery")["state"], "done", "{health}");
+    // Object storage was listed for branches this machine does not know: none here.
+    assert_eq!(by_name("discover")["state"], "done", "{health}");
+    assert_eq!(by_name("discover")["errors"], 0, "{health}");
     for name in ["syncer", "evictor"] {
         let w = by_name(name);
         assert!(

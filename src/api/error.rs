@@ -231,6 +231,7 @@ impl From<crate::residency::ResidencyError> for ApiError {
             E::RestoreFailed { .. } => Self::unavailable(message).with_code("restore_failed"),
             E::Evict(e) => e.into(),
             E::Storage(e) => e.into(),
+            E::Discover(e) => e.into(),
         }
     }
 }

@@ -543,6 +543,14 @@ impl Branches {
     /// commit along HEAD's first parents, oldest first (their messages and times; the files
     /// each changed). Nothing when the branch has versions.
     pub async fn rebuild_versions(&self, key: &BranchKey) -> Result<usize, BranchError> {
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let known = self
+            .base
+            .read(move |rtx| model::list_versions(rtx, &p, &b))
+            .await?;
+        if !known.is_empty() {
+            return Ok(0);
+        }
         let dir = self.base.dir(key);
         let history = blocking(move || {
             let log = git::log(&dir, usize::MAX)?;

@@ -38,6 +38,9 @@ pub enum ResidencyError {
     Evict(#[from] EvictError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Object storage could not be listed for branches this machine does not know.
+    #[error("listing the branches in object storage: {0}")]
+    Discover(sync::SyncError),
 }
 
 impl From<tokio::task::JoinError> for ResidencyError {
@@ -125,6 +128,36 @@ impl Residency {
         })
     }
 
+    /// Branches object storage holds that the store does not know (this machine lost its
+    /// volume, or another machine pushed them) are recorded as evicted, their projects
+    /// registered without an owner when missing (so the operator's, like the CLI's): they show
+    /// in the lists and are restored, with versions rebuilt from their history, on first use.
+    /// In cloud mode only the machine's project. Returns how many were added.
+    pub async fn adopt_discovered(&self) -> Result<usize, ResidencyError> {
+        let found = sync::store::discover(&self.base.config)
+            .await
+            .map_err(ResidencyError::Discover)?;
+        let mut added = 0;
+        for (project, branch) in found {
+            if check_machine_project(&self.base.config, &project).is_err() {
+                continue;
+            }
+            let key = BranchKey::new(&project, &branch);
+            match crate::branches::registry::create_project(&self.base.store, &project, None, None)
+                .await
+            {
+                Ok(_) | Err(BranchError::ProjectExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let _guard = self.base.locks.lock(&key).await;
+            if self.branches.adopt_locked(&key).await? {
+                tracing::info!(branch = %key, "found in object storage: recorded as evicted");
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+
     /// A branch the store does not know, restored from object storage when a snapshot of it
     /// is there (recorded as evicted first: a failed restore leaves it so, to be restored on
     /// its next use), with versions rebuilt from its git history. None when object storage has
@@ -144,10 +177,9 @@ impl Residency {
         if !self.branches.adopt_locked(key).await? {
             return Ok(None);
         }
-        self.restore_locked(key).await?;
-        let versions = self.branches.rebuild_versions(key).await?;
-        tracing::info!(branch = %key, versions, "restored a branch from object storage");
-        Ok(Some(self.read_branch(key).await?))
+        let branch = self.restore_locked(key).await?;
+        tracing::info!(branch = %key, "restored a branch from object storage");
+        Ok(Some(branch))
     }
 
     /// Make sure a branch's directory is here before it is used: an evicted branch is restored
@@ -286,6 +318,8 @@ impl Residency {
         };
         match outcome {
             Ok(fields) => {
+                // A branch adopted from object storage has no versions yet: its history has.
+                self.branches.rebuild_versions(key).await?;
                 self.branches.set_state(key, BranchState::Active).await?;
                 let _ = self.base.emit(key, "sync", fields).await;
                 crate::branches::registry::refresh_size(&self.base.store, key, self.base.dir(key));
@@ -303,4 +337,41 @@ impl Residency {
             }
         }
     }
+}
+
+/// The startup pass that records the branches object storage holds and the store does not
+/// know ([`Residency::adopt_discovered`]), as a [`crate::worker::Worker`]: retried with the
+/// runner's backoff while object storage cannot be listed, then done.
+pub struct Discover {
+    residency: Arc<Residency>,
+}
+
+impl Discover {
+    pub fn new(residency: Arc<Residency>) -> Self {
+        Self { residency }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::worker::Worker for Discover {
+    fn name(&self) -> &'static str {
+        "discover"
+    }
+
+    async fn work(
+        &mut self,
+        _shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<crate::worker::WorkerState, String> {
+        let added = self
+            .residency
+            .adopt_discovered()
+            .await
+            .map_err(|e| e.to_string())?;
+        if added > 0 {
+            tracing::info!(added, "branches found in object storage");
+        }
+        Ok(crate::worker::WorkerState::Done)
+    }
+
+    async fn wait_for_work(&mut self) {}
 }

@@ -309,6 +309,139 @@ fn bucket_signer(
     )
 }
 
+/// The branches object storage holds snapshots of, as (projectId, branchId): from the bucket
+/// names (`project-{projectId}-branch-{branchId}`, one bucket per branch), the shared
+/// `S3_BUCKET`'s `{projectId}/{branchId}/` prefixes, or the fs store's directories. Names that
+/// do not parse as two valid ids are skipped.
+pub async fn discover(config: &Config) -> Result<Vec<(String, String)>, SyncError> {
+    let s3 = &config.s3;
+    let (Some(key), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) else {
+        if config.mode == Mode::Cloud {
+            return Err(SyncError::Config(
+                "cloud mode needs S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY".into(),
+            ));
+        }
+        return Ok(discover_fs(&config.object_store_dir));
+    };
+    install_http_transport();
+    match &s3.bucket {
+        Some(shared) => discover_shared(config, shared, key.expose(), secret.expose()).await,
+        None => discover_buckets(config, key.expose(), secret.expose()).await,
+    }
+}
+
+/// (projectId, branchId) of a per-branch bucket's name.
+pub fn parse_bucket_name(name: &str) -> Option<(String, String)> {
+    let (project, branch) = name.strip_prefix("project-")?.split_once("-branch-")?;
+    let valid = |id: &str| crate::ids::check_id("id", id).is_ok();
+    (valid(project) && valid(branch)).then(|| (project.to_string(), branch.to_string()))
+}
+
+fn discover_fs(dir: &std::path::Path) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = entries
+        .flatten()
+        .filter(|e| std::fs::symlink_metadata(e.path().join("latest")).is_ok_and(|m| m.is_file()))
+        .filter_map(|e| parse_bucket_name(&e.file_name().to_string_lossy()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// ListBuckets (a signed `GET /`), the names that are branches'.
+async fn discover_buckets(
+    config: &Config,
+    key: &str,
+    secret: &str,
+) -> Result<Vec<(String, String)>, SyncError> {
+    let s3 = &config.s3;
+    let endpoint = s3.endpoint.trim_end_matches('/');
+    let url = reqwest::Url::parse(&format!("{endpoint}/"))
+        .map_err(|e| SyncError::Config(format!("bad S3_ENDPOINT {endpoint:?}: {e}")))?;
+    let signer = bucket_signer(&s3.region, key, secret);
+    let headers = sign_request(&signer, http::Method::GET, &url, b"").await?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| SyncError::Network(format!("create an HTTP client: {e}")))?;
+    let resp = client
+        .get(url)
+        .headers(headers)
+        .send()
+        .await
+        .map_err(|e| SyncError::Network(format!("list buckets at {endpoint}: {e}")))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(SyncError::Store(format!(
+            "list buckets: HTTP {status}: {}",
+            text.chars().take(300).collect::<String>()
+        )));
+    }
+    let mut out: Vec<(String, String)> = text
+        .split("<Name>")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("</Name>").map(|(name, _)| name))
+        .filter_map(parse_bucket_name)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The shared bucket's `{projectId}/{branchId}/` prefixes.
+async fn discover_shared(
+    config: &Config,
+    bucket: &str,
+    key: &str,
+    secret: &str,
+) -> Result<Vec<(String, String)>, SyncError> {
+    let s3 = &config.s3;
+    let builder = opendal::services::S3::default()
+        .endpoint(&s3.endpoint)
+        .region(&s3.region)
+        .bucket(bucket)
+        .root("/")
+        .access_key_id(key)
+        .secret_access_key(secret)
+        .disable_config_load()
+        .disable_ec2_metadata();
+    let op = Operator::new(builder).map_err(|e| SyncError::store("configure the S3 store", e))?;
+    let valid = |id: &str| crate::ids::check_id("id", id).is_ok();
+    let mut out = Vec::new();
+    let projects = op
+        .list("/")
+        .await
+        .map_err(|e| SyncError::store("list the shared bucket", e))?;
+    for p in projects.iter().filter(|e| e.metadata().is_dir()) {
+        let project = p.path().trim_end_matches('/').to_string();
+        if !valid(&project) {
+            continue;
+        }
+        let branches = op
+            .list(&format!("{project}/"))
+            .await
+            .map_err(|e| SyncError::store("list the shared bucket", e))?;
+        for b in branches.iter().filter(|e| e.metadata().is_dir()) {
+            let branch = b
+                .path()
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if valid(&branch) {
+                out.push((project.clone(), branch));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The headers of a SigV4-signed `PUT {url}` (path-style bucket creation) with `body`: `host`,
 /// `x-amz-date`, `x-amz-content-sha256` (the body's hash: the payload is signed too) and
 /// `authorization`.
@@ -317,13 +450,25 @@ async fn sign_put_bucket(
     url: &reqwest::Url,
     body: &[u8],
 ) -> Result<http::HeaderMap, SyncError> {
+    sign_request(signer, http::Method::PUT, url, body).await
+}
+
+/// The headers of a SigV4-signed request (`host`, `x-amz-date`, `x-amz-content-sha256`: the
+/// payload is signed too, and `authorization`).
+async fn sign_request(
+    signer: &reqsign_core::Signer<reqsign_aws_v4::Credential>,
+    method: http::Method,
+    url: &reqwest::Url,
+    body: &[u8],
+) -> Result<http::HeaderMap, SyncError> {
     let failed = |e: &dyn std::fmt::Display| {
         SyncError::Config(format!(
-            "sign the request to create a bucket at {url}: {e}; check S3_ENDPOINT and the S3 \
-             credentials"
+            "sign a request to {url}: {e}; check S3_ENDPOINT and the S3 credentials"
         ))
     };
-    let (mut parts, ()) = http::Request::put(url.as_str())
+    let (mut parts, ()) = http::Request::builder()
+        .method(method)
+        .uri(url.as_str())
         .header("x-amz-content-sha256", hex::encode(Sha256::digest(body)))
         .body(())
         .map_err(|e| failed(&e))?
