@@ -137,12 +137,30 @@ impl Residency {
         let found = sync::store::discover(&self.base.config)
             .await
             .map_err(ResidencyError::Discover)?;
+        let known: std::collections::HashSet<(String, String)> = self
+            .base
+            .read(model::list_all_branches)
+            .await?
+            .into_iter()
+            .map(|b| (b.project_id, b.branch_id))
+            .collect();
         let mut added = 0;
         for (project, branch) in found {
-            if check_machine_project(&self.base.config, &project).is_err() {
+            // Known ones are left alone, without their lock (an eviction pass skips a busy
+            // branch).
+            if known.contains(&(project.clone(), branch.clone()))
+                || check_machine_project(&self.base.config, &project).is_err()
+            {
                 continue;
             }
             let key = BranchKey::new(&project, &branch);
+            // A bucket or prefix without a finished snapshot (a first push that died) is not
+            // a branch to restore.
+            match sync::latest_snapshot(&self.base.config, &key).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(e) => return Err(ResidencyError::Discover(e)),
+            }
             match crate::branches::registry::create_project(&self.base.store, &project, None, None)
                 .await
             {
