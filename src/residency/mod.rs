@@ -337,7 +337,10 @@ impl Residency {
         match outcome {
             Ok(fields) => {
                 // A branch adopted from object storage has no versions yet: its history has.
-                self.branches.rebuild_versions(key).await?;
+                // The branch is back either way.
+                if let Err(e) = self.branches.rebuild_versions(key).await {
+                    tracing::warn!(branch = %key, error = %e, "could not rebuild the versions from the git history");
+                }
                 self.branches.set_state(key, BranchState::Active).await?;
                 let _ = self.base.emit(key, "sync", fields).await;
                 crate::branches::registry::refresh_size(&self.base.store, key, self.base.dir(key));
