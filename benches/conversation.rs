@@ -114,21 +114,7 @@ fn thread_within_share(entries: &[ConversationEntry], limit: u64) -> Vec<Message
     if (size as f64) <= limit as f64 * context::THREAD_SHARE {
         return whole;
     }
-    let keep = limit as f64 * context::THREAD_KEEP_SHARE;
-    let mut tail = 0.0;
-    let mut cut = entries.len();
-    while cut > 0 {
-        let e = &entries[cut - 1];
-        let t = context::text_tokens(&match e.kind {
-            EntryKind::User => context::user_text(e),
-            _ => context::outcome_text(e),
-        }) as f64;
-        if tail + t > keep {
-            break;
-        }
-        tail += t;
-        cut -= 1;
-    }
+    let cut = context::thread_cut(entries.iter(), limit as f64 * context::THREAD_KEEP_SHARE);
     let old = context::thread_messages(None, &entries[..cut]);
     let summary = ConversationEntry::new(
         "s".into(),

@@ -290,6 +290,30 @@ pub fn outcome_text(e: &ConversationEntry) -> String {
     out
 }
 
+/// Where to cut a thread that takes more than its share: how many of `entries` (oldest
+/// first) to summarize so that the newer ones, kept whole, take at most `keep` tokens.
+pub fn thread_cut<'a>(
+    entries: impl IntoIterator<Item = &'a ConversationEntry>,
+    keep: f64,
+) -> usize {
+    let entries: Vec<&ConversationEntry> = entries.into_iter().collect();
+    let mut tail = 0.0;
+    let mut cut = entries.len();
+    while cut > 0 {
+        let e = entries[cut - 1];
+        let t = text_tokens(&match e.kind {
+            EntryKind::User => user_text(e),
+            _ => outcome_text(e),
+        }) as f64;
+        if tail + t > keep {
+            break;
+        }
+        tail += t;
+        cut -= 1;
+    }
+    cut
+}
+
 /// Estimated tokens of a text: about four characters per token for English and code (the
 /// engine scales this by what the provider reports, see [`Budget::calibrate`]).
 pub fn text_tokens(s: &str) -> u64 {

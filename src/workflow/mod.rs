@@ -895,21 +895,10 @@ async fn summarize_thread(
         .iter()
         .filter(|(seq, e)| *seq > covered && *seq < before && e.kind != EntryKind::Summary)
         .collect();
-    let keep = limit * context::THREAD_KEEP_SHARE;
-    let mut tail = 0.0;
-    let mut cut = candidates.len();
-    while cut > 0 {
-        let e = &candidates[cut - 1].1;
-        let t = context::text_tokens(&match e.kind {
-            EntryKind::User => context::user_text(e),
-            _ => context::outcome_text(e),
-        }) as f64;
-        if tail + t > keep {
-            break;
-        }
-        tail += t;
-        cut -= 1;
-    }
+    let cut = context::thread_cut(
+        candidates.iter().map(|(_, e)| e),
+        limit * context::THREAD_KEEP_SHARE,
+    );
     if cut == 0 {
         return Ok(latest);
     }
