@@ -553,6 +553,8 @@ pub fn own_messages(
 pub struct Fitted {
     pub messages: Vec<Message>,
     pub stable_prefix: usize,
+    /// The request's estimated prompt tokens (system prompt and tools included), unscaled.
+    pub tokens: u64,
 }
 
 /// The thread then `own` (the workflow's messages), within `limit` prompt tokens (with
@@ -595,6 +597,7 @@ pub fn fit(
     Some(Fitted {
         messages,
         stable_prefix,
+        tokens: total,
     })
 }
 

@@ -1081,10 +1081,9 @@ async fn converse(
         // The prompt is planned with at most a quarter of the window kept for the output; a
         // turn may ask for more when the prompt leaves room.
         let reserve = budget.max_tokens.min(lock(&ctx.budget).output_cap());
-        let (messages, stable_prefix) =
-            fit_request(engine, &wf, ctx, &system, &specs, &mut convo, reserve).await?;
-        budget.estimate = context::fixed_tokens(&system, &specs)
-            + messages.iter().map(context::message_tokens).sum::<u64>();
+        let fitted = fit_request(engine, &wf, ctx, &system, &specs, &mut convo, reserve).await?;
+        budget.estimate = fitted.tokens;
+        let (messages, stable_prefix) = (fitted.messages, fitted.stable_prefix);
         let room = lock(&ctx.budget).output_room(budget.estimate);
         let request = ChatRequest {
             model: ctx.model.clone(),
@@ -1115,8 +1114,8 @@ async fn converse(
     }
 }
 
-/// The messages of the next request, within the budget, and how many of them the request
-/// after it will send unchanged. The thread, then the workflow's messages: the opening with
+/// The messages of the next request within the budget, their estimated tokens, and how many
+/// of them the request after it will send unchanged. The thread, then the workflow's messages: the opening with
 /// the attachments (and the summary of older turns, if any), the turns after the summary,
 /// tool results before the watermark shortened. Over the budget, the watermark moves on;
 /// when shortening every older result is not enough, the older turns are summarized (once:
@@ -1130,7 +1129,7 @@ async fn fit_request(
     specs: &[ToolSpec],
     convo: &mut Conversation,
     max_tokens: u32,
-) -> Result<(Vec<Message>, usize), Stop> {
+) -> Result<context::Fitted, Stop> {
     use std::sync::atomic::Ordering;
     let fixed = context::fixed_tokens(system, specs);
     let (limit, scale) = {
@@ -1148,7 +1147,7 @@ async fn fit_request(
         let fitted = context::fit(&ctx.thread, own, fixed, limit, &scale, &mut watermark);
         ctx.shortened.store(watermark, Ordering::Relaxed);
         if let Some(fitted) = fitted {
-            return Ok((fitted.messages, fitted.stable_prefix));
+            return Ok(fitted);
         }
         // Still over: summarize the older turns of the workflow.
         let Some((cut, old)) = context::to_summarize(
@@ -1186,9 +1185,13 @@ async fn fit_request(
             .sum::<u64>();
     if scale.scaled(total) <= limit {
         let mut messages = ctx.thread.clone();
-        let stable = messages.len();
+        let stable_prefix = messages.len();
         messages.extend(own);
-        return Ok((messages, stable));
+        return Ok(context::Fitted {
+            messages,
+            stable_prefix,
+            tokens: total,
+        });
     }
     Err(Stop::Fail(format!(
         "the request does not fit in the model's context window of {} tokens even with older \
