@@ -43,6 +43,21 @@ pub fn check_machine_project(config: &Config, project_id: &str) -> Result<(), Br
     }
 }
 
+/// The record of a branch first seen at `now`: no parent, no size or versions yet.
+fn new_record(key: &BranchKey, state: BranchState, now: u64) -> BranchRecord {
+    BranchRecord {
+        project_id: key.project_id.clone(),
+        branch_id: key.branch_id.clone(),
+        parent_branch_id: None,
+        fork_version: None,
+        created_at_ms: now,
+        last_access_ms: now,
+        size_bytes: 0,
+        state,
+        head_version: None,
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, GitError> + Send + 'static,
 ) -> Result<T, BranchError> {
@@ -115,17 +130,7 @@ impl Branches {
     ) -> Result<Created, BranchError> {
         let dir = self.base.dir(key);
         let now = now_ms();
-        let mut record = BranchRecord {
-            project_id: key.project_id.clone(),
-            branch_id: key.branch_id.clone(),
-            parent_branch_id: None,
-            fork_version: None,
-            created_at_ms: now,
-            last_access_ms: now,
-            size_bytes: 0,
-            state: BranchState::Active,
-            head_version: None,
-        };
+        let mut record = new_record(key, BranchState::Active, now);
         let inherited = match &from {
             None => {
                 let d = dir.clone();
@@ -511,18 +516,7 @@ impl Branches {
     /// evicted (the caller holds its lock and restores it next). False when the store knows
     /// it after all.
     pub async fn adopt_locked(&self, key: &BranchKey) -> Result<bool, BranchError> {
-        let now = now_ms();
-        let record = BranchRecord {
-            project_id: key.project_id.clone(),
-            branch_id: key.branch_id.clone(),
-            parent_branch_id: None,
-            fork_version: None,
-            created_at_ms: now,
-            last_access_ms: now,
-            size_bytes: 0,
-            state: BranchState::Evicted,
-            head_version: None,
-        };
+        let record = new_record(key, BranchState::Evicted, now_ms());
         let (p, b) = (key.project_id.clone(), key.branch_id.clone());
         let adopted = self
             .base

@@ -49,18 +49,10 @@ pub async fn register_branch(
             if let Some(existing) = model::get_branch_for_update(ctx, &p, &b)? {
                 return Ok((existing, false));
             }
-            let now = now_ms();
-            let record = BranchRecord {
-                project_id: p.clone(),
-                branch_id: b.clone(),
-                parent_branch_id: parent.as_ref().map(|(id, _)| id.clone()),
-                fork_version: parent.as_ref().and_then(|(_, v)| *v),
-                created_at_ms: now,
-                last_access_ms: now,
-                size_bytes: 0,
-                state: BranchState::Active,
-                head_version: None,
-            };
+            let mut record =
+                super::new_record(&BranchKey::new(&p, &b), BranchState::Active, now_ms());
+            record.parent_branch_id = parent.as_ref().map(|(id, _)| id.clone());
+            record.fork_version = parent.as_ref().and_then(|(_, v)| *v);
             model::put_branch(ctx, &record)?;
             Ok((record, true))
         })

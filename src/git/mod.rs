@@ -429,12 +429,7 @@ pub fn dirty_paths(dir: &Path, max: usize) -> Result<Vec<String>, GitError> {
 
 /// Whether the work tree differs from HEAD (ignored files aside).
 pub fn is_dirty(dir: &Path) -> Result<bool, GitError> {
-    let repo = open(dir)?;
-    let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(true)
-        .recurse_untracked_dirs(true)
-        .include_ignored(false);
-    Ok(!repo.statuses(Some(&mut opts))?.is_empty())
+    Ok(!dirty_paths(dir, 1)?.is_empty())
 }
 
 /// A new commit on HEAD whose tree is exactly the tree of `hash` (reachable from HEAD); the
