@@ -97,17 +97,7 @@ impl Store {
                 (bucket, "/".to_string(), Some(create))
             }
         };
-        let builder = opendal::services::S3::default()
-            .endpoint(&s3.endpoint)
-            .region(&s3.region)
-            .bucket(&bucket)
-            .root(&root)
-            .access_key_id(&key)
-            .secret_access_key(&secret)
-            .disable_config_load()
-            .disable_ec2_metadata();
-        let op = Operator::new(builder)
-            .map_err(|e| SyncError::store("configure the S3 store", e))?
+        let op = s3_operator(config, &bucket, &root, &key, &secret)?
             .layer(opendal::layers::RetryLayer::new().with_max_times(3));
         Ok(Self {
             op,
@@ -309,6 +299,27 @@ fn bucket_signer(
     )
 }
 
+/// An opendal S3 operator for `bucket` under `root`, with the configured endpoint, region and
+/// credentials only (no environment, files or instance metadata).
+fn s3_operator(
+    config: &Config,
+    bucket: &str,
+    root: &str,
+    key: &str,
+    secret: &str,
+) -> Result<Operator, SyncError> {
+    let builder = opendal::services::S3::default()
+        .endpoint(&config.s3.endpoint)
+        .region(&config.s3.region)
+        .bucket(bucket)
+        .root(root)
+        .access_key_id(key)
+        .secret_access_key(secret)
+        .disable_config_load()
+        .disable_ec2_metadata();
+    Operator::new(builder).map_err(|e| SyncError::store("configure the S3 store", e))
+}
+
 /// The branches object storage holds snapshots of, as (projectId, branchId): from the bucket
 /// names (`project-{projectId}-branch-{branchId}`, one bucket per branch), the shared
 /// `S3_BUCKET`'s `{projectId}/{branchId}/` prefixes, or the fs store's directories. Names that
@@ -399,17 +410,7 @@ async fn discover_shared(
     key: &str,
     secret: &str,
 ) -> Result<Vec<(String, String)>, SyncError> {
-    let s3 = &config.s3;
-    let builder = opendal::services::S3::default()
-        .endpoint(&s3.endpoint)
-        .region(&s3.region)
-        .bucket(bucket)
-        .root("/")
-        .access_key_id(key)
-        .secret_access_key(secret)
-        .disable_config_load()
-        .disable_ec2_metadata();
-    let op = Operator::new(builder).map_err(|e| SyncError::store("configure the S3 store", e))?;
+    let op = s3_operator(config, bucket, "/", key, secret)?;
     let valid = |id: &str| crate::ids::check_id("id", id).is_ok();
     let mut out = Vec::new();
     let projects = op
