@@ -114,22 +114,6 @@ fn text(model: &str, t: &str) -> Value {
     message(model, json!([{"type": "text", "text": t}]))
 }
 
-/// Frames until (and including) the `end` event of `wf`.
-async fn until_end(sse: &mut SseClient, wf: &str) -> Vec<Frame> {
-    let mut out = Vec::new();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
-            .await
-            .expect("no event within 30 s")
-            .expect("stream ended");
-        let end = frame.event == "end" && frame.data["workflowId"] == wf;
-        out.push(frame);
-        if end {
-            return out;
-        }
-    }
-}
-
 /// The user messages of branch p/b's conversation.
 fn user_messages(s: &TestServer) -> Vec<conversation::ConversationEntry> {
     let rtx = s.app().store.begin_read().unwrap();
@@ -350,7 +334,7 @@ async fn a_trigger_stores_its_inline_parts_and_the_workflow_carries_their_ids() 
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["streamUrl"], "/stream/p/b");
     let wf = answer["workflowId"].as_str().unwrap().to_string();
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert!(frames.iter().any(|f| f.event == "end"));
     assert_eq!(s.workflow(&wf).await["status"], "complete");
 
@@ -418,7 +402,7 @@ async fn a_trigger_stores_its_inline_parts_and_the_workflow_carries_their_ids() 
     let (status, answer) = trigger_with(&s, only_image, None).await;
     assert_eq!(status, 202, "{answer}");
     let wf = answer["workflowId"].as_str().unwrap().to_string();
-    until_end(&mut sse, &wf).await;
+    sse.until_end(&wf, Duration::from_secs(30)).await;
     let users = user_messages(&s);
     assert_eq!(users.len(), 2);
     assert_eq!(users[1].text, "");
@@ -575,7 +559,7 @@ async fn the_same_idempotency_key_answers_the_first_workflow() {
     let (status, first) = trigger_with(&s, text(&model, "build it"), Some("key-1")).await;
     assert_eq!(status, 202, "{first}");
     let wf = first["workflowId"].as_str().unwrap().to_string();
-    until_end(&mut sse, &wf).await;
+    sse.until_end(&wf, Duration::from_secs(30)).await;
     for _ in 0..3 {
         let (status, again) = trigger_with(&s, text(&model, "build it"), Some("key-1")).await;
         assert_eq!((status, &again), (202, &first));
@@ -597,7 +581,7 @@ async fn the_same_idempotency_key_answers_the_first_workflow() {
     assert_eq!(status, 202, "{second}");
     let wf2 = second["workflowId"].as_str().unwrap().to_string();
     assert_ne!(wf2, wf);
-    until_end(&mut sse, &wf2).await;
+    sse.until_end(&wf2, Duration::from_secs(30)).await;
     let (status, again) = trigger_with(&s, by_id("and test it"), None).await;
     assert_eq!((status, &again), (202, &second));
     let (status, reused) = trigger_with(&s, by_id("and ship it"), None).await;

@@ -52,22 +52,6 @@ async fn trigger(s: &TestServer, text: &str) -> String {
     body["workflowId"].as_str().unwrap().to_string()
 }
 
-/// Frames of `wf` up to its `end`.
-async fn until_end(sse: &mut SseClient, wf: &str) -> Vec<Frame> {
-    let mut out = Vec::new();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(60), sse.next())
-            .await
-            .unwrap_or_else(|_| panic!("no event within 60 s after {out:#?}"))
-            .expect("stream open");
-        let end = frame.event == "end" && frame.data["workflowId"] == wf;
-        out.push(frame);
-        if end {
-            return out;
-        }
-    }
-}
-
 fn plan_turn(id: &str) -> Turn {
     let plan = json!({"acceptanceCriteria": ["done"], "tasks": [{"id": 1, "summary": "do it",
         "description": "do it", "acceptanceCriteria": ["ok"], "dependencies": []}]});
@@ -135,7 +119,7 @@ async fn a_question_and_its_answer_read_as_one_conversation() {
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
 
     let first = trigger(&s, "build a todo app").await;
-    let frames = until_end(&mut sse, &first).await;
+    let frames = sse.until_end(&first, Duration::from_secs(60)).await;
     assert_eq!(frames.last().unwrap().data["status"], "complete");
     // Every event of the workflow names the assistant message it builds.
     let message_id = frames.last().unwrap().data["messageId"]
@@ -150,7 +134,7 @@ async fn a_question_and_its_answer_read_as_one_conversation() {
     );
 
     let second = trigger(&s, "React, please").await;
-    let frames = until_end(&mut sse, &second).await;
+    let frames = sse.until_end(&second, Duration::from_secs(60)).await;
     assert_eq!(
         frames.last().unwrap().data["status"],
         "complete",
@@ -272,11 +256,11 @@ async fn project_instructions_reach_the_system_prompt() {
     .unwrap();
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = trigger(&s, "hello").await;
-    until_end(&mut sse, &wf).await;
+    sse.until_end(&wf, Duration::from_secs(60)).await;
     // Re-read at each workflow: a changed file is what the next one sees.
     std::fs::write(dir.join("AGENTS.md"), "Use spaces now.").unwrap();
     let wf = trigger(&s, "again").await;
-    until_end(&mut sse, &wf).await;
+    sse.until_end(&wf, Duration::from_secs(60)).await;
     let requests = fake.requests();
     let first = system_text(&requests[0].body);
     assert!(first.contains("Always use tabs"), "{first}");
@@ -351,7 +335,7 @@ async fn a_cancel_kills_a_running_command_and_keeps_the_work_uncommitted() {
         .post_json(&format!("/workflows/{wf}/cancel"), json!({}))
         .await;
     assert_eq!(status, 202, "{body}");
-    let rest = until_end(&mut sse, &wf).await;
+    let rest = sse.until_end(&wf, Duration::from_secs(60)).await;
     assert_eq!(rest.last().unwrap().data["status"], "cancelled");
     // Nothing of it is left running (the kill is synchronous with the end of the call; the
     // kernel reaps what is left of the sandbox a moment later).
@@ -452,7 +436,7 @@ async fn a_long_session_stays_within_the_budget_and_keeps_every_request() {
             "Keep the style consistent with the rest of the module. ".repeat(25)
         );
         let wf = trigger(&s, &text).await;
-        let frames = until_end(&mut sse, &wf).await;
+        let frames = sse.until_end(&wf, Duration::from_secs(60)).await;
         let end = frames.last().unwrap();
         assert_eq!(
             end.data["status"],
@@ -552,7 +536,7 @@ async fn an_attached_image_reaches_each_provider_in_its_format() {
             .await;
         assert_eq!(status, 202, "{model}: {body}");
         let wf = body["workflowId"].as_str().unwrap().to_string();
-        let frames = until_end(&mut sse, &wf).await;
+        let frames = sse.until_end(&wf, Duration::from_secs(60)).await;
         assert_eq!(frames.last().unwrap().data["status"], "complete", "{model}");
         let request = fake.requests()[0].body.to_string();
         assert!(request.contains(needle), "{model}: {request}");

@@ -101,22 +101,6 @@ async fn started(s: &TestServer, model: &str) -> String {
     body["workflowId"].as_str().unwrap().to_string()
 }
 
-/// Frames until (and including) the `end` event of `wf`.
-async fn until_end(sse: &mut SseClient, wf: &str) -> Vec<Frame> {
-    let mut out = Vec::new();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), sse.next())
-            .await
-            .expect("no event within 30 s")
-            .expect("stream ended");
-        let end = frame.event == "end" && frame.data["workflowId"] == wf;
-        out.push(frame);
-        if end {
-            return out;
-        }
-    }
-}
-
 fn statuses(frames: &[Frame]) -> Vec<String> {
     frames
         .iter()
@@ -138,7 +122,7 @@ async fn trigger_plan_code_version_end() {
     let model = transcript(dir.path(), "t.json", happy_turns());
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_consecutive(&frames);
     assert_eq!(
         statuses(&frames),
@@ -307,7 +291,7 @@ async fn a_reply_without_a_plan_completes_with_the_reply() {
     );
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_eq!(statuses(&frames), ["pending", "planning", "complete"]);
     let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "complete");
@@ -329,7 +313,7 @@ async fn a_plan_with_a_cycle_goes_back_to_the_model() {
     let model = transcript(dir.path(), "t.json", Value::Array(turns));
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     let results: Vec<&Frame> = frames.iter().filter(|f| f.event == "tool-result").collect();
     assert_eq!(results[0].data["callId"], "p1");
     assert_eq!(results[0].data["isError"], true);
@@ -367,7 +351,7 @@ async fn cancel_during_coding() {
         .unwrap();
     assert_eq!(res.status(), 202);
     gate.open();
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_eq!(statuses(&frames).last().unwrap(), "cancelled");
     let w = s.workflow(&wf).await;
     assert_eq!(w["status"], "cancelled");
@@ -471,7 +455,7 @@ async fn recovery_after_a_stop_mid_coding() {
         token,
     };
     let mut sse = s2.sse("/stream/p/b", Some(&last.to_string())).await;
-    let after = until_end(&mut sse, &wf).await;
+    let after = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_eq!(after[0].id, Some(last + 1), "ids continue without a gap");
     let mut all = before.clone();
     all.extend(after.clone());
@@ -532,7 +516,7 @@ async fn a_model_cannot_write_outside_the_branch() {
     let model = transcript(dir.path(), "t.json", turns);
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     for id in ["e1", "e2", "e3", "e4", "e5", "e6"] {
         let result = frames
             .iter()
@@ -574,7 +558,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     let model = transcript(dir.path(), "t.json", happy_turns());
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     let build = frames
         .iter()
         .find(|f| f.event == "build")
@@ -597,7 +581,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     )
     .unwrap();
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_eq!(statuses(&frames).last().unwrap(), "complete");
     let build = frames
         .iter()
@@ -606,7 +590,7 @@ async fn a_failing_build_fails_the_workflow_and_keeps_the_version() {
     assert_eq!(build.data["exitCode"], 0);
     std::fs::write(wd.join("weldr.json"), "{not json").unwrap();
     let wf = started(&s, &model).await;
-    let frames = until_end(&mut sse, &wf).await;
+    let frames = sse.until_end(&wf, Duration::from_secs(30)).await;
     assert_eq!(statuses(&frames).last().unwrap(), "failed");
     let w = s.workflow(&wf).await;
     assert!(w["error"].as_str().unwrap().contains("weldr.json"), "{w}");
@@ -622,9 +606,9 @@ async fn triggers_are_rate_limited_per_user() {
     let model = transcript(dir.path(), "t.json", happy_turns());
     let mut sse = s.sse("/stream/p/b", Some("0")).await;
     let first = started(&s, &model).await;
-    until_end(&mut sse, &first).await;
+    sse.until_end(&first, Duration::from_secs(30)).await;
     let second = started(&s, &model).await;
-    until_end(&mut sse, &second).await;
+    sse.until_end(&second, Duration::from_secs(30)).await;
     let res = trigger(&s, "third", &model).await;
     assert_eq!(res.status(), 429);
     // When to come back: a whole number of seconds, at most the minute the bucket refills in.

@@ -227,6 +227,23 @@ impl SseClient {
         }
     }
 
+    /// Every frame up to and including workflow `wf`'s `end`; panics when no event comes
+    /// within `per_event`, or when the stream ends first.
+    pub async fn until_end(&mut self, wf: &str, per_event: Duration) -> Vec<Frame> {
+        let mut out = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(per_event, self.next())
+                .await
+                .unwrap_or_else(|_| panic!("no event within {per_event:?} after {out:#?}"))
+                .expect("stream ended");
+            let end = frame.event == "end" && frame.data["workflowId"] == wf;
+            out.push(frame);
+            if end {
+                return out;
+            }
+        }
+    }
+
     /// Read frames until one with `id >= last`; panics after `limit` without progress.
     pub async fn read_until(&mut self, last: u64) -> Vec<Frame> {
         let mut out = Vec::new();
