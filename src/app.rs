@@ -47,6 +47,9 @@ pub struct App {
     pub sandbox: Arc<crate::sandbox::Sandbox>,
     /// The background workers (started by the server).
     pub workers: Workers,
+    /// The store's continuous backup (None when `STORE_BACKUP=off` or object storage is not
+    /// configured).
+    pub backup: Option<Arc<crate::backup::StoreBackup>>,
 }
 
 impl App {
@@ -62,9 +65,17 @@ impl App {
             } else {
                 0
             },
+            track_changes: config.store_backup.enabled,
             ..defaults
         };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
+        let backup = match crate::backup::StoreBackup::new(&config, store.clone()) {
+            Ok(backup) => backup,
+            Err(e) => {
+                tracing::error!(error = %e, "the store's backup cannot start: the store is not backed up");
+                None
+            }
+        };
         // Layered branches' mounts do not survive a reboot: back before anything reads a branch.
         crate::branches::layers::mount_all(&config);
         let source: Option<Arc<dyn SessionSource>> = config.database_url.as_ref().map(|url| {
@@ -122,6 +133,7 @@ impl App {
             evictor,
             workflows,
             sandbox,
+            backup,
         }))
     }
 }
@@ -129,6 +141,14 @@ impl App {
 /// Startup work before serving: in cloud mode the machine's project exists in the registry.
 pub async fn prepare(app: &App) -> Result<(), BranchError> {
     crate::sandbox::log_status(&app.sandbox);
+    match app.residency.settle_missing().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            branches = n,
+            "branches without a directory will be restored on first use"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not check the branches' directories"),
+    }
     if app.config.mode == crate::config::Mode::Cloud
         && let Some(project_id) = &app.config.project_id
     {

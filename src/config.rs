@@ -53,6 +53,20 @@ pub enum SandboxMode {
     Off,
 }
 
+/// The continuous backup of the store (`STORE_BACKUP*` settings).
+#[derive(Debug, Clone)]
+pub struct StoreBackupSettings {
+    pub enabled: bool,
+    /// Longest wait between a durable commit and shipping it.
+    pub interval: Duration,
+    /// A new full copy (generation) after this long with changes.
+    pub full_every: Duration,
+    /// Generations kept (each a full copy and its increments).
+    pub keep: usize,
+    /// The bucket used when branches have a bucket each (no `S3_BUCKET`).
+    pub bucket: String,
+}
+
 /// The sandbox's settings (`SANDBOX*` settings).
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
@@ -173,6 +187,7 @@ pub struct Config {
     /// Batches that only append events are made durable by the store's append log (one
     /// sequential write); false: every batch is a durable redb commit.
     pub append_log: bool,
+    pub store_backup: StoreBackupSettings,
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
     pub shutdown_timeout: Duration,
     pub sse_heartbeat: Duration,
@@ -593,6 +608,43 @@ const APPEND_LOG: Setting<bool> = Setting {
     parse: |v| switch(v, "on", "off"),
     meaning: "`on`: event appends are made durable by one sequential synced write to `state.redb.wal`, redb catches up at checkpoints; `off`: every write is a durable redb commit",
 };
+const STORE_BACKUP: Setting<bool> = Setting {
+    var: "STORE_BACKUP",
+    unset: WhenUnset::Value("on"),
+    parse: |v| switch(v, "on", "off"),
+    meaning: "continuous backup of `state.redb` to the object store (full copies plus increments); a fresh machine restores it at start",
+};
+const STORE_BACKUP_INTERVAL_MS: Setting<Duration> = Setting {
+    var: "STORE_BACKUP_INTERVAL_MS",
+    unset: WhenUnset::Value("1000"),
+    parse: |v| {
+        Ok(Duration::from_millis(
+            number::<u64>(v, "milliseconds")?.max(20),
+        ))
+    },
+    meaning: "longest time between a durable write and shipping it (the backup's loss window)",
+};
+const STORE_BACKUP_FULL_SECONDS: Setting<Duration> = Setting {
+    var: "STORE_BACKUP_FULL_SECONDS",
+    unset: WhenUnset::Value("3600"),
+    parse: |v| Ok(seconds(v)?.max(Duration::from_secs(1))),
+    meaning: "a new full copy of the store after this long with changes (or 64 MiB of increments)",
+};
+const STORE_BACKUP_KEEP: Setting<usize> = Setting {
+    var: "STORE_BACKUP_KEEP",
+    unset: WhenUnset::Value("4"),
+    parse: |v| match number::<usize>(v, "a number of full copies")? {
+        0 => Err("expected at least 1".into()),
+        n => Ok(n),
+    },
+    meaning: "full copies (generations) of the store kept, each with its increments: how far back `restore-store --at` reaches",
+};
+const STORE_BACKUP_BUCKET: Setting<String> = Setting {
+    var: "STORE_BACKUP_BUCKET",
+    unset: WhenUnset::Value("weldr-agent-store"),
+    parse: |v| Ok(v.to_string()),
+    meaning: "bucket of the store's backup when branches have a bucket each (with `S3_BUCKET` it goes under `.weldr-store/` there; fs: `WELDR_OBJECT_STORE_DIR/weldr-store`)",
+};
 const SHUTDOWN_TIMEOUT_SECONDS: Setting<Duration> = Setting {
     var: "SHUTDOWN_TIMEOUT_SECONDS",
     unset: WhenUnset::Value("20"),
@@ -793,6 +845,11 @@ pub const SETTINGS: &[&dyn Listed] = &[
     &EVENT_RETENTION,
     &EVENT_CACHE_MB,
     &APPEND_LOG,
+    &STORE_BACKUP,
+    &STORE_BACKUP_INTERVAL_MS,
+    &STORE_BACKUP_FULL_SECONDS,
+    &STORE_BACKUP_KEEP,
+    &STORE_BACKUP_BUCKET,
     &SHUTDOWN_TIMEOUT_SECONDS,
     &LOG_LEVEL,
     &AUTH_COOKIE_PREFIX,
@@ -1041,6 +1098,13 @@ impl Config {
             event_retention,
             event_cache_bytes: env.value(&EVENT_CACHE_MB)?,
             append_log: env.value(&APPEND_LOG)?,
+            store_backup: StoreBackupSettings {
+                enabled: env.value(&STORE_BACKUP)?,
+                interval: env.value(&STORE_BACKUP_INTERVAL_MS)?,
+                full_every: env.value(&STORE_BACKUP_FULL_SECONDS)?,
+                keep: env.value(&STORE_BACKUP_KEEP)?,
+                bucket: env.value(&STORE_BACKUP_BUCKET)?,
+            },
             shutdown_timeout: env.value(&SHUTDOWN_TIMEOUT_SECONDS)?,
             sse_heartbeat: Duration::from_secs(15),
             auth_cookie_prefix: env.value(&AUTH_COOKIE_PREFIX)?,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod background;
+pub mod backup;
 pub mod base;
 pub mod branches;
 pub mod config;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use weldr_agent::app::App;
@@ -58,6 +58,19 @@ enum Command {
     Store {
         #[command(subcommand)]
         command: StoreCommand,
+    },
+    /// Restore the store from its backup in object storage (with the server stopped): the
+    /// newest point, or the newest at or before `--at`. The server does this by itself at
+    /// start when `state.redb` is missing. Prints RESTORED_GENERATION, RESTORED_TO,
+    /// INCREMENTS and OPS.
+    RestoreStore {
+        /// A point in time (RFC 3339, e.g. 2026-12-05T01:02:03Z, or milliseconds since the
+        /// epoch): restore the newest point of the backup at or before it.
+        #[arg(long)]
+        at: Option<String>,
+        /// Replace an existing `state.redb` (it is kept beside as `state.redb.replaced-<ms>`).
+        #[arg(long)]
+        force: bool,
     },
     /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
     Token {
@@ -384,6 +397,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Store {
             command: StoreCommand::Recover,
         } => store_recover(config).await,
+        Command::RestoreStore { at, force } => restore_store(config, at, force).await,
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
@@ -487,6 +501,64 @@ fn utc_time(ms: u64) -> String {
 }
 
 /// `store recover`: on the store file itself; refused while a server holds it.
+/// `restore-store`: the store from its backup, with the server stopped.
+async fn restore_store(config: Config, at: Option<String>, force: bool) -> Result<()> {
+    use weldr_agent::backup::{format::rfc3339, restore};
+    let at_ms = at
+        .as_deref()
+        .map(restore::parse_point)
+        .transpose()
+        .map_err(|e| anyhow!("--at: {e}"))?;
+    let path = config.store_path();
+    let wal = weldr_storage::wal_path(&path);
+    let objects =
+        weldr_agent::sync::store::Store::open_store_backup(&config).map_err(|e| anyhow!("{e}"))?;
+    let tmp = restore::restoring_path(&path);
+    if path.exists() {
+        if !force {
+            bail!(
+                "{} exists; stop the server and pass --force to replace it (the current file is                  kept beside it)",
+                path.display()
+            );
+        }
+        // Fails while a server holds the store.
+        drop(
+            weldr_storage::redb::Database::open(&path)
+                .map_err(|e| anyhow!("{}: {e} (is the server running?)", path.display()))?,
+        );
+    }
+    let _ = std::fs::remove_file(&tmp);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Built beside, then moved into place: a failed restore leaves the current store as it was.
+    let built = path.with_file_name("state.redb.restored");
+    let _ = std::fs::remove_file(&built);
+    let restored = restore::restore(&objects, &built, at_ms, Vec::new())
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .ok_or_else(|| anyhow!("object storage holds no backup of the store"))?;
+    if path.exists() {
+        let aside = path.with_file_name(format!(
+            "state.redb.replaced-{}",
+            weldr_storage::writer::now_ms()
+        ));
+        std::fs::rename(&path, &aside)?;
+        println!("REPLACED={}", aside.display());
+    }
+    let _ = std::fs::remove_file(&wal);
+    std::fs::rename(&built, &path)?;
+    for skipped in &restored.skipped {
+        eprintln!("skipped: {skipped}");
+    }
+    println!("RESTORED_GENERATION={}", restored.generation);
+    println!("RESTORED_TO={}", rfc3339(restored.at_ms));
+    println!("FULL_COPY_AT={}", rfc3339(restored.copy_at_ms));
+    println!("INCREMENTS={}", restored.increments);
+    println!("OPS={}", restored.ops);
+    Ok(())
+}
+
 async fn store_recover(config: Config) -> Result<()> {
     let path = config.store_path();
     let options = weldr_storage::StoreOptions {
@@ -688,7 +760,34 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(p) = &config.project_id {
         tracing::info!(project = %p, "serving one project");
     }
+    match weldr_agent::backup::restore_at_start(&config).await {
+        Ok(Some(restored)) => {
+            use weldr_agent::backup::format::rfc3339;
+            for skipped in &restored.skipped {
+                tracing::warn!(skipped, "store backup: passed over");
+            }
+            tracing::info!(
+                generation = %restored.generation,
+                restored_to = %rfc3339(restored.at_ms),
+                increments = restored.increments,
+                ops = restored.ops,
+                "the store was missing: restored it from its backup"
+            );
+            println!(
+                "Restored the store from its backup (generation {}, up to {})",
+                restored.generation,
+                rfc3339(restored.at_ms)
+            );
+        }
+        Ok(None) => {}
+        Err(e) => bail!(
+            "the store is missing and its backup cannot be restored: {e}\n(start with              STORE_BACKUP=off to begin with an empty store instead)"
+        ),
+    }
     let app = App::open(config).map_err(|e| anyhow!("{e}"))?;
+    if app.config.store_backup.enabled && app.backup.is_none() {
+        eprintln!("warning: the store is not backed up (see the log)");
+    }
     weldr_agent::app::prepare(&app)
         .await
         .map_err(|e| anyhow!("{e}"))?;

@@ -200,6 +200,9 @@ fn start_workers(app: &Arc<App>) -> DirtyWatcher {
     let syncer = app.syncer.clone();
     tokio::task::spawn_blocking(move || syncer.mark_all_dirty());
     workers.spawn(SyncWorker::new(app.syncer.clone()));
+    if let Some(backup) = &app.backup {
+        workers.spawn(crate::backup::BackupWorker::new(backup.clone()));
+    }
     if let Some(evict) = crate::evict::EvictWorker::new(app.evictor.clone()) {
         workers.spawn(evict);
     }
@@ -248,6 +251,13 @@ impl RunningServer {
         }
         if let Some(control) = self.control {
             control.stop().await;
+        }
+        if let Some(backup) = &self.app.backup
+            && let Err(e) = tokio::time::timeout(budget, backup.flush())
+                .await
+                .unwrap_or_else(|_| Err(crate::backup::BackupError::Refused("timed out".into())))
+        {
+            tracing::warn!(error = %e, "the store's last changes were not shipped to its backup; the next start makes a full copy");
         }
         let store = self.app.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

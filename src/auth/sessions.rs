@@ -157,7 +157,7 @@ pub async fn remember(
     store
         .writer()
         .write(move |ctx| {
-            let mut t = ctx.tx().open_table(SESSIONS)?;
+            let mut t = ctx.table(SESSIONS)?;
             t.insert(key.as_str(), encode(&record).as_slice())?;
             Ok(())
         })
@@ -169,7 +169,7 @@ pub async fn forget(store: &Store, token: &str) -> Result<(), StorageError> {
     store
         .writer()
         .write(move |ctx| {
-            let mut t = ctx.tx().open_table(SESSIONS)?;
+            let mut t = ctx.table(SESSIONS)?;
             t.remove(key.as_str())?;
             Ok(())
         })

@@ -58,7 +58,7 @@ pub async fn create(store: &Store, name: &str) -> Result<String, StorageError> {
     store
         .writer()
         .write(move |ctx| {
-            let mut t = ctx.tx().open_table(TOKENS)?;
+            let mut t = ctx.table(TOKENS)?;
             t.insert(key.as_str(), encode(&record).as_slice())?;
             Ok(())
         })
@@ -73,7 +73,7 @@ pub async fn ensure_initial(store: &Store) -> Result<Option<String>, StorageErro
     let created = store
         .writer()
         .write(move |ctx| {
-            let mut t = ctx.tx().open_table(TOKENS)?;
+            let mut t = ctx.table(TOKENS)?;
             if t.len()? > 0 {
                 return Ok(false);
             }
@@ -119,7 +119,7 @@ pub async fn revoke(store: &Store, which: &str) -> Result<usize, StorageError> {
     store
         .writer()
         .write(move |ctx| {
-            let mut t = ctx.tx().open_table(TOKENS)?;
+            let mut t = ctx.table(TOKENS)?;
             let mut doomed = Vec::new();
             for entry in t.iter()? {
                 let (key, value) = entry?;

@@ -128,6 +128,32 @@ impl Residency {
         })
     }
 
+    /// Branches the store records as here whose directory is not (the store came back from its
+    /// backup on a fresh volume, or someone removed a directory) are recorded as evicted: their
+    /// first use restores them from object storage. Run before anything uses a branch. Answers
+    /// how many.
+    pub async fn settle_missing(&self) -> Result<usize, ResidencyError> {
+        let branches = self.base.read(model::list_all_branches).await?;
+        let mut settled = 0;
+        for branch in branches {
+            if branch.state == BranchState::Evicted {
+                continue;
+            }
+            let key = BranchKey::new(&branch.project_id, &branch.branch_id);
+            if self.base.dir(&key).exists() {
+                continue;
+            }
+            let _guard = self.base.locks.lock(&key).await;
+            if self.base.dir(&key).exists() {
+                continue;
+            }
+            tracing::info!(branch = %key, "its directory is missing: recorded as evicted, restored on first use");
+            self.branches.set_state(&key, BranchState::Evicted).await?;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
     /// Branches object storage holds that the store does not know (this machine lost its
     /// volume, or another machine pushed them) are recorded as evicted, their projects
     /// registered without an owner when missing (so the operator's, like the CLI's): they show

@@ -85,7 +85,7 @@ pub enum SyncError {
 }
 
 impl SyncError {
-    fn store(what: &str, e: opendal::Error) -> Self {
+    pub(crate) fn store(what: &str, e: opendal::Error) -> Self {
         SyncError::Store(format!(
             "{what}: {e}; check S3_ENDPOINT, the credentials and the network, then retry"
         ))

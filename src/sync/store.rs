@@ -55,6 +55,35 @@ fn install_http_transport() {
 impl Store {
     /// Open the store of one branch (no request is made).
     pub fn open(config: &Config, project_id: &str, branch_id: &str) -> Result<Self, SyncError> {
+        let bucket = bucket_name(project_id, branch_id);
+        Self::open_at(
+            config,
+            &bucket,
+            &bucket,
+            &format!("/{project_id}/{branch_id}/"),
+        )
+    }
+
+    /// Open where the store's own backup goes (see `crate::backup`): `weldr-store` under the
+    /// fs store, `.weldr-store/` in the shared bucket (no branch id starts with a dot, so
+    /// discovery never takes it for a project), or its own bucket.
+    pub fn open_store_backup(config: &Config) -> Result<Self, SyncError> {
+        Self::open_at(
+            config,
+            "weldr-store",
+            &config.store_backup.bucket,
+            "/.weldr-store/",
+        )
+    }
+
+    /// Open a place: the directory `fs_dir` under the fs store, the bucket `own_bucket` when
+    /// every place has a bucket, or `shared_root` in `S3_BUCKET`.
+    fn open_at(
+        config: &Config,
+        fs_dir: &str,
+        own_bucket: &str,
+        shared_root: &str,
+    ) -> Result<Self, SyncError> {
         let s3 = &config.s3;
         let creds = match (&s3.access_key_id, &s3.secret_access_key) {
             (Some(k), Some(s)) => Some((k.expose().to_string(), s.expose().to_string())),
@@ -66,7 +95,7 @@ impl Store {
                     "cloud mode needs S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY".into(),
                 ));
             }
-            let bucket = bucket_name(project_id, branch_id);
+            let bucket = fs_dir.to_string();
             let root = config.object_store_dir.join(&bucket);
             // Writes go to a temp file and are renamed into place: a crash never leaves a
             // truncated `latest` or manifest.
@@ -85,9 +114,9 @@ impl Store {
         };
         install_http_transport();
         let (bucket, root, create) = match &s3.bucket {
-            Some(shared) => (shared.clone(), format!("/{project_id}/{branch_id}/"), None),
+            Some(shared) => (shared.clone(), shared_root.to_string(), None),
             None => {
-                let bucket = bucket_name(project_id, branch_id);
+                let bucket = own_bucket.to_string();
                 check_bucket_name(&bucket)?;
                 let create = BucketCreate {
                     endpoint: s3.endpoint.trim_end_matches('/').to_string(),

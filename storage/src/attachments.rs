@@ -83,7 +83,7 @@ pub fn put(
     }
     let id = content_id(&new.bytes);
     let key = (new.project_id.as_str(), id.as_str());
-    let mut records = ctx.tx().open_table(ATTACHMENTS)?;
+    let mut records = ctx.table(ATTACHMENTS)?;
     if let Some(existing) = records.get(key)? {
         return Ok((decode(existing.value())?, false));
     }
@@ -96,8 +96,7 @@ pub fn put(
         created_at_ms: now_ms,
     };
     records.insert(key, encode(&record).as_slice())?;
-    ctx.tx()
-        .open_table(ATTACHMENT_BYTES)?
+    ctx.table(ATTACHMENT_BYTES)?
         .insert(key, new.bytes.as_slice())?;
     Ok((record, true))
 }

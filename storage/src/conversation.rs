@@ -117,7 +117,7 @@ pub fn append(
     entry: &ConversationEntry,
 ) -> Result<u64, StorageError> {
     let k = key.as_str();
-    let mut t = ctx.tx().open_table(CONVERSATIONS)?;
+    let mut t = ctx.table(CONVERSATIONS)?;
     let last = t
         .range((k, 0)..=(k, u64::MAX))?
         .next_back()
@@ -217,7 +217,7 @@ pub fn copy_for_fork(
     point: &ForkPoint,
 ) -> Result<u64, StorageError> {
     let (f, d) = (from.as_str(), to.as_str());
-    let mut t = ctx.tx().open_table(CONVERSATIONS)?;
+    let mut t = ctx.table(CONVERSATIONS)?;
     let mut entries = Vec::new();
     for entry in t.range((f, 0)..=(f, u64::MAX))? {
         let (key, v) = entry?;
@@ -289,7 +289,7 @@ pub fn get_idempotency_for_update(
     key: &StreamKey,
     idempotency_key: &str,
 ) -> Result<Option<IdempotencyRecord>, StorageError> {
-    let t = ctx.tx().open_table(IDEMPOTENCY)?;
+    let t = ctx.table(IDEMPOTENCY)?;
     t.get((key.as_str(), idempotency_key))?
         .map(|v| decode(v.value()))
         .transpose()
@@ -301,7 +301,7 @@ pub fn put_idempotency(
     idempotency_key: &str,
     record: &IdempotencyRecord,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(IDEMPOTENCY)?;
+    let mut t = ctx.table(IDEMPOTENCY)?;
     t.insert((key.as_str(), idempotency_key), encode(record).as_slice())?;
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! never wait for it.
 
 pub mod attachments;
+pub mod backup;
 pub mod conversation;
 pub mod error;
 pub mod events;
@@ -43,6 +44,8 @@ pub struct StoreOptions {
     /// Size limit of the append log that makes event-only batches durable with one sequential
     /// write ([`wal`]); 0 commits every batch durably in redb instead.
     pub wal_bytes: u64,
+    /// Note what every commit changes, for a continuous backup ([`backup`]).
+    pub track_changes: bool,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +55,7 @@ impl Default for StoreOptions {
             cache_bytes: 32 << 20,
             max_batch: 1024,
             wal_bytes: 16 << 20,
+            track_changes: false,
         }
     }
 }
@@ -68,6 +72,7 @@ struct StoreInner {
     shared: Arc<Shared>,
     writer: Writer,
     readers: readers::Readers,
+    tracker: Option<Arc<backup::ChangeTracker>>,
     path: PathBuf,
     options: StoreOptions,
 }
@@ -131,6 +136,9 @@ impl Store {
             db: std::sync::RwLock::new(DbSlot::Open(db)),
             problem: std::sync::Mutex::new(None),
         });
+        let tracker = options
+            .track_changes
+            .then(|| Arc::new(backup::ChangeTracker::default()));
         let writer = Writer::start(
             shared.clone(),
             writer::Reopen {
@@ -139,12 +147,14 @@ impl Store {
             },
             wal,
             observer,
+            tracker.clone(),
         )?;
         Ok(Self {
             inner: Arc::new(StoreInner {
                 shared,
                 writer,
                 readers: readers::Readers::start(readers::Readers::default_threads())?,
+                tracker,
                 path: path.to_path_buf(),
                 options,
             }),
@@ -186,6 +196,23 @@ impl Store {
                 "a storage read failed (its thread panicked)".into(),
             ))
         })?
+    }
+
+    /// The notes of what commits changed, when the store was opened to track them.
+    pub fn tracker(&self) -> Option<&Arc<backup::ChangeTracker>> {
+        self.inner.tracker.as_ref()
+    }
+
+    /// Take the tracker's notes together with a snapshot holding exactly the commits they
+    /// describe (see [`backup`]); None when the store does not track changes.
+    pub fn take_changes(
+        &self,
+    ) -> Result<Option<(backup::Pending, redb::ReadTransaction)>, StorageError> {
+        let Some(tracker) = &self.inner.tracker else {
+            return Ok(None);
+        };
+        let db = self.inner.shared.db()?;
+        tracker.take(&db).map(Some)
     }
 
     pub fn writer(&self) -> &Writer {

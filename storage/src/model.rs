@@ -125,7 +125,7 @@ pub fn list_all_branches(rtx: &ReadTransaction) -> Result<Vec<BranchRecord>, Sto
 
 /// Insert a new project; `AlreadyExists` if the id is taken.
 pub fn insert_project(ctx: &mut WriteCtx<'_>, project: &ProjectRecord) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(PROJECTS)?;
+    let mut t = ctx.table(PROJECTS)?;
     if t.get(project.project_id.as_str())?.is_some() {
         return Err(StorageError::AlreadyExists(format!(
             "project {}",
@@ -138,7 +138,7 @@ pub fn insert_project(ctx: &mut WriteCtx<'_>, project: &ProjectRecord) -> Result
 
 /// Write a branch record (insert or replace).
 pub fn put_branch(ctx: &mut WriteCtx<'_>, branch: &BranchRecord) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(BRANCHES)?;
+    let mut t = ctx.table(BRANCHES)?;
     t.insert(
         (branch.project_id.as_str(), branch.branch_id.as_str()),
         encode(branch).as_slice(),
@@ -152,7 +152,7 @@ pub fn get_branch_for_update(
     project_id: &str,
     branch_id: &str,
 ) -> Result<Option<BranchRecord>, StorageError> {
-    let t = ctx.tx().open_table(BRANCHES)?;
+    let t = ctx.table(BRANCHES)?;
     t.get((project_id, branch_id))?
         .map(|v| decode(v.value()))
         .transpose()
@@ -162,7 +162,7 @@ pub fn project_exists_for_update(
     ctx: &mut WriteCtx<'_>,
     project_id: &str,
 ) -> Result<bool, StorageError> {
-    let t = ctx.tx().open_table(PROJECTS)?;
+    let t = ctx.table(PROJECTS)?;
     Ok(t.get(project_id)?.is_some())
 }
 
@@ -238,7 +238,7 @@ pub fn list_versions_for_update(
     project_id: &str,
     branch_id: &str,
 ) -> Result<Vec<VersionRecord>, StorageError> {
-    let t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    let t = ctx.table(crate::tables::VERSIONS)?;
     let mut out = Vec::new();
     for entry in t.range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))? {
         out.push(decode(entry?.1.value())?);
@@ -264,7 +264,7 @@ pub fn next_version_seq(
     project_id: &str,
     branch_id: &str,
 ) -> Result<u64, StorageError> {
-    let t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    let t = ctx.table(crate::tables::VERSIONS)?;
     let last = t
         .range((project_id, branch_id, 0)..=(project_id, branch_id, u64::MAX))?
         .next_back()
@@ -278,7 +278,7 @@ pub fn put_version(
     branch_id: &str,
     version: &VersionRecord,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(crate::tables::VERSIONS)?;
+    let mut t = ctx.table(crate::tables::VERSIONS)?;
     t.insert(
         (project_id, branch_id, version.seq),
         encode(version).as_slice(),
@@ -302,7 +302,7 @@ pub fn active_workflow_for_update(
     project_id: &str,
     branch_id: &str,
 ) -> Result<Option<String>, StorageError> {
-    let t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    let t = ctx.table(crate::tables::ACTIVE_WORKFLOWS)?;
     Ok(t.get((project_id, branch_id))?
         .map(|v| v.value().to_string()))
 }
@@ -314,7 +314,7 @@ pub fn claim_branch(
     branch_id: &str,
     workflow_id: &str,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    let mut t = ctx.table(crate::tables::ACTIVE_WORKFLOWS)?;
     if let Some(holder) = t.get((project_id, branch_id))? {
         let holder = holder.value().to_string();
         if holder != workflow_id {
@@ -332,7 +332,7 @@ pub fn release_branch(
     branch_id: &str,
     workflow_id: &str,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(crate::tables::ACTIVE_WORKFLOWS)?;
+    let mut t = ctx.table(crate::tables::ACTIVE_WORKFLOWS)?;
     let held = t
         .get((project_id, branch_id))?
         .map(|v| v.value() == workflow_id)
@@ -349,7 +349,7 @@ pub fn set_project_owner(
     project_id: &str,
     owner: &str,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(PROJECTS)?;
+    let mut t = ctx.table(PROJECTS)?;
     let current = t
         .get(project_id)?
         .map(|v| decode::<ProjectRecord>(v.value()))
@@ -402,7 +402,7 @@ pub fn get_sync_state_for_update(
     project_id: &str,
     branch_id: &str,
 ) -> Result<Option<SyncStateRecord>, StorageError> {
-    let t = ctx.tx().open_table(crate::tables::SYNC_STATE)?;
+    let t = ctx.table(crate::tables::SYNC_STATE)?;
     t.get((project_id, branch_id))?
         .map(|v| decode(v.value()))
         .transpose()
@@ -414,7 +414,7 @@ pub fn put_sync_state(
     branch_id: &str,
     state: &SyncStateRecord,
 ) -> Result<(), StorageError> {
-    let mut t = ctx.tx().open_table(crate::tables::SYNC_STATE)?;
+    let mut t = ctx.table(crate::tables::SYNC_STATE)?;
     t.insert((project_id, branch_id), encode(state).as_slice())?;
     Ok(())
 }

@@ -230,7 +230,7 @@ impl Record for JournalEntry {
 /// another workflow is active there.
 pub fn create_workflow(ctx: &mut WriteCtx<'_>, wf: &WorkflowRecord) -> Result<(), StorageError> {
     claim_branch(ctx, &wf.project_id, &wf.branch_id, &wf.workflow_id)?;
-    let mut t = ctx.tx().open_table(WORKFLOWS)?;
+    let mut t = ctx.table(WORKFLOWS)?;
     if t.get(wf.workflow_id.as_str())?.is_some() {
         return Err(StorageError::AlreadyExists(format!(
             "workflow {}",
@@ -244,7 +244,7 @@ pub fn create_workflow(ctx: &mut WriteCtx<'_>, wf: &WorkflowRecord) -> Result<()
 /// Replace a workflow record; a terminal status releases the branch in the same transaction.
 pub fn put_workflow(ctx: &mut WriteCtx<'_>, wf: &WorkflowRecord) -> Result<(), StorageError> {
     {
-        let mut t = ctx.tx().open_table(WORKFLOWS)?;
+        let mut t = ctx.table(WORKFLOWS)?;
         t.insert(wf.workflow_id.as_str(), encode(wf).as_slice())?;
     }
     if wf.status.is_terminal() {
@@ -265,7 +265,7 @@ pub fn get_workflow_for_update(
     ctx: &mut WriteCtx<'_>,
     workflow_id: &str,
 ) -> Result<Option<WorkflowRecord>, StorageError> {
-    let t = ctx.tx().open_table(WORKFLOWS)?;
+    let t = ctx.table(WORKFLOWS)?;
     t.get(workflow_id)?.map(|v| decode(v.value())).transpose()
 }
 
@@ -288,7 +288,7 @@ pub fn append_journal(
     workflow_id: &str,
     entry: &JournalEntry,
 ) -> Result<u64, StorageError> {
-    let mut t = ctx.tx().open_table(TOOL_JOURNAL)?;
+    let mut t = ctx.table(TOOL_JOURNAL)?;
     let last = t
         .range((workflow_id, 0)..=(workflow_id, u64::MAX))?
         .next_back()

@@ -23,7 +23,7 @@
 //! the way: what redb's unsynced commits held is still in the append log, which only a durable
 //! commit moves to a new epoch.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backup::ChangeTracker;
 use crate::events::{AppendObserver, Event, NewEvent, StoredEvent, StreamKey, StreamMeta};
 use crate::record::{decode, encode};
 use crate::tables::{EVENTS, META, STREAMS};
@@ -55,6 +56,8 @@ pub struct WriteCtx<'a> {
     appended: Vec<(StreamKey, Arc<Event>)>,
     events: Option<redb::Table<'a, (&'static str, u64), &'static [u8]>>,
     metas: HashMap<StreamKey, StreamMeta>,
+    /// Keys written through [`WriteCtx::table`], when the store tracks changes (backup).
+    changed: Option<RefCell<Vec<(Arc<str>, Vec<u8>)>>>,
 }
 
 impl<'a> WriteCtx<'a> {
@@ -66,14 +69,31 @@ impl<'a> WriteCtx<'a> {
             appended: Vec::new(),
             events: None,
             metas: HashMap::new(),
+            changed: None,
         }
     }
 
-    /// The transaction, for anything but appends (which go through [`WriteCtx::append`]). A
-    /// batch whose jobs use it is always committed durably by redb itself.
-    pub fn tx(&self) -> &'a WriteTransaction {
+    /// Note the keys written through [`WriteCtx::table`] (for the backup's increments).
+    pub(crate) fn tracking(mut self) -> Self {
+        self.changed = Some(RefCell::new(Vec::new()));
+        self
+    }
+
+    /// Open `table` for this job: reads as a redb table, and inserts and removals that the
+    /// store's backup notes. A batch whose jobs use it is committed durably by redb itself.
+    pub fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: redb::TableDefinition<'static, K, V>,
+    ) -> Result<Tracked<'_, K, V>, StorageError> {
         self.raw.set(true);
-        self.tx
+        Ok(Tracked {
+            name: self
+                .changed
+                .as_ref()
+                .map(|_| Arc::from(redb::TableHandle::name(&def))),
+            table: self.tx.open_table(def)?,
+            changed: self.changed.as_ref(),
+        })
     }
 
     /// Append one event to `stream` in this transaction; it gets the stream's next id.
@@ -219,6 +239,51 @@ impl<'a> WriteCtx<'a> {
     }
 }
 
+/// A table opened by a job ([`WriteCtx::table`]): derefs to the redb table for reads; writes
+/// go through [`Tracked::insert`] and [`Tracked::remove`], which note the key for the backup.
+pub struct Tracked<'c, K: redb::Key + 'static, V: redb::Value + 'static> {
+    table: redb::Table<'c, K, V>,
+    name: Option<Arc<str>>,
+    changed: Option<&'c RefCell<Vec<(Arc<str>, Vec<u8>)>>>,
+}
+
+impl<K: redb::Key + 'static, V: redb::Value + 'static> Tracked<'_, K, V> {
+    fn note(&self, key: &K::SelfType<'_>) {
+        if let (Some(changed), Some(name)) = (self.changed, &self.name) {
+            changed
+                .borrow_mut()
+                .push((name.clone(), K::as_bytes(key).as_ref().to_vec()));
+        }
+    }
+
+    pub fn insert<'k, 'v>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+        value: impl std::borrow::Borrow<V::SelfType<'v>>,
+    ) -> Result<(), StorageError> {
+        self.note(key.borrow());
+        self.table.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Remove `key`; answers whether it was there.
+    pub fn remove<'k>(
+        &mut self,
+        key: impl std::borrow::Borrow<K::SelfType<'k>>,
+    ) -> Result<bool, StorageError> {
+        self.note(key.borrow());
+        Ok(self.table.remove(key)?.is_some())
+    }
+}
+
+impl<'c, K: redb::Key + 'static, V: redb::Value + 'static> std::ops::Deref for Tracked<'c, K, V> {
+    type Target = redb::Table<'c, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
 /// The type of the events that stand for ids lost to a damaged append log.
 pub const LOST_EVENT: &str = "lost";
 
@@ -321,6 +386,7 @@ impl Writer {
         reopen: Reopen,
         wal: Option<Wal>,
         observer: Arc<dyn AppendObserver>,
+        tracker: Option<Arc<ChangeTracker>>,
     ) -> Result<Self, StorageError> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         // Checkpoints while appends are quiet, so that redb catches up on its own and a crash
@@ -345,7 +411,7 @@ impl Writer {
             .map_err(|e| StorageError::Database(format!("starting a thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("redb-writer".into())
-            .spawn(move || run(shared, reopen, rx, wal, tick, observer))
+            .spawn(move || run(shared, reopen, rx, wal, tick, observer, tracker))
             .map_err(|e| StorageError::Database(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             queue,
@@ -451,6 +517,7 @@ fn run(
     wal: Option<Wal>,
     tick: std::sync::mpsc::SyncSender<()>,
     observer: Arc<dyn AppendObserver>,
+    tracker: Option<Arc<ChangeTracker>>,
 ) {
     let max_batch = reopen.options.max_batch.max(1);
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
@@ -463,6 +530,7 @@ fn run(
         wal,
         tick,
         observer: observer.as_ref(),
+        tracker,
         broken: None,
         last_heal: None,
     };
@@ -546,6 +614,8 @@ struct BatchWriter<'a> {
     /// Wakes the checkpoint thread (see [`Self::nudge`]).
     tick: std::sync::mpsc::SyncSender<()>,
     observer: &'a dyn AppendObserver,
+    /// Notes of what each commit changed, for the store's backup.
+    tracker: Option<Arc<ChangeTracker>>,
     /// Why the database cannot write, while it cannot.
     broken: Option<String>,
     /// When writing again was last tried.
@@ -579,6 +649,9 @@ impl BatchWriter<'_> {
         let mut per_job: Vec<Vec<(StreamKey, Arc<Event>)>> = Vec::with_capacity(batch.len());
         let mut failure = None;
         let mut ctx = WriteCtx::new(&tx, self.retention);
+        if self.tracker.is_some() {
+            ctx = ctx.tracking();
+        }
         for job in batch.iter_mut() {
             match job.apply(&mut ctx) {
                 Ok(()) => per_job.push(std::mem::take(&mut ctx.appended)),
@@ -589,6 +662,11 @@ impl BatchWriter<'_> {
             }
         }
         let only_appends = !ctx.raw.get();
+        let changed = ctx
+            .changed
+            .take()
+            .map(RefCell::into_inner)
+            .unwrap_or_default();
         match ctx.finish() {
             Err(e) if failure.is_none() => failure = Some(e),
             _ => {}
@@ -615,7 +693,19 @@ impl BatchWriter<'_> {
                 return;
             }
         };
-        match tx.commit() {
+        // The backup's notes of this batch, held across the commit: a snapshot opened under
+        // the same lock holds exactly the commits whose notes were taken with it.
+        let noted = self.tracker.as_deref().map(|tracker| {
+            let streams: Vec<StreamKey> = per_job
+                .iter()
+                .flatten()
+                .map(|(stream, _)| stream.clone())
+                .collect();
+            tracker.note(changed, &streams)
+        });
+        let committed = tx.commit();
+        drop(noted);
+        match committed {
             Ok(()) => {
                 if let Some(wal) = self.wal.as_mut()
                     && let Commit::Checkpoint(epoch) = logged

@@ -117,7 +117,7 @@ async fn acknowledged_appends_survive_a_crash_through_the_append_log() {
         store
             .writer()
             .write(|ctx| {
-                ctx.tx().open_table(META)?.insert("test", &[1u8][..])?;
+                ctx.table(META)?.insert("test", &[1u8][..])?;
                 Ok(())
             })
             .await
