@@ -7,78 +7,22 @@
 
 #[path = "common/git.rs"]
 mod git_cli;
+#[path = "common/s3.rs"]
+mod s3_server;
 #[path = "common/tree.rs"]
 mod tree;
 
 use git_cli::git;
+use s3_server::s3;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weldr_agent::branches::BranchKey;
 use weldr_agent::config::{Config, Secret};
 use weldr_agent::sync::{self, PullReport, PushOptions, SyncError, manifest};
-
-struct S3 {
-    endpoint: String,
-    child: Option<Child>,
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn s3() -> S3 {
-    weldr_agent::install_crypto_provider();
-    if let Ok(endpoint) = std::env::var("WELDR_TEST_S3_ENDPOINT")
-        && !endpoint.is_empty()
-    {
-        return S3 {
-            endpoint,
-            child: None,
-        };
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "WELDR_TEST_S3_ENDPOINT is not set in CI: run the tests through scripts/test.sh"
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto (pip install 'moto[server]') or set WELDR_TEST_S3_ENDPOINT");
-    let s3 = S3 {
-        endpoint: format!("http://127.0.0.1:{port}"),
-        child: Some(child),
-    };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return s3;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("moto did not start on port {port}");
-}
 
 fn s3_config(base: &Path, endpoint: &str) -> Config {
     let mut config = Config::for_workspace(base);

@@ -26,6 +26,45 @@ pub struct Health {
     sandbox: HealthSandbox,
     /// The background workers (syncer, evictor, recovery, ...).
     workers: Vec<HealthWorker>,
+    /// The store's continuous backup; absent when it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_backup: Option<HealthBackup>,
+}
+
+/// The store's continuous backup (see the README, "Losing the machine").
+#[derive(Serialize, ToSchema)]
+#[salvo(schema(name = HealthBackup))]
+#[serde(rename_all = "camelCase")]
+pub struct HealthBackup {
+    /// The current generation (its full copy's time and a random suffix), none before the first.
+    generation: Option<String>,
+    /// Increments shipped in the current generation.
+    increments: u64,
+    full_copies: u64,
+    bytes_shipped: u64,
+    /// Requests made to object storage.
+    requests: u64,
+    /// When something was last shipped (ms since the epoch).
+    last_shipped_at_ms: Option<u64>,
+    /// From the oldest commit the last increment carried to its upload's end.
+    last_lag_ms: Option<u64>,
+    /// How long the oldest change not yet shipped has waited; 0 when everything is shipped.
+    pending_ms: u64,
+}
+
+impl From<crate::backup::BackupStats> for HealthBackup {
+    fn from(s: crate::backup::BackupStats) -> Self {
+        Self {
+            generation: s.generation,
+            increments: s.increments,
+            full_copies: s.full_copies,
+            bytes_shipped: s.bytes_shipped,
+            requests: s.requests,
+            last_shipped_at_ms: s.last_shipped_at_ms,
+            last_lag_ms: s.last_lag_ms,
+            pending_ms: s.pending_ms,
+        }
+    }
 }
 
 /// One background worker.
@@ -107,5 +146,6 @@ pub async fn health(depot: &mut Depot, res: &mut Response) -> Result<Json<Health
         subscribers: app.bus.total_subscribers(),
         sandbox: app.sandbox.status().into(),
         workers: app.workers.status().into_iter().map(Into::into).collect(),
+        store_backup: app.backup.as_ref().map(|b| b.stats().into()),
     }))
 }

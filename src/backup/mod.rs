@@ -357,22 +357,17 @@ impl StoreBackup {
             if name.as_str() > current {
                 continue;
             }
-            let keep = if name == current {
+            let keep = name == current
+                || (complete < self.settings.keep
+                    && self
+                        .objects
+                        .operator()
+                        .exists(&format::manifest_path(name))
+                        .await
+                        .unwrap_or(true));
+            if keep {
                 complete += 1;
-                true
-            } else if complete < self.settings.keep
-                && self
-                    .objects
-                    .operator()
-                    .exists(&format::manifest_path(name))
-                    .await
-                    .unwrap_or(true)
-            {
-                complete += 1;
-                true
-            } else {
-                false
-            };
+            }
             if !keep {
                 self.objects.count();
                 self.objects

@@ -57,7 +57,7 @@ pub struct WriteCtx<'a> {
     events: Option<redb::Table<'a, (&'static str, u64), &'static [u8]>>,
     metas: HashMap<StreamKey, StreamMeta>,
     /// Keys written through [`WriteCtx::table`], when the store tracks changes (backup).
-    changed: Option<RefCell<Vec<(Arc<str>, Vec<u8>)>>>,
+    changed: Option<RefCell<Vec<Noted>>>,
 }
 
 impl<'a> WriteCtx<'a> {
@@ -239,12 +239,15 @@ impl<'a> WriteCtx<'a> {
     }
 }
 
+/// A key a job wrote: its table's name and the key's bytes.
+type Noted = (Arc<str>, Vec<u8>);
+
 /// A table opened by a job ([`WriteCtx::table`]): derefs to the redb table for reads; writes
 /// go through [`Tracked::insert`] and [`Tracked::remove`], which note the key for the backup.
 pub struct Tracked<'c, K: redb::Key + 'static, V: redb::Value + 'static> {
     table: redb::Table<'c, K, V>,
     name: Option<Arc<str>>,
-    changed: Option<&'c RefCell<Vec<(Arc<str>, Vec<u8>)>>>,
+    changed: Option<&'c RefCell<Vec<Noted>>>,
 }
 
 impl<K: redb::Key + 'static, V: redb::Value + 'static> Tracked<'_, K, V> {
