@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use binary::{free_port, run_ok, serve_with, sigkill};
 use common::{Frame, SseClient, client_with_token};
-use fake_llm::{FakeLlm, Reply, Turn};
+use fake_llm::{FakeLlm, Reply, Turn, call, plan_args};
 use serde_json::{Value, json};
 
 fn unique(prefix: &str) -> String {
@@ -53,19 +53,6 @@ impl Machine {
     fn serve(&self, ws: &Path, port: u16) -> Child {
         serve_with(ws, port, &self.envs())
     }
-}
-
-fn plan() -> String {
-    json!({
-        "acceptanceCriteria": ["hello.txt says hello"],
-        "tasks": [{"id": 1, "summary": "write hello", "description": "create hello.txt",
-                   "acceptanceCriteria": ["exists"], "dependencies": []}]
-    })
-    .to_string()
-}
-
-fn call(id: &str, name: &str, args: Value) -> Reply {
-    Reply::Turn(Turn::default().call(id, name, &[&args.to_string()]))
 }
 
 async fn health(http: &reqwest::Client, port: u16) -> Value {
@@ -111,7 +98,7 @@ async fn a_fresh_machine_gets_the_store_back_from_its_backup() {
     // The unfinished workflow's model: the second request (from A) stalls; B's asks again.
     let fake = FakeLlm::start(vec![
         // Workflow 1 on `done`: completes on A and makes a version.
-        Reply::Turn(Turn::default().call("c1", "submit_plan", &[&plan()])),
+        Reply::Turn(Turn::default().call("c1", "submit_plan", &[&plan_args()])),
         call(
             "c2",
             "write_file",
@@ -120,7 +107,7 @@ async fn a_fresh_machine_gets_the_store_back_from_its_backup() {
         call("c3", "done", json!({"summary": "wrote hello.txt"})),
         // Workflow 2 on `wip`: stalls in planning on A.
         Reply::Stall,
-        Reply::Turn(Turn::default().call("c4", "submit_plan", &[&plan()])),
+        Reply::Turn(Turn::default().call("c4", "submit_plan", &[&plan_args()])),
         call(
             "c5",
             "write_file",

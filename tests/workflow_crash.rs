@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use binary::{cli, free_port, run_ok, serve_with, sigkill};
 use common::{Frame, SseClient, client_with_token};
-use fake_llm::{FakeLlm, Reply, Turn};
+use fake_llm::{FakeLlm, Reply, Turn, call, plan_args};
 use serde_json::{Value, json};
 
 struct Harness {
@@ -155,19 +155,6 @@ async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     }
     // Let the server get properly into the step before the kill.
     tokio::time::sleep(Duration::from_millis(150)).await;
-}
-
-fn plan_args() -> String {
-    json!({
-        "acceptanceCriteria": ["hello.txt says hello"],
-        "tasks": [{"id": 1, "summary": "write hello", "description": "create hello.txt",
-                   "acceptanceCriteria": ["exists"], "dependencies": []}]
-    })
-    .to_string()
-}
-
-fn call(id: &str, name: &str, args: Value) -> Reply {
-    Reply::Turn(Turn::default().call(id, name, &[&args.to_string()]))
 }
 
 fn write_hello(id: &str) -> Reply {

@@ -103,6 +103,21 @@ impl Turn {
     }
 }
 
+/// A plan for `submit_plan`: one task that writes hello.txt.
+pub fn plan_args() -> String {
+    json!({
+        "acceptanceCriteria": ["hello.txt says hello"],
+        "tasks": [{"id": 1, "summary": "write hello", "description": "create hello.txt",
+                   "acceptanceCriteria": ["exists"], "dependencies": []}]
+    })
+    .to_string()
+}
+
+/// A turn that calls one tool with `args`.
+pub fn call(id: &str, name: &str, args: Value) -> Reply {
+    Reply::Turn(Turn::default().call(id, name, &[&args.to_string()]))
+}
+
 #[derive(Debug, Clone)]
 pub enum Reply {
     Turn(Turn),
