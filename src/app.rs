@@ -114,6 +114,7 @@ impl App {
             base.clone(),
             branches.clone(),
             syncer.clone(),
+            residency.clone(),
             sandbox.clone(),
         ));
         Ok(Arc::new(Self {

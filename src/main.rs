@@ -235,8 +235,15 @@ impl Target {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The file watcher's crate warns when a watched directory it is told to drop is already
+    // gone (a restore swapping a branch's directory): noise, unless asked for by name.
+    let directives = if config.log_level.contains("notify") {
+        config.log_level.clone()
+    } else {
+        format!("{},notify=error", config.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -325,10 +325,31 @@ async fn a_fresh_machine_gets_the_store_back_from_its_backup() {
         .await
         .unwrap();
     assert_eq!(wf["status"], "complete");
-    // Not yet: the unfinished workflow on `wip` is recovered before its branch directory is
-    // restored, and fails ("the branch directory is not usable"); recovery must make the branch
-    // present first (open in issue 18's note).
-    let _ = &wip_wf;
+    // Recovery brings `wip` back from object storage before the run goes on; it completes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wf = loop {
+        let wf: Value = http
+            .get(b_url(&format!("/workflows/{wip_wf}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["complete", "failed", "cancelled"].contains(&wf["status"].as_str().unwrap_or("")) {
+            break wf;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recovered workflow never ended: {wf:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(wf["status"], "complete", "{wf:#}");
+    assert_eq!(
+        std::fs::read_to_string(b_ws.join("wip").join("hello.txt")).unwrap(),
+        "hello again\n"
+    );
     sigkill(&mut b);
 }
 

@@ -29,6 +29,7 @@ use crate::branches::{BranchError, BranchKey, Branches};
 use crate::llm::{
     ChatRequest, Delta, LlmProvider, Message, ModelSpec, Part, Role, ToolSpec, provider_for,
 };
+use crate::residency::{Residency, ResidencyError};
 use crate::stream::{EventError, new_event};
 use crate::sync::syncer::{Syncer, Trigger};
 use crate::worker::{Worker, WorkerState};
@@ -64,6 +65,8 @@ pub struct Workflows {
     base: Base,
     branches: Arc<Branches>,
     syncer: Arc<Syncer>,
+    /// Brings a recovered workflow's branch back when it was evicted or lost with the volume.
+    residency: Arc<Residency>,
     permits: Arc<Semaphore>,
     tools: RwLock<Arc<dyn Tools>>,
     /// Where commands (run_command, the build) run.
@@ -79,6 +82,7 @@ impl Workflows {
         base: Base,
         branches: Arc<Branches>,
         syncer: Arc<Syncer>,
+        residency: Arc<Residency>,
         sandbox: Arc<crate::sandbox::Sandbox>,
     ) -> Self {
         let concurrency = base.config.workflow_concurrency;
@@ -86,6 +90,7 @@ impl Workflows {
             base,
             branches,
             syncer,
+            residency,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tools: RwLock::new(Arc::new(BranchTools {
                 sandbox: sandbox.clone(),
@@ -554,7 +559,10 @@ fn spawn(engine: Arc<Workflows>, id: String) {
             },
             _ = cancel.cancelled() => None,
         };
-        let outcome = drive(&engine, &id).await;
+        let outcome = match present(&engine, &id, &cancel).await {
+            Ok(()) => drive(&engine, &id).await,
+            Err(stop) => Err(stop),
+        };
         engine.forget_cancel_signal(&id);
         let end = match outcome {
             Ok(()) | Err(Stop::Shutdown) => return,
@@ -567,6 +575,44 @@ fn spawn(engine: Arc<Workflows>, id: String) {
             tracing::warn!(workflow = %id, error = %e, "could not record the end of a workflow");
         }
     });
+}
+
+/// Make the workflow's branch present before the run touches its directory: a workflow
+/// recovered at start may find its branch evicted, or gone with a lost volume (the store
+/// restored from its backup, the branch settled as evicted). Object storage out of reach or a
+/// full disk is waited out with backoff, not turned into a failed workflow; anything else
+/// fails it with the reason.
+async fn present(
+    engine: &Workflows,
+    id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), Stop> {
+    let wf = load(engine, id).await?;
+    if wf.status.is_terminal() {
+        return Ok(());
+    }
+    let key = BranchKey::new(&wf.project_id, &wf.branch_id);
+    let mut attempt = 0;
+    loop {
+        check(engine, &load(engine, id).await?)?;
+        match engine.residency.ensure_present(&key).await {
+            Ok(_) => return Ok(()),
+            Err(e @ (ResidencyError::RestoreFailed { .. } | ResidencyError::DiskFull { .. })) => {
+                attempt += 1;
+                tracing::warn!(workflow = %id, branch = %key, error = %e, attempt, "the workflow waits for its branch");
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::worker::backoff(attempt)) => {}
+                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                    _ = engine.base.shutdown.cancelled() => return Err(Stop::Shutdown),
+                }
+            }
+            Err(e) => {
+                return Err(Stop::Fail(format!(
+                    "the branch could not be made ready: {e}"
+                )));
+            }
+        }
+    }
 }
 
 /// Record a terminal status (releasing the branch) with its `error`, `status` and `end` events.
