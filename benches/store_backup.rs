@@ -18,12 +18,9 @@
 //!
 //! 1. Backup lag under that load with `STORE_BACKUP_INTERVAL_MS` 1000 (the default) and 200,
 //!    shipped by the real [`BackupWorker`] under the real [`Workers`] runner, as the server
-//!    runs it (a unit that shipped something is followed at once by the next; the worker
-//!    waits half the interval only after a unit that found nothing). Lag is from the oldest
-//!    commit an increment carries to the end of its upload (`BackupStats::lags_us`); also
-//!    increments/s, requests/s and bytes/s shipped. For comparison, one run per interval of a
-//!    *paced* worker that waits half the interval before every unit (what the module's
-//!    documentation describes: "a busy one makes about two a second").
+//!    runs it (the worker waits for a change and then half the interval before every unit).
+//!    Lag is from the oldest commit an increment carries to the end of its upload
+//!    (`BackupStats::lags_us`); also increments/s, requests/s and bytes/s shipped.
 //! 2. Append latency (p50/p99/p99.9) with the backup on (store tracking changes, worker
 //!    shipping) against off (`track_changes: false`, no worker). The three configurations
 //!    (off, on at 1 s, on at 200 ms) take turns within each of 3 repeats of 10 s, the order
@@ -207,30 +204,25 @@ struct Tally {
     units: u64,
     increments: u64,
     full_copies: u64,
-    /// Units that found nothing to ship.
-    nothing: u64,
     /// Lag of every increment, in µs.
     lags_us: Vec<u64>,
 }
 
 /// [`BackupWorker`] with a tally of each unit (read from the backup's stats after it), so the
-/// benchmark sees every increment however many there are. `paced` answers Idle after every
-/// unit, so that the runner waits (`wait_for_work`: half the interval) before each one.
+/// benchmark sees every increment however many there are.
 struct Counted {
     inner: BackupWorker,
     backup: Arc<StoreBackup>,
     tally: Arc<Mutex<Tally>>,
-    paced: bool,
     last: (u64, u64, Option<String>),
 }
 
 impl Counted {
-    fn new(backup: Arc<StoreBackup>, tally: Arc<Mutex<Tally>>, paced: bool) -> Self {
+    fn new(backup: Arc<StoreBackup>, tally: Arc<Mutex<Tally>>) -> Self {
         Counted {
             inner: BackupWorker::new(backup.clone()),
             backup,
             tally,
-            paced,
             last: (0, 0, None),
         }
     }
@@ -261,14 +253,9 @@ impl Worker for Counted {
             let kept = s.lags_us.len();
             t.lags_us
                 .extend(s.lags_us.iter().skip(kept.saturating_sub(new as usize)));
-        } else {
-            t.nothing += 1;
         }
         self.last = (s.full_copies, s.increments, s.generation.clone());
-        match outcome {
-            Ok(WorkerState::Busy) if self.paced => Ok(WorkerState::Idle),
-            other => other,
-        }
+        outcome
     }
 
     async fn wait_for_work(&mut self) {
@@ -285,7 +272,7 @@ struct Shipper {
 
 impl Shipper {
     /// Start the worker and wait for its first full copy (and for it to go idle).
-    async fn start(store: &Store, config: &Config, paced: bool) -> Shipper {
+    async fn start(store: &Store, config: &Config) -> Shipper {
         let objects = Objects::open_store_backup(config).expect("open the backup's objects");
         let backup = Arc::new(StoreBackup::with_objects(
             store.clone(),
@@ -294,7 +281,7 @@ impl Shipper {
         ));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let workers = Workers::new(CancellationToken::new());
-        workers.spawn(Counted::new(backup.clone(), tally.clone(), paced));
+        workers.spawn(Counted::new(backup.clone(), tally.clone()));
         let deadline = Instant::now() + Duration::from_secs(120);
         while backup.stats().full_copies == 0 {
             assert!(Instant::now() < deadline, "no full copy after 120 s");
@@ -413,8 +400,6 @@ struct Mode {
     name: &'static str,
     /// None: off (the store does not track changes, no worker).
     interval: Option<Duration>,
-    /// The worker waits half the interval before every unit, not only after an idle spell.
-    paced: bool,
 }
 
 /// The configurations that take turns, in the order of the first repeat.
@@ -422,32 +407,14 @@ const MODES: [Mode; 3] = [
     Mode {
         name: "off",
         interval: None,
-        paced: false,
     },
     Mode {
         name: "on, interval 1 s",
         interval: Some(DEFAULT_INTERVAL),
-        paced: false,
     },
     Mode {
         name: "on, interval 200 ms",
         interval: Some(FAST_INTERVAL),
-        paced: false,
-    },
-];
-
-/// For comparison, one run each: what the module's documentation describes ("waits half of
-/// `STORE_BACKUP_INTERVAL_MS` to batch, so a busy one makes about two a second").
-const PACED: [Mode; 2] = [
-    Mode {
-        name: "paced, interval 1 s",
-        interval: Some(DEFAULT_INTERVAL),
-        paced: true,
-    },
-    Mode {
-        name: "paced, interval 200 ms",
-        interval: Some(FAST_INTERVAL),
-        paced: true,
     },
 ];
 
@@ -463,7 +430,7 @@ async fn load_run(scratch: &Path, backend: &Backend, mode: Mode, window: Duratio
         Some(iv) => {
             let bucket = format!("bench-load-{}", unique());
             let config = backend.config(dir.path(), iv, &bucket);
-            Some(Shipper::start(&store, &config, mode.paced).await)
+            Some(Shipper::start(&store, &config).await)
         }
         None => None,
     };
@@ -706,7 +673,7 @@ async fn idle(scratch: &Path, backend: &Backend, plan: &Plan) -> Idle {
     fill_events(&store, 10, 100).await;
     let bucket = format!("bench-idle-{}", unique());
     let config = backend.config(dir.path(), DEFAULT_INTERVAL, &bucket);
-    let shipper = Shipper::start(&store, &config, false).await;
+    let shipper = Shipper::start(&store, &config).await;
     // Past the first interval: the notes the copy took left one wake-up behind (a unit that
     // finds nothing), which is the copy's, not the idle store's.
     tokio::time::sleep(DEFAULT_INTERVAL).await;
@@ -832,12 +799,8 @@ fn lag_table(out: &mut String, backend: &Backend, rows: &[(Mode, &[Run])], windo
             lags.extend(&s.tally.lags_us);
             incs += s.tally.increments;
             reqs += s.requests;
-            // Every unit that found nothing went back to waiting; paced, every unit does.
-            waits += if mode.paced {
-                s.tally.units
-            } else {
-                s.tally.nothing
-            };
+            // The worker waits before every unit.
+            waits += s.tally.units;
             bytes += s.bytes;
             secs += run.load.secs;
         }
@@ -1033,31 +996,14 @@ async fn load_runs(scratch: &Path, backend: &Backend, plan: &Plan) -> Vec<Vec<Ru
     runs
 }
 
-/// Section 1 and 2 on `backend`, with the paced comparison when `paced`.
-async fn load_section(
-    out: &mut String,
-    scratch: &Path,
-    backend: &Backend,
-    plan: &Plan,
-    paced: bool,
-) {
+/// Section 1 and 2 on `backend`.
+async fn load_section(out: &mut String, scratch: &Path, backend: &Backend, plan: &Plan) {
     let runs = load_runs(scratch, backend, plan).await;
-    let mut extra = Vec::new();
-    if paced {
-        for mode in PACED {
-            progress(&format!("{}: backup {}", backend.name(), mode.name));
-            extra.push((
-                mode,
-                vec![one_run(scratch, backend, mode, plan.window).await],
-            ));
-        }
-    }
-    let mut rows: Vec<(Mode, &[Run])> = MODES
+    let rows: Vec<(Mode, &[Run])> = MODES
         .iter()
         .zip(&runs)
         .map(|(m, r)| (*m, r.as_slice()))
         .collect();
-    rows.extend(extra.iter().map(|(m, r)| (*m, r.as_slice())));
     lag_table(out, backend, &rows, plan.window);
     latency_table(out, backend, &runs, plan.window);
 }
@@ -1085,7 +1031,7 @@ fn main() {
     );
     rt.block_on(async {
         let fs = Backend::Fs;
-        load_section(&mut out, scratch.path(), &fs, &plan, true).await;
+        load_section(&mut out, scratch.path(), &fs, &plan).await;
 
         progress("restore (a): events");
         let a = restore_events(scratch.path(), &plan).await;
@@ -1104,7 +1050,7 @@ fn main() {
                     repeats: 1,
                     ..Plan::new()
                 };
-                load_section(&mut out, scratch.path(), &s3, &s3_plan, false).await;
+                load_section(&mut out, scratch.path(), &s3, &s3_plan).await;
             }
             None => out.push_str(
                 "\n(S3 rows skipped: `python3 -m moto.server` did not start, or BENCH_S3=0.)\n",
