@@ -12,7 +12,7 @@ LAYERS = {
     "main": 6, "server": 6, "lib": 6,
     "api": 5, "control": 5, "app": 5,
     "workflow": 4,
-    "residency": 3,
+    "residency": 3, "integrations": 3,
     "branches": 2, "sync": 2, "evict": 2,
     "base": 1, "auth": 1, "stream": 1, "llm": 1, "tools": 1, "sandbox": 1, "git": 1,
     "worker": 1,
@@ -21,11 +21,12 @@ LAYERS = {
 # Same-layer uses that are allowed (from, to): branches asks the syncer for a push after a
 # version, eviction pushes and verifies before it deletes, base wraps the stream bus, tools run
 # commands in the sandbox and describe themselves with llm's ToolSpec, the interfaces use the
-# composition root, and the control socket shows errors as the API does.
+# composition root, the control socket shows errors as the API does, and integration installs
+# make their branch present.
 SIDEWAYS = {
     ("branches", "sync"), ("evict", "sync"), ("base", "stream"), ("tools", "sandbox"),
     ("tools", "llm"), ("api", "app"), ("control", "app"), ("control", "api"), ("config", "ids"),
-    ("main", "server"),
+    ("main", "server"), ("integrations", "residency"),
 }
 # Leaf files inside a layered module that lower layers may use (path prefix -> layer).
 LEAVES = {"branches::layout": 0, "branches::layers": 0}

@@ -43,6 +43,8 @@ pub struct App {
     pub evictor: Arc<Evictor>,
     /// The workflow engine.
     pub workflows: Arc<Workflows>,
+    /// The integration catalog and install queue.
+    pub integrations: Arc<crate::integrations::Integrations>,
     /// Where the agent's commands run.
     pub sandbox: Arc<crate::sandbox::Sandbox>,
     /// The background workers (started by the server).
@@ -110,13 +112,23 @@ impl App {
             branches.clone(),
             evictor.clone(),
         ));
+        let integrations = Arc::new(crate::integrations::Integrations::new(
+            base.clone(),
+            branches.clone(),
+            residency.clone(),
+        ));
         let workflows = Arc::new(Workflows::new(
             base.clone(),
             branches.clone(),
             syncer.clone(),
             residency.clone(),
+            integrations.clone(),
             sandbox.clone(),
         ));
+        integrations.set_after_install(Arc::new(StartAfterInstall {
+            workflows: Arc::downgrade(&workflows),
+            model: config.providers.default_model.clone(),
+        }));
         Ok(Arc::new(Self {
             stream_limiter: ConnectionLimiter::new(config.sse_max_per_user),
             trigger_limiter: RateLimiter::new(config.trigger_rate_per_minute),
@@ -133,6 +145,7 @@ impl App {
             syncer,
             evictor,
             workflows,
+            integrations,
             sandbox,
             backup,
         }))
@@ -160,4 +173,38 @@ pub async fn prepare(app: &App) -> Result<(), BranchError> {
         }
     }
     Ok(())
+}
+
+/// `triggerWorkflow` of an install request: once its installs have run, a workflow starts on
+/// the branch with a message naming them (integrations stand below workflows, so the
+/// composition root connects the two).
+struct StartAfterInstall {
+    workflows: std::sync::Weak<Workflows>,
+    model: String,
+}
+
+#[async_trait::async_trait]
+impl crate::integrations::AfterInstall for StartAfterInstall {
+    async fn start_workflow(
+        &self,
+        key: &crate::branches::BranchKey,
+        message: String,
+    ) -> Result<String, String> {
+        let engine = self.workflows.upgrade().ok_or("the server is stopping")?;
+        let input = crate::workflow::UserInput {
+            text: message,
+            attachments: Vec::new(),
+        };
+        crate::workflow::trigger(
+            &engine,
+            &key.project_id,
+            &key.branch_id,
+            input,
+            self.model.clone(),
+            None,
+        )
+        .await
+        .map(|t| t.workflow.workflow_id)
+        .map_err(|e| e.to_string())
+    }
 }

@@ -188,6 +188,8 @@ pub struct Config {
     /// sequential write); false: every batch is a durable redb commit.
     pub append_log: bool,
     pub store_backup: StoreBackupSettings,
+    /// `DATABASE_URL` for the generated app's `.env` (local mode).
+    pub integration_database_url: String,
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
     pub shutdown_timeout: Duration,
     pub sse_heartbeat: Duration,
@@ -645,6 +647,18 @@ const STORE_BACKUP_BUCKET: Setting<String> = Setting {
     parse: |v| Ok(v.to_string()),
     meaning: "bucket of the store's backup when branches have a bucket each (with `S3_BUCKET` it goes under `.weldr-store/` there; fs: `WELDR_OBJECT_STORE_DIR/weldr-store`)",
 };
+const INTEGRATION_DATABASE_URL: Setting<String> = Setting {
+    var: "INTEGRATION_DATABASE_URL",
+    unset: WhenUnset::Value("postgres://postgres@127.0.0.1:5432/postgres"),
+    parse: |v| {
+        if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+            Ok(v.to_string())
+        } else {
+            Err("expected a postgres:// URL".into())
+        }
+    },
+    meaning: "the `DATABASE_URL` local-mode integrations write into the generated app's `.env` (git-ignored)",
+};
 const SHUTDOWN_TIMEOUT_SECONDS: Setting<Duration> = Setting {
     var: "SHUTDOWN_TIMEOUT_SECONDS",
     unset: WhenUnset::Value("20"),
@@ -850,6 +864,7 @@ pub const SETTINGS: &[&dyn Listed] = &[
     &STORE_BACKUP_FULL_SECONDS,
     &STORE_BACKUP_KEEP,
     &STORE_BACKUP_BUCKET,
+    &INTEGRATION_DATABASE_URL,
     &SHUTDOWN_TIMEOUT_SECONDS,
     &LOG_LEVEL,
     &AUTH_COOKIE_PREFIX,
@@ -1105,6 +1120,7 @@ impl Config {
                 keep: env.value(&STORE_BACKUP_KEEP)?,
                 bucket: env.value(&STORE_BACKUP_BUCKET)?,
             },
+            integration_database_url: env.value(&INTEGRATION_DATABASE_URL)?,
             shutdown_timeout: env.value(&SHUTDOWN_TIMEOUT_SECONDS)?,
             sse_heartbeat: Duration::from_secs(15),
             auth_cookie_prefix: env.value(&AUTH_COOKIE_PREFIX)?,

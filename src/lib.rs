@@ -17,6 +17,7 @@ pub mod excludes;
 pub mod fsx;
 pub mod git;
 pub mod ids;
+pub mod integrations;
 pub mod llm;
 pub mod residency;
 pub mod sandbox;

@@ -72,10 +72,37 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The integration catalog, and rendering it outside a branch.
+    Integrations {
+        #[command(subcommand)]
+        command: IntegrationsCommand,
+    },
     /// Manage local API tokens (sent as `Authorization: Bearer <token>`).
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IntegrationsCommand {
+    /// Print each integration: key, category, dependencies, template version.
+    List,
+    /// Render the base monorepo and the given integrations (dependencies first) into a
+    /// directory, exactly as installs into a branch write them in local mode (`.env` files
+    /// included). Prints each file written.
+    Render {
+        /// Where to render (made when missing).
+        out: std::path::PathBuf,
+        /// Integration keys, e.g. orpc tanstack-start postgresql better-auth.
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// `DATABASE_URL` for the generated `.env`.
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        database_url: String,
+        /// The project id the templates are rendered for (names the packages).
+        #[arg(long, default_value = "app")]
+        project: String,
     },
 }
 
@@ -405,6 +432,7 @@ async fn run(cli: Cli, config: Config) -> Result<()> {
             command: StoreCommand::Recover,
         } => store_recover(config).await,
         Command::RestoreStore { at, force } => restore_store(config, at, force).await,
+        Command::Integrations { command } => integrations_command(command),
         Command::Token {
             command: TokenCommand::Create { name },
         } => {
@@ -509,6 +537,45 @@ fn utc_time(ms: u64) -> String {
 
 /// `store recover`: on the store file itself; refused while a server holds it.
 /// `restore-store`: the store from its backup, with the server stopped.
+fn integrations_command(command: IntegrationsCommand) -> Result<()> {
+    use weldr_agent::integrations::{self, catalog::Catalog};
+    match command {
+        IntegrationsCommand::List => {
+            let catalog = Catalog::get().map_err(|e| anyhow!("{e}"))?;
+            for i in &catalog.integrations {
+                let m = &i.manifest;
+                println!(
+                    "{}\t{}\t{}\tdepends on: {}",
+                    m.key,
+                    m.category,
+                    m.version,
+                    if m.depends_on.is_empty() {
+                        "-".to_string()
+                    } else {
+                        m.depends_on.join(", ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        IntegrationsCommand::Render {
+            out,
+            keys,
+            database_url,
+            project,
+        } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let written = integrations::render_into(&out, &keys, &project, &database_url)
+                .map_err(|e| anyhow!("{e}"))?;
+            for path in &written {
+                println!("{path}");
+            }
+            println!("RENDERED={}", written.len());
+            Ok(())
+        }
+    }
+}
+
 async fn restore_store(config: Config, at: Option<String>, force: bool) -> Result<()> {
     use weldr_agent::backup::{format::rfc3339, restore};
     let at_ms = at

@@ -197,6 +197,9 @@ fn start_workers(app: &Arc<App>) -> DirtyWatcher {
     let workers = &app.workers;
     workers.spawn(crate::workflow::Recovery::new(app.workflows.clone()));
     workers.spawn(crate::residency::Discover::new(app.residency.clone()));
+    workers.spawn(crate::integrations::Installer::new(
+        app.integrations.clone(),
+    ));
     let syncer = app.syncer.clone();
     tokio::task::spawn_blocking(move || syncer.mark_all_dirty());
     workers.spawn(SyncWorker::new(app.syncer.clone()));

@@ -553,6 +553,33 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     for id in [attachment, &"0".repeat(64)] {
         call("get", read, &format!("/projects/p/attachments/{id}"), None).await;
     }
+    // Integrations: the catalog; one that waits for its dependencies (it never runs here),
+    // listed, cancelled (then 409), and queued again through the seed's route.
+    call("get", "/integrations", "/integrations", None).await;
+    let queue = "/projects/{projectId}/branches/{branchId}/integrations";
+    let (_, job) = call(
+        "post",
+        queue,
+        "/projects/p/branches/b/integrations",
+        Some(json!({ "key": "better-auth" })),
+    )
+    .await;
+    call("get", queue, "/projects/p/branches/b/integrations", None).await;
+    let job_id = job["jobId"].as_str().unwrap_or("job-0");
+    let cancel = "/projects/{projectId}/branches/{branchId}/integrations/{jobId}/cancel";
+    for _ in 0..2 {
+        let path = format!("/projects/p/branches/b/integrations/{job_id}/cancel");
+        call("post", cancel, &path, None).await;
+    }
+    let install = json!({ "projectId": "p", "branchId": "b",
+                          "integrations": [{ "key": "better-auth" }] });
+    call(
+        "post",
+        "/integrations/install",
+        "/integrations/install",
+        Some(install),
+    )
+    .await;
     // The stream answers its head at once; dropping the answer closes it.
     call("get", "/stream/{projectId}/{branchId}", "/stream/p/b", None).await;
     let mut workflows = Vec::new();

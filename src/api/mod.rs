@@ -8,6 +8,7 @@ pub mod disk;
 pub mod docs;
 pub mod error;
 pub mod health;
+pub mod integrations;
 pub mod messages;
 pub mod projects;
 pub mod schema;
@@ -176,6 +177,11 @@ pub fn api_routes() -> Router {
                 .push(Router::with_path("disk").get(disk::disk))
                 .push(Router::with_path("trigger").post(workflows::trigger))
                 .push(
+                    Router::with_path("integrations")
+                        .get(integrations::list_catalog)
+                        .push(Router::with_path("install").post(integrations::install)),
+                )
+                .push(
                     Router::with_path("workflows/{workflowId}")
                         .get(workflows::get_workflow)
                         .push(Router::with_path("cancel").post(workflows::cancel_workflow)),
@@ -209,6 +215,15 @@ pub fn api_routes() -> Router {
                                                 .push(
                                                     Router::with_path("messages")
                                                         .get(messages::list_messages),
+                                                )
+                                                .push(
+                                                    Router::with_path("integrations")
+                                                        .get(integrations::list_jobs)
+                                                        .post(integrations::queue_one)
+                                                        .push(
+                                                            Router::with_path("{jobId}/cancel")
+                                                                .post(integrations::cancel_job),
+                                                        ),
                                                 )
                                                 .push(
                                                     Router::with_path("versions")

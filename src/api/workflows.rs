@@ -702,18 +702,7 @@ pub async fn cancel_workflow(
     let principal = principal(depot)?;
     let id = req.param::<String>("workflowId").unwrap_or_default();
     // No body is needed; one that is sent anyway is held to the body limit.
-    if let Err(salvo::http::ParseError::PayloadTooLarge) =
-        req.payload_with_max_size(app.config.max_body_bytes).await
-    {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "the request body is larger than {} bytes",
-                app.config.max_body_bytes
-            ),
-        ));
-    }
+    super::body::no_body(req, app.config.max_body_bytes).await?;
     let wf = visible(&app, &principal, &id).await?;
     if wf.status.is_terminal() {
         return Err(ApiError::conflict(

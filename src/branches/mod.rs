@@ -30,6 +30,14 @@ pub mod registry;
 pub use error::BranchError;
 pub use layout::{BranchKey, BranchLocks, branch_dir};
 
+/// A write that goes into the same transaction as a version (see
+/// [`Branches::commit_locked_with`]): given the version's sequence number, if one was made.
+pub type AlsoWrite = Arc<
+    dyn Fn(&mut weldr_storage::writer::WriteCtx<'_>, Option<u64>) -> Result<(), StorageError>
+        + Send
+        + Sync,
+>;
+
 pub const AGENT_AUTHOR: &str = "weldr-agent";
 
 /// In cloud mode a machine serves one project; any other id is refused.
@@ -334,11 +342,58 @@ impl Branches {
         Ok(Some(self.record_version(key, version).await?))
     }
 
+    /// [`Self::commit_version`] for a caller that holds the branch lock, with `also` written in
+    /// the same transaction as the version (given its sequence number; None, in a write of its
+    /// own, when nothing changed): what an integration install records its job with.
+    pub async fn commit_locked_with(
+        &self,
+        key: &BranchKey,
+        message: &str,
+        kind: VersionKind,
+        also: AlsoWrite,
+    ) -> Result<Option<VersionRecord>, BranchError> {
+        let dir = self.base.dir(key);
+        let msg = message.to_string();
+        let Some(commit) = blocking(move || git::commit_all(&dir, &msg, AGENT_AUTHOR)).await?
+        else {
+            self.base
+                .store
+                .writer()
+                .write(move |ctx| also(ctx, None))
+                .await?;
+            return Ok(None);
+        };
+        let version = VersionRecord {
+            seq: 0,
+            commit_hash: commit.hash,
+            message: message.to_string(),
+            description: None,
+            kind,
+            changed: to_changes(&commit.changed),
+            author: AGENT_AUTHOR.into(),
+            created_at_ms: now_ms(),
+            restores: None,
+            workflow_id: None,
+        };
+        Ok(Some(
+            self.record_version_with(key, version, Some(also)).await?,
+        ))
+    }
+
     /// Store a version with the next sequence number, move the branch head, and announce it.
     async fn record_version(
         &self,
         key: &BranchKey,
+        version: VersionRecord,
+    ) -> Result<VersionRecord, BranchError> {
+        self.record_version_with(key, version, None).await
+    }
+
+    async fn record_version_with(
+        &self,
+        key: &BranchKey,
         mut version: VersionRecord,
+        also: Option<AlsoWrite>,
     ) -> Result<VersionRecord, BranchError> {
         let (p, b, stream) = (key.project_id.clone(), key.branch_id.clone(), key.stream());
         let v = version.clone();
@@ -369,6 +424,9 @@ impl Branches {
                 )
                 .map_err(|e| StorageError::Conflict(e.to_string()))?;
                 ctx.append(&stream, event)?;
+                if let Some(also) = &also {
+                    also(ctx, Some(version.seq))?;
+                }
                 Ok(version.seq)
             })
             .await?;

@@ -467,6 +467,30 @@ pub fn restore_tree(
     })
 }
 
+/// Move HEAD back to `hash` (reachable from HEAD) and make the work tree and index equal to
+/// it: changes and files added since are dropped; ignored files are left alone. What an
+/// interrupted install is rolled back with.
+pub fn reset_hard(dir: &Path, hash: &str) -> Result<(), GitError> {
+    let repo = open(dir)?;
+    let target = find_commit(&repo, hash)?;
+    let head = head_commit(&repo)?;
+    if target.id() != head.id() && !repo.graph_descendant_of(head.id(), target.id())? {
+        return Err(GitError::NotFound(format!("commit {hash} on this branch")));
+    }
+    let mut checkout = git2::build::CheckoutBuilder::new();
+    checkout
+        .force()
+        .remove_untracked(true)
+        .remove_ignored(false);
+    repo.reset(
+        target.as_object(),
+        git2::ResetType::Hard,
+        Some(&mut checkout),
+    )?;
+    remove_empty_dirs(dir)?;
+    Ok(())
+}
+
 /// Remove directories left empty under `dir` (not `.git`): a tree has no empty directories.
 fn remove_empty_dirs(dir: &Path) -> Result<(), GitError> {
     fn walk(path: &Path, top: bool) -> std::io::Result<bool> {

@@ -26,6 +26,7 @@ use weldr_storage::{NewEvent, StorageError, StreamKey};
 
 use crate::base::Base;
 use crate::branches::{BranchError, BranchKey, Branches};
+use crate::integrations::{self as integ, Integrations};
 use crate::llm::{
     ChatRequest, Delta, LlmProvider, Message, ModelSpec, Part, Role, ToolSpec, provider_for,
 };
@@ -67,6 +68,8 @@ pub struct Workflows {
     syncer: Arc<Syncer>,
     /// Brings a recovered workflow's branch back when it was evicted or lost with the volume.
     residency: Arc<Residency>,
+    /// `add_integrations` queues here; coding starts after the branch's installs.
+    integrations: Arc<Integrations>,
     permits: Arc<Semaphore>,
     tools: RwLock<Arc<dyn Tools>>,
     /// Where commands (run_command, the build) run.
@@ -83,6 +86,7 @@ impl Workflows {
         branches: Arc<Branches>,
         syncer: Arc<Syncer>,
         residency: Arc<Residency>,
+        integrations: Arc<Integrations>,
         sandbox: Arc<crate::sandbox::Sandbox>,
     ) -> Self {
         let concurrency = base.config.workflow_concurrency;
@@ -91,6 +95,7 @@ impl Workflows {
             branches,
             syncer,
             residency,
+            integrations,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tools: RwLock::new(Arc::new(BranchTools {
                 sandbox: sandbox.clone(),
@@ -807,6 +812,10 @@ struct Ctx {
     /// Tool results of the workflow's messages before this index are sent shortened. It only
     /// moves forward, so the requests of a workflow share their prefix for as long as they fit.
     shortened: std::sync::atomic::AtomicUsize,
+    /// Where `add_integrations` queues, for which branch and workflow.
+    integrations: Arc<Integrations>,
+    key: BranchKey,
+    workflow_id: String,
 }
 
 fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
@@ -837,6 +846,9 @@ fn context(engine: &Workflows, wf: &WorkflowRecord) -> Result<Ctx, Stop> {
         attachments: Vec::new(),
         budget: std::sync::Mutex::new(budget),
         shortened: Default::default(),
+        integrations: engine.integrations.clone(),
+        key: BranchKey::new(&wf.project_id, &wf.branch_id),
+        workflow_id: wf.workflow_id.clone(),
     })
 }
 
@@ -1319,6 +1331,7 @@ async fn resume(
 fn toolset(ctx: &Ctx) -> (String, Vec<ToolSpec>) {
     let mut specs = ctx.tools.specs();
     specs.push(plan::submit_plan_spec());
+    specs.push(plan::add_integrations_spec());
     specs.push(plan::done_spec());
     (
         context::system_prompt(&system_base(), ctx.instructions.as_ref()),
@@ -1455,6 +1468,12 @@ async fn answer_call(
             outcome = Some(Outcome::TaskDone);
             ("task marked done".to_string(), false)
         }
+        (Mode::Plan, "add_integrations") => add_integrations(ctx, input).await,
+        (Mode::Task(_), "add_integrations") => (
+            "integrations are added while planning; they are installed before coding starts"
+                .to_string(),
+            true,
+        ),
         (Mode::Plan, n) if !READ_ONLY.contains(&n) => (
             format!("`{n}` is not available while planning; submit a plan first"),
             true,
@@ -1469,6 +1488,72 @@ async fn answer_call(
         events,
         outcome,
     })
+}
+
+/// `add_integrations {keys}`: queue them on the branch (installed before coding starts).
+async fn add_integrations(ctx: &Ctx, input: &Value) -> (String, bool) {
+    let keys: Vec<String> = match input.get("keys").and_then(Value::as_array) {
+        Some(keys) if !keys.is_empty() => {
+            match keys
+                .iter()
+                .map(|k| k.as_str().map(str::to_string))
+                .collect()
+            {
+                Some(keys) => keys,
+                None => return ("`keys` must be a list of integration keys".into(), true),
+            }
+        }
+        _ => {
+            return (
+                "`keys` must be a non-empty list of integration keys".into(),
+                true,
+            );
+        }
+    };
+    let requests = keys
+        .into_iter()
+        .map(|key| integ::Request { key, options: None })
+        .collect();
+    match ctx
+        .integrations
+        .queue(&ctx.key, requests, None, Some(ctx.workflow_id.clone()))
+        .await
+    {
+        Ok(jobs) => {
+            let lines: Vec<String> = jobs
+                .iter()
+                .map(|j| match &j.job.message {
+                    Some(m) => format!("{}: {} ({m})", j.job.key, j.job.status.as_str()),
+                    None => format!("{}: {}", j.job.key, j.job.status.as_str()),
+                })
+                .collect();
+            (
+                format!(
+                    "{}\nThey are installed before coding starts; plan the tasks on top of them.",
+                    lines.join("\n")
+                ),
+                false,
+            )
+        }
+        Err(
+            e @ (integ::IntegrationError::Unknown(_)
+            | integ::IntegrationError::InvalidOptions { .. }),
+        ) => {
+            let known = ctx
+                .integrations
+                .catalog()
+                .map(|c| {
+                    c.integrations
+                        .iter()
+                        .map(|i| i.manifest.key.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            (format!("{e} (known: {known})"), true)
+        }
+        Err(e) => (format!("could not queue the integrations: {e}"), true),
+    }
 }
 
 /// The output limit of the next model turn and the turns asked again so far in this
@@ -1734,9 +1819,52 @@ async fn planning(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Sto
     }
 }
 
+/// Before coding: install what is queued on the branch (`add_integrations`, or queued by the
+/// API while the workflow held the branch). Returns a note for the tasks naming what this
+/// workflow's integrations installed (or why not), empty when it queued none.
+async fn install_integrations(
+    engine: &Arc<Workflows>,
+    wf: &WorkflowRecord,
+) -> Result<String, Stop> {
+    let key = BranchKey::new(&wf.project_id, &wf.branch_id);
+    if let Err(e) = engine
+        .integrations
+        .run_branch(&key, Some(&wf.workflow_id))
+        .await
+    {
+        tracing::warn!(workflow = %wf.workflow_id, error = %e, "integration installs could not run");
+    }
+    let jobs = engine
+        .integrations
+        .list(&key)
+        .await
+        .map_err(|e| Stop::Fail(format!("listing the integrations: {e}")))?;
+    let mine: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.job.workflow_id.as_deref() == Some(wf.workflow_id.as_str()))
+        .map(|j| match (&j.job.status, &j.job.message) {
+            (integ::JobStatusView::Installed, _) => format!("- {}: installed", j.job.key),
+            (s, m) => format!(
+                "- {}: {}{}",
+                j.job.key,
+                s.as_str(),
+                m.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+            ),
+        })
+        .collect();
+    if mine.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format!(
+        "Integrations added while planning (their files are in the tree now):\n{}\n\n",
+        mine.join("\n")
+    ))
+}
+
 async fn coding(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop> {
     let mut ctx = context(engine, &wf)?;
     prepare(engine, &wf, &mut ctx).await?;
+    let installed = install_integrations(engine, &wf).await?;
     let plan = wf
         .plan
         .clone()
@@ -1777,7 +1905,7 @@ async fn coding(engine: &Arc<Workflows>, wf: WorkflowRecord) -> Result<(), Stop>
             let attempt = state.attempts;
             let phase = format!("task:{task_id}:{attempt}");
             let opening = Message::user_text(format!(
-                "Request: {}\n\nTask {}: {}\n\n{}\n\nAcceptance criteria:\n{}{}",
+                "{installed}Request: {}\n\nTask {}: {}\n\n{}\n\nAcceptance criteria:\n{}{}",
                 wf.user_message,
                 task.id,
                 task.summary,

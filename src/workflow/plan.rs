@@ -67,6 +67,27 @@ pub fn submit_plan_spec() -> ToolSpec {
     }
 }
 
+/// The input of `add_integrations`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct AddIntegrationsInput {
+    /// Integration keys: `orpc` (backend), `tanstack-start` (frontend), `postgresql`
+    /// (database, needs orpc), `better-auth` (authentication, needs orpc and postgresql).
+    pub keys: Vec<String>,
+}
+
+pub fn add_integrations_spec() -> ToolSpec {
+    ToolSpec {
+        name: "add_integrations".into(),
+        description: "Planning only: add project integrations (a backend, frontend, database or \
+                      authentication template with its dependencies) to the branch. They are \
+                      installed, each as its own version, before coding starts."
+            .into(),
+        input_schema: tool_schema::<AddIntegrationsInput>(),
+    }
+}
+
 pub fn done_spec() -> ToolSpec {
     ToolSpec {
         name: "done".into(),

@@ -14,6 +14,7 @@ pub mod conversation;
 pub mod error;
 pub mod events;
 mod files;
+pub mod integrations;
 pub mod model;
 mod readers;
 pub mod record;

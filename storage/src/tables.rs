@@ -24,7 +24,7 @@ pub const ACTIVE_WORKFLOWS: TableDefinition<(&str, &str), &str> =
 pub const TOOL_JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tool_journal");
 /// Changes waiting to be mirrored to Postgres/Redis, by global sequence.
 pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// Integration install jobs: `(projectId, sequence)`.
+/// Integration install jobs: `("projectId/branchId", sequence)`.
 pub const INTEGRATION_QUEUE: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("integration_queue");
 /// Cached Better Auth sessions by token hash.
