@@ -693,3 +693,43 @@ async fn add_integrations_while_planning_installs_them_before_coding() {
     assert_eq!(add["isError"], false, "{outcome:#}");
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_workflow_starts_one_after_the_installs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("after.json");
+    // The workflow answers without a plan: it ends `complete` with the reply.
+    let turns = json!([[{"type": "text", "text": "The server now has oRPC."}]]);
+    std::fs::write(&path, serde_json::to_vec(&turns).unwrap()).unwrap();
+    let mut config = config(tmp.path());
+    config.providers.replay_dir = Some(tmp.path().to_path_buf());
+    config.providers.default_model = format!("replay:{}", path.display());
+    let s = start(config).await;
+    create_branch(&s).await;
+    let (status, body) = s
+        .post_json(
+            "/integrations/install",
+            json!({"projectId": "p", "branchId": "b", "triggerWorkflow": true,
+                   "integrations": [{"key": "orpc", "options": {}}]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let frames = frames_until(&s, |f| f.iter().any(|f| f.event == "end")).await;
+    let installed = frames
+        .iter()
+        .position(|f| f.event == "integration" && f.data["status"] == "installed")
+        .expect("installed first");
+    let started = frames
+        .iter()
+        .position(|f| f.event == "status" && f.data["status"] == "pending")
+        .expect("a workflow started");
+    assert!(installed < started, "{frames:#?}");
+    let (_, messages) = s.get_json("/projects/p/branches/b/messages").await;
+    let first = &messages["messages"][0];
+    assert_eq!(first["kind"], "user");
+    assert!(
+        first["text"].as_str().unwrap().contains("orpc"),
+        "the message names what was installed: {first:#}"
+    );
+    s.server.shutdown().await;
+}
