@@ -49,7 +49,7 @@ fn git(dir: &Path, args: &[&str]) {
 
 /// One install of all four on a fresh branch: seconds, and the files the tree has after.
 async fn ours(app: &Arc<App>, n: usize) -> (f64, usize) {
-    let key = BranchKey::new("p", &format!("b{n}"));
+    let key = BranchKey::new("p", format!("b{n}"));
     app.residency.create_branch(&key, None).await.unwrap();
     let requests = ALL
         .iter()
