@@ -733,3 +733,34 @@ async fn trigger_workflow_starts_one_after_the_installs() {
     );
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_planted_in_the_branch_never_redirects_an_install() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let s = start(config(tmp.path())).await;
+    create_branch(&s).await;
+    let dir = branch_dir(&s);
+    // The agent made `apps` a link to a directory outside the branch.
+    std::os::unix::fs::symlink(outside.path(), dir.join("apps")).unwrap();
+    let (status, body) = s
+        .post_json(
+            "/projects/p/branches/b/integrations",
+            json!({"key": "orpc"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let jobs = settled(&s).await;
+    assert_eq!(jobs["orpc"]["status"], "failed", "{:#}", jobs["orpc"]);
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "nothing was written outside the branch"
+    );
+    assert!(
+        std::fs::symlink_metadata(dir.join("apps"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    s.server.shutdown().await;
+}
