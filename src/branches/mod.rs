@@ -350,17 +350,19 @@ impl Branches {
         key: &BranchKey,
         message: &str,
         kind: VersionKind,
-        also: AlsoWrite,
+        also: Option<AlsoWrite>,
     ) -> Result<Option<VersionRecord>, BranchError> {
         let dir = self.base.dir(key);
         let msg = message.to_string();
         let Some(commit) = blocking(move || git::commit_all(&dir, &msg, AGENT_AUTHOR)).await?
         else {
-            self.base
-                .store
-                .writer()
-                .write(move |ctx| also(ctx, None))
-                .await?;
+            if let Some(also) = also {
+                self.base
+                    .store
+                    .writer()
+                    .write(move |ctx| also(ctx, None))
+                    .await?;
+            }
             return Ok(None);
         };
         let version = VersionRecord {
@@ -375,9 +377,7 @@ impl Branches {
             restores: None,
             workflow_id: None,
         };
-        Ok(Some(
-            self.record_version_with(key, version, Some(also)).await?,
-        ))
+        Ok(Some(self.record_version_with(key, version, also).await?))
     }
 
     /// Store a version with the next sequence number, move the branch head, and announce it.

@@ -89,6 +89,15 @@ pub struct JobView {
     pub job: IntegrationJob,
 }
 
+/// How one install ended.
+enum Installed {
+    Yes,
+    /// Recorded on the job as `failed`.
+    Failed,
+    /// Not started: a workflow holds the branch now.
+    Deferred,
+}
+
 /// What to do once a request's installs have run (`triggerWorkflow`): start a workflow on
 /// the branch with `message`. Set by the composition root (workflows stand above this floor).
 #[async_trait::async_trait]
@@ -265,8 +274,11 @@ impl Integrations {
                 return Ok(installed);
             };
             self.residency.ensure_present(key).await?;
-            if self.install(key, *seq, job.clone()).await? {
-                installed.push(job.key.clone());
+            match self.install(key, *seq, job.clone(), workflow_id).await? {
+                Installed::Yes => installed.push(job.key.clone()),
+                Installed::Failed => {}
+                // A workflow claimed the branch meanwhile: the job waits behind it.
+                Installed::Deferred => return Ok(installed),
             }
             if let Some(message) = self.then_workflow(key, *seq).await? {
                 self.start_after(key, message).await;
@@ -301,7 +313,7 @@ impl Integrations {
         }
     }
 
-    /// Install job `seq`; Ok(false) when it failed (recorded on the job with the reason,
+    /// Install job `seq`; `Failed` when it failed (recorded on the job with the reason,
     /// whatever went wrong: a render error, a conflict, a full disk). An error is the store's
     /// failing to record that: the job is left for the next run.
     async fn install(
@@ -309,8 +321,9 @@ impl Integrations {
         key: &BranchKey,
         seq: u64,
         job: IntegrationJob,
-    ) -> Result<bool, IntegrationError> {
-        match self.try_install(key, seq, job.clone()).await {
+        workflow_id: Option<&str>,
+    ) -> Result<Installed, IntegrationError> {
+        match self.try_install(key, seq, job.clone(), workflow_id).await {
             Ok(done) => Ok(done),
             Err(IntegrationError::Storage(e)) => Err(e.into()),
             Err(e) => {
@@ -325,7 +338,7 @@ impl Integrations {
                     .map(|(_, j)| j)
                     .unwrap_or(job);
                 self.fail(key, seq, &current, e.to_string()).await?;
-                Ok(false)
+                Ok(Installed::Failed)
             }
         }
     }
@@ -335,17 +348,27 @@ impl Integrations {
         key: &BranchKey,
         seq: u64,
         job: IntegrationJob,
-    ) -> Result<bool, IntegrationError> {
+        workflow_id: Option<&str>,
+    ) -> Result<Installed, IntegrationError> {
         let catalog = Catalog::get()?;
         let stream = key.stream();
         let dir = self.base.dir(key);
+        // The whole install holds the branch lock; a trigger claims the branch under it too,
+        // so a workflow that started since the queue was read goes first.
+        let _guard = self.base.locks.lock(key).await;
+        let (p, b) = (key.project_id.clone(), key.branch_id.clone());
+        let active = self
+            .base
+            .read(move |rtx| model::active_workflow(rtx, &p, &b))
+            .await?;
+        if active.is_some() && active.as_deref() != workflow_id {
+            return Ok(Installed::Deferred);
+        }
         // A job found installing: the process died during it; back to where it started.
         if job.status == JobStatus::Installing
             && let Some(base) = job.base_commit.clone()
         {
-            let d = dir.clone();
-            let b = base.clone();
-            let _guard = self.base.locks.lock(key).await;
+            let (d, b) = (dir.clone(), base.clone());
             tokio::task::spawn_blocking(move || crate::git::reset_hard(&d, &b))
                 .await?
                 .map_err(BranchError::from)?;
@@ -354,22 +377,20 @@ impl Integrations {
         let Some(integration) = catalog.find(&job.key) else {
             self.fail(key, seq, &job, format!("unknown integration {:?}", job.key))
                 .await?;
-            return Ok(false);
+            return Ok(Installed::Failed);
         };
         // Uncommitted work is kept as a version of its own: the install starts from a commit.
         self.branches
-            .commit_version(
+            .commit_locked_with(
                 key,
                 &format!(
                     "Uncommitted changes before installing {}",
                     integration.manifest.name
                 ),
-                None,
                 VersionKind::Checkpoint,
                 None,
             )
             .await?;
-        let _guard = self.base.locks.lock(key).await;
         let d = dir.clone();
         let head = tokio::task::spawn_blocking(move || crate::git::head(&d))
             .await?
@@ -414,7 +435,7 @@ impl Integrations {
             Err(e) => {
                 self.fail(key, seq, &running, format!("options: {e}"))
                     .await?;
-                return Ok(false);
+                return Ok(Installed::Failed);
             }
         };
         let local = self.base.config.mode == Mode::Local;
@@ -429,7 +450,7 @@ impl Integrations {
             Ok(files) => files,
             Err(e) => {
                 self.fail(key, seq, &running, e.to_string()).await?;
-                return Ok(false);
+                return Ok(Installed::Failed);
             }
         };
         let m = &integration.manifest;
@@ -448,7 +469,7 @@ impl Integrations {
         });
         let committed = self
             .branches
-            .commit_locked_with(key, &message, VersionKind::Integration, also)
+            .commit_locked_with(key, &message, VersionKind::Integration, Some(also))
             .await;
         if let Err(e) = committed {
             // The files are written but not recorded: back to the start, and say why.
@@ -456,10 +477,10 @@ impl Integrations {
             let _ = tokio::task::spawn_blocking(move || crate::git::reset_hard(&d, &base)).await;
             self.fail(key, seq, &running, format!("committing the install: {e}"))
                 .await?;
-            return Ok(false);
+            return Ok(Installed::Failed);
         }
         tracing::info!(branch = %key, integration = %job.key, files = files.len(), "integration installed");
-        Ok(true)
+        Ok(Installed::Yes)
     }
 
     async fn fail(

@@ -425,6 +425,13 @@ pub async fn trigger(
     entry.attachments = input.attachments;
     let key = StreamKey::new(project_id, branch_id);
     let record = wf.clone();
+    // Claimed under the branch lock: an integration install (or a revert) in progress
+    // finishes before the workflow can start reading the tree.
+    let _guard = engine
+        .base
+        .locks
+        .lock(&BranchKey::new(project_id, branch_id))
+        .await;
     let created = engine
         .base
         .store
