@@ -189,7 +189,9 @@ impl Integrations {
                 let mut out = Vec::new();
                 let last = ordered.len();
                 for (i, k) in ordered.iter().enumerate() {
-                    let options = &resolved.iter().find(|(rk, _)| rk == k).unwrap().1;
+                    let Some((_, options)) = resolved.iter().find(|(rk, _)| rk == k) else {
+                        continue;
+                    };
                     let live = existing.iter().find(|(_, j)| {
                         j.key == *k && !matches!(j.status, JobStatus::Failed | JobStatus::Cancelled)
                     });
@@ -286,6 +288,8 @@ impl Integrations {
         }
     }
 
+    /// The message of the workflow to start after job `seq`, when it carries one and installed
+    /// (a failed install starts nothing: its failure is on the job and the stream).
     async fn then_workflow(
         &self,
         key: &BranchKey,
@@ -296,7 +300,7 @@ impl Integrations {
         Ok(list
             .into_iter()
             .find(|(s, _)| *s == seq)
-            .and_then(|(_, j)| j.then_workflow.filter(|_| j.status.is_terminal())))
+            .and_then(|(_, j)| j.then_workflow.filter(|_| j.status == JobStatus::Installed)))
     }
 
     async fn start_after(&self, key: &BranchKey, message: String) {
