@@ -16,7 +16,7 @@ LAYERS = {
     "branches": 2, "sync": 2, "evict": 2,
     "base": 1, "auth": 1, "stream": 1, "llm": 1, "tools": 1, "sandbox": 1, "git": 1,
     "worker": 1,
-    "config": 0, "ids": 0, "excludes": 0, "background": 0, "fsx": 0,
+    "config": 0, "ids": 0, "excludes": 0, "background": 0, "fsx": 0, "pgconn": 0,
 }
 # Same-layer uses that are allowed (from, to): branches asks the syncer for a push after a
 # version, eviction pushes and verifies before it deletes, base wraps the stream bus, tools run

@@ -489,7 +489,7 @@ const DATABASE_URL: Setting<Secret> = Setting {
     var: "DATABASE_URL",
     unset: WhenUnset::Nothing,
     parse: secret,
-    meaning: "Postgres mirror and Better Auth sessions (optional)",
+    meaning: "Better Auth sessions (optional); `sslmode=disable|prefer|require|verify-ca|verify-full` and `sslrootcert=` as in libpq (TLS through rustls; checked at start)",
 };
 const REDIS_URL: Setting<Secret> = Setting {
     var: "REDIS_URL",

@@ -834,6 +834,11 @@ async fn serve(config: Config) -> Result<()> {
     if let Some(p) = &config.project_id {
         tracing::info!(project = %p, "serving one project");
     }
+    if let Some(url) = &config.database_url {
+        let mode =
+            weldr_agent::pgconn::check(url.expose()).map_err(|e| anyhow!("DATABASE_URL: {e}"))?;
+        tracing::info!(sslmode = ?mode, "sessions from Postgres");
+    }
     match weldr_agent::backup::restore_at_start(&config).await {
         Ok(Some(restored)) => {
             use weldr_agent::backup::format::rfc3339;

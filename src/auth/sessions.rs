@@ -69,15 +69,9 @@ impl PostgresSource {
         let work = async {
             let mut guard = self.client.lock().await;
             if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) =
-                    tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                        .await
-                        .map_err(|e| SourceError(e.to_string()))?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "postgres connection ended");
-                    }
-                });
+                let client = crate::pgconn::connect(&self.url)
+                    .await
+                    .map_err(|e| SourceError(e.to_string()))?;
                 *guard = Some(client);
             }
             let client = guard
