@@ -6,6 +6,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY storage storage
 COPY src src
 COPY web web
+COPY integrations integrations
 COPY benches benches
 RUN cargo build --release --locked --bin weldr-agent
 
