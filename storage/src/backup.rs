@@ -113,6 +113,15 @@ pub const TABLES: &[&str] = &[
     "sync_state",
 ];
 
+/// `meta` keys that describe this machine's files rather than the data (the append log's
+/// epoch, the write probe): a copy leaves them out and a restore ignores them, so a restored
+/// store starts its own append log at epoch 0, and a copy taken after a checkpoint equals one
+/// taken before it.
+pub fn machine_local(table: &str, key: &[u8]) -> bool {
+    table == "meta"
+        && (key == crate::wal::EPOCH_KEY.as_bytes() || key == crate::writer::PROBE_KEY.as_bytes())
+}
+
 fn key_bytes<K: Key + 'static>(key: &K::SelfType<'_>) -> Vec<u8> {
     K::as_bytes(key).as_ref().to_vec()
 }
@@ -136,6 +145,9 @@ pub fn dump(
         for entry in table.iter()? {
             let (k, v) = entry?;
             let key = key_bytes::<K>(&k.value());
+            if machine_local(name, &key) {
+                continue;
+            }
             let value = V::as_bytes(&v.value()).as_ref().to_vec();
             emit(Op::Put {
                 table: name.to_string(),
@@ -352,6 +364,7 @@ pub fn apply(tx: &WriteTransaction, op: &Op) -> Result<(), StorageError> {
         Ok(())
     }
     match op {
+        Op::Put { table, key, .. } | Op::Del { table, key } if machine_local(table, key) => Ok(()),
         Op::Put { table, key, value } => with_table!(table.as_str(), put(tx, key, value)),
         Op::Del { table, key } => with_table!(table.as_str(), del(tx, key)),
         Op::Trim { stream, below } => {

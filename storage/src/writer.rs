@@ -988,11 +988,14 @@ fn room_to_write(db_path: &std::path::Path) -> std::io::Result<()> {
     result
 }
 
+/// The `meta` key [`probe_commit`] writes.
+pub(crate) const PROBE_KEY: &str = "write_probe";
+
 /// A durable commit of one small record: whether the database can write.
 fn probe_commit(db: &Database) -> Result<(), StorageError> {
     let tx = db.begin_write()?;
     tx.open_table(META)?
-        .insert("write_probe", now_ms().to_le_bytes().as_slice())?;
+        .insert(PROBE_KEY, now_ms().to_le_bytes().as_slice())?;
     tx.commit()?;
     Ok(())
 }
