@@ -106,10 +106,11 @@ fn of_kind(versions: &[Value], kind: &str) -> Vec<Value> {
 }
 
 /// What installing `keys` (in order) into an empty branch writes, from the catalog itself:
-/// the base files, each one's files and package.json paths, and the `.env` files.
+/// the base and generated files, each one's files and package.json paths, and the `.env` files.
 fn expected_files(keys: &[&str]) -> BTreeSet<String> {
     let c = Catalog::get().unwrap();
     let mut out: BTreeSet<String> = c.base.iter().map(|f| f.path.clone()).collect();
+    out.extend(c.generated.iter().map(|f| f.path.clone()));
     for k in keys {
         let i = c.find(k).unwrap();
         out.extend(i.files.iter().map(|f| f.path.clone()));

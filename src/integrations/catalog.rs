@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! integrations/base/files/…               the monorepo, copied by a branch's first install
+//! integrations/base/generated/…           files rendered again by every install (they wire
+//!                                         the installed integrations together)
 //! integrations/<key>/integration.json     key, category, name, description, dependsOn,
 //!                                         version, options (JSON Schema), env
 //! integrations/<key>/files/…              files at the same path in the branch
@@ -76,6 +78,8 @@ pub struct Integration {
 #[derive(Debug)]
 pub struct Catalog {
     pub base: Vec<TemplateFile>,
+    /// Rendered by every install with the then installed set, over what the branch has.
+    pub generated: Vec<TemplateFile>,
     /// In catalog order: by category, then key.
     pub integrations: Vec<Integration>,
 }
@@ -99,6 +103,7 @@ impl Catalog {
 fn load() -> Result<Catalog, IntegrationError> {
     let bad = |m: String| IntegrationError::Catalog(m);
     let mut base = Vec::new();
+    let mut generated = Vec::new();
     let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
     let mut files: BTreeMap<String, Vec<TemplateFile>> = BTreeMap::new();
     let mut packages: BTreeMap<String, BTreeMap<String, Json>> = BTreeMap::new();
@@ -122,6 +127,16 @@ fn load() -> Result<Catalog, IntegrationError> {
                 return Err(bad(format!("{name}: key {:?} is not its directory", m.key)));
             }
             manifests.insert(set.to_string(), m);
+        } else if let Some(path) = rest.strip_prefix("generated/").filter(|_| set == "base") {
+            let (path, render) = match path.strip_suffix(".jinja") {
+                Some(p) => (p.to_string(), true),
+                None => (path.to_string(), false),
+            };
+            generated.push(TemplateFile {
+                path,
+                render,
+                bytes,
+            });
         } else if let Some(path) = rest.strip_prefix("files/") {
             let (path, render) = match path.strip_suffix(".jinja") {
                 Some(p) => (p.to_string(), true),
@@ -213,7 +228,11 @@ fn load() -> Result<Catalog, IntegrationError> {
             i.manifest.key.clone(),
         )
     });
-    Ok(Catalog { base, integrations })
+    Ok(Catalog {
+        base,
+        generated,
+        integrations,
+    })
 }
 
 /// `keys` in an order where every integration comes after its dependencies among them, in

@@ -1,7 +1,8 @@
 //! What an install writes, and writing it.
 //!
 //! [`plan`] computes every file an install writes, in memory: the base monorepo (the branch's
-//! first install), the integration's files rendered with minijinja, each package.json merged
+//! first install), the generated files that wire the installed integrations together (every
+//! install), the integration's files rendered with minijinja, each package.json merged
 //! with its fragment (key order kept), and in local mode the `.env` variables. Nothing is
 //! touched until the whole plan exists, so a render error or a dependency conflict leaves the
 //! tree as it was. [`apply`] then writes each file beside its place and renames it in,
@@ -120,6 +121,9 @@ pub fn plan(
                 out.writes.insert(file.path.clone(), render(file, "base")?);
             }
         }
+    }
+    for file in &catalog.generated {
+        out.writes.insert(file.path.clone(), render(file, "base")?);
     }
     for file in &integration.files {
         out.writes.insert(file.path.clone(), render(file, key)?);
