@@ -13,7 +13,7 @@ LAYERS = {
     "api": 5, "control": 5, "app": 5,
     "workflow": 4,
     "residency": 3, "integrations": 3,
-    "branches": 2, "sync": 2, "evict": 2,
+    "branches": 2, "sync": 2, "evict": 2, "mirror": 2,
     "base": 1, "auth": 1, "stream": 1, "llm": 1, "tools": 1, "sandbox": 1, "git": 1,
     "worker": 1,
     "config": 0, "ids": 0, "excludes": 0, "background": 0, "fsx": 0, "pgconn": 0,

@@ -52,6 +52,8 @@ pub struct App {
     /// The store's continuous backup (None when `STORE_BACKUP=off` or object storage is not
     /// configured).
     pub backup: Option<Arc<crate::backup::StoreBackup>>,
+    /// The upstream mirrors (Postgres, Redis), when configured.
+    pub mirrors: Option<Arc<crate::mirror::Mirrors>>,
 }
 
 impl App {
@@ -68,6 +70,7 @@ impl App {
                 0
             },
             track_changes: config.store_backup.enabled,
+            outbox: config.mirror.any(),
             ..defaults
         };
         let store = Store::open(&config.store_path(), options, bus.clone())?;
@@ -78,6 +81,8 @@ impl App {
                 None
             }
         };
+        let mirrors = crate::mirror::Mirrors::new(&config, store.clone())
+            .map_err(|e| StorageError::Refused(format!("mirrors: {e}")))?;
         // Layered branches' mounts do not survive a reboot: back before anything reads a branch.
         crate::branches::layers::mount_all(&config);
         let source: Option<Arc<dyn SessionSource>> = config.database_url.as_ref().map(|url| {
@@ -148,6 +153,7 @@ impl App {
             integrations,
             sandbox,
             backup,
+            mirrors,
         }))
     }
 }

@@ -67,6 +67,26 @@ pub struct StoreBackupSettings {
     pub bucket: String,
 }
 
+/// The upstream mirrors (`MIRROR*` settings, `DATABASE_URL`, `REDIS_URL`).
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    /// Postgres to mirror into (`DATABASE_URL` unless `MIRROR_POSTGRES=off`).
+    pub postgres_url: Option<Secret>,
+    pub redis_url: Option<Secret>,
+    /// The Postgres schema the mirror owns.
+    pub schema: String,
+    /// Also mirror events into Postgres (Redis always gets them).
+    pub events: bool,
+    /// Outbox entries kept for a sink that does not keep up; beyond, the oldest are dropped.
+    pub max_backlog: u64,
+}
+
+impl MirrorSettings {
+    pub fn any(&self) -> bool {
+        self.postgres_url.is_some() || self.redis_url.is_some()
+    }
+}
+
 /// The sandbox's settings (`SANDBOX*` settings).
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
@@ -170,6 +190,8 @@ pub struct Config {
     pub s3: S3Config,
     pub database_url: Option<Secret>,
     pub redis_url: Option<Secret>,
+    /// PEM roots for `rediss://` instead of the system's.
+    pub redis_ca_file: Option<PathBuf>,
     pub better_auth_secret: Option<Secret>,
     pub providers: ProviderKeys,
     pub max_volume_usage_percent: u8,
@@ -188,6 +210,7 @@ pub struct Config {
     /// sequential write); false: every batch is a durable redb commit.
     pub append_log: bool,
     pub store_backup: StoreBackupSettings,
+    pub mirror: MirrorSettings,
     /// `DATABASE_URL` for the generated app's `.env` (local mode).
     pub integration_database_url: String,
     /// How long shutdown may take before open work is abandoned (below Fly's kill timeout).
@@ -489,13 +512,52 @@ const DATABASE_URL: Setting<Secret> = Setting {
     var: "DATABASE_URL",
     unset: WhenUnset::Nothing,
     parse: secret,
-    meaning: "Better Auth sessions (optional); `sslmode=disable|prefer|require|verify-ca|verify-full` and `sslrootcert=` as in libpq (TLS through rustls; checked at start)",
+    meaning: "Better Auth sessions and the Postgres mirror (optional); `sslmode=disable|prefer|require|verify-ca|verify-full` and `sslrootcert=` as in libpq (TLS through rustls; checked at start)",
 };
 const REDIS_URL: Setting<Secret> = Setting {
     var: "REDIS_URL",
     unset: WhenUnset::Nothing,
     parse: secret,
-    meaning: "Redis mirror (optional)",
+    meaning: "Redis mirror (optional): events as streams `weldr:events:{projectId}:{branchId}`, live `PUBLISH`, workflow hashes; `rediss://` for TLS (rustls, system roots)",
+};
+const REDIS_CA_FILE: Setting<PathBuf> = Setting {
+    var: "REDIS_CA_FILE",
+    unset: WhenUnset::Nothing,
+    parse: path,
+    meaning: "PEM file of the certificate authorities a `rediss://` server is checked against (default: the system's roots)",
+};
+const MIRROR_POSTGRES: Setting<bool> = Setting {
+    var: "MIRROR_POSTGRES",
+    unset: WhenUnset::Value("on"),
+    parse: |v| switch(v, "on", "off"),
+    meaning: "mirror projects, branches, versions, workflows and integration jobs into `DATABASE_URL` (its own schema, migrated at start)",
+};
+const MIRROR_SCHEMA: Setting<String> = Setting {
+    var: "MIRROR_SCHEMA",
+    unset: WhenUnset::Value("weldr_agent"),
+    parse: |v| {
+        if is_sql_identifier(v) {
+            Ok(v.to_string())
+        } else {
+            Err("expected a SQL identifier".into())
+        }
+    },
+    meaning: "the Postgres schema the mirror owns",
+};
+const MIRROR_EVENTS: Setting<bool> = Setting {
+    var: "MIRROR_EVENTS",
+    unset: WhenUnset::Value("off"),
+    parse: |v| switch(v, "on", "off"),
+    meaning: "also mirror every event into Postgres (`events` table); Redis always gets them",
+};
+const MIRROR_MAX_BACKLOG: Setting<u64> = Setting {
+    var: "MIRROR_MAX_BACKLOG",
+    unset: WhenUnset::Value("1000000"),
+    parse: |v| match number::<u64>(v, "a number of outbox entries")? {
+        0 => Err("expected at least 1".into()),
+        n => Ok(n),
+    },
+    meaning: "outbox entries (one per commit) kept for a mirror that is down; beyond, the oldest are dropped, the mirror records a gap upstream and resyncs its records",
 };
 const BETTER_AUTH_SECRET: Setting<Secret> = Setting {
     var: "BETTER_AUTH_SECRET",
@@ -842,6 +904,11 @@ pub const SETTINGS: &[&dyn Listed] = &[
     &S3_BUCKET,
     &DATABASE_URL,
     &REDIS_URL,
+    &REDIS_CA_FILE,
+    &MIRROR_POSTGRES,
+    &MIRROR_SCHEMA,
+    &MIRROR_EVENTS,
+    &MIRROR_MAX_BACKLOG,
     &BETTER_AUTH_SECRET,
     &WELDR_MODEL,
     &ANTHROPIC_API_KEY,
@@ -1087,8 +1154,19 @@ impl Config {
             project_id,
             object_store_dir,
             s3,
+            mirror: MirrorSettings {
+                postgres_url: match env.value(&MIRROR_POSTGRES)? {
+                    true => env.optional(&DATABASE_URL)?,
+                    false => None,
+                },
+                redis_url: env.optional(&REDIS_URL)?,
+                schema: env.value(&MIRROR_SCHEMA)?,
+                events: env.value(&MIRROR_EVENTS)?,
+                max_backlog: env.value(&MIRROR_MAX_BACKLOG)?,
+            },
             database_url: env.optional(&DATABASE_URL)?,
             redis_url: env.optional(&REDIS_URL)?,
+            redis_ca_file: env.optional(&REDIS_CA_FILE)?,
             better_auth_secret: env.optional(&BETTER_AUTH_SECRET)?,
             providers: ProviderKeys {
                 anthropic_api_key: env.optional(&ANTHROPIC_API_KEY)?,

@@ -19,6 +19,7 @@ pub mod git;
 pub mod ids;
 pub mod integrations;
 pub mod llm;
+pub mod mirror;
 pub mod pgconn;
 pub mod residency;
 pub mod sandbox;

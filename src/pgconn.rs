@@ -32,8 +32,27 @@ pub enum PgConnError {
     Url(String),
     #[error("TLS to Postgres cannot be set up: {0}")]
     Tls(String),
-    #[error("{0}")]
+    #[error("{}", explain(.0))]
     Connect(#[from] tokio_postgres::Error),
+}
+
+/// A Postgres error with its causes (tokio-postgres' own text is only "db error" or "error
+/// performing TLS handshake"): the server's code and message, or each source in turn.
+pub fn explain(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.code().code(), db.message());
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// A URL without the parameters tokio-postgres does not know (`sslmode` values beyond its

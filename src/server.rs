@@ -203,6 +203,11 @@ fn start_workers(app: &Arc<App>) -> DirtyWatcher {
     let syncer = app.syncer.clone();
     tokio::task::spawn_blocking(move || syncer.mark_all_dirty());
     workers.spawn(SyncWorker::new(app.syncer.clone()));
+    if let Some(mirrors) = &app.mirrors {
+        for worker in mirrors.take_workers() {
+            workers.spawn(worker);
+        }
+    }
     if let Some(backup) = &app.backup {
         workers.spawn(crate::backup::BackupWorker::new(backup.clone()));
     }

@@ -458,6 +458,7 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     };
     call("get", "/health", "/health", None).await;
     call("get", "/disk", "/disk", None).await;
+    call("get", "/mirrors", "/mirrors", None).await;
     call("get", "/projects", "/projects", None).await;
     for _ in 0..2 {
         call(

@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod integrations;
 pub mod messages;
+pub mod mirrors;
 pub mod projects;
 pub mod schema;
 pub mod stream;
@@ -175,6 +176,7 @@ pub fn api_routes() -> Router {
                 .push(Router::with_path("stream/{projectId}/{branchId}").get(stream::stream))
                 .push(Router::with_path("revert").post(versions::revert))
                 .push(Router::with_path("disk").get(disk::disk))
+                .push(Router::with_path("mirrors").get(mirrors::list_mirrors))
                 .push(Router::with_path("trigger").post(workflows::trigger))
                 .push(
                     Router::with_path("integrations")

@@ -16,6 +16,7 @@ pub mod events;
 mod files;
 pub mod integrations;
 pub mod model;
+pub mod outbox;
 mod readers;
 pub mod record;
 pub mod tables;
@@ -47,6 +48,9 @@ pub struct StoreOptions {
     pub wal_bytes: u64,
     /// Note what every commit changes, for a continuous backup ([`backup`]).
     pub track_changes: bool,
+    /// Write the mirrors' outbox entry in every commit that changes what they carry
+    /// ([`outbox`]).
+    pub outbox: bool,
 }
 
 impl Default for StoreOptions {
@@ -57,6 +61,7 @@ impl Default for StoreOptions {
             max_batch: 1024,
             wal_bytes: 16 << 20,
             track_changes: false,
+            outbox: false,
         }
     }
 }
@@ -83,6 +88,8 @@ pub(crate) struct Shared {
     db: std::sync::RwLock<DbSlot>,
     /// Why the store cannot write, while it cannot (`/health` reports it).
     problem: std::sync::Mutex<Option<String>>,
+    /// Counts commits while the store writes an outbox: what mirrors wait on.
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 pub(crate) enum DbSlot {
@@ -136,6 +143,7 @@ impl Store {
         let shared = Arc::new(Shared {
             db: std::sync::RwLock::new(DbSlot::Open(db)),
             problem: std::sync::Mutex::new(None),
+            commits: tokio::sync::watch::Sender::new(0),
         });
         let tracker = options
             .track_changes
@@ -197,6 +205,12 @@ impl Store {
                 "a storage read failed (its thread panicked)".into(),
             ))
         })?
+    }
+
+    /// Changes (to a count of commits) after each commit, when the store writes the mirrors'
+    /// outbox ([`StoreOptions::outbox`]).
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.shared.commits.subscribe()
     }
 
     /// The notes of what commits changed, when the store was opened to track them.
@@ -342,7 +356,7 @@ pub(crate) fn open_wal(
         return Ok(None);
     }
     let mut wal = wal::Wal::open(&wal_path, options.wal_bytes)?;
-    replay_wal(db, &mut wal, options.event_retention, false)?;
+    replay_wal(db, &mut wal, options.event_retention, false, options.outbox)?;
     Ok((options.wal_bytes > 0).then_some(wal))
 }
 
@@ -354,6 +368,7 @@ pub(crate) fn replay_wal(
     wal: &mut wal::Wal,
     retention: u64,
     always: bool,
+    outbox: bool,
 ) -> Result<(), StorageError> {
     let events = wal.recover(writer::stored_epoch(db)?)?;
     if !wal.pending() && !always {
@@ -361,7 +376,7 @@ pub(crate) fn replay_wal(
     }
     let (restored, skipped) = writer::commit_checkpoint(db, wal, |tx| {
         let (mut restored, mut skipped) = (0usize, 0usize);
-        let mut ctx = writer::WriteCtx::new(tx, retention.max(1));
+        let mut ctx = writer::WriteCtx::new(tx, retention.max(1)).with_outbox(outbox);
         for event in events {
             match ctx.restore(event) {
                 Ok(true) => restored += 1,

@@ -56,8 +56,13 @@ pub struct WriteCtx<'a> {
     appended: Vec<(StreamKey, Arc<Event>)>,
     events: Option<redb::Table<'a, (&'static str, u64), &'static [u8]>>,
     metas: HashMap<StreamKey, StreamMeta>,
-    /// Keys written through [`WriteCtx::table`], when the store tracks changes (backup).
+    /// Keys written through [`WriteCtx::table`], when the store tracks changes (backup,
+    /// outbox).
     changed: Option<RefCell<Vec<Noted>>>,
+    /// Write the mirrors' outbox entry of this commit ([`crate::outbox`]).
+    outbox: bool,
+    /// The ids each stream got in this commit: first and last.
+    ranges: HashMap<StreamKey, (u64, u64)>,
 }
 
 impl<'a> WriteCtx<'a> {
@@ -70,7 +75,27 @@ impl<'a> WriteCtx<'a> {
             events: None,
             metas: HashMap::new(),
             changed: None,
+            outbox: false,
+            ranges: HashMap::new(),
         }
+    }
+
+    /// Write the commit's outbox entry at [`WriteCtx::finish`] (when `on`).
+    pub(crate) fn with_outbox(mut self, on: bool) -> Self {
+        if on {
+            self.outbox = true;
+            if self.changed.is_none() {
+                self.changed = Some(RefCell::new(Vec::new()));
+            }
+        }
+        self
+    }
+
+    /// The transaction itself, for the storage crate's own bookkeeping writes that neither the
+    /// backup nor the mirrors carry (the outbox's cursors). The batch is committed durably.
+    pub(crate) fn raw_tx(&mut self) -> &'a WriteTransaction {
+        self.raw.set(true);
+        self.tx
     }
 
     /// Note the keys written through [`WriteCtx::table`] (for the backup's increments).
@@ -209,6 +234,12 @@ impl<'a> WriteCtx<'a> {
             at_ms: event.at_ms,
         };
         events.insert((stream.as_str(), event.id), encode(&stored).as_slice())?;
+        if self.outbox {
+            self.ranges
+                .entry(stream.clone())
+                .and_modify(|r| r.1 = event.id)
+                .or_insert((event.id, event.id));
+        }
         meta.next_id += 1;
         while meta.next_id - meta.first_id > self.retention {
             events.remove((stream.as_str(), meta.first_id))?;
@@ -225,22 +256,34 @@ impl<'a> WriteCtx<'a> {
         Ok(event)
     }
 
-    /// Write the streams' bounds and close the tables, before the commit.
-    pub(crate) fn finish(mut self) -> Result<(), StorageError> {
+    /// Write the streams' bounds and the outbox entry, and close the tables, before the
+    /// commit. Answers the keys the jobs wrote (when tracked).
+    pub(crate) fn finish(mut self) -> Result<Vec<Noted>, StorageError> {
         self.events.take();
-        if self.metas.is_empty() {
-            return Ok(());
+        let changed = self
+            .changed
+            .take()
+            .map(RefCell::into_inner)
+            .unwrap_or_default();
+        if !self.metas.is_empty() {
+            let mut streams = self.tx.open_table(STREAMS)?;
+            for (stream, meta) in &self.metas {
+                streams.insert(stream.as_str(), encode(meta).as_slice())?;
+            }
         }
-        let mut streams = self.tx.open_table(STREAMS)?;
-        for (stream, meta) in &self.metas {
-            streams.insert(stream.as_str(), encode(meta).as_slice())?;
+        if self.outbox {
+            crate::outbox::write_entry(
+                self.tx,
+                changed.iter().map(|(t, k)| (t.to_string(), k.clone())),
+                &self.ranges,
+            )?;
         }
-        Ok(())
+        Ok(changed)
     }
 }
 
 /// A key a job wrote: its table's name and the key's bytes.
-type Noted = (Arc<str>, Vec<u8>);
+pub(crate) type Noted = (Arc<str>, Vec<u8>);
 
 /// A table opened by a job ([`WriteCtx::table`]): derefs to the redb table for reads; writes
 /// go through [`Tracked::insert`] and [`Tracked::remove`], which note the key for the backup.
@@ -651,7 +694,7 @@ impl BatchWriter<'_> {
         };
         let mut per_job: Vec<Vec<(StreamKey, Arc<Event>)>> = Vec::with_capacity(batch.len());
         let mut failure = None;
-        let mut ctx = WriteCtx::new(&tx, self.retention);
+        let mut ctx = WriteCtx::new(&tx, self.retention).with_outbox(self.reopen.options.outbox);
         if self.tracker.is_some() {
             ctx = ctx.tracking();
         }
@@ -665,15 +708,13 @@ impl BatchWriter<'_> {
             }
         }
         let only_appends = !ctx.raw.get();
-        let changed = ctx
-            .changed
-            .take()
-            .map(RefCell::into_inner)
-            .unwrap_or_default();
-        match ctx.finish() {
-            Err(e) if failure.is_none() => failure = Some(e),
-            _ => {}
-        }
+        let changed = match ctx.finish() {
+            Ok(changed) => changed,
+            Err(e) => {
+                failure.get_or_insert(e);
+                Vec::new()
+            }
+        };
         let logged = match failure {
             None => self.log_or_checkpoint(&mut tx, &per_job, only_appends && !checkpoint),
             Some(e) => Err(e),
@@ -717,6 +758,9 @@ impl BatchWriter<'_> {
                 }
                 for job in batch {
                     job.finish(Ok(()));
+                }
+                if self.reopen.options.outbox {
+                    self.shared.commits.send_modify(|n| *n += 1);
                 }
                 for appended in per_job.iter().filter(|a| !a.is_empty()) {
                     self.observer.committed(appended);
@@ -823,7 +867,7 @@ impl BatchWriter<'_> {
             }
         };
         if let Some(wal) = self.wal.as_mut()
-            && let Err(e) = replay_unsynced(&db, wal, self.retention)
+            && let Err(e) = replay_unsynced(&db, wal, self.retention, self.reopen.options.outbox)
         {
             tracing::warn!(error = %e, "the append log could not be put back before a sync");
         }
@@ -854,7 +898,9 @@ impl BatchWriter<'_> {
             return;
         };
         let result = match self.wal.as_mut() {
-            Some(wal) => crate::replay_wal(&db, wal, self.retention, true),
+            Some(wal) => {
+                crate::replay_wal(&db, wal, self.retention, true, self.reopen.options.outbox)
+            }
             None => probe_commit(&db),
         };
         drop(db);
@@ -1004,7 +1050,12 @@ fn probe_commit(db: &Database) -> Result<(), StorageError> {
 /// (it needs no new disk space before the next durable commit): readers of a reopened
 /// database see every acknowledged event. The log keeps its epoch: the records stay the only
 /// durable copy until a checkpoint.
-fn replay_unsynced(db: &Database, wal: &mut Wal, retention: u64) -> Result<(), StorageError> {
+fn replay_unsynced(
+    db: &Database,
+    wal: &mut Wal,
+    retention: u64,
+    outbox: bool,
+) -> Result<(), StorageError> {
     let events = wal.recover(stored_epoch(db)?)?;
     if events.is_empty() {
         return Ok(());
@@ -1012,7 +1063,7 @@ fn replay_unsynced(db: &Database, wal: &mut Wal, retention: u64) -> Result<(), S
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::None)
         .map_err(|e| StorageError::Database(e.to_string()))?;
-    let mut ctx = WriteCtx::new(&tx, retention);
+    let mut ctx = WriteCtx::new(&tx, retention).with_outbox(outbox);
     for event in events {
         match ctx.restore(event) {
             Ok(_) => {}

@@ -96,6 +96,54 @@ impl PrivatePg {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
+
+    /// Stop the server (fast shutdown); [`PrivatePg::resume`] starts it again, data kept.
+    pub fn stop(&self) {
+        let out = as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn resume(&self) {
+        let log = self.dir.path().join("log");
+        let out = as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A URL for database `postgres` as user `postgres`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
 }
 
 impl Drop for PrivatePg {
