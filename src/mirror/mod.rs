@@ -79,10 +79,15 @@ pub struct MirrorStatus {
 
 type Shared = Arc<Mutex<MirrorStatus>>;
 
+/// Batch lags kept per sink (for the benchmark's percentiles).
+const LAGS_KEPT: usize = 8192;
+type Lags = Arc<Mutex<std::collections::VecDeque<u64>>>;
+
 /// The configured mirrors: their statuses, and their workers until the server starts them.
 pub struct Mirrors {
     store: Store,
     statuses: Vec<(&'static str, Shared)>,
+    lags: Vec<Lags>,
     workers: Mutex<Vec<MirrorWorker>>,
 }
 
@@ -114,6 +119,7 @@ impl Mirrors {
         }
         let names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
         let mut statuses = Vec::new();
+        let mut lags = Vec::new();
         let mut workers = Vec::new();
         for sink in sinks {
             let status: Shared = Arc::new(Mutex::new(MirrorStatus {
@@ -122,7 +128,10 @@ impl Mirrors {
                 ..MirrorStatus::default()
             }));
             statuses.push((sink.name(), status.clone()));
+            let kept: Lags = Arc::default();
+            lags.push(kept.clone());
             workers.push(MirrorWorker {
+                lags: kept,
                 commits: store.commits(),
                 store: store.clone(),
                 sink,
@@ -134,6 +143,7 @@ impl Mirrors {
         Ok(Some(Arc::new(Self {
             store,
             statuses,
+            lags,
             workers: Mutex::new(workers),
         })))
     }
@@ -141,6 +151,23 @@ impl Mirrors {
     /// The workers, once (the server starts them).
     pub fn take_workers(&self) -> Vec<MirrorWorker> {
         std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The lags of the last batches of sink `name` (ms, from the commit of a batch's first
+    /// entry to upstream's acknowledgement), oldest first.
+    pub fn lags(&self, name: &str) -> Vec<u64> {
+        self.statuses
+            .iter()
+            .zip(&self.lags)
+            .find(|((n, _), _)| *n == name)
+            .map(|(_, l)| {
+                l.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Every sink's status, with its position read from the store now.
@@ -182,6 +209,7 @@ pub struct MirrorWorker {
     sinks: Vec<&'static str>,
     cap: u64,
     status: Shared,
+    lags: Lags,
 }
 
 impl MirrorWorker {
@@ -227,8 +255,8 @@ impl Worker for MirrorWorker {
         Some(match &s.last_error {
             Some(e) if s.state == "retrying" => format!("retrying after: {e}"),
             _ => format!(
-                "{} events, {} records mirrored; {} gaps",
-                s.events_mirrored, s.records_mirrored, s.gaps
+                "cursor {}, backlog {} entries; {} events, {} records mirrored; {} gaps",
+                s.cursor, s.backlog_entries, s.events_mirrored, s.records_mirrored, s.gaps
             ),
         })
     }
@@ -260,6 +288,7 @@ impl Worker for MirrorWorker {
                 if s.state != "retrying" {
                     s.state = "ok".into();
                 }
+                s.backlog_entries = 0;
             });
             return Ok(WorkerState::Idle);
         };
@@ -296,8 +325,17 @@ impl Worker for MirrorWorker {
             );
         }
         let now = weldr_storage::writer::now_ms();
+        if let Some(at) = batch.oldest_ms {
+            let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+            if lags.len() == LAGS_KEPT {
+                lags.pop_front();
+            }
+            lags.push_back(now.saturating_sub(at));
+        }
         self.set(|s| {
             s.state = "ok".into();
+            s.cursor = batch.last_seq;
+            s.backlog_entries = batch.bounds.next.saturating_sub(batch.last_seq + 1);
             s.last_success_at_ms = Some(now);
             s.last_lag_ms = batch.oldest_ms.map(|at| now.saturating_sub(at));
             s.events_mirrored += batch.event_count() as u64;
