@@ -7,6 +7,7 @@ COPY storage storage
 COPY src src
 COPY web web
 COPY integrations integrations
+COPY migrations migrations
 COPY benches benches
 RUN cargo build --release --locked --bin weldr-agent
 

@@ -47,4 +47,11 @@ fn fly_and_docker_match_the_cloud_defaults() {
     assert!(docker.contains("COPY scripts/*.sh /usr/local/bin/"));
     assert!(docker.contains("--platform=linux/amd64"));
     assert!(has_line(&docker, "STOPSIGNAL SIGTERM"));
+    // What the build embeds (rust-embed, refinery's migrations) must be in the build stage.
+    for dir in ["web", "integrations", "migrations"] {
+        assert!(
+            has_line(&docker, &format!("COPY {dir} {dir}")),
+            "the image's build stage lacks {dir}/"
+        );
+    }
 }
