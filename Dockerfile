@@ -11,10 +11,19 @@ COPY migrations migrations
 COPY benches benches
 RUN cargo build --release --locked --bin weldr-agent
 
+# Node LTS and pnpm for the apps the agent builds (integrations: pnpm install, typecheck, build).
+FROM --platform=linux/amd64 node:22-bookworm-slim AS node
+
 FROM --platform=linux/amd64 debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates tini bubblewrap \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=node /usr/local/bin/node /usr/local/bin/node
+COPY --from=node /usr/local/lib/node_modules /usr/local/lib/node_modules
+RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
+ && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx \
+ && npm install -g pnpm@10.34.9 \
+ && node --version && pnpm --version
 COPY --from=build /src/target/release/weldr-agent /usr/local/bin/weldr-agent
 COPY scripts/*.sh /usr/local/bin/
 ENV WELDR_MODE=cloud \

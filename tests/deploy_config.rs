@@ -47,6 +47,10 @@ fn fly_and_docker_match_the_cloud_defaults() {
     assert!(docker.contains("COPY scripts/*.sh /usr/local/bin/"));
     assert!(docker.contains("--platform=linux/amd64"));
     assert!(has_line(&docker, "STOPSIGNAL SIGTERM"));
+    // The apps the agent builds need Node LTS and pnpm 10 at run time.
+    assert!(docker.contains("FROM --platform=linux/amd64 node:22-bookworm-slim AS node"));
+    assert!(docker.contains("COPY --from=node /usr/local/bin/node /usr/local/bin/node"));
+    assert!(docker.contains("npm install -g pnpm@10"));
     // What the build embeds (rust-embed, refinery's migrations) must be in the build stage.
     for dir in ["web", "integrations", "migrations"] {
         assert!(

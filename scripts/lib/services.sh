@@ -67,6 +67,7 @@ stop_moto() { [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null; wait "$MOTO_PI
 
 ensure_services() {
   ensure_bwrap
+  ensure_redis_binary
   ensure_redis
   ensure_postgres
   ensure_moto
