@@ -98,6 +98,7 @@ impl App {
                 .as_ref()
                 .map(|s| s.expose().as_bytes().to_vec()),
             source,
+            tickets: Default::default(),
         };
         let sandbox = Arc::new(crate::sandbox::Sandbox::new(config.sandbox.clone()));
         crate::sandbox::prepare_workspace(&sandbox, &config.workspace_base);

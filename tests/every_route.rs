@@ -16,7 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use serde_json::{Value, json};
 
-const OPEN_ROUTES: [&str; 3] = ["/health", "/openapi.json", "/reference"];
+const OPEN_ROUTES: [&str; 5] = [
+    "/health",
+    "/openapi.json",
+    "/reference",
+    "/auth/session",
+    "/auth/logout",
+];
 
 /// The OpenAPI document the server serves.
 async fn document(s: &TestServer) -> Value {
@@ -459,6 +465,9 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     call("get", "/health", "/health", None).await;
     call("get", "/disk", "/disk", None).await;
     call("get", "/mirrors", "/mirrors", None).await;
+    let token = json!({ "token": s.token });
+    call("post", "/auth/session", "/auth/session", Some(token)).await;
+    call("post", "/auth/logout", "/auth/logout", None).await;
     call("get", "/projects", "/projects", None).await;
     for _ in 0..2 {
         call(
@@ -566,6 +575,8 @@ async fn every_route_refuses_bad_input_and_answers_only_documented_statuses() {
     )
     .await;
     call("get", queue, "/projects/p/branches/b/integrations", None).await;
+    let ticket = json!({ "projectId": "p", "branchId": "b" });
+    call("post", "/stream-tickets", "/stream-tickets", Some(ticket)).await;
     let job_id = job["jobId"].as_str().unwrap_or("job-0");
     let cancel = "/projects/{projectId}/branches/{branchId}/integrations/{jobId}/cancel";
     for _ in 0..2 {

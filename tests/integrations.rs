@@ -230,13 +230,22 @@ async fn all_four_install_into_an_empty_branch_each_as_a_version() {
     let text = |p: &str| String::from_utf8(after[p].clone()).unwrap();
     let wiring = text("apps/server/src/integrations.ts");
     assert!(wiring.contains("database: checkDatabase"), "{wiring}");
-    assert!(wiring.contains(r#"["/api/auth/", authHandler]"#), "{wiring}");
+    assert!(
+        wiring.contains(r#"["/api/auth/", authHandler]"#),
+        "{wiring}"
+    );
     assert!(wiring.contains(r#"["orpc","tanstack-start","postgresql","better-auth"]"#));
     let index = text("apps/server/src/index.ts");
     assert!(index.contains("new RPCHandler(router") && index.contains("\"/health\""));
-    assert!(index.contains("process.env.PORT ?? 3000"), "the option's default is rendered");
+    assert!(
+        index.contains("process.env.PORT ?? 3000"),
+        "the option's default is rendered"
+    );
     assert!(text("apps/web/src/lib/orpc.ts").contains("RouterClient<Router>"));
-    assert!(env.contains("BETTER_AUTH_URL=http://localhost:3000"), "{env}");
+    assert!(
+        env.contains("BETTER_AUTH_URL=http://localhost:3000"),
+        "{env}"
+    );
     let server: Value = serde_json::from_slice(&after["apps/server/package.json"]).unwrap();
     assert_eq!(server["scripts"]["db:push"], "drizzle-kit push --force");
     assert!(server["dependencies"]["better-auth"].is_string());

@@ -3,6 +3,7 @@
 pub mod attachments;
 pub mod body;
 pub mod branches;
+pub mod browser;
 pub mod connections;
 pub mod disk;
 pub mod docs;
@@ -100,11 +101,18 @@ impl Handler for RequireAuth {
         ctrl: &mut FlowCtrl,
     ) {
         let result = match app(depot) {
-            Ok(app) => app
-                .auth
-                .authenticate(&app.store, req.headers())
-                .await
-                .map_err(ApiError::from),
+            Ok(app) => match stream_ticket(&app, req) {
+                Some(result) => result,
+                None => app
+                    .auth
+                    .authenticate(&app.store, req.headers())
+                    .await
+                    .map_err(ApiError::from)
+                    .and_then(|(principal, credential)| {
+                        same_origin(&app, req, &credential)?;
+                        Ok((principal, credential))
+                    }),
+            },
             Err(e) => Err(e),
         };
         match result {
@@ -120,6 +128,82 @@ impl Handler for RequireAuth {
             }
         }
     }
+}
+
+/// A stream opened with `?ticket=` (a cross-origin page): the ticket is used up here, and
+/// only for the stream of the branch it names. None when the request has no ticket.
+fn stream_ticket(
+    app: &App,
+    req: &Request,
+) -> Option<Result<(crate::auth::Principal, Credential), ApiError>> {
+    let ticket = req.query::<String>("ticket")?;
+    let refused = || -> ApiError {
+        crate::auth::AuthError::Unauthorized("unknown, used or expired stream ticket").into()
+    };
+    let mut parts = req.uri().path().trim_start_matches('/').split('/');
+    let (Some("stream"), Some(p), Some(b), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Some(Err(ApiError::bad_request(
+            "ticket_not_for_this_route",
+            "a stream ticket opens only /stream/{projectId}/{branchId}",
+        )));
+    };
+    let key = BranchKey::new(p, b);
+    Some(
+        app.auth
+            .tickets
+            .redeem(&ticket, &key)
+            .map(|principal| (principal, Credential::Ticket))
+            .ok_or_else(refused),
+    )
+}
+
+/// CSRF: a request that only a cookie authenticates and that changes state must come from this
+/// server's own origin (or one in `CORS_ORIGIN`), as the browser's `Origin` header says.
+fn same_origin(app: &App, req: &Request, credential: &Credential) -> Result<(), ApiError> {
+    if !credential.is_cookie()
+        || matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+    {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Err(ApiError::new(
+            salvo::http::StatusCode::FORBIDDEN,
+            "cross_site_request",
+            why,
+        ))
+    };
+    let Some(origin) = req.headers().get("origin").and_then(|v| v.to_str().ok()) else {
+        return refuse(
+            "a request with the session cookie that changes something needs an Origin header \
+             (browsers send it)"
+                .into(),
+        );
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let scheme = if app.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if origin == format!("{scheme}://{host}") || app.config.cors_origins.iter().any(|o| o == origin)
+    {
+        return Ok(());
+    }
+    refuse(format!(
+        "Origin {origin} is neither this server nor in CORS_ORIGIN: refused (CSRF)"
+    ))
 }
 
 fn not_authenticated() -> ApiError {
@@ -170,6 +254,8 @@ pub async fn require_branch(
 pub fn api_routes() -> Router {
     Router::new()
         .push(Router::with_path("health").get(health::health))
+        .push(Router::with_path("auth/session").post(browser::open_session))
+        .push(Router::with_path("auth/logout").post(browser::logout))
         .push(
             Router::new()
                 .hoop(RequireAuth)
@@ -177,6 +263,7 @@ pub fn api_routes() -> Router {
                 .push(Router::with_path("revert").post(versions::revert))
                 .push(Router::with_path("disk").get(disk::disk))
                 .push(Router::with_path("mirrors").get(mirrors::list_mirrors))
+                .push(Router::with_path("stream-tickets").post(browser::stream_ticket))
                 .push(Router::with_path("trigger").post(workflows::trigger))
                 .push(
                     Router::with_path("integrations")

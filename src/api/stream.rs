@@ -30,7 +30,9 @@ const TOKEN_RECHECK: Duration = Duration::from_secs(3);
 async fn until_lapsed(app: Arc<App>, mut credential: auth::Credential) {
     loop {
         let wait = match &credential {
-            auth::Credential::Local(_) => TOKEN_RECHECK,
+            auth::Credential::Local(_)
+            | auth::Credential::Browser { .. }
+            | auth::Credential::Ticket => TOKEN_RECHECK,
             auth::Credential::Session { expires_at_ms, .. } => {
                 let left = expires_at_ms.saturating_sub(weldr_storage::writer::now_ms());
                 Duration::from_millis(left.min(auth::sessions::RECHECK_AFTER_MS))

@@ -6,6 +6,7 @@
 //! to the user who registered it (in cloud mode: `projects.user_id` of `PROJECT_ID` upstream);
 //! someone else's project answers 404, exactly as a missing one does.
 
+pub mod browser;
 pub mod cookie;
 pub mod limits;
 pub mod sessions;
@@ -63,6 +64,18 @@ pub enum Credential {
     Local(String),
     /// A Better Auth session token and when the session expires.
     Session { token: String, expires_at_ms: u64 },
+    /// A browser session (a local token exchanged for the `weldr_session` cookie).
+    Browser { value: String, expires_at_ms: u64 },
+    /// A stream ticket, used up by opening the stream it names.
+    Ticket,
+}
+
+impl Credential {
+    /// Sent by the browser by itself (a cookie): state-changing requests need a same-origin
+    /// `Origin` (CSRF).
+    pub fn is_cookie(&self) -> bool {
+        matches!(self, Credential::Browser { .. })
+    }
 }
 
 /// Why a request may not go on.
@@ -96,6 +109,8 @@ pub struct Authenticator {
     pub cookie_prefix: String,
     pub secret: Option<Vec<u8>>,
     pub source: Option<Arc<dyn SessionSource>>,
+    /// Outstanding stream tickets (cross-origin pages).
+    pub tickets: browser::StreamTickets,
 }
 
 impl Authenticator {
@@ -127,6 +142,26 @@ impl Authenticator {
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()
             .join("; ");
+        if let Some(value) = browser::cookie_value(&cookies) {
+            let v = value.to_string();
+            match store.read(move |s| browser::lookup(s, &v)).await? {
+                Some(session) => {
+                    return Ok((
+                        Principal::operator(),
+                        Credential::Browser {
+                            value: value.to_string(),
+                            expires_at_ms: session.expires_at_ms,
+                        },
+                    ));
+                }
+                None if cookie::find_session_cookie(&cookies, &self.cookie_prefix).is_none() => {
+                    return Err(unauthorized(
+                        "the browser session expired or was ended; sign in again",
+                    ));
+                }
+                None => {}
+            }
+        }
         if cookie::find_session_cookie(&cookies, &self.cookie_prefix).is_some() {
             let secret = self.secret.as_deref().ok_or_else(|| {
                 unauthorized(
@@ -147,6 +182,21 @@ impl Authenticator {
     /// does not end streams.
     pub async fn still_valid(&self, store: &Store, credential: &mut Credential) -> bool {
         match credential {
+            Credential::Browser {
+                value,
+                expires_at_ms,
+            } => {
+                if now_ms() >= *expires_at_ms {
+                    return false;
+                }
+                let value = value.clone();
+                !matches!(
+                    store.read(move |s| browser::lookup(s, &value)).await,
+                    Ok(None)
+                )
+            }
+            // A ticket opened one stream; it holds for that stream's life.
+            Credential::Ticket => true,
             Credential::Local(token) => {
                 let token = token.clone();
                 !matches!(

@@ -31,6 +31,8 @@ pub const INTEGRATION_QUEUE: TableDefinition<(&str, u64), &[u8]> =
 pub const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Local API tokens by token hash.
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Browser sessions (a local token exchanged for a cookie) by the cookie value's hash.
+pub const BROWSER_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("browser_sessions");
 /// A branch's conversation: `("projectId/branchId", sequence)`.
 pub const CONVERSATIONS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("conversations");
@@ -58,6 +60,7 @@ pub(crate) fn create_all(db: &Database) -> Result<(), StorageError> {
         tx.open_table(ACTIVE_WORKFLOWS)?;
         tx.open_table(TOOL_JOURNAL)?;
         tx.open_table(OUTBOX)?;
+        tx.open_table(BROWSER_SESSIONS)?;
         tx.open_table(INTEGRATION_QUEUE)?;
         tx.open_table(SESSIONS)?;
         tx.open_table(TOKENS)?;
