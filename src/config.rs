@@ -737,7 +737,7 @@ const AUTH_COOKIE_PREFIX: Setting<String> = Setting {
     var: "AUTH_COOKIE_PREFIX",
     unset: WhenUnset::Value("weldr"),
     parse: text,
-    meaning: "Better Auth cookie prefix",
+    meaning: "Better Auth cookie prefix (`weldr`: the original app's; `better-auth`: Better Auth's default)",
 };
 const AUTH_TABLES: &str = "Better Auth tables in Postgres";
 const AUTH_SESSIONS_TABLE: Setting<String> = Setting {

@@ -314,3 +314,72 @@ async fn cloud_mode_reads_the_project_owner_upstream() {
     );
     s.server.shutdown().await;
 }
+
+/// Better Auth as people deploy it: its stock tables (`session`/`user`, camelCase columns)
+/// are found by themselves (information_schema), with the settings left at their defaults
+/// apart from the schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn better_auth_stock_tables_are_found() {
+    let (client, conn) = tokio_postgres::connect(&database_url(), NoTls)
+        .await
+        .expect("Postgres must be reachable on 127.0.0.1:5432 (database test) for these tests");
+    tokio::spawn(conn);
+    let name = format!("auth_stock_{}", std::process::id());
+    client
+        .batch_execute(&format!(
+            r#"DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name};
+             CREATE TABLE {name}."user" (id text PRIMARY KEY, name text NOT NULL, email text NOT NULL,
+                 "emailVerified" boolean NOT NULL DEFAULT false, "createdAt" timestamp NOT NULL DEFAULT now(),
+                 "updatedAt" timestamp NOT NULL DEFAULT now());
+             CREATE TABLE {name}."session" (id text PRIMARY KEY, "expiresAt" timestamp NOT NULL,
+                 token text NOT NULL UNIQUE, "createdAt" timestamp NOT NULL DEFAULT now(),
+                 "updatedAt" timestamp NOT NULL DEFAULT now(), "ipAddress" text, "userAgent" text,
+                 "userId" text NOT NULL REFERENCES {name}."user"(id));
+             CREATE TABLE {name}.projects (id text PRIMARY KEY, user_id text NOT NULL);
+             INSERT INTO {name}."user" (id, name, email) VALUES ('u1', 'Ada', 'ada@example.com');
+             INSERT INTO {name}."session" (id, "expiresAt", token, "userId") VALUES
+               ('s1', now() + interval '1 day', '{TOKEN}', 'u1'),
+               ('s2', now() - interval '1 minute', 'expired-token', 'u1');"#
+        ))
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.database_url = Some(weldr_agent::config::Secret(database_url()));
+    cfg.better_auth_secret = Some(weldr_agent::config::Secret(SECRET.into()));
+    // The configured names are the original's (`sessions`, `users`) in that schema: absent
+    // there, so the stock ones are used.
+    cfg.auth_tables.sessions = format!("{name}.sessions");
+    cfg.auth_tables.users = format!("{name}.users");
+    cfg.auth_tables.projects = format!("{name}.projects");
+    let s = start(cfg).await;
+    weldr_agent::registry::create_project(&s.app().store, "p1", None, Some("u1".into()))
+        .await
+        .unwrap();
+    weldr_agent::registry::register_branch(&s.app().store, "p1", "b", None)
+        .await
+        .unwrap();
+    let sig = SIGNATURE.trim();
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p1/b?lastEventId=0",
+            ("cookie", signed_cookie(TOKEN, sig))
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        status_with(
+            &s,
+            "/stream/p1/b?lastEventId=0",
+            ("authorization", "Bearer expired-token".to_string())
+        )
+        .await,
+        401
+    );
+    client
+        .batch_execute(&format!("DROP SCHEMA {name} CASCADE"))
+        .await
+        .unwrap();
+}

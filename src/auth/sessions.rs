@@ -54,6 +54,38 @@ pub struct PostgresSource {
     url: String,
     tables: AuthTables,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// How the session and user tables look, read from `information_schema` once.
+    shape: tokio::sync::OnceCell<Shape>,
+}
+
+/// The session and user tables as this database names them: Better Auth's stock schema
+/// (`session`/`user`, camelCase `userId`, `expiresAt`) or the original Weldr one (`sessions`/
+/// `users`, snake_case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub sessions: String,
+    pub users: String,
+    pub user_id: String,
+    pub expires_at: String,
+}
+
+impl Shape {
+    fn configured(tables: &AuthTables) -> Self {
+        Self {
+            sessions: tables.sessions.clone(),
+            users: tables.users.clone(),
+            user_id: "user_id".into(),
+            expires_at: "expires_at".into(),
+        }
+    }
+}
+
+/// `schema.table` or `table` → (schema, table).
+fn split_table(name: &str) -> (Option<&str>, &str) {
+    match name.split_once('.') {
+        Some((schema, table)) => (Some(schema), table),
+        None => (None, name),
+    }
 }
 
 impl PostgresSource {
@@ -62,10 +94,62 @@ impl PostgresSource {
             url,
             tables,
             client: tokio::sync::Mutex::new(None),
+            shape: tokio::sync::OnceCell::new(),
         }
     }
 
+    /// The tables' shape: the configured (original) names when the sessions table has
+    /// `user_id`; else Better Auth's stock `session`/`user` with camelCase columns when they
+    /// exist in the same schema; else the configured names (whose queries then say what is
+    /// missing).
+    async fn shape(&self) -> Result<Shape, SourceError> {
+        if let Some(shape) = self.shape.get() {
+            return Ok(shape.clone());
+        }
+        let (schema, table) = split_table(&self.tables.sessions);
+        let sql = "SELECT table_name::text, column_name::text FROM information_schema.columns \
+                   WHERE table_name::text IN ($1::text, 'session') \
+                   AND (CASE WHEN $2::text = '' THEN table_schema::text = ANY (current_schemas(false)::text[]) \
+                        ELSE table_schema::text = $2::text END)";
+        let rows = self
+            .query_with(sql, &[&table, &schema.unwrap_or("")])
+            .await?;
+        let has = |t: &str, c: &str| {
+            rows.iter()
+                .any(|r| r.get::<_, String>(0) == t && r.get::<_, String>(1) == c)
+        };
+        let shape = if has(table, "user_id") {
+            Shape::configured(&self.tables)
+        } else if has("session", "userId") {
+            let q = |t: &str| match schema {
+                Some(s) => format!("{s}.\"{t}\""),
+                None => format!("\"{t}\""),
+            };
+            tracing::info!(
+                "Better Auth tables: the stock schema (session, user; camelCase columns)"
+            );
+            Shape {
+                sessions: q("session"),
+                users: q("user"),
+                user_id: "\"userId\"".into(),
+                expires_at: "\"expiresAt\"".into(),
+            }
+        } else {
+            Shape::configured(&self.tables)
+        };
+        let _ = self.shape.set(shape.clone());
+        Ok(shape)
+    }
+
     async fn query(&self, sql: &str, arg: &str) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        self.query_with(sql, &[&arg]).await
+    }
+
+    async fn query_with(
+        &self,
+        sql: &str,
+        args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
         let work = async {
             let mut guard = self.client.lock().await;
             if guard.as_ref().is_none_or(|c| c.is_closed()) {
@@ -77,7 +161,7 @@ impl PostgresSource {
             let client = guard
                 .as_ref()
                 .ok_or_else(|| SourceError("no connection".into()))?;
-            match client.query(sql, &[&arg]).await {
+            match client.query(sql, args).await {
                 Ok(rows) => Ok(rows),
                 Err(e) => {
                     *guard = None;
@@ -94,10 +178,14 @@ impl PostgresSource {
 #[async_trait]
 impl SessionSource for PostgresSource {
     async fn lookup(&self, token: &str) -> Result<Option<SessionInfo>, SourceError> {
+        let t = self.shape().await?;
         let sql = format!(
-            "SELECT s.user_id::text, (EXTRACT(EPOCH FROM s.expires_at) * 1000)::float8, u.name::text, u.email::text \
-             FROM {} s JOIN {} u ON u.id = s.user_id WHERE s.token = $1",
-            self.tables.sessions, self.tables.users
+            "SELECT s.{uid}::text, (EXTRACT(EPOCH FROM s.{exp}) * 1000)::float8, u.name::text, u.email::text \
+             FROM {} s JOIN {} u ON u.id = s.{uid} WHERE s.token = $1",
+            t.sessions,
+            t.users,
+            uid = t.user_id,
+            exp = t.expires_at,
         );
         let rows = self.query(&sql, token).await?;
         let Some(row) = rows.first() else {
