@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use weldr_agent::config::{Config, Secret};
 use weldr_agent::mirror::Mirrors;
@@ -59,50 +58,9 @@ fn config(dir: &std::path::Path, pg: &str, schema: &str, redis: &str) -> Config 
 /// 5,000 events/s for `window`, open loop; the append latencies, sorted.
 async fn drive(store: &Store, window: Duration) -> Vec<Duration> {
     let data = format!("{{\"text\":\"{}\"}}", "x".repeat(PAYLOAD - 11));
-    let start = tokio::time::Instant::now() + Duration::from_millis(20);
-    let end = start + window;
-    let tasks: Vec<_> = (0..PRODUCERS)
-        .map(|i| {
-            let (store, data) = (store.clone(), data.clone());
-            tokio::spawn(async move {
-                let stream = StreamKey::new("p", &format!("b{i}"));
-                let offset = PERIOD * i as u32 / PRODUCERS as u32;
-                let mut tick = tokio::time::interval_at(start + offset, PERIOD);
-                tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-                let mut inflight = tokio::task::JoinSet::new();
-                let mut lat = Vec::new();
-                loop {
-                    let due = tick.tick().await;
-                    if due >= end {
-                        break;
-                    }
-                    let (store, stream, data) = (store.clone(), stream.clone(), data.clone());
-                    inflight.spawn(async move {
-                        let kind = "bench".to_string();
-                        store
-                            .writer()
-                            .append(stream, vec![NewEvent { kind, data }])
-                            .await
-                            .expect("append");
-                        due.elapsed()
-                    });
-                    while let Some(done) = inflight.try_join_next() {
-                        lat.push(done.unwrap());
-                    }
-                }
-                while let Some(done) = inflight.join_next().await {
-                    lat.push(done.unwrap());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    lat.sort();
-    lat
+    open_loop_appends(store, window, PRODUCERS, PERIOD, &data)
+        .await
+        .0
 }
 
 async fn wait_caught_up(mirrors: &Mirrors, limit: Duration) {

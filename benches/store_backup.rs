@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::*;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use weldr_agent::backup::{BackupWorker, Shipped, StoreBackup, restore};
 use weldr_agent::config::{Config, Secret};
@@ -324,51 +323,7 @@ struct Load {
 /// 5,000 events/s for `window`, open loop (see the top of the file).
 async fn drive(store: &Store, window: Duration) -> Load {
     let data = "x".repeat(PAYLOAD);
-    let start = tokio::time::Instant::now() + Duration::from_millis(20);
-    let end = start + window;
-    let tasks: Vec<_> = (0..PRODUCERS)
-        .map(|i| {
-            let store = store.clone();
-            let data = data.clone();
-            tokio::spawn(async move {
-                let stream = StreamKey::new("p", &format!("b{i}"));
-                let offset = PERIOD * i as u32 / PRODUCERS as u32;
-                let mut tick = tokio::time::interval_at(start + offset, PERIOD);
-                tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-                let mut inflight = tokio::task::JoinSet::new();
-                let mut lat = Vec::with_capacity((window.as_millis() / 2) as usize + 16);
-                loop {
-                    let due = tick.tick().await;
-                    if due >= end {
-                        break;
-                    }
-                    let (store, stream, data) = (store.clone(), stream.clone(), data.clone());
-                    inflight.spawn(async move {
-                        let kind = "bench".to_string();
-                        store
-                            .writer()
-                            .append(stream, vec![NewEvent { kind, data }])
-                            .await
-                            .expect("append");
-                        due.elapsed()
-                    });
-                    while let Some(done) = inflight.try_join_next() {
-                        lat.push(done.unwrap());
-                    }
-                }
-                while let Some(done) = inflight.join_next().await {
-                    lat.push(done.unwrap());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort();
+    let (lat, secs) = open_loop_appends(store, window, PRODUCERS, PERIOD, &data).await;
     Load { lat, secs }
 }
 

@@ -388,3 +388,64 @@ pub async fn token_then_close(app: &weldr_agent::App) -> String {
         .unwrap();
     token
 }
+
+/// An open-loop append load: `producers` tasks, each appending one `data` event to its own
+/// stream `p/b{i}` every `period` (staggered) for `window`; every tick starts an append and its
+/// latency is measured from the tick's scheduled instant, so a stalled writer is not hidden by
+/// producers that wait (no coordinated omission). Answers the latencies (sorted) and the
+/// seconds the load took.
+pub async fn open_loop_appends(
+    store: &weldr_storage::Store,
+    window: Duration,
+    producers: usize,
+    period: Duration,
+    data: &str,
+) -> (Vec<Duration>, f64) {
+    use weldr_storage::{NewEvent, StreamKey};
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let end = start + window;
+    let tasks: Vec<_> = (0..producers)
+        .map(|i| {
+            let (store, data) = (store.clone(), data.to_string());
+            tokio::spawn(async move {
+                let stream = StreamKey::new("p", &format!("b{i}"));
+                let offset = period * i as u32 / producers as u32;
+                let mut tick = tokio::time::interval_at(start + offset, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut inflight = tokio::task::JoinSet::new();
+                let mut lat =
+                    Vec::with_capacity((window.as_nanos() / period.as_nanos()) as usize + 16);
+                loop {
+                    let due = tick.tick().await;
+                    if due >= end {
+                        break;
+                    }
+                    let (store, stream, data) = (store.clone(), stream.clone(), data.clone());
+                    inflight.spawn(async move {
+                        let kind = "bench".to_string();
+                        store
+                            .writer()
+                            .append(stream, vec![NewEvent { kind, data }])
+                            .await
+                            .expect("append");
+                        due.elapsed()
+                    });
+                    while let Some(done) = inflight.try_join_next() {
+                        lat.push(done.unwrap());
+                    }
+                }
+                while let Some(done) = inflight.join_next().await {
+                    lat.push(done.unwrap());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    (lat, secs)
+}

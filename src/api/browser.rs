@@ -68,13 +68,7 @@ pub async fn logout(
     res: &mut Response,
 ) -> Result<StatusCode, ApiError> {
     let app = super::app(depot)?;
-    let cookies = req
-        .headers()
-        .get_all("cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let cookies = crate::auth::cookie::cookie_header(req.headers());
     if let Some(value) = browser::cookie_value(&cookies) {
         browser::close(&app.store, value).await?;
     }

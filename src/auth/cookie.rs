@@ -39,6 +39,16 @@ pub fn verify_signed(secret: &[u8], value: &str) -> Option<String> {
 
 /// The raw (still URL-encoded) session cookie value from a `Cookie` header, if present.
 /// `__Secure-` wins when both are sent.
+/// Every `Cookie` header of a request as one `name=value; …` string (HTTP/2 may split them).
+pub fn cookie_header(headers: &http::HeaderMap) -> String {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 pub fn find_session_cookie<'a>(cookie_header: &'a str, prefix: &str) -> Option<&'a str> {
     let plain = format!("{prefix}.session_token");
     let secure = format!("__Secure-{plain}");

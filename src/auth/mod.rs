@@ -136,12 +136,7 @@ impl Authenticator {
                 None => Err(unauthorized("malformed or badly signed bearer token")),
             };
         }
-        let cookies = headers
-            .get_all("cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join("; ");
+        let cookies = cookie::cookie_header(headers);
         if let Some(value) = browser::cookie_value(&cookies) {
             let v = value.to_string();
             match store.read(move |s| browser::lookup(s, &v)).await? {
