@@ -388,7 +388,7 @@ fn check_value(name: &str, p: &Map<String, Value>, v: &Value) -> Result<(), Stri
         }
         if let Some(pattern) = p.get("pattern").and_then(Value::as_str) {
             use grep_matcher::Matcher;
-            // JSON Schema's `pattern` is a search, not a whole match: anchor it to mean one.
+            // JSON Schema's `pattern` is a search, not a whole match (write `^…$` for one).
             let m = grep_regex::RegexMatcher::new(pattern).map_err(|e| e.to_string())?;
             if !m.is_match(s.as_bytes()).unwrap_or(false) {
                 return Err(format!("{name} must match {pattern}"));

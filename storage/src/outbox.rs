@@ -92,11 +92,7 @@ pub(crate) fn write_entry(
         at_ms: crate::writer::now_ms(),
     };
     let mut meta = tx.open_table(META)?;
-    let seq = match meta.get(NEXT_KEY)? {
-        Some(v) => read_u64(v.value()),
-        None => 1,
-    }
-    .max(1);
+    let seq = next_seq(&meta)?;
     meta.insert(NEXT_KEY, (seq + 1).to_le_bytes().as_slice())?;
     tx.open_table(OUTBOX)?
         .insert(seq, encode(&entry).as_slice())?;
@@ -110,6 +106,38 @@ fn read_u64(bytes: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The next sequence number, as `meta` holds it (1 before the first entry).
+fn next_seq(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64, StorageError> {
+    Ok(meta
+        .get(NEXT_KEY)?
+        .map_or(1, |v| read_u64(v.value()))
+        .max(1))
+}
+
+/// The cursor of `sink` as `meta` holds it (0 before its first acknowledgement).
+fn read_cursor(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    sink: &str,
+) -> Result<u64, StorageError> {
+    let key = format!("{CURSOR_PREFIX}{sink}");
+    Ok(meta.get(key.as_str())?.map_or(0, |v| read_u64(v.value())))
+}
+
+/// Remove the entries from `first` that leave more than `cap` before `next`; answers how many.
+fn drop_beyond_cap(
+    outbox: &mut redb::Table<'_, u64, &'static [u8]>,
+    first: u64,
+    next: u64,
+    cap: u64,
+) -> Result<u64, StorageError> {
+    if next.saturating_sub(first) <= cap {
+        return Ok(0);
+    }
+    let bound = next - cap;
+    outbox.retain_in(first..bound, |_, _| false)?;
+    Ok(bound - first)
+}
+
 /// Where the outbox stands: its first stored entry and the next number.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Bounds {
@@ -119,11 +147,7 @@ pub struct Bounds {
 }
 
 pub fn bounds(rtx: &ReadTransaction) -> Result<Bounds, StorageError> {
-    let meta = rtx.open_table(META)?;
-    let next = meta
-        .get(NEXT_KEY)?
-        .map_or(1, |v| read_u64(v.value()))
-        .max(1);
+    let next = next_seq(&rtx.open_table(META)?)?;
     let outbox = rtx.open_table(OUTBOX)?;
     let first = match outbox.first()? {
         Some((k, _)) => k.value(),
@@ -134,9 +158,7 @@ pub fn bounds(rtx: &ReadTransaction) -> Result<Bounds, StorageError> {
 
 /// The cursor of `sink`: the last sequence number it has acknowledged (0 before any).
 pub fn cursor(rtx: &ReadTransaction, sink: &str) -> Result<u64, StorageError> {
-    let meta = rtx.open_table(META)?;
-    let key = format!("{CURSOR_PREFIX}{sink}");
-    Ok(meta.get(key.as_str())?.map_or(0, |v| read_u64(v.value())))
+    read_cursor(&rtx.open_table(META)?, sink)
 }
 
 /// A change as a mirror writes it: the record as the snapshot holds it (None: removed).
@@ -415,14 +437,9 @@ pub fn advance(
     )?;
     let mut min = u64::MAX;
     for s in sinks {
-        let key = format!("{CURSOR_PREFIX}{s}");
-        let c = meta.get(key.as_str())?.map_or(0, |v| read_u64(v.value()));
-        min = min.min(c);
+        min = min.min(read_cursor(&meta, s)?);
     }
-    let next = meta
-        .get(NEXT_KEY)?
-        .map_or(1, |v| read_u64(v.value()))
-        .max(1);
+    let next = next_seq(&meta)?;
     drop(meta);
     let mut outbox = tx.open_table(OUTBOX)?;
     let first = match outbox.first()? {
@@ -435,12 +452,7 @@ pub fn advance(
         outbox.retain_in(first..passed, |_, _| false)?;
         out.pruned = passed - first;
     }
-    let first = first.max(passed);
-    if next - first > cap {
-        let bound = next - cap;
-        outbox.retain_in(first..bound, |_, _| false)?;
-        out.dropped = bound - first;
-    }
+    out.dropped = drop_beyond_cap(&mut outbox, first.max(passed), next, cap)?;
     Ok(out)
 }
 
@@ -448,21 +460,12 @@ pub fn advance(
 /// many were dropped.
 pub fn enforce_cap(ctx: &mut WriteCtx<'_>, cap: u64) -> Result<u64, StorageError> {
     let tx = ctx.raw_tx();
-    let next = tx
-        .open_table(META)?
-        .get(NEXT_KEY)?
-        .map_or(1, |v| read_u64(v.value()))
-        .max(1);
+    let next = next_seq(&tx.open_table(META)?)?;
     let mut outbox = tx.open_table(OUTBOX)?;
     let Some(first) = outbox.first()?.map(|(k, _)| k.value()) else {
         return Ok(0);
     };
-    if next - first <= cap {
-        return Ok(0);
-    }
-    let bound = next - cap;
-    outbox.retain_in(first..bound, |_, _| false)?;
-    Ok(bound - first)
+    drop_beyond_cap(&mut outbox, first, next, cap)
 }
 
 /// Where `sink` stands: its cursor, the outbox's bounds, and when the first entry it has not
